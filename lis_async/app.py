@@ -1,0 +1,246 @@
+"""The composition root: build everything from settings, start in order, stop in reverse order.
+
+Start: platform client -> registration -> heartbeat -> LastInfoSec client -> publisher ->
+consumer -> health/metrics. Stop (SIGTERM/SIGINT, or a fatal error): intake stops at once,
+jobs in flight finish up to ``connector.shutdown_timeout_s`` (the rest return to the queue),
+then everything closes in reverse order. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from lis_async.config import Settings
+from lis_async.consumer import Consumer
+from lis_async.lastinfosec import LastInfoSecClient, LisClientOptions
+from lis_async.pipeline import Backoff, Pipeline, Policy, Result
+from lis_async.platform import Platform, PlatformAuthError, PlatformError, Registration
+from lis_async.publisher import Publisher
+from lis_async.telemetry import GaugeCallback, HealthServer, LisStatsCollector, Metrics
+
+log = logging.getLogger("lis_async.app")
+
+EXIT_OK = 0
+EXIT_FATAL = 3  # stopped because of a fatal error after start-up (e.g. LastInfoSec key invalid)
+EXIT_STARTUP = 2  # could not start (registration refused, platform unreachable)
+
+
+def lis_options(settings: Settings) -> LisClientOptions:
+    lis = settings.lastinfosec
+    proxy = settings.opencti.proxy_https or settings.opencti.proxy_http
+    return LisClientOptions(
+        api_key=lis.api_key_cti.get_secret_value(),
+        base_url=lis.base_url,
+        endpoint_style=lis.endpoint_style,
+        timeout_s=lis.timeout_s,
+        retries=lis.retries,
+        backoff_base_s=lis.backoff_base_s,
+        backoff_max_s=lis.backoff_max_s,
+        concurrency=lis.concurrency,
+        rate_per_s=lis.rate_per_s,
+        rate_burst=lis.rate_burst,
+        cache_ttl_s=lis.cache_ttl_s,
+        negative_cache_ttl_s=lis.cache_negative_ttl_s,
+        cache_size=lis.cache_size,
+        proxy=proxy,
+        ssl_verify=lis.ssl_verify,
+        max_answer_bytes=lis.max_answer_bytes,
+    )
+
+
+class App:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.platform = Platform(settings)
+        self.metrics = Metrics()
+        self.lis: LastInfoSecClient | None = None
+        self.publisher: Publisher | None = None
+        self.consumer: Consumer | None = None
+        self.pipeline: Pipeline | None = None
+        self.registration: Registration | None = None
+        self._servers: list[HealthServer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self.fatal: str | None = None
+        self.ready = asyncio.Event()  # set once consuming (tests and the demo wait on it)
+
+    # -- signals and fatal errors ------------------------------------------------------------
+    def request_stop(self) -> None:
+        if self._stop.is_set():
+            log.warning("second stop signal: exiting at once (unacked jobs return to the queue)")
+            os._exit(130)
+        log.info("stop requested: no new jobs; finishing jobs in flight")
+        self._stop.set()
+
+    def _on_fatal(self, reason: str) -> None:
+        if self.fatal is None:
+            self.fatal = reason
+            log.critical("FATAL, the worker stops taking jobs: %s", reason)
+        self._stop.set()
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- readiness ---------------------------------------------------------------------------
+    def checks(self) -> dict[str, bool]:
+        hb = self.platform.last_heartbeat
+        return {
+            "consumer": bool(self.consumer and self.consumer.connected),
+            "publisher": bool(self.publisher and self.publisher.connected),
+            "heartbeat": hb is not None and time.monotonic() - hb < 120,
+            "accepting": bool(self.consumer and self.consumer.accepting),
+        }
+
+    # -- run ---------------------------------------------------------------------------------
+    async def _handle(self, body: bytes, redelivered: bool) -> Result:
+        assert self.pipeline is not None
+        started = time.monotonic()
+        result = await self.pipeline.handle(body, redelivered)
+        self.metrics.observe_job(
+            result.outcome.value, time.monotonic() - started, result.objects, result.bundles
+        )
+        return result
+
+    async def _register(self) -> Registration:
+        attempt = 0
+        while True:
+            try:
+                await self.platform.start()
+                return await self.platform.register()
+            except PlatformAuthError:
+                raise
+            except PlatformError as exc:
+                if not exc.retriable or attempt >= 5 or self._stop.is_set():
+                    raise
+                delay = min(30.0, 2.0 * 2**attempt)
+                attempt += 1
+                log.warning("registration failed (%s); retrying in %.0fs", exc, delay)
+                await asyncio.sleep(delay)
+
+    async def start(self) -> None:
+        s = self.settings
+        log.info("starting lis-async with %s", s.summary())
+        self.registration = reg = await self._register()
+        log.info(
+            "registered connector %s (%s): listen=%s push=%s rabbitmq=%s:%d",
+            s.connector.id,
+            s.connector.name,
+            reg.listen,
+            reg.push,
+            reg.amqp.host,
+            reg.amqp.port,
+        )
+        self._spawn(self.platform.heartbeat(), "heartbeat")
+        self.lis = LastInfoSecClient(lis_options(s))
+        await self.lis.start()
+        self.publisher = Publisher(reg.amqp, reg.push_exchange, reg.push_routing)
+        await self.publisher.start()
+        self.pipeline = Pipeline(
+            lookup=self.lis,
+            platform=self.platform,
+            publisher=self.publisher,
+            policy=Policy(
+                scope=frozenset(s.connector.scope),
+                max_tlp=s.lastinfosec.max_tlp,
+                confidence=s.connector.confidence_level,
+                connector_user_id=reg.connector_user_id,
+            ),
+            backoff=Backoff(max_s=s.connector.platform_retry_max_s),
+        )
+        self._spawn(self.pipeline.ping_long_works(), "work-ping")
+        self.consumer = Consumer(
+            reg.amqp, reg.listen, s.connector.jobs_in_flight, self._handle, self._on_fatal
+        )
+        await self._start_servers()
+        await self.consumer.start()
+        self.ready.set()
+        log.info(
+            "consuming %s with %d jobs in flight, LastInfoSec %d concurrent at %.1f req/s",
+            reg.listen,
+            s.connector.jobs_in_flight,
+            s.lastinfosec.concurrency,
+            s.lastinfosec.rate_per_s,
+        )
+
+    async def _start_servers(self) -> None:
+        s = self.settings.connector
+        m = self.metrics
+        consumer, lis = self.consumer, self.lis
+        assert consumer is not None and lis is not None
+        m.add_collector(LisStatsCollector(lis.stats))
+        m.add_collector(
+            GaugeCallback("lis_jobs_running", "Jobs in flight", lambda: consumer.in_flight)
+        )
+        m.add_collector(
+            GaugeCallback(
+                "lis_heartbeat_age",
+                "Seconds since the last successful connector ping",
+                lambda: time.monotonic() - (self.platform.last_heartbeat or 0.0),
+            )
+        )
+        if s.health_port:
+            self._servers.append(HealthServer(self.checks, None, port=s.health_port))
+        if s.expose_metrics:
+            self._servers.append(HealthServer(self.checks, m, port=s.metrics_port))
+        for server in self._servers:
+            await server.start()
+
+    async def stop(self) -> None:
+        deadline = self.settings.connector.shutdown_timeout_s
+        if self.consumer is not None:
+            await self.consumer.stop_intake()
+            left = await self.consumer.drain(deadline)
+            if left:
+                log.warning(
+                    "%d job(s) unfinished after %.0fs: returned to the queue", left, deadline
+                )
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        closers: list[Callable[[], Awaitable[Any]]] = [s.close for s in self._servers]
+        if self.consumer is not None:
+            closers.append(self.consumer.close)
+        if self.publisher is not None:
+            closers.append(self.publisher.close)
+        if self.lis is not None:
+            closers.append(self.lis.close)
+        closers.append(self.platform.close)
+        for close in closers:
+            with contextlib.suppress(Exception):
+                await close()
+        log.info("stopped")
+
+    async def run(self, install_signals: bool = True) -> int:
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            try:
+                await self.start()
+            except PlatformError as exc:
+                log.critical("cannot start: %s", exc)
+                return EXIT_STARTUP
+            except Exception as exc:  # RabbitMQ unreachable or refusing the credentials, ...
+                text = str(exc)
+                if self.registration and self.registration.amqp.password:
+                    text = text.replace(self.registration.amqp.password, "***")
+                log.critical("cannot start: %s: %s", type(exc).__name__, text[:500])
+                return EXIT_STARTUP
+            await self._stop.wait()
+            return EXIT_FATAL if self.fatal else EXIT_OK
+        finally:
+            await self.stop()
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)

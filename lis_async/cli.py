@@ -1,0 +1,105 @@
+"""``lis-async run | demo | bench | check``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from lis_async.config import SettingsError, load_settings
+
+
+def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(coro)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lis_async.app import App
+    from lis_async.telemetry import setup_logging
+
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as exc:
+        print(f"lis-async: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.connector.log_level, settings.opencti.json_logging)
+
+    async def main() -> int:
+        return await App(settings).run()
+
+    return _run_loop(main())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lis_async.demo import run_demo
+
+    return _run_loop(run_demo(jobs=args.jobs, latency_s=args.latency, amqp_url=args.amqp_url))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from lis_async.check import run_check
+
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as exc:
+        print(f"FAIL settings: {exc}")
+        return 2
+    print("PASS settings")
+    return _run_loop(run_check(settings))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lis_async.bench.runner import run_bench_cli
+
+    return run_bench_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lis-async",
+        description="Asyncio OpenCTI enrichment connector for LastInfoSec",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the connector (the Docker image's default command)")
+    run.add_argument(
+        "--config",
+        help="path of config.yml (default ./config.yml, then "
+        "/opt/opencti-connector-lastinfosec-enrichment/config.yml)",
+    )
+    run.set_defaults(fn=cmd_run)
+    demo = sub.add_parser("demo", help="run the worker against a simulated OpenCTI and LastInfoSec")
+    demo.add_argument("--jobs", type=int, default=300)
+    demo.add_argument("--latency", type=float, default=0.15, help="LastInfoSec latency, seconds")
+    demo.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    demo.set_defaults(fn=cmd_demo)
+    check = sub.add_parser(
+        "check", help="validate settings and reach OpenCTI, RabbitMQ, LastInfoSec"
+    )
+    check.add_argument("--config")
+    check.set_defaults(fn=cmd_check)
+    try:
+        from lis_async.bench.runner import add_bench_arguments
+    except ImportError:
+        pass
+    else:
+        bench = sub.add_parser("bench", help="benchmark against the classic pycti connector")
+        add_bench_arguments(bench)
+        bench.set_defaults(fn=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.fn(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

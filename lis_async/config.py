@@ -1,0 +1,357 @@
+"""Settings: ``config.yml`` + environment variables (environment wins), validated and immutable.
+
+One visible convention: the YAML key ``section.key`` is the environment variable ``SECTION_KEY``
+(``lastinfosec.rate_per_s`` <-> ``LASTINFOSEC_RATE_PER_S``). The upstream connector's names keep
+working unchanged: they are listed in :data:`LEGACY_ENV` / :data:`LEGACY_YAML`.
+
+Validation is pydantic's (typed, frozen models); errors are rewritten into one line per bad value
+that names the environment variable and the YAML key, never the value of a secret.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+from lis_async.job import SUPPORTED_TYPES, normalise_tlp
+
+DEFAULT_CONFIG_PATHS: Final = (
+    Path("config.yml"),
+    Path("/opt/opencti-connector-lastinfosec-enrichment/config.yml"),
+)
+
+# Upstream environment variable -> (section, key). Checked after the conventional name.
+LEGACY_ENV: Final[Mapping[str, tuple[str, str]]] = {
+    "CONFIG_LIS_APIKEY_CTI": ("lastinfosec", "api_key_cti"),
+    "PROXY_HTTP": ("opencti", "proxy_http"),
+    "PROXY_HTTPS": ("opencti", "proxy_https"),
+}
+# Upstream YAML key -> our (section, key).
+LEGACY_YAML: Final[Mapping[tuple[str, str], tuple[str, str]]] = {
+    ("lastinfosec", "proxy_http"): ("opencti", "proxy_http"),
+    ("lastinfosec", "proxy_https"): ("opencti", "proxy_https"),
+}
+
+
+class SettingsError(ValueError):
+    """Invalid settings: one line per problem, naming the variable; never a secret's value."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid settings:\n  " + "\n  ".join(self.problems))
+
+
+def _to_bool(v: Any) -> Any:
+    if isinstance(v, str):
+        low = v.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off", ""):
+            return False
+    return v
+
+
+def _blank_to_none(v: Any) -> Any:
+    if isinstance(v, str) and not v.strip():
+        return None
+    return v
+
+
+Bool = Annotated[bool, BeforeValidator(_to_bool)]
+OptStr = Annotated[str | None, BeforeValidator(_blank_to_none)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class OpenCTISettings(_Section):
+    url: str
+    token: SecretStr
+    ssl_verify: Bool = True
+    json_logging: Bool = False
+    # Proxy URLs may carry credentials: kept out of repr, masked in the summary.
+    proxy_http: OptStr = Field(None, repr=False)
+    proxy_https: OptStr = Field(None, repr=False)
+    threads: int = Field(8, ge=1, le=256, description="threads for pycti calls")
+    timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().strip() or v.get_secret_value() == "ChangeMe":
+            raise ValueError("must be set to an OpenCTI API token")
+        return v
+
+
+class ConnectorSettings(_Section):
+    id: str
+    name: str = "LastInfoSec Enrichment"
+    type: Literal["INTERNAL_ENRICHMENT"] = "INTERNAL_ENRICHMENT"
+    scope: tuple[str, ...] = tuple(SUPPORTED_TYPES)
+    auto: Bool = False
+    auto_update: Bool = False
+    confidence_level: int = Field(50, ge=0, le=100)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    jobs_in_flight: int = Field(64, ge=1, le=10_000)
+    shutdown_timeout_s: float = Field(30.0, ge=0)
+    expose_metrics: Bool = False
+    metrics_port: int = Field(9095, ge=0, le=65535)
+    health_port: int = Field(9096, ge=0, le=65535, description="0 disables /healthz")
+    reconnect_delay_s: float = Field(5.0, gt=0)
+    platform_retry_max_s: float = Field(60.0, gt=0)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        try:
+            return str(uuid.UUID(v.strip()))
+        except ValueError:
+            raise ValueError("must be a UUID (e.g. generated with uuidgen)") from None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if len(v.strip()) < 2:
+            raise ValueError("must be at least 2 characters")
+        return v.strip()
+
+    @field_validator("scope", mode="before")
+    @classmethod
+    def _scope(cls, v: Any) -> tuple[str, ...]:
+        items = v.split(",") if isinstance(v, str) else list(v)
+        known = {t.lower(): t for t in SUPPORTED_TYPES}
+        out: list[str] = []
+        for item in items:
+            name = str(item).strip()
+            if not name:
+                continue
+            canon = known.get(name.lower())
+            if canon is None:
+                raise ValueError(
+                    f"unknown scope {name!r} (supported: {', '.join(SUPPORTED_TYPES)})"
+                )
+            if canon not in out:
+                out.append(canon)
+        if not out:
+            raise ValueError("must name at least one of " + ", ".join(SUPPORTED_TYPES))
+        return tuple(out)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            low = v.strip().lower()
+            return "warning" if low == "warn" else low
+        return v
+
+
+class LastInfoSecSettings(_Section):
+    api_key_cti: SecretStr
+    base_url: str = "https://api.client.lastinfosec.com/v2"
+    endpoint_style: Literal["search_hash_host", "search"] = "search_hash_host"
+    timeout_s: float = Field(30.0, gt=0)
+    retries: int = Field(5, ge=0, le=100)
+    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    concurrency: int = Field(16, ge=1, le=1024)
+    rate_per_s: float = Field(10.0, gt=0)
+    rate_burst: int | None = Field(None, ge=1)
+    max_tlp: str = "TLP:AMBER"
+    cache_ttl_s: float = Field(3600.0, ge=0)
+    cache_negative_ttl_s: float = Field(300.0, ge=0)
+    cache_size: int = Field(10_000, ge=0)
+    ssl_verify: Bool = True
+    max_answer_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+
+    @field_validator("api_key_cti")
+    @classmethod
+    def _key(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().strip() or v.get_secret_value() == "ChangeMe":
+            raise ValueError("must be set to a LastInfoSec API key")
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+    @field_validator("max_tlp")
+    @classmethod
+    def _tlp(cls, v: str) -> str:
+        return normalise_tlp(v)
+
+
+class MqSettings(_Section):
+    """pycti's ``MQ_*`` overrides of the RabbitMQ block the platform returns at registration."""
+
+    host: OptStr = None
+    port: int | None = Field(None, ge=1, le=65535)
+    vhost: OptStr = None
+    use_ssl: Bool | None = None
+    user: OptStr = None
+    # ``pass`` is a keyword: the YAML key and env name stay mq.pass / MQ_PASS.
+    password: SecretStr | None = Field(None, alias="pass")
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+class Settings(_Section):
+    opencti: OpenCTISettings
+    connector: ConnectorSettings
+    lastinfosec: LastInfoSecSettings
+    mq: MqSettings = MqSettings()
+
+    def summary(self) -> dict[str, Any]:
+        """Effective settings for the start-up log line; secrets masked."""
+        out: dict[str, Any] = {}
+        for section in ("opencti", "connector", "lastinfosec", "mq"):
+            model: BaseModel = getattr(self, section)
+            for key, val in model.model_dump(by_alias=True).items():
+                if isinstance(val, SecretStr):
+                    val = "***" if val.get_secret_value() else ""
+                elif key in ("proxy_http", "proxy_https") and val:
+                    val = _mask_userinfo(str(val))
+                out[f"{section}.{key}"] = val
+        return out
+
+
+def _mask_userinfo(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+# Every (section, key) the loader reads. The env name is always SECTION_KEY.
+_SECTIONS: Final[Mapping[str, type[_Section]]] = {
+    "opencti": OpenCTISettings,
+    "connector": ConnectorSettings,
+    "lastinfosec": LastInfoSecSettings,
+    "mq": MqSettings,
+}
+
+
+def _keys(section: str) -> list[str]:
+    model = _SECTIONS[section]
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def env_name(section: str, key: str) -> str:
+    return f"{section}_{key}".upper()
+
+
+def all_env_names() -> list[str]:
+    names = [env_name(s, k) for s in _SECTIONS for k in _keys(s)]
+    return names + list(LEGACY_ENV)
+
+
+def _where(section: str, key: str) -> str:
+    legacy = [e for e, target in LEGACY_ENV.items() if target == (section, key)]
+    names = " / ".join([env_name(section, key), *legacy])
+    return f"{names} ({section}.{key})"
+
+
+@dataclass(frozen=True)
+class _Sources:
+    yaml_data: Mapping[str, Any]
+    env: Mapping[str, str]
+
+
+def find_config_file(path: str | os.PathLike[str] | None) -> Path | None:
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SettingsError([f"--config: file not found: {p}"])
+        return p
+    return next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
+
+
+def _read_yaml(path: Path | None) -> Mapping[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SettingsError([f"{path}: cannot read YAML ({type(exc).__name__})"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise SettingsError([f"{path}: the top level must be a mapping of sections"])
+    return data
+
+
+def _merge(src: _Sources) -> dict[str, dict[str, Any]]:
+    raw: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    for section in _SECTIONS:
+        block = src.yaml_data.get(section)
+        if isinstance(block, Mapping):
+            for key, val in block.items():
+                if val is not None:
+                    raw[section][str(key)] = val
+    for (lsec, lkey), (sec, key) in LEGACY_YAML.items():
+        block = src.yaml_data.get(lsec)
+        if isinstance(block, Mapping) and block.get(lkey) is not None:
+            raw[sec].setdefault(key, block[lkey])
+    # Environment wins; the conventional name wins over a legacy alias.
+    for legacy, (sec, key) in LEGACY_ENV.items():
+        if legacy in src.env:
+            raw[sec][key] = src.env[legacy]
+    for section in _SECTIONS:
+        for key in _keys(section):
+            name = env_name(section, key)
+            if name in src.env:
+                raw[section][key] = src.env[name]
+    return raw
+
+
+def _problem(err: Mapping[str, Any]) -> str:
+    loc = [str(p) for p in err.get("loc", ())]
+    section = loc[0] if loc else "?"
+    key = loc[1] if len(loc) > 1 else "?"
+    msg = str(err.get("msg", "invalid value"))
+    if err.get("type") == "missing":
+        msg = "is required"
+    msg = msg.removeprefix("Value error, ")
+    return f"{_where(section, key)}: {msg}"
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read config.yml (``--config``, ./config.yml, the upstream path) and the environment."""
+    path = find_config_file(config_path)
+    raw = _merge(_Sources(_read_yaml(path), os.environ if env is None else env))
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        # include_input=False: pydantic must not echo a secret's value back.
+        problems = [_problem(e) for e in exc.errors(include_url=False, include_input=False)]
+        raise SettingsError(problems) from None

@@ -1,0 +1,155 @@
+"""AMQP intake: consume the listen queue, run each job as an owned task, settle it in one place.
+
+Ack policy (the only place that acks, nacks or requeues):
+
+* the handler returned a result -> ack (the job's work was reported processed, or its body was
+  unreadable and is acked so it can never loop);
+* the handler raised ``FatalError`` -> requeue, and tell the app to stop taking jobs;
+* the task was cancelled (shutdown deadline) -> requeue;
+* anything unexpected -> requeue once; a message that was already redelivered is rejected
+  without requeue (logged loudly) so a bug can never loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+
+from lis_async.amqp import connect
+from lis_async.pipeline import FatalError
+from lis_async.platform import AmqpParams
+
+log = logging.getLogger("lis_async.consumer")
+
+Handler = Callable[[bytes, bool], Awaitable[object]]
+
+
+class Consumer:
+    def __init__(
+        self,
+        params: AmqpParams,
+        queue_name: str,
+        prefetch: int,
+        handler: Handler,
+        on_fatal: Callable[[str], None],
+    ) -> None:
+        self._params = params
+        self._queue_name = queue_name
+        self._prefetch = prefetch
+        self._handler = handler
+        self._on_fatal = on_fatal
+        self._conn: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.accepting = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def connected(self) -> bool:
+        conn, channel = self._conn, self._channel
+        return (
+            conn is not None
+            and conn.connected.is_set()
+            and channel is not None
+            and not channel.is_closed
+        )
+
+    async def start(self) -> None:
+        self._conn = await connect(self._params, "lis-async consumer")
+        channel = await self._conn.channel(publisher_confirms=False)
+        self._channel = channel  # type: ignore[assignment]
+        await channel.set_qos(prefetch_count=self._prefetch)
+        # Never declare: the platform owns the queue and its arguments (protocol §1.3).
+        self._queue = await channel.get_queue(self._queue_name, ensure=False)
+        self.accepting = True
+        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if not self.accepting:
+            await message.nack(requeue=True)
+            return
+        task = asyncio.create_task(self._settle(message))
+        self._tasks.add(task)
+        self._idle.clear()
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self._tasks:
+            self._idle.set()
+
+    async def _settle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await self._handler(message.body, bool(message.redelivered))
+        except FatalError as exc:
+            self.accepting = False
+            await self._safe(message.nack(requeue=True))
+            self._on_fatal(str(exc))
+            return
+        except asyncio.CancelledError:
+            await asyncio.shield(self._safe(message.nack(requeue=True)))
+            raise
+        except Exception:
+            requeue = not message.redelivered
+            log.exception(
+                "unexpected error while processing a job; %s",
+                "requeued once" if requeue else "rejected (already redelivered)",
+            )
+            await self._safe(message.nack(requeue=requeue))
+            return
+        # Shielded: once the work is processed, the ack must go out even during shutdown.
+        await asyncio.shield(self._safe(message.ack()))
+
+    @staticmethod
+    async def _safe(op: Awaitable[None]) -> None:
+        try:
+            await op
+        except Exception as exc:  # channel gone: the broker redelivers the message itself
+            log.info("could not settle a message (%s); the broker will redeliver it", exc)
+
+    async def stop_intake(self) -> None:
+        """Stop taking jobs at once; jobs in flight go on."""
+        self.accepting = False
+        queue, tag, self._tag = self._queue, self._tag, None
+        if queue is not None and tag is not None:
+            try:
+                await queue.cancel(tag)
+            except Exception as exc:
+                log.info("cancelling the consumer failed: %s", exc)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait for jobs in flight up to ``timeout_s``; cancel the rest (they are requeued).
+        Returns how many were cancelled."""
+        if self._tasks:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        left = list(self._tasks)
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)
+        return len(left)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        self._channel = None
+        self._queue = None
+        if conn is not None:
+            await conn.close()

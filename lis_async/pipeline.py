@@ -1,0 +1,376 @@
+"""One job, from received to processed. Knows no transport: it talks to small Protocols.
+
+    received -> policy (scope, type, max TLP) -> lookup -> bundle -> deliver -> processed
+
+:meth:`Pipeline.run` returns a :class:`Result` for every job the consumer may ack. It raises only
+:class:`FatalError` (the worker must stop: the job goes back to the queue) and cancellation.
+Platform reports and publishes that fail are retried with back-off for as long as it takes: a job
+is never acknowledged before its work is processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol, TypeVar
+
+import orjson
+
+from lis_async import stix
+from lis_async.job import Job, JobError, Observable, parse_job, parse_observable, tlp_rank
+from lis_async.lastinfosec import (
+    LisError,
+    LisFatalError,
+    LookupResult,
+    NothingToLookUp,
+)
+from lis_async.platform import PlatformAuthError, PlatformError, WorkNotAlive
+from lis_async.publisher import Delivery, PublishError, prepare
+
+log = logging.getLogger("lis_async.pipeline")
+T = TypeVar("T")
+
+
+class Outcome(StrEnum):
+    ENRICHED = "enriched"
+    NOT_FOUND = "not_found"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    DROPPED = "dropped"  # the platform deleted the work: nothing to report to
+    INVALID = "invalid"  # the body could not be parsed (decided by the consumer)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: Outcome
+    message: str
+    objects: int = 0
+    bundles: int = 0
+
+
+class FatalError(Exception):
+    """The worker cannot go on (invalid LastInfoSec key, token refused): stop taking jobs."""
+
+
+class Lookup(Protocol):
+    async def lookup(self, obs: Observable) -> LookupResult: ...
+
+
+class PlatformPort(Protocol):
+    async def work_received(self, work_id: str, draft_id: str | None) -> None: ...
+    async def add_expectations(self, work_id: str, n: int, draft_id: str | None) -> None: ...
+    async def work_processed(
+        self, work_id: str, message: str, in_error: bool, draft_id: str | None
+    ) -> None: ...
+    async def ping_work(self, work_id: str, draft_id: str | None) -> None: ...
+    async def playbook_step(self, ctx: Any, execution_start: str, bundle_json: str) -> None: ...
+    async def read_observable(
+        self, entity_id: str, draft_id: str | None
+    ) -> dict[str, Any] | None: ...
+
+
+class PublisherPort(Protocol):
+    async def publish(self, bodies: Sequence[bytes], indexes: Sequence[int]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    scope: frozenset[str]
+    max_tlp: str
+    confidence: int
+    connector_user_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    base_s: float = 0.5
+    max_s: float = 60.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_s, self.base_s * (2 ** min(attempt, 20))))
+
+
+@dataclass(slots=True)
+class _Run:
+    """Per-job progress, so a retried step never repeats a step that already went through."""
+
+    job: Job
+    redelivered: bool
+    started: float = field(default_factory=time.monotonic)
+    expectations_added: bool = False
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        lookup: Lookup,
+        platform: PlatformPort,
+        publisher: PublisherPort,
+        policy: Policy,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._lookup = lookup
+        self._platform = platform
+        self._publisher = publisher
+        self._policy = policy
+        self._backoff = backoff or Backoff()
+        # work id -> (start time, draft id) of jobs in flight, for the 5-minute work ping.
+        self.in_flight: dict[str, tuple[float, str | None]] = {}
+
+    async def handle(self, body: bytes, redelivered: bool = False) -> Result:
+        """A listen-queue body, end to end, with its one log line."""
+        started = time.monotonic()
+        try:
+            job = parse_job(body)
+        except JobError as exc:
+            result = await self._reject(exc)
+            log.warning(
+                "job work=%s outcome=%s elapsed_ms=%d: %s",
+                exc.work_id,
+                result.outcome,
+                (time.monotonic() - started) * 1000,
+                exc,
+            )
+            return result
+        result = await self.run(job, redelivered)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "job work=%s entity=%s outcome=%s elapsed_ms=%d: %s",
+                job.work_id or "playbook",
+                job.entity_type,
+                result.outcome,
+                (time.monotonic() - started) * 1000,
+                result.message,
+            )
+        return result
+
+    async def _reject(self, exc: JobError) -> Result:
+        """An unreadable body is acked at once; its work (if its id could be read) ends in error.
+        A few attempts only: the body must never hold a slot for long."""
+        result = Result(Outcome.INVALID, f"Invalid enrichment job: {exc}"[:1000])
+        if exc.work_id is not None:
+            for attempt in range(3):
+                try:
+                    await self._platform.work_processed(exc.work_id, result.message, True, None)
+                    break
+                except PlatformError as perr:
+                    if isinstance(perr, WorkNotAlive):
+                        break
+                    await asyncio.sleep(self._backoff.delay(attempt))
+        return result
+
+    async def run(self, job: Job, redelivered: bool = False) -> Result:
+        run = _Run(job, redelivered)
+        if job.playbook is not None:
+            return await self._run_playbook(run)
+        assert job.work_id is not None  # parse_job guarantees work_id or playbook
+        self.in_flight[job.work_id] = (run.started, job.draft_id)
+        try:
+            return await self._run_work(run, job.work_id)
+        except WorkNotAlive:
+            log.warning("work %s is no longer alive on the platform: job dropped", job.work_id)
+            return Result(Outcome.DROPPED, "work no longer alive")
+        finally:
+            self.in_flight.pop(job.work_id, None)
+
+    # -- jobs with a work --------------------------------------------------------------------
+    async def _run_work(self, run: _Run, work_id: str) -> Result:
+        job = run.job
+        await self._retry("toReceived", lambda: self._platform.work_received(work_id, job.draft_id))
+        result = await self._enrich(run)
+        in_error = result.outcome is Outcome.FAILED
+        await self._retry(
+            "toProcessed",
+            lambda: self._platform.work_processed(work_id, result.message, in_error, job.draft_id),
+        )
+        return result
+
+    async def _enrich(self, run: _Run) -> Result:
+        job = run.job
+        obs = await self._observable(job)
+        if isinstance(obs, Result):
+            return obs
+        skip = self._policy_check(job, obs)
+        if skip is not None:
+            return skip
+        found = await self._look_up(obs)
+        if isinstance(found, Result):
+            return found
+        try:
+            bundle = stix.build_bundle(job, found.bundles, confidence=self._policy.confidence)
+            delivery = prepare(
+                bundle,
+                applicant_id=job.applicant_id or self._policy.connector_user_id,
+                draft_id=job.draft_id,
+                work_id=job.work_id,
+            )
+        except Exception as exc:  # a LastInfoSec answer we cannot turn into STIX
+            log.warning("cannot build a bundle for %s: %s", obs.display, exc)
+            return Result(
+                Outcome.FAILED, f"Cannot build a STIX bundle from the answer: {exc}"[:500]
+            )
+        await self._deliver(run, delivery)
+        return Result(
+            Outcome.ENRICHED,
+            f"Sent {delivery.objects} object(s) in {len(delivery.bodies)} bundle(s)",
+            objects=delivery.objects,
+            bundles=len(delivery.bodies),
+        )
+
+    async def _observable(self, job: Job) -> Observable | Result:
+        if job.observable is not None:
+            return job.observable
+        # Deferred resolution: the platform sent no stix_entity; read it (protocol §3.5).
+        entity = await self._retry(
+            "read entity", lambda: self._platform.read_observable(job.entity_id, job.draft_id)
+        )
+        if entity is None:
+            return Result(
+                Outcome.FAILED,
+                "Unable to read/access the entity, please check the connector permissions",
+            )
+        try:
+            return parse_observable(entity, job.entity_type, job.work_id)
+        except JobError as exc:
+            return Result(Outcome.FAILED, f"Unreadable entity: {exc}")
+
+    def _policy_check(self, job: Job, obs: Observable) -> Result | None:
+        if obs.entity_type not in self._policy.scope:
+            return Result(
+                Outcome.SKIPPED, f"{obs.entity_type} is not in this connector's scope, skipped"
+            )
+        if tlp_rank(obs.tlp) > tlp_rank(self._policy.max_tlp):
+            return Result(
+                Outcome.SKIPPED,
+                f"{obs.tlp} is above the max TLP {self._policy.max_tlp}: not sent to LastInfoSec",
+            )
+        return None
+
+    async def _look_up(self, obs: Observable) -> LookupResult | Result:
+        try:
+            found = await self._lookup.lookup(obs)
+        except NothingToLookUp as exc:
+            return Result(Outcome.SKIPPED, str(exc))
+        except LisFatalError as exc:
+            raise FatalError(str(exc)) from None
+        except LisError as exc:  # retries exhausted, bad answer: the work ends in error
+            return Result(Outcome.FAILED, f"LastInfoSec lookup failed: {exc}")
+        if not found.found:
+            return Result(Outcome.NOT_FOUND, f"{found.query} not found in LastInfoSec")
+        return found
+
+    async def _deliver(self, run: _Run, delivery: Delivery) -> None:
+        job = run.job
+        assert job.work_id is not None
+        work_id = job.work_id
+        # A redelivered job may already have added its expectations before the crash; adding
+        # them again could leave the work waiting forever (expected > processed), so a
+        # redelivery publishes without adding: the work still completes (processed >= expected).
+        if not run.redelivered and not run.expectations_added:
+            await self._retry(
+                "addExpectations",
+                lambda: self._platform.add_expectations(
+                    work_id, len(delivery.bodies), job.draft_id
+                ),
+            )
+            run.expectations_added = True
+        pending: Sequence[int] = range(len(delivery.bodies))
+        attempt = 0
+        while pending:
+            try:
+                await self._publisher.publish(delivery.bodies, pending)
+                pending = ()
+            except PublishError as exc:
+                pending = exc.failed
+                delay = self._backoff.delay(attempt)
+                attempt += 1
+                log.warning(
+                    "work %s: %s; retrying %d message(s) in %.1fs",
+                    work_id,
+                    exc,
+                    len(pending),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    # -- playbook jobs -----------------------------------------------------------------------
+    async def _run_playbook(self, run: _Run) -> Result:
+        job = run.job
+        assert job.playbook is not None
+        execution_start = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
+        result, bundle = await self._playbook_bundle(job)
+        await self._retry(
+            "playbookStepExecution",
+            lambda: self._platform.playbook_step(
+                job.playbook, execution_start, orjson.dumps(bundle).decode()
+            ),
+        )
+        return result
+
+    async def _playbook_bundle(self, job: Job) -> tuple[Result, dict[str, Any]]:
+        """Playbooks always get the whole bundle back, even when nothing was added."""
+        obs = job.observable
+        if obs is None:
+            return Result(
+                Outcome.FAILED, "playbook bundle holds no entity"
+            ), stix.playbook_passthrough(job)
+        found: LookupResult | Result | None = self._policy_check(job, obs)
+        if found is None:
+            found = await self._look_up(obs)
+        if isinstance(found, Result):
+            return found, stix.playbook_passthrough(job)
+        try:
+            bundle = stix.build_bundle(job, found.bundles, confidence=self._policy.confidence)
+        except Exception as exc:
+            return Result(
+                Outcome.FAILED, f"Cannot build a STIX bundle: {exc}"[:500]
+            ), stix.playbook_passthrough(job)
+        n = len(bundle.get("objects", []))
+        return Result(
+            Outcome.ENRICHED, f"Returned {n} object(s) to the playbook", objects=n
+        ), bundle
+
+    # -- shared ------------------------------------------------------------------------------
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Retry a platform call until it goes through. WorkNotAlive is final; so is an auth
+        failure (a configuration error: the worker stops and the job returns to the queue)."""
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except WorkNotAlive:
+                raise
+            except PlatformAuthError as exc:
+                raise FatalError(f"OpenCTI refused the connector's token: {exc}") from None
+            except PlatformError as exc:
+                delay = self._backoff.delay(attempt)
+                attempt += 1
+                log.warning("%s failed (%s); retry %d in %.1fs", what, exc, attempt, delay)
+                await asyncio.sleep(delay)
+
+    async def ping_long_works(self, every_s: float = 60.0, older_than_s: float = 300.0) -> None:
+        """One loop for every job: ping works whose job has run longer than 5 minutes."""
+        last: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.monotonic()
+            for work_id, (started, draft_id) in list(self.in_flight.items()):
+                if (
+                    now - started >= older_than_s
+                    and now - last.get(work_id, started) >= older_than_s
+                ):
+                    try:
+                        await self._platform.ping_work(work_id, draft_id)
+                        last[work_id] = now
+                    except PlatformError as exc:
+                        log.info("ping of work %s failed: %s", work_id, exc)
+            for work_id in list(last):
+                if work_id not in self.in_flight:
+                    del last[work_id]

@@ -1,0 +1,404 @@
+"""Everything spoken to OpenCTI over GraphQL, through pycti's ``OpenCTIApiClient``.
+
+pycti is synchronous (``requests``): every call runs in this module's own bounded thread pool,
+never on the event loop. Per-job context (the draft id) travels with each call as a header of that
+request only: nothing per job is ever set on the shared pycti client, whose headers are global.
+
+The GraphQL documents are pycti's own (same operation names and variables), sent with
+``OpenCTIApiClient.session`` so the platform sees exactly what a pycti connector sends. We post
+them ourselves instead of calling ``api.work.*`` because those helpers swallow errors (a failed
+``addExpectations`` would be invisible) and only take global headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+from lis_async.config import Settings
+from lis_async.job import PlaybookContext
+
+log = logging.getLogger("lis_async.platform")
+
+HEARTBEAT_INTERVAL_S: Final = 40.0
+WORK_PING_INTERVAL_S: Final = 300.0
+
+Q_REGISTER: Final = """
+    mutation RegisterConnector($input: RegisterConnectorInput) {
+        registerConnector(input: $input) {
+            id
+            connector_state
+            jwks
+            connector_user_id
+            config {
+                connection { host vhost use_ssl port user pass }
+                listen listen_routing listen_exchange
+                push push_routing push_exchange
+            }
+        }
+    }
+"""
+Q_PING: Final = """
+    mutation PingConnector($id: ID!, $state: String, $connectorInfo: ConnectorInfoInput) {
+        pingConnector(id: $id, state: $state, connectorInfo: $connectorInfo) {
+            id
+            connector_state
+            connector_info {
+                run_and_terminate buffering queue_threshold queue_messages_size
+                next_run_datetime last_run_datetime
+            }
+        }
+    }
+"""
+Q_TO_RECEIVED: Final = """
+    mutation workToReceived($id: ID!, $message: String) {
+        workEdit(id: $id) { toReceived (message: $message) }
+    }
+"""
+Q_ADD_EXPECTATIONS: Final = """
+    mutation addExpectations($id: ID!, $expectations: Int) {
+        workEdit(id: $id) { addExpectations(expectations: $expectations) }
+    }
+"""
+Q_TO_PROCESSED: Final = """
+    mutation workToProcessed($id: ID!, $message: String, $inError: Boolean) {
+        workEdit(id: $id) { toProcessed (message: $message, inError: $inError) }
+    }
+"""
+Q_PING_WORK: Final = """
+    mutation pingWork($id: ID!) { workEdit(id: $id) { ping } }
+"""
+Q_PLAYBOOK_STEP: Final = """
+    mutation PlaybookStepExecution($execution_id: ID!, $event_id: ID!, $execution_start: DateTime!,
+        $data_instance_id: ID!, $playbook_id: ID!, $previous_step_id: ID!, $step_id: ID!,
+        $previous_bundle: String!, $bundle: String!) {
+        playbookStepExecution(execution_id: $execution_id, event_id: $event_id,
+            execution_start: $execution_start, data_instance_id: $data_instance_id,
+            playbook_id: $playbook_id, previous_step_id: $previous_step_id, step_id: $step_id,
+            previous_bundle: $previous_bundle, bundle: $bundle)
+    }
+"""
+Q_READ_OBSERVABLE: Final = """
+    query StixCyberObservable($id: String!) {
+        stixCyberObservable(id: $id) {
+            id standard_id entity_type observable_value
+            objectMarking { standard_id definition_type definition }
+            objectOrganization { standard_id }
+            ... on DomainName { value }
+            ... on Hostname { value }
+            ... on Url { value }
+            ... on StixFile { name hashes { algorithm hash } }
+        }
+    }
+"""
+CONNECTOR_INFO: Final = {
+    "run_and_terminate": False,
+    "buffering": False,
+    "queue_threshold": 500.0,
+    "queue_messages_size": 0.0,
+    "next_run_datetime": None,
+    "last_run_datetime": None,
+}
+ENTITY_STIX_TYPES: Final = {
+    "StixFile": "file",
+    "Domain-Name": "domain-name",
+    "Hostname": "hostname",
+    "Url": "url",
+}
+_FATAL_CODES: Final = frozenset({"AUTH_FAILURE", "AUTH_REQUIRED", "FORBIDDEN_ACCESS"})
+
+
+class PlatformError(Exception):
+    """A failed GraphQL call. ``retriable``: the same call may succeed later."""
+
+    def __init__(self, message: str, *, code: str | None = None, retriable: bool = True) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retriable = retriable
+
+
+class WorkNotAlive(PlatformError):
+    """The platform deleted the work: nothing more can be reported for this job."""
+
+
+class PlatformAuthError(PlatformError):
+    """The token is refused or lacks a capability: a configuration error."""
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpParams:
+    host: str
+    port: int
+    vhost: str
+    use_ssl: bool
+    user: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    connector_user_id: str | None
+    listen: str
+    listen_exchange: str
+    listen_routing: str
+    push: str
+    push_exchange: str
+    push_routing: str
+    amqp: AmqpParams
+
+
+def _error_from(body: Mapping[str, Any]) -> PlatformError:
+    errors = body.get("errors") or [{}]
+    first = errors[0] if isinstance(errors[0], Mapping) else {}
+    ext = first.get("extensions") or {}
+    code = str(first.get("name") or ext.get("code") or "UNKNOWN_ERROR")
+    message = str(first.get("message") or "GraphQL error")[:500]
+    text = f"{code}: {message}"
+    if code == "WORK_NOT_ALIVE":
+        return WorkNotAlive(text, code=code, retriable=False)
+    if code in _FATAL_CODES:
+        return PlatformAuthError(text, code=code, retriable=False)
+    # Anything else (lock, database, validation hiccups): retried with back-off, never dropped.
+    return PlatformError(text, code=code, retriable=True)
+
+
+class Platform:
+    """The OpenCTI platform, as seen by this connector. One per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.opencti.threads, thread_name_prefix="opencti"
+        )
+        self._api: Any = None
+        self.last_heartbeat: float | None = None  # monotonic time of the last successful ping
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._api is None:
+            self._api = await self._run(self._make_client)
+
+    def _make_client(self) -> Any:
+        from pycti import OpenCTIApiClient  # heavy import, kept off the module import path
+
+        o = self._settings.opencti
+        level = self._settings.connector.log_level
+        try:
+            api = OpenCTIApiClient(
+                o.url,
+                o.token.get_secret_value(),
+                log_level="warning" if level == "debug" else level,
+                ssl_verify=o.ssl_verify,
+                json_logging=o.json_logging,
+                perform_health_check=False,
+                requests_timeout=int(o.timeout_s),
+            )
+        except Exception as exc:
+            raise PlatformError(f"cannot create the OpenCTI client: {type(exc).__name__}") from None
+        # Connection pool sized to the thread pool: every thread can hold a connection.
+        import requests.adapters
+
+        adapter = requests.adapters.HTTPAdapter(
+            pool_connections=2, pool_maxsize=self._settings.opencti.threads
+        )
+        api.session.mount("http://", adapter)
+        api.session.mount("https://", adapter)
+        return api
+
+    async def close(self) -> None:
+        api, self._api = self._api, None
+        if api is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, api.session.close)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # -- transport -------------------------------------------------------------------------
+    def _post(self, query: str, variables: Mapping[str, Any], draft_id: str | None) -> Any:
+        api = self._api
+        if api is None:
+            raise PlatformError("platform client is not started")
+        headers = dict(api.request_headers)
+        headers.pop("opencti-applicant-id", None)
+        headers["Content-Type"] = "application/json"
+        if draft_id is not None:
+            headers["opencti-draft-id"] = draft_id
+        try:
+            resp = api.session.post(
+                api.api_url,
+                data=orjson.dumps({"query": query, "variables": variables}),
+                headers=headers,
+                verify=api.ssl_verify,
+                cert=api.cert,
+                proxies=api.proxies,
+                timeout=api.session_requests_timeout,
+            )
+        except Exception as exc:  # requests' errors: transport, retriable
+            raise PlatformError(f"OpenCTI unreachable: {type(exc).__name__}") from None
+        if resp.status_code != 200:
+            text = resp.text[:200].replace("\n", " ")
+            if "WORK_NOT_ALIVE" in text:
+                raise WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)
+            raise PlatformError(f"OpenCTI answered HTTP {resp.status_code}: {text}")
+        try:
+            body = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
+            raise PlatformError("OpenCTI answered a non-JSON body") from None
+        if not isinstance(body, Mapping):
+            raise PlatformError("OpenCTI answered an unexpected body")
+        if body.get("errors"):
+            raise _error_from(body)
+        return body.get("data")
+
+    async def query(
+        self, query: str, variables: Mapping[str, Any], draft_id: str | None = None
+    ) -> Any:
+        return await self._run(self._post, query, variables, draft_id)
+
+    # -- connector -------------------------------------------------------------------------
+    async def about(self) -> str:
+        data = await self.query("query { about { version } }", {})
+        return str(((data or {}).get("about") or {}).get("version", "?"))
+
+    async def register(self) -> Registration:
+        c = self._settings.connector
+        # Null optional fields are omitted, not sent as null (older schemas reject unknown
+        # fields, protocol §2.1).
+        connector_input = {
+            "id": c.id,
+            "name": c.name,
+            "type": c.type,
+            "scope": list(c.scope),
+            "auto": c.auto,
+            "auto_update": c.auto_update,
+            "only_contextual": False,
+            "playbook_compatible": True,
+            "enrichment_resolution": "none",
+        }
+        data = await self.query(Q_REGISTER, {"input": connector_input})
+        reg = (data or {}).get("registerConnector")
+        if not isinstance(reg, Mapping) or not isinstance(reg.get("config"), Mapping):
+            raise PlatformError("registerConnector returned no configuration", retriable=False)
+        cfg = reg["config"]
+        conn = cfg.get("connection") or {}
+        mq = self._settings.mq
+        amqp = AmqpParams(
+            host=mq.host or str(conn.get("host", "localhost")),
+            port=mq.port or int(conn.get("port", 5672)),
+            vhost=mq.vhost or str(conn.get("vhost", "/")),
+            use_ssl=mq.use_ssl if mq.use_ssl is not None else bool(conn.get("use_ssl", False)),
+            user=mq.user or str(conn.get("user", "guest")),
+            password=(mq.password.get_secret_value() if mq.password else str(conn.get("pass", ""))),
+        )
+        try:
+            return Registration(
+                connector_user_id=reg.get("connector_user_id"),
+                listen=str(cfg["listen"]),
+                listen_exchange=str(cfg["listen_exchange"]),
+                listen_routing=str(cfg["listen_routing"]),
+                push=str(cfg["push"]),
+                push_exchange=str(cfg["push_exchange"]),
+                push_routing=str(cfg["push_routing"]),
+                amqp=amqp,
+            )
+        except KeyError as exc:
+            raise PlatformError(
+                f"registerConnector returned no {exc.args[0]}", retriable=False
+            ) from None
+
+    async def ping_connector(self) -> None:
+        await self.query(
+            Q_PING,
+            {"id": self._settings.connector.id, "state": "null", "connectorInfo": CONNECTOR_INFO},
+        )
+        self.last_heartbeat = time.monotonic()
+
+    async def heartbeat(self, interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
+        """Ping forever: first at once, then every ``interval_s`` (auto-enrichment needs it)."""
+        while True:
+            try:
+                await self.ping_connector()
+            except PlatformError as exc:
+                log.warning("connector heartbeat failed: %s", exc)
+            await asyncio.sleep(interval_s)
+
+    # -- works -----------------------------------------------------------------------------
+    async def work_received(self, work_id: str, draft_id: str | None) -> None:
+        await self.query(
+            Q_TO_RECEIVED,
+            {"id": work_id, "message": "Connector ready to process the operation"},
+            draft_id,
+        )
+
+    async def add_expectations(self, work_id: str, n: int, draft_id: str | None) -> None:
+        await self.query(Q_ADD_EXPECTATIONS, {"id": work_id, "expectations": n}, draft_id)
+
+    async def work_processed(
+        self, work_id: str, message: str, in_error: bool, draft_id: str | None
+    ) -> None:
+        await self.query(
+            Q_TO_PROCESSED, {"id": work_id, "message": message, "inError": in_error}, draft_id
+        )
+
+    async def ping_work(self, work_id: str, draft_id: str | None) -> None:
+        await self.query(Q_PING_WORK, {"id": work_id}, draft_id)
+
+    async def playbook_step(
+        self, ctx: PlaybookContext, execution_start: str, bundle_json: str
+    ) -> None:
+        await self.query(
+            Q_PLAYBOOK_STEP,
+            {
+                "execution_id": ctx.execution_id,
+                "event_id": ctx.event_id,
+                "execution_start": execution_start,
+                "playbook_id": ctx.playbook_id,
+                "data_instance_id": ctx.data_instance_id,
+                "step_id": ctx.step_id,
+                "previous_step_id": ctx.previous_step_id,
+                "previous_bundle": orjson.dumps(dict(ctx.bundle)).decode(),
+                "bundle": bundle_json,
+            },
+        )
+
+    async def read_observable(self, entity_id: str, draft_id: str | None) -> dict[str, Any] | None:
+        """The observable as a flat STIX-like dict (pycti's legacy shape), or None if unreadable."""
+        data = await self.query(Q_READ_OBSERVABLE, {"id": entity_id}, draft_id)
+        obs = (data or {}).get("stixCyberObservable")
+        if not isinstance(obs, Mapping):
+            return None
+        etype = str(obs.get("entity_type", ""))
+        entity: dict[str, Any] = {
+            "id": obs.get("standard_id") or entity_id,
+            "spec_version": "2.1",
+            "type": ENTITY_STIX_TYPES.get(etype, etype.lower()),
+            "x_opencti_id": obs.get("id"),
+            "x_opencti_type": etype,
+            "object_marking_refs": [
+                m["standard_id"]
+                for m in obs.get("objectMarking") or []
+                if isinstance(m, Mapping) and m.get("standard_id")
+            ],
+        }
+        if obs.get("value") is not None:
+            entity["value"] = obs["value"]
+        if obs.get("name") is not None:
+            entity["name"] = obs["name"]
+        if obs.get("hashes"):
+            entity["hashes"] = obs["hashes"]
+        orgs = [
+            o["standard_id"]
+            for o in obs.get("objectOrganization") or []
+            if isinstance(o, Mapping) and o.get("standard_id")
+        ]
+        if orgs:
+            entity["x_opencti_granted_refs"] = orgs
+        return entity

@@ -1,0 +1,160 @@
+"""The push-queue publisher: pycti's splitter, pycti's envelope, publisher confirms.
+
+One long-lived channel with confirms on its own connection (RabbitMQ flow control blocks
+publishing connections; keeping it apart from the consumer's keeps acks flowing). The publishes of
+one job go out concurrently and each is confirmed; a nack or an unroutable message is an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+
+from lis_async.amqp import connect
+from lis_async.platform import AmqpParams
+
+log = logging.getLogger("lis_async.publisher")
+
+
+class PublishError(Exception):
+    """Some messages of a delivery were not confirmed; ``failed`` are their indexes."""
+
+    def __init__(self, failed: Sequence[int], cause: str) -> None:
+        super().__init__(f"{len(failed)} push message(s) not confirmed: {cause}")
+        self.failed = tuple(failed)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The push messages of one job, ready to publish (bodies in ``action_sequence`` order)."""
+
+    bodies: tuple[bytes, ...]
+    objects: int
+    incompatible: int
+
+
+def split_bundle(bundle: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """pycti's splitter: one bundle per object, dependencies first. Returns (bundles, dropped)."""
+    from pycti.utils.opencti_stix2_splitter import OpenCTIStix2Splitter
+
+    _, incompatible, bundles = OpenCTIStix2Splitter().split_bundle_with_expectations(
+        bundle, use_json=False
+    )
+    return bundles, len(incompatible)
+
+
+def envelope(
+    content: bytes,
+    *,
+    sequence: int,
+    applicant_id: str | None,
+    draft_id: str | None,
+    work_id: str | None,
+) -> bytes:
+    """pycti's push message, keys in pycti's order (protocol §5.1)."""
+    message: dict[str, Any] = {
+        "bundle_type": "QUEUE_BUNDLE",
+        "applicant_id": applicant_id,
+        "action_sequence": sequence,
+        "entities_types": [],
+        "content": base64.b64encode(content).decode("ascii"),
+        "update": False,
+        "draft_id": draft_id,
+        "no_split": False,
+    }
+    if work_id is not None:
+        message["work_id"] = work_id
+    return orjson.dumps(message)
+
+
+def prepare(
+    bundle: dict[str, Any], *, applicant_id: str | None, draft_id: str | None, work_id: str | None
+) -> Delivery:
+    bundles, incompatible = split_bundle(bundle)
+    bodies = tuple(
+        envelope(
+            orjson.dumps(b),
+            sequence=i,
+            applicant_id=applicant_id,
+            draft_id=draft_id,
+            work_id=work_id,
+        )
+        for i, b in enumerate(bundles, start=1)
+    )
+    return Delivery(bodies=bodies, objects=len(bodies), incompatible=incompatible)
+
+
+class Publisher:
+    def __init__(
+        self, params: AmqpParams, exchange: str, routing_key: str, confirm_timeout_s: float = 60.0
+    ) -> None:
+        self._params = params
+        self._exchange_name = exchange
+        self._routing_key = routing_key
+        self._timeout = confirm_timeout_s
+        self._conn: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._exchange: AbstractExchange | None = None
+
+    async def start(self) -> None:
+        if self._conn is not None:
+            return
+        self._conn = await connect(self._params, "lis-async publisher")
+        channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = channel  # type: ignore[assignment]
+        self._exchange = await channel.get_exchange(self._exchange_name, ensure=False)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        self._channel = self._exchange = None
+        if conn is not None:
+            await conn.close()
+
+    @property
+    def connected(self) -> bool:
+        return (
+            self._conn is not None
+            and not self._conn.is_closed
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
+
+    async def publish(self, bodies: Sequence[bytes], indexes: Sequence[int]) -> None:
+        """Publish ``bodies[i]`` for each i in ``indexes``, concurrently; every one confirmed.
+
+        Raises :class:`PublishError` naming the indexes that were not confirmed, so the caller
+        retries just those.
+        """
+        exchange = self._exchange
+        if exchange is None:
+            raise PublishError(indexes, "publisher not started")
+        results = await asyncio.gather(
+            *(self._publish_one(exchange, bodies[i]) for i in indexes), return_exceptions=True
+        )
+        failed = [i for i, r in zip(indexes, results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            first = next(r for r in results if isinstance(r, BaseException))
+            if isinstance(first, asyncio.CancelledError):
+                raise first
+            raise PublishError(failed, f"{type(first).__name__}: {first}"[:300])
+
+    async def _publish_one(self, exchange: AbstractExchange, body: bytes) -> None:
+        message = aio_pika.Message(
+            body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_encoding="utf-8",
+        )
+        result = await exchange.publish(
+            message, routing_key=self._routing_key, mandatory=True, timeout=self._timeout
+        )
+        # A confirm channel answers Basic.Ack; anything else (Nack/Return) is a failure.
+        if result is not None and type(result).__name__ != "Ack":
+            raise RuntimeError(f"broker answered {type(result).__name__}")

@@ -1,0 +1,174 @@
+"""Logging setup, Prometheus metrics and the health endpoints (``/healthz``, ``/readyz``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "timestamp": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "name": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc_info"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc).decode()
+
+
+def setup_logging(level: str, json_lines: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter()
+        if json_lines
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("lis_async").setLevel(_LEVELS.get(level, logging.INFO))
+    # Third-party chatter stays at warning even in debug: their records may carry URLs.
+    for name in ("aio_pika", "aiormq", "urllib3", "pycti", "api", "pika"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Metrics:
+    """Prometheus metrics in their own registry. Hot-path updates are plain counter bumps;
+    LastInfoSec client counters are read at scrape time (no cost per request)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.jobs = Counter("lis_jobs", "Jobs by outcome", ["outcome"], registry=r)
+        self.job_seconds = Histogram(
+            "lis_job_duration_seconds",
+            "Job duration, received to processed",
+            registry=r,
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 300),
+        )
+        self.objects = Counter("lis_objects_published", "STIX objects published", registry=r)
+        self.publishes = Counter("lis_push_messages", "Push messages confirmed", registry=r)
+        self.in_flight = Gauge("lis_jobs_in_flight", "Jobs taken and not yet settled", registry=r)
+        self.heartbeat_age = Gauge(
+            "lis_heartbeat_age_seconds", "Seconds since the last successful ping", registry=r
+        )
+
+    def observe_job(self, outcome: str, seconds: float, objects: int, bundles: int) -> None:
+        self.jobs.labels(outcome).inc()
+        self.job_seconds.observe(seconds)
+        if objects:
+            self.objects.inc(objects)
+        if bundles:
+            self.publishes.inc(bundles)
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class LisStatsCollector(Collector):
+    """Exports the LastInfoSec client's counters (``LisStats``) at scrape time."""
+
+    def __init__(self, stats: Any, latency: Any = None) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Any]:
+        s = self._stats
+        req = CounterMetricFamily("lis_api_requests", "LastInfoSec HTTP answers", labels=["status"])
+        for status, n in sorted(getattr(s, "responses_by_status", {}).items()):
+            req.add_metric([str(status)], n)
+        yield req
+        for name, attr, doc in (
+            ("lis_api_retries", "retries", "LastInfoSec retries"),
+            ("lis_api_throttled", "throttled", "LastInfoSec 429 answers"),
+            ("lis_api_timeouts", "timeouts", "LastInfoSec timeouts"),
+            ("lis_api_connection_errors", "connection_errors", "LastInfoSec connection errors"),
+            ("lis_cache_hits", "cache_hits", "Lookups answered from the cache"),
+            ("lis_cache_misses", "cache_misses", "Lookups not in the cache"),
+            ("lis_coalesced", "coalesced", "Lookups served by an identical lookup in flight"),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(getattr(s, attr, 0)))
+            yield c
+
+
+class GaugeCallback(Collector):
+    def __init__(self, name: str, doc: str, fn: Callable[[], float]) -> None:
+        self._name, self._doc, self._fn = name, doc, fn
+
+    def collect(self) -> Iterable[Any]:
+        g = GaugeMetricFamily(self._name, self._doc)
+        g.add_metric([], float(self._fn()))
+        yield g
+
+
+class HealthServer:
+    """``/healthz`` (the loop answers), ``/readyz`` (checks pass), ``/metrics`` (when enabled)."""
+
+    def __init__(
+        self,
+        checks: Callable[[], dict[str, bool]],
+        metrics: Metrics | None,
+        host: str = "0.0.0.0",
+        port: int = 9096,
+    ) -> None:
+        self._checks = checks
+        self._metrics = metrics
+        self._host, self._port = host, port
+        self._runner: web.AppRunner | None = None
+        self.started = time.time()
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        if self._metrics is not None:
+            app.router.add_get("/metrics", self._metrics_view)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self._port
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "uptime_s": round(time.time() - self.started)})
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        checks = self._checks()
+        ok = all(checks.values())
+        return web.json_response(
+            {"status": "ready" if ok else "not ready", "checks": checks}, status=200 if ok else 503
+        )
+
+    async def _metrics_view(self, _: web.Request) -> web.Response:
+        assert self._metrics is not None
+        return web.Response(body=self._metrics.render(), content_type="text/plain")

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lis_async.config import SettingsError, all_env_names, load_settings
+
+UUID = "0b3c1f2e-6d7a-4b8c-9d0e-1f2a3b4c5d6e"
+BASE_ENV = {
+    "OPENCTI_URL": "http://opencti:8080/",
+    "OPENCTI_TOKEN": "octi-token-secret",
+    "CONNECTOR_ID": UUID,
+    "CONFIG_LIS_APIKEY_CTI": "lis-key-secret",
+}
+
+
+def errors_for(env: dict[str, str], tmp_path: Path | None = None) -> list[str]:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env=env)
+    return info.value.problems
+
+
+def test_seed_environment_variables_work_unchanged() -> None:
+    s = load_settings(
+        env=BASE_ENV
+        | {
+            "CONNECTOR_NAME": "LastInfoSec",
+            "CONNECTOR_SCOPE": "StixFile,Domain-Name,Hostname,Url",
+            "CONNECTOR_AUTO": "true",
+            "CONNECTOR_CONFIDENCE_LEVEL": "80",
+            "CONNECTOR_LOG_LEVEL": "warn",
+            "PROXY_HTTP": "http://proxy:3128",
+            "PROXY_HTTPS": "http://user:pw@proxy:3128",
+        }
+    )
+    assert s.opencti.url == "http://opencti:8080"
+    assert s.opencti.token.get_secret_value() == "octi-token-secret"
+    assert s.connector.id == UUID
+    assert s.connector.scope == ("StixFile", "Domain-Name", "Hostname", "Url")
+    assert s.connector.auto is True
+    assert s.connector.confidence_level == 80
+    assert s.connector.log_level == "warning"
+    assert s.lastinfosec.api_key_cti.get_secret_value() == "lis-key-secret"
+    assert s.opencti.proxy_http == "http://proxy:3128"
+    assert s.lastinfosec.max_tlp == "TLP:AMBER"  # safe default
+
+
+def test_yaml_keys_and_env_precedence(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(
+        f"""
+opencti:
+  url: 'http://from-yaml:8080'
+  token: 'yaml-token'
+connector:
+  id: '{UUID}'
+  scope: 'domain-name,url'
+  confidence_level: 30
+  log_level: 'debug'
+lastinfosec:
+  api_key_cti: 'yaml-key'
+  rate_per_s: 3
+  proxy_https: 'http://legacy-proxy:1'
+"""
+    )
+    s = load_settings(cfg, env={"OPENCTI_URL": "http://from-env:8080", "CONNECTOR_JOBS_IN_FLIGHT": "7"})
+    assert s.opencti.url == "http://from-env:8080"  # environment wins
+    assert s.opencti.token.get_secret_value() == "yaml-token"
+    assert s.connector.scope == ("Domain-Name", "Url")  # case-insensitive, canonical names
+    assert s.connector.confidence_level == 30
+    assert s.connector.jobs_in_flight == 7
+    assert s.lastinfosec.rate_per_s == 3
+    assert s.opencti.proxy_https == "http://legacy-proxy:1"
+    # Conventional env name beats the legacy alias.
+    s2 = load_settings(
+        cfg, env={"CONFIG_LIS_APIKEY_CTI": "legacy", "LASTINFOSEC_API_KEY_CTI": "conventional"}
+    )
+    assert s2.lastinfosec.api_key_cti.get_secret_value() == "conventional"
+
+
+def test_default_config_path_is_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "config.yml").write_text(
+        f"opencti: {{url: 'http://x', token: 't'}}\nconnector: {{id: '{UUID}'}}\n"
+        "lastinfosec: {api_key_cti: 'k'}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(env={}).opencti.url == "http://x"
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="file not found"):
+        load_settings(tmp_path / "nope.yml", env=BASE_ENV)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"OPENCTI_TOKEN": ""}, "OPENCTI_TOKEN (opencti.token): must be set"),
+        ({"CONNECTOR_ID": "not-a-uuid"}, "CONNECTOR_ID (connector.id): must be a UUID"),
+        ({"CONNECTOR_SCOPE": "StixFile,IPv4-Addr"}, "CONNECTOR_SCOPE (connector.scope): unknown scope 'IPv4-Addr'"),
+        ({"LASTINFOSEC_RATE_PER_S": "-5"}, "LASTINFOSEC_RATE_PER_S (lastinfosec.rate_per_s)"),
+        ({"LASTINFOSEC_MAX_TLP": "TLP:PURPLE"}, "LASTINFOSEC_MAX_TLP (lastinfosec.max_tlp): unknown TLP"),
+        ({"CONNECTOR_CONFIDENCE_LEVEL": "101"}, "CONNECTOR_CONFIDENCE_LEVEL (connector.confidence_level)"),
+        ({"CONNECTOR_LOG_LEVEL": "chatty"}, "CONNECTOR_LOG_LEVEL (connector.log_level)"),
+        ({"CONFIG_LIS_APIKEY_CTI": ""}, "CONFIG_LIS_APIKEY_CTI (lastinfosec.api_key_cti)"),
+        ({"OPENCTI_URL": "ftp://x"}, "OPENCTI_URL (opencti.url): must be an http"),
+        ({"CONNECTOR_JOBS_IN_FLIGHT": "zero"}, "CONNECTOR_JOBS_IN_FLIGHT (connector.jobs_in_flight)"),
+    ],
+)
+def test_each_bad_value_gives_one_error_naming_the_variable(env: dict[str, str], expected: str) -> None:
+    problems = errors_for(BASE_ENV | env)
+    assert len(problems) == 1, problems
+    assert expected in problems[0]
+
+
+def test_several_problems_are_all_reported() -> None:
+    problems = errors_for({"CONNECTOR_ID": "x"})
+    text = "\n".join(problems)
+    for name in ("OPENCTI_URL", "OPENCTI_TOKEN", "CONNECTOR_ID", "CONFIG_LIS_APIKEY_CTI"):
+        assert name in text
+
+
+def test_secrets_never_in_repr_summary_or_errors() -> None:
+    s = load_settings(env=BASE_ENV | {"MQ_PASS": "mq-secret", "PROXY_HTTPS": "http://u:proxy-pw@p:1"})
+    text = repr(s) + str(s) + str(s.summary())
+    for secret in ("octi-token-secret", "lis-key-secret", "mq-secret", "proxy-pw"):
+        assert secret not in text
+    assert s.summary()["mq.pass"] == "***"
+    # A secret that fails validation is not echoed back either.
+    problems = errors_for(BASE_ENV | {"CONNECTOR_ID": "bad", "LASTINFOSEC_RATE_PER_S": "lis-key-secret"})
+    assert "lis-key-secret" not in "\n".join(problems)
+
+
+def test_mq_overrides() -> None:
+    s = load_settings(env=BASE_ENV | {"MQ_HOST": "rabbit", "MQ_PORT": "5671", "MQ_USE_SSL": "true"})
+    assert (s.mq.host, s.mq.port, s.mq.use_ssl) == ("rabbit", 5671, True)
+
+
+def test_env_names_follow_the_convention() -> None:
+    names = all_env_names()
+    for name in ("LASTINFOSEC_RATE_PER_S", "CONNECTOR_JOBS_IN_FLIGHT", "LASTINFOSEC_MAX_TLP",
+                 "OPENCTI_THREADS", "LASTINFOSEC_CACHE_TTL_S", "CONNECTOR_METRICS_PORT", "MQ_PASS"):
+        assert name in names
