@@ -1,0 +1,178 @@
+"""Publisher and consumer against the real RabbitMQ on 127.0.0.1:5672."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+
+from lis_async.consumer import Consumer
+from lis_async.pipeline import FatalError
+from lis_async.platform import AmqpParams
+from lis_async.publisher import Publisher, PublishError
+
+pytestmark = pytest.mark.rabbitmq
+PARAMS = AmqpParams(host="127.0.0.1", port=5672, vhost="/", use_ssl=False, user="guest", password="guest")
+URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    conn = await aio_pika.connect(URL)
+    channel = await conn.channel()
+    yield channel
+    await conn.close()
+
+
+async def _exchange_and_queue(channel: aio_pika.abc.AbstractChannel, **queue_args: object) -> tuple[str, str, str]:
+    name = f"test-{uuid.uuid4()}"
+    ex = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, auto_delete=True)
+    q = await channel.declare_queue(name, auto_delete=True, arguments=queue_args or None)
+    await q.bind(ex, routing_key="rk")
+    return name, name, "rk"
+
+
+async def test_publisher_confirms_persistent_messages(broker: aio_pika.abc.AbstractChannel) -> None:
+    ex, qname, rk = await _exchange_and_queue(broker)
+    pub = Publisher(PARAMS, ex, rk)
+    await pub.start()
+    try:
+        assert pub.connected
+        bodies = [f"m{i}".encode() for i in range(20)]
+        await pub.publish(bodies, range(20))
+    finally:
+        await pub.close()
+    queue = await broker.get_queue(qname, ensure=False)
+    got = []
+    for _ in range(20):
+        msg = await queue.get(timeout=5)
+        assert msg is not None
+        assert msg.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert msg.content_encoding == "utf-8"
+        got.append(msg.body)
+        await msg.ack()
+    assert sorted(got) == sorted(bodies)
+
+
+async def test_unroutable_publish_is_an_error(broker: aio_pika.abc.AbstractChannel) -> None:
+    ex, _, _ = await _exchange_and_queue(broker)
+    pub = Publisher(PARAMS, ex, "no-such-binding")
+    await pub.start()
+    try:
+        with pytest.raises(PublishError) as info:
+            await pub.publish([b"a", b"b"], [0, 1])
+        assert info.value.failed == (0, 1)
+    finally:
+        await pub.close()
+
+
+async def test_full_queue_with_reject_publish_names_the_failed_messages(broker: aio_pika.abc.AbstractChannel) -> None:
+    ex, qname, rk = await _exchange_and_queue(broker, **{"x-max-length": 2, "x-overflow": "reject-publish"})
+    pub = Publisher(PARAMS, ex, rk)
+    await pub.start()
+    try:
+        await pub.publish([b"1", b"2"], [0, 1])
+        with pytest.raises(PublishError) as info:
+            await pub.publish([b"1", b"2", b"3"], [2])
+        assert info.value.failed == (2,)
+    finally:
+        await pub.close()
+
+
+async def _listen_queue(channel: aio_pika.abc.AbstractChannel, n: int) -> str:
+    name = f"test-listen-{uuid.uuid4()}"
+    await channel.declare_queue(name, auto_delete=False, durable=True)
+    for i in range(n):
+        await channel.default_exchange.publish(aio_pika.Message(f"job{i}".encode()), routing_key=name)
+    return name
+
+
+async def test_consumer_respects_prefetch_and_acks_after_the_handler(broker: aio_pika.abc.AbstractChannel) -> None:
+    name = await _listen_queue(broker, 10)
+    running = 0
+    peak = 0
+    release = asyncio.Event()
+    seen: list[bytes] = []
+
+    async def handler(body: bytes, redelivered: bool) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        seen.append(body)
+        running -= 1
+
+    consumer = Consumer(PARAMS, name, 4, handler, on_fatal=lambda _: None)
+    await consumer.start()
+    try:
+        for _ in range(50):
+            if running == 4:
+                break
+            await asyncio.sleep(0.05)
+        assert running == 4 and consumer.in_flight == 4
+        await asyncio.sleep(0.2)
+        assert peak == 4  # prefetch bounds the jobs in flight
+        queue = await broker.declare_queue(name, durable=True, passive=True)
+        assert queue.declaration_result.message_count == 6  # 4 unacked are not counted
+        release.set()
+        for _ in range(100):
+            if len(seen) == 10 and consumer.in_flight == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert len(seen) == 10
+    finally:
+        await consumer.stop_intake()
+        await consumer.drain(5)
+        await consumer.close()
+    queue = await broker.declare_queue(name, durable=True, passive=True)
+    assert queue.declaration_result.message_count == 0  # all acked
+    await queue.delete(if_unused=False, if_empty=False)
+
+
+async def test_fatal_error_requeues_and_stops_intake(broker: aio_pika.abc.AbstractChannel) -> None:
+    name = await _listen_queue(broker, 1)
+    fatal: list[str] = []
+
+    async def handler(body: bytes, redelivered: bool) -> None:
+        raise FatalError("LastInfoSec rejected the API key")
+
+    consumer = Consumer(PARAMS, name, 1, handler, on_fatal=fatal.append)
+    await consumer.start()
+    try:
+        for _ in range(100):
+            if fatal:
+                break
+            await asyncio.sleep(0.05)
+        assert fatal == ["LastInfoSec rejected the API key"]
+        assert not consumer.accepting
+    finally:
+        await consumer.stop_intake()
+        await consumer.drain(1)
+        await consumer.close()
+    queue = await broker.declare_queue(name, durable=True, passive=True)
+    assert queue.declaration_result.message_count == 1  # back in the queue, not lost
+    await queue.delete(if_unused=False, if_empty=False)
+
+
+async def test_drain_deadline_returns_unfinished_jobs_to_the_queue(broker: aio_pika.abc.AbstractChannel) -> None:
+    name = await _listen_queue(broker, 3)
+
+    async def handler(body: bytes, redelivered: bool) -> None:
+        await asyncio.sleep(60)
+
+    consumer = Consumer(PARAMS, name, 3, handler, on_fatal=lambda _: None)
+    await consumer.start()
+    for _ in range(100):
+        if consumer.in_flight == 3:
+            break
+        await asyncio.sleep(0.05)
+    await consumer.stop_intake()
+    cancelled = await consumer.drain(0.2)
+    await consumer.close()
+    assert cancelled == 3
+    queue = await broker.declare_queue(name, durable=True, passive=True)
+    assert queue.declaration_result.message_count == 3
+    await queue.delete(if_unused=False, if_empty=False)

@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lis_async.job import Job, JobError, normalise_tlp, parse_job, parse_observable
+from tests.conftest import FIXTURES, job_body
+
+WORK = "work_6f0e1b2c-3d4e-4f50-8a6b-7c8d9e0f1a2b_2026-11-20T10:00:02.415Z"
+ORG = "identity--7b1c2d3e-4f5a-5b6c-9d7e-8f9a0b1c2d3e"
+
+
+def test_manual_stixfile_amber_shared() -> None:
+    job = parse_job(job_body("manual_stixfile_amber_shared.json"))
+    assert (job.work_id, job.applicant_id, job.draft_id) == (WORK, None, None)
+    assert (job.mode, job.trigger) == ("manual", "update")
+    assert job.entity_type == "StixFile" and job.entity_id.startswith("file--")
+    obs = job.observable
+    assert obs is not None
+    assert obs.stix_type == "file" and obs.value == "eicar.com"
+    assert obs.hashes["SHA-256"].startswith("275a021b") and set(obs.hashes) == {"MD5", "SHA-1", "SHA-256"}
+    assert obs.tlp == "TLP:AMBER"
+    assert obs.granted_refs == (ORG,)
+    assert not job.is_playbook
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.work_id = "x"  # type: ignore[misc]
+
+
+def test_auto_create_domain_green_unshared() -> None:
+    job = parse_job(job_body("auto_create_domain_green.json"))
+    assert job.observable is not None
+    assert (job.mode, job.trigger) == ("auto", "create")
+    assert job.observable.value == "bad.example.com"
+    assert job.observable.tlp == "TLP:GREEN"
+    assert job.observable.granted_refs is None
+
+
+def test_auto_update_hostname_red_in_draft() -> None:
+    job = parse_job(job_body("auto_update_hostname_red_draft.json"))
+    assert job.draft_id == "e1f2a3b4-c5d6-4e7f-8a9b-0c1d2e3f4a5b"
+    assert job.observable is not None
+    assert job.observable.stix_type == "hostname" and job.observable.entity_type == "Hostname"
+    assert job.observable.tlp == "TLP:RED"
+
+
+def test_deferred_resolution_has_no_observable() -> None:
+    job = parse_job(job_body("auto_create_domain_deferred_resolution.json"))
+    assert job.observable is None and job.entity_type == "Domain-Name" and job.work_id == WORK
+
+
+def test_stixfile_without_hash() -> None:
+    job = parse_job(job_body("manual_stixfile_no_hash.json"))
+    assert job.observable is not None and dict(job.observable.hashes) == {}
+    assert job.observable.value == "invoice.pdf.exe"
+
+
+def test_url_with_stix_objects_string() -> None:
+    job = parse_job(job_body("manual_url_stix_objects_string.json"))
+    assert job.observable is not None
+    assert job.observable.value == "http://bad.example.com/gate.php"
+    assert job.observable.granted_refs == (ORG,)
+
+
+def test_playbook_job() -> None:
+    job = parse_job(job_body("playbook_url.json"))
+    assert job.work_id is None and job.is_playbook and job.playbook is not None
+    assert job.applicant_id == "c49fe040-2dad-412d-af07-ce639204ad55"
+    assert job.playbook.step_id == "c8d7e6f5-a4b3-4c2d-9e1f-0a9b8c7d6e5f"
+    assert job.playbook.bundle["id"].startswith("bundle--")
+    assert job.observable is not None and job.observable.entity_type == "Url"
+    assert job.entity_type == "Url"  # from the entity, the message has none
+
+
+def test_hostile_value_is_kept_verbatim() -> None:
+    job = parse_job(job_body("hostile_value_path_traversal.json"))
+    assert job.observable is not None and job.observable.value == "../../v2/admin?x=1#"
+
+
+@pytest.mark.parametrize(
+    ("name", "work_id", "fragment"),
+    [
+        ("malformed_not_json.txt", None, "not valid JSON"),
+        ("malformed_missing_event.json", WORK, "event is missing"),
+        ("malformed_wrong_types.json", None, "work_id"),
+    ],
+)
+def test_malformed_bodies_raise_job_error(name: str, work_id: str | None, fragment: str) -> None:
+    with pytest.raises(JobError) as info:
+        parse_job(job_body(name))
+    assert info.value.work_id == work_id
+    assert fragment in str(info.value)
+
+
+def test_every_fixture_parses_or_raises_job_error() -> None:
+    for path in sorted((FIXTURES / "jobs").iterdir()):
+        try:
+            assert isinstance(parse_job(path.read_bytes()), Job)
+        except JobError:
+            assert path.name.startswith("malformed")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\xff\xfe not utf8", b"[]", b"null", b'{"internal": 1, "event": {}}',
+     b'{"internal": {"work_id": "w"}, "event": {"entity_id": "x", "stix_entity": 5}}',
+     b'{"internal": {"work_id": "w"}, "event": {"entity_id": "x", "stix_entity": "{\\"id\\": 1}"}}'],
+)
+def test_bad_shapes(body: bytes) -> None:
+    with pytest.raises(JobError):
+        parse_job(body)
+
+
+def test_bad_stix_entity_carries_work_id() -> None:
+    body = {"internal": {"work_id": "w1", "applicant_id": None}, "event": {"entity_id": "x", "stix_entity": "[not json"}}
+    with pytest.raises(JobError) as info:
+        parse_job(json.dumps(body).encode())
+    assert info.value.work_id == "w1"
+
+
+def test_most_restrictive_tlp_and_flat_shape() -> None:
+    obs = parse_observable(
+        {
+            "id": "domain-name--1", "type": "domain-name", "value": "a.example",
+            "x_opencti_type": "Domain-Name", "x_opencti_granted_refs": ["identity--o"],
+            "object_marking_refs": [
+                "marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da",
+                "marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed",
+                "marking-definition--f88d31f6-486f-44da-b317-01333bde0b82",
+            ],
+        }
+    )
+    assert obs.tlp == "TLP:RED" and obs.granted_refs == ("identity--o",)
+    assert parse_observable({"id": "url--1", "type": "url", "value": "x"}).tlp == "TLP:CLEAR"
+
+
+def test_graphql_hash_list_shape() -> None:
+    obs = parse_observable({"id": "file--1", "type": "file", "hashes": [{"algorithm": "SHA-256", "hash": "AB"}]})
+    assert dict(obs.hashes) == {"SHA-256": "ab"}
+
+
+def test_normalise_tlp() -> None:
+    assert normalise_tlp("amber") == "TLP:AMBER"
+    assert normalise_tlp("TLP:WHITE") == "TLP:CLEAR"
+    assert normalise_tlp("tlp:amber+strict") == "TLP:AMBER+STRICT"
+    with pytest.raises(ValueError):
+        normalise_tlp("TLP:PINK")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(
+    internal=json_values | st.fixed_dictionaries({}, optional={"work_id": json_values, "applicant_id": json_values, "playbook": json_values}),
+    event=json_values | st.fixed_dictionaries({}, optional={"entity_id": json_values, "stix_entity": json_values | st.text(), "bundle": json_values}),
+)
+def test_parse_job_raises_only_job_error(internal: object, event: object) -> None:
+    body = json.dumps({"internal": internal, "event": event}).encode()
+    try:
+        parse_job(body)
+    except JobError:
+        pass
+
+
+@given(st.binary(max_size=200))
+def test_parse_job_random_bytes(body: bytes) -> None:
+    try:
+        parse_job(body)
+    except JobError:
+        pass
