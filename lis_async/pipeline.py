@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
@@ -197,6 +197,8 @@ class Pipeline:
         obs = await self._observable(job)
         if isinstance(obs, Result):
             return obs
+        if job.observable is None:  # read from the platform: the job now carries it
+            job = replace(job, observable=obs)
         skip = self._policy_check(job, obs)
         if skip is not None:
             return skip

@@ -70,7 +70,7 @@ async def test_unroutable_publish_is_an_error(broker: aio_pika.abc.AbstractChann
 
 
 async def test_full_queue_with_reject_publish_names_the_failed_messages(broker: aio_pika.abc.AbstractChannel) -> None:
-    ex, qname, rk = await _exchange_and_queue(broker, **{"x-max-length": 2, "x-overflow": "reject-publish"})
+    ex, _, rk = await _exchange_and_queue(broker, **{"x-max-length": 2, "x-overflow": "reject-publish"})
     pub = Publisher(PARAMS, ex, rk)
     await pub.start()
     try:

@@ -1,0 +1,82 @@
+"""``lis-async check``: settings are valid (checked by the CLI), then reach OpenCTI, RabbitMQ and
+LastInfoSec once each and print one PASS/FAIL line per check. Exit code 0 only if all pass."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from lis_async.app import lis_options
+from lis_async.config import Settings
+from lis_async.lastinfosec import LastInfoSecClient, LisError
+from lis_async.platform import Platform, PlatformError, Registration
+
+# A value LastInfoSec is asked about: the EICAR test file's SHA-256 (harmless, well known).
+PROBE_HASH = "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f"
+
+
+async def run_check(settings: Settings, out: Callable[[str], None] = print) -> int:
+    failures = 0
+
+    def report(ok: bool, what: str, detail: str) -> None:
+        nonlocal failures
+        failures += 0 if ok else 1
+        out(f"{'PASS' if ok else 'FAIL'} {what}: {detail}")
+
+    platform = Platform(settings)
+    reg: Registration | None = None
+    try:
+        await platform.start()
+        version = await platform.about()
+        reg = await platform.register()
+        report(True, "opencti", f"{settings.opencti.url} (version {version}), connector registered")
+    except PlatformError as exc:
+        report(False, "opencti", f"{settings.opencti.url}: {exc}")
+    finally:
+        await platform.close()
+
+    if reg is None:
+        report(False, "rabbitmq", "skipped: the RabbitMQ settings come from the registration")
+    else:
+        from lis_async.amqp import connect
+
+        try:
+            conn = await connect(reg.amqp, "lis-async check", timeout_s=10)
+            try:
+                channel = await conn.channel()
+                await channel.get_queue(reg.listen, ensure=True)  # passive: never re-declares
+            finally:
+                await conn.close()
+            report(True, "rabbitmq", f"{reg.amqp.host}:{reg.amqp.port}, queue {reg.listen} found")
+        except Exception as exc:
+            text = str(exc).replace(reg.amqp.password, "***") if reg.amqp.password else str(exc)
+            report(
+                False,
+                "rabbitmq",
+                f"{reg.amqp.host}:{reg.amqp.port}: {type(exc).__name__} {text}"[:300],
+            )
+
+    from lis_async.job import Observable
+
+    probe = Observable(
+        entity_type="StixFile",
+        stix_type="file",
+        stix_id="file--probe",
+        value=None,
+        hashes={"SHA-256": PROBE_HASH},
+        tlp="TLP:CLEAR",
+        marking_refs=(),
+        granted_refs=None,
+        stix={},
+    )
+    client = LastInfoSecClient(replace(lis_options(settings), retries=0, cache_size=0))
+    try:
+        await client.start()
+        result = await client.lookup(probe)
+        found = "known" if result.found else "not found (the key works)"
+        report(True, "lastinfosec", f"{settings.lastinfosec.base_url}: probe hash {found}")
+    except LisError as exc:
+        report(False, "lastinfosec", f"{settings.lastinfosec.base_url}: {exc}")
+    finally:
+        await client.close()
+    return 0 if failures == 0 else 1

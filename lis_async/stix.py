@@ -1,0 +1,582 @@
+"""Bundle building: LastInfoSec answers + the enriched observable -> one STIX 2.1 bundle.
+
+Pure functions, no I/O, plain dicts only (no ``stix2`` objects on the hot path; ``stix2`` and pycti
+are not even imported here). Inputs are never mutated: the LastInfoSec answer may be cached and
+shared between jobs, and the :class:`~lis_async.job.Job` is immutable by contract. Everything put
+in the output is a fresh copy, so callers (pycti's splitter adds ``nb_deps`` and prunes refs) may
+mutate the result freely.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Final
+
+import orjson
+
+from lis_async.job import STIX_EXT_OCTI, STIX_EXT_OCTI_SCO, Job, Observable
+
+__all__ = [
+    "EXTERNAL_REFERENCE",
+    "build_bundle",
+    "playbook_passthrough",
+    "propagate_organisations",
+    "relationship_id",
+]
+
+# The External-Reference the upstream connector links to every enriched observable. OpenCTI derives
+# an External-Reference's id from its url, so keeping this exact url reuses the existing object.
+EXTERNAL_REFERENCE: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "source_name": "Last Info Sec",
+        "description": "LastInfoSec Threat Feed",
+        "url": "https://api.client.lastinfosec.com/v2/stix21/search/",
+    }
+)
+
+# pycti's namespace for relationship ids (pycti/entities/opencti_stix_core_relationship.py,
+# StixCoreRelationship.generate_id). Reimplemented here so that this pure module does not import
+# pycti (1 s of imports; only platform/publisher may import it); tests pin equality with pycti.
+_RELATIONSHIP_NS: Final = uuid.UUID("00abedb4-aa42-466c-9c01-fed23315a9b7")
+# Our own namespace for deterministic bundle ids.
+_BUNDLE_NS: Final = uuid.UUID("105dcb5e-2b4e-49b4-b8b9-f5c806d5aeb2")
+
+_LEGACY_HOSTNAME: Final = "x-opencti-hostname"
+_LEGACY_HOSTNAME_PREFIX: Final = _LEGACY_HOSTNAME + "--"
+_LEGACY_HOSTNAME_PREFIX_BYTES: Final = _LEGACY_HOSTNAME_PREFIX.encode()
+
+# Returned knowledge the observable is tied to with a `related-to` relationship.
+_RELATED_TYPES: Final = frozenset({"malware", "intrusion-set", "threat-actor", "tool"})
+_HOST_TYPES: Final = frozenset({"domain-name", "hostname", _LEGACY_HOSTNAME})
+_EDGE_REFS: Final = ("source_ref", "target_ref", "sighting_of_ref")
+
+# Fields of the OpenCTI extension kept on the enriched observable outside playbooks. The others are
+# the platform's internal bookkeeping (internal id, timestamps, creator/assignee/participant ids,
+# workflow, file uris, metrics...) that an import must not replay; `is_inferred: true` would even
+# make pycti skip the object entirely ("Ignoring inferred item during import").
+_OCTI_EXT_KEEP: Final = frozenset({"extension_type", "type", "granted_refs"})
+# Flat (pycti-regenerated) shape: internal id and downloaded files (re-uploading them would add
+# file versions on every enrichment).
+_FLAT_DROP: Final = frozenset(
+    {"x_opencti_id", "x_opencti_files", "x_opencti_is_inferred", "nb_deps"}
+)
+
+# One comparison of a STIX pattern: `<object-type>:<path> = '<string literal>'`.
+_COMPARISON: Final = re.compile(
+    r"([a-z0-9][a-z0-9-]*):([A-Za-z0-9_.'\"-]+?)\s*=\s*'((?:[^'\\]|\\.)*)'"
+)
+_UNESCAPE: Final = re.compile(r"\\(.)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def relationship_id(relationship_type: str, source_ref: str, target_ref: str) -> str:
+    """Same value as pycti's ``StixCoreRelationship.generate_id(type, source, target)``.
+
+    pycti hashes the RFC 8785 (JCS) canonical JSON of the three fields; for an object of three
+    string values with ASCII keys that is exactly ``json.dumps(sort_keys, compact, no ascii
+    escaping)``.
+    """
+    data = json.dumps(
+        {
+            "relationship_type": relationship_type,
+            "source_ref": source_ref,
+            "target_ref": target_ref,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return "relationship--" + str(uuid.uuid5(_RELATIONSHIP_NS, data))
+
+
+def _clone(value: Any) -> Any:
+    """Deep copy of JSON data; an orjson round trip is ~10x faster than ``copy.deepcopy``."""
+    try:
+        return orjson.loads(orjson.dumps(value))
+    except (TypeError, ValueError):  # not plain JSON (Mapping proxies, big ints...): slow path
+        return _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    """Deep copy turning every Mapping into a dict and every tuple into a list."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, str | int | float):
+        return value
+    return copy.deepcopy(value)
+
+
+def _is_object(item: Any) -> bool:
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("id"), str)
+        and isinstance(item.get("type"), str)
+    )
+
+
+def _norm_host(value: str) -> str:
+    return value.strip().rstrip(".").casefold()
+
+
+def _is_lastinfosec_identity(obj: Mapping[str, Any]) -> bool:
+    if obj.get("type") != "identity":
+        return False
+    name = obj.get("name")
+    if not isinstance(name, str):
+        return False
+    return re.sub(r"[\s_\-]", "", name).casefold() == "lastinfosec"
+
+
+# --------------------------------------------------------------------------------------------------
+# Organisation sharing (protocol §4.6)
+
+
+def propagate_organisations(objects: list[dict[str, Any]], orgs: Sequence[str] | None) -> None:
+    """Share every object with ``orgs``, in place, as pycti's ``send_stix2_bundle`` does.
+
+    ``None``: nothing to do. Otherwise objects with an OpenCTI extension get
+    ``extensions[STIX_EXT_OCTI].granted_refs = existing ∪ orgs``, the others
+    ``x_opencti_granted_refs = existing ∪ orgs``; an empty ``orgs`` still sets the key (to the
+    existing refs, or ``[]``). pycti unions through a Python ``set`` (random order); we sort, so the
+    output is stable and golden-testable.
+    """
+    if orgs is None:
+        return
+    base = set(orgs)
+    for item in objects:
+        if not isinstance(item, dict):
+            continue
+        exts = item.get("extensions")
+        target: dict[str, Any] = item
+        key = "x_opencti_granted_refs"
+        if isinstance(exts, dict) and STIX_EXT_OCTI in exts:
+            ext = exts[STIX_EXT_OCTI]
+            if isinstance(ext, dict):
+                target, key = ext, "granted_refs"
+        existing = target.get(key)
+        merged = set(base)
+        if isinstance(existing, list):
+            merged.update(x for x in existing if isinstance(x, str))
+        target[key] = sorted(merged)
+
+
+# --------------------------------------------------------------------------------------------------
+# The enriched observable
+
+
+def _add_external_reference(entity: dict[str, Any]) -> None:
+    """Attach :data:`EXTERNAL_REFERENCE` where pycti's import will read it.
+
+    pycti (``OpenCTIStix2.extract_embedded_relationships``) reads a top-level
+    ``external_references`` if present, else ``get_attribute_in_extension("external_references")``
+    (the OpenCTI extension, then the SCO extension). We append to the first of those that already
+    exists, else create it where the platform's converter puts it: the SCO extension, except for the
+    custom Hostname SCO whose converter puts it top-level.
+    """
+    ref = dict(EXTERNAL_REFERENCE)
+    exts = entity.get("extensions")
+    if not isinstance(exts, dict):
+        exts = None
+    holder: dict[str, Any] | None = None
+    if isinstance(entity.get("external_references"), list):
+        holder = entity
+    elif exts is not None:
+        for ext_id in (STIX_EXT_OCTI, STIX_EXT_OCTI_SCO):
+            ext = exts.get(ext_id)
+            if isinstance(ext, dict) and isinstance(ext.get("external_references"), list):
+                holder = ext
+                break
+    if holder is None:
+        if entity.get("type") == "hostname" or (exts is None and "x_opencti_type" in entity):
+            # Hostname: the platform's own shape. Flat pycti shape: no extensions to hang it on.
+            holder = entity
+        else:
+            if exts is None:
+                exts = entity["extensions"] = {}
+            sco = exts.get(STIX_EXT_OCTI_SCO)
+            if not isinstance(sco, dict):
+                sco = exts[STIX_EXT_OCTI_SCO] = {"extension_type": "property-extension"}
+            holder = sco
+        holder["external_references"] = []
+    refs: list[Any] = holder["external_references"]
+    for existing in refs:
+        if (
+            isinstance(existing, Mapping)
+            and existing.get("url") == ref["url"]
+            and existing.get("source_name") == ref["source_name"]
+        ):
+            return
+    refs.append(ref)
+
+
+def _enriched_observable(observable: Observable, *, strip_internal: bool) -> dict[str, Any]:
+    """The entity as received (copied), carrying the LastInfoSec external reference."""
+    entity: dict[str, Any] = _clone(dict(observable.stix))
+    if entity.get("type") == _LEGACY_HOSTNAME:
+        entity["type"] = "hostname"
+    ident = entity.get("id")
+    if isinstance(ident, str) and ident.startswith(_LEGACY_HOSTNAME_PREFIX):
+        entity["id"] = "hostname--" + ident[len(_LEGACY_HOSTNAME_PREFIX) :]
+    if strip_internal:
+        for key in _FLAT_DROP.intersection(entity):
+            del entity[key]
+        exts = entity.get("extensions")
+        if isinstance(exts, dict):
+            octi = exts.get(STIX_EXT_OCTI)
+            if isinstance(octi, dict):
+                exts[STIX_EXT_OCTI] = {k: v for k, v in octi.items() if k in _OCTI_EXT_KEEP}
+    _add_external_reference(entity)
+    return entity
+
+
+def _observable_id(observable: Observable) -> str:
+    ident = observable.stix_id
+    if ident.startswith(_LEGACY_HOSTNAME_PREFIX):
+        return "hostname--" + ident[len(_LEGACY_HOSTNAME_PREFIX) :]
+    return ident
+
+
+# --------------------------------------------------------------------------------------------------
+# Indicator pattern matching
+
+
+class _Matcher:
+    """Does an indicator's STIX pattern designate the observable? Exact value matches only."""
+
+    __slots__ = ("hashes", "host", "name", "needles", "stix_type", "value")
+
+    def __init__(self, observable: Observable) -> None:
+        self.stix_type = observable.stix_type
+        self.value = observable.value
+        self.hashes = frozenset(h.lower() for h in observable.hashes.values())
+        self.host = _norm_host(observable.value) if observable.value else None
+        self.name = observable.value if observable.stix_type == "file" else None
+        # Cheap prefilter: a matching pattern contains one of these (case-folded) strings, unless
+        # the value needs escaping in a STIX string literal (then no prefilter).
+        candidates = [*self.hashes, *([self.host] if self.host else [])]
+        if self.stix_type not in _HOST_TYPES and self.value:
+            candidates.append(self.value)
+        self.needles: tuple[str, ...] | None = tuple(c.casefold() for c in candidates if c)
+        if any("'" in c or "\\" in c for c in candidates):
+            self.needles = None
+
+    def matches(self, pattern: str) -> bool:
+        if self.needles is not None:
+            folded = pattern.casefold()
+            if not any(n in folded for n in self.needles):
+                return False
+        for m in _COMPARISON.finditer(pattern):
+            obj_type, path, raw = m.group(1), m.group(2), m.group(3)
+            literal = _UNESCAPE.sub(r"\1", raw) if "\\" in raw else raw
+            if self._compare(obj_type, path, literal):
+                return True
+        return False
+
+    def _compare(self, obj_type: str, path: str, literal: str) -> bool:
+        if self.stix_type == "file":
+            if obj_type != "file":
+                return False
+            if path.startswith("hashes."):
+                return literal.strip().lower() in self.hashes
+            return path == "name" and self.name is not None and literal == self.name
+        if path != "value":
+            return False
+        if self.stix_type in _HOST_TYPES:
+            return (
+                obj_type in _HOST_TYPES
+                and self.host is not None
+                and (_norm_host(literal) == self.host)
+            )
+        return obj_type == self.stix_type and literal == self.value
+
+
+# --------------------------------------------------------------------------------------------------
+# LastInfoSec objects
+
+
+def _iter_lis_objects(lis_bundles: Sequence[Mapping[str, Any]]) -> Iterable[dict[str, Any]]:
+    for bundle in lis_bundles:
+        if not isinstance(bundle, Mapping):
+            continue
+        objects = bundle.get("objects")
+        if not isinstance(objects, list):
+            continue
+        for item in objects:
+            if _is_object(item):
+                yield item
+
+
+def _dropped_ref(ref: Any, dropped: set[str]) -> bool:
+    return isinstance(ref, str) and (ref in dropped or ref.startswith(_LEGACY_HOSTNAME_PREFIX))
+
+
+def _select_lis_objects(
+    lis_bundles: Sequence[Mapping[str, Any]], seen: set[str]
+) -> list[dict[str, Any]]:
+    """Valid, deduplicated (first wins, ids in ``seen`` excluded) LastInfoSec objects, as copies.
+
+    ``x-opencti-hostname`` objects are dropped (pycti's splitter silently drops them and every
+    relationship to them), with the relationships/sightings that point at them, and refs to them
+    are pruned from the ``*_refs`` lists of the objects kept. Nothing is converted.
+    """
+    selected: list[dict[str, Any]] = []
+    dropped: set[str] = set()
+    local_seen = set(seen)
+    for item in _iter_lis_objects(lis_bundles):
+        ident = item["id"]
+        if ident in local_seen:
+            continue
+        local_seen.add(ident)
+        if item["type"] == _LEGACY_HOSTNAME or ident.startswith(_LEGACY_HOSTNAME_PREFIX):
+            dropped.add(ident)
+            continue
+        selected.append(item)
+    raw: bytes | None
+    try:
+        raw = orjson.dumps(selected)
+    except TypeError:  # not plain JSON (big ints, Mapping proxies...): slow path
+        raw = None
+        objects: list[dict[str, Any]] = _plain(selected)
+    else:
+        objects = orjson.loads(raw)
+    if not dropped and raw is not None and _LEGACY_HOSTNAME_PREFIX_BYTES not in raw:
+        return objects
+    # Rare path: cascade drops (a relationship to a dropped relationship...) until stable.
+    changed = True
+    while changed:
+        changed = False
+        kept: list[dict[str, Any]] = []
+        for obj in objects:
+            if any(_dropped_ref(obj.get(k), dropped) for k in _EDGE_REFS):
+                dropped.add(obj["id"])
+                changed = True
+            else:
+                kept.append(obj)
+        objects = kept
+    for obj in objects:
+        for key in list(obj):
+            val = obj[key]
+            if key.endswith("_refs") and isinstance(val, list):
+                obj[key] = [r for r in val if not _dropped_ref(r, dropped)]
+            elif key.endswith("_ref") and _dropped_ref(val, dropped):
+                del obj[key]
+    return objects
+
+
+# --------------------------------------------------------------------------------------------------
+# Relationships
+
+
+def _markings(*groups: Any) -> list[str]:
+    out: list[str] = []
+    for group in groups:
+        if isinstance(group, list | tuple):
+            for ref in group:
+                if isinstance(ref, str) and ref not in out:
+                    out.append(ref)
+    return out
+
+
+def _relationship(
+    relationship_type: str,
+    source_ref: str,
+    target_ref: str,
+    *,
+    knowledge: Mapping[str, Any],
+    observable_markings: Sequence[str],
+    confidence: int,
+    created_by_ref: str | None,
+) -> dict[str, Any]:
+    """A relationship between the observable and ``knowledge`` (the LastInfoSec object)."""
+    rel: dict[str, Any] = {
+        "type": "relationship",
+        "spec_version": "2.1",
+        "id": relationship_id(relationship_type, source_ref, target_ref),
+    }
+    # STIX requires created/modified; "now" would make the bundle non-deterministic, so the
+    # relationship is dated like the LastInfoSec knowledge it states (OpenCTI upserts by id anyway).
+    created = knowledge.get("created")
+    modified = knowledge.get("modified")
+    if isinstance(created, str):
+        rel["created"] = created
+        rel["modified"] = modified if isinstance(modified, str) else created
+    rel["relationship_type"] = relationship_type
+    rel["source_ref"] = source_ref
+    rel["target_ref"] = target_ref
+    rel["confidence"] = confidence
+    if created_by_ref is not None:
+        rel["created_by_ref"] = created_by_ref
+    # Markings: the observable's (the user chose how restricted that entity is, and the relationship
+    # reveals something about it), plus those of the LastInfoSec object at the other end (the link
+    # is LastInfoSec knowledge, e.g. an AMBER malware tied to a GREEN domain must not read GREEN).
+    # OpenCTI keeps the most restrictive marking per definition type, so the union is the safest.
+    markings = _markings(observable_markings, knowledge.get("object_marking_refs"))
+    if markings:
+        rel["object_marking_refs"] = markings
+    return rel
+
+
+def _relationships(
+    observable_id: str,
+    observable: Observable,
+    objects: Sequence[Mapping[str, Any]],
+    *,
+    seen: set[str],
+    confidence: int,
+    created_by_ref: str | None,
+) -> list[dict[str, Any]]:
+    matcher = _Matcher(observable)
+    markings = observable.marking_refs
+    out: list[dict[str, Any]] = []
+
+    def add(rel_type: str, src: str, dst: str, knowledge: Mapping[str, Any]) -> None:
+        rel = _relationship(
+            rel_type,
+            src,
+            dst,
+            knowledge=knowledge,
+            observable_markings=markings,
+            confidence=confidence,
+            created_by_ref=created_by_ref,
+        )
+        if rel["id"] not in seen:
+            seen.add(rel["id"])
+            out.append(rel)
+
+    for obj in objects:
+        obj_type = obj["type"]
+        if obj_type == "indicator":
+            pattern = obj.get("pattern")
+            pattern_type = obj.get("pattern_type", "stix")
+            if isinstance(pattern, str) and pattern_type == "stix" and matcher.matches(pattern):
+                add("based-on", obj["id"], observable_id, obj)
+        elif obj_type in _RELATED_TYPES:
+            add("related-to", observable_id, obj["id"], obj)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Bundles
+
+
+def _bundle_id(entity_id: str, object_ids: Iterable[str]) -> str:
+    name = "\n".join([entity_id, *sorted(object_ids)])
+    return "bundle--" + str(uuid.uuid5(_BUNDLE_NS, name))
+
+
+def build_bundle(
+    job: Job,
+    lis_bundles: Sequence[Mapping[str, Any]],
+    *,
+    confidence: int,
+    author: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One STIX 2.1 bundle for ``job`` from every LastInfoSec bundle of the answer.
+
+    Objects: (playbook jobs: the incoming playbook objects first, the entity replaced in place) the
+    enriched observable, every valid LastInfoSec object deduplicated by id, then ``based-on``
+    (matching indicator -> observable) and ``related-to`` (observable -> malware / intrusion-set /
+    threat-actor / tool) relationships with pycti-compatible deterministic ids. Organisation sharing
+    is propagated to every object (protocol §4.6).
+
+    ``author``: an identity object used as ``created_by_ref`` of the added relationships when the
+    answer holds no LastInfoSec identity (the answer's identity wins: it is the source of the
+    knowledge); it is then added to the bundle. Without either, no author is invented.
+
+    Raises ``ValueError`` when the job has no observable (deferred resolution: resolve it first).
+    """
+    observable = job.observable
+    if observable is None:
+        raise ValueError("job has no observable to enrich (resolve the entity first)")
+    playbook = job.playbook
+    obs_id = _observable_id(observable)
+    enriched = _enriched_observable(observable, strip_internal=playbook is None)
+
+    objects: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    if playbook is not None:
+        incoming = playbook.bundle.get("objects")
+        placed = False
+        for item in _clone(incoming if isinstance(incoming, list) else []):
+            ident = item.get("id") if isinstance(item, dict) else None
+            if ident in (observable.stix_id, obs_id):
+                if placed:
+                    continue
+                item, placed = enriched, True
+            objects.append(item)
+            if isinstance(ident, str):
+                seen.add(ident)
+        if not placed:
+            objects.append(enriched)
+    else:
+        objects.append(enriched)
+    seen.add(obs_id)
+    seen.add(observable.stix_id)
+
+    lis_objects = _select_lis_objects(lis_bundles, seen)
+    objects.extend(lis_objects)
+    seen.update(o["id"] for o in lis_objects)
+
+    created_by_ref: str | None = next(
+        (o["id"] for o in lis_objects if _is_lastinfosec_identity(o)), None
+    )
+    if created_by_ref is None and author is not None and isinstance(author.get("id"), str):
+        created_by_ref = str(author["id"])
+        if created_by_ref not in seen:
+            seen.add(created_by_ref)
+            objects.append(_clone(dict(author)))
+
+    objects.extend(
+        _relationships(
+            obs_id,
+            observable,
+            lis_objects,
+            seen=seen,
+            confidence=confidence,
+            created_by_ref=created_by_ref,
+        )
+    )
+    propagate_organisations(objects, observable.granted_refs)
+
+    if playbook is not None and isinstance(playbook.bundle.get("id"), str):
+        bundle_id = str(playbook.bundle["id"])
+    else:
+        bundle_id = _bundle_id(
+            job.entity_id,
+            (o["id"] for o in objects if isinstance(o, dict) and isinstance(o.get("id"), str)),
+        )
+    # No `spec_version` on a STIX 2.1 bundle (that property exists in 2.0 only; stix2 would then
+    # parse the bundle as 2.0). Playbook bundles keep whatever the platform sent.
+    if playbook is not None:
+        extra: dict[str, Any] = _clone(
+            {k: v for k, v in playbook.bundle.items() if k not in ("type", "id", "objects")}
+        )
+        return {"type": "bundle", **extra, "id": bundle_id, "objects": objects}
+    return {"type": "bundle", "id": bundle_id, "objects": objects}
+
+
+def playbook_passthrough(job: Job) -> dict[str, Any]:
+    """The incoming playbook bundle, copied, with the entity's organisations propagated.
+
+    For playbook jobs that found nothing or were skipped: the playbook step must still answer with
+    the whole bundle (protocol §7), and pycti propagates ``granted_refs`` to playbook bundles too.
+    Raises ``ValueError`` for a job that is not a playbook job.
+    """
+    playbook = job.playbook
+    if playbook is None:
+        raise ValueError("not a playbook job")
+    bundle: dict[str, Any] = _clone(dict(playbook.bundle))
+    objects = bundle.get("objects")
+    if isinstance(objects, list) and job.observable is not None:
+        propagate_organisations(objects, job.observable.granted_refs)
+    return bundle

@@ -1,0 +1,261 @@
+"""The pipeline with in-memory fakes: call order, outcomes, retries, playbooks."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import pytest
+
+from lis_async.job import Observable
+from lis_async.lastinfosec import LisFatalError, LisRetriesExhausted, LookupResult, NothingToLookUp
+from lis_async.pipeline import Backoff, FatalError, Outcome, Pipeline, Policy
+from lis_async.platform import PlatformError, WorkNotAlive
+from lis_async.publisher import PublishError
+from tests.conftest import FIXTURES, job_body
+
+ANSWER = orjson.loads((FIXTURES / "lastinfosec" / "search_hash_200.json").read_bytes())["message"]
+HOST_ANSWER = orjson.loads((FIXTURES / "lastinfosec" / "search_host_200_two_bundles.json").read_bytes())["message"]
+WORK = "work_6f0e1b2c-3d4e-4f50-8a6b-7c8d9e0f1a2b_2026-11-20T10:00:02.415Z"
+
+
+class FakeLookup:
+    def __init__(self, bundles: Sequence[dict[str, Any]] = (), error: Exception | None = None) -> None:
+        self.bundles = tuple(bundles)
+        self.error = error
+        self.seen: list[Observable] = []
+
+    async def lookup(self, obs: Observable) -> LookupResult:
+        self.seen.append(obs)
+        if self.error:
+            raise self.error
+        return LookupResult(found=bool(self.bundles), bundles=self.bundles, query=obs.display, endpoint="search_host")
+
+
+class FakePlatform:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.fail: dict[str, list[Exception]] = {}
+        self.entity: dict[str, Any] | None = None
+
+    def _maybe_fail(self, name: str) -> None:
+        errors = self.fail.get(name)
+        if errors:
+            raise errors.pop(0)
+
+    async def work_received(self, work_id: str, draft_id: str | None) -> None:
+        self._maybe_fail("received")
+        self.calls.append(("received", work_id, draft_id))
+
+    async def add_expectations(self, work_id: str, n: int, draft_id: str | None) -> None:
+        self._maybe_fail("expectations")
+        self.calls.append(("expectations", work_id, n))
+
+    async def work_processed(self, work_id: str, message: str, in_error: bool, draft_id: str | None) -> None:
+        self._maybe_fail("processed")
+        self.calls.append(("processed", work_id, message, in_error))
+
+    async def ping_work(self, work_id: str, draft_id: str | None) -> None:
+        self.calls.append(("ping", work_id))
+
+    async def playbook_step(self, ctx: Any, execution_start: str, bundle_json: str) -> None:
+        self._maybe_fail("playbook")
+        self.calls.append(("playbook", ctx.step_id, orjson.loads(bundle_json)))
+
+    async def read_observable(self, entity_id: str, draft_id: str | None) -> dict[str, Any] | None:
+        self.calls.append(("read", entity_id))
+        return self.entity
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.published: list[bytes] = []
+        self.fail_once: set[int] = set()
+
+    async def publish(self, bodies: Sequence[bytes], indexes: Sequence[int]) -> None:
+        failed = [i for i in indexes if i in self.fail_once]
+        self.fail_once -= set(failed)
+        self.published.extend(bodies[i] for i in indexes if i not in failed)
+        if failed:
+            raise PublishError(failed, "nacked")
+
+
+def make(lookup: FakeLookup, max_tlp: str = "TLP:AMBER") -> tuple[Pipeline, FakePlatform, FakePublisher]:
+    platform, publisher = FakePlatform(), FakePublisher()
+    pipeline = Pipeline(
+        lookup=lookup,
+        platform=platform,
+        publisher=publisher,
+        policy=Policy(scope=frozenset({"StixFile", "Domain-Name", "Hostname", "Url"}), max_tlp=max_tlp,
+                      confidence=70, connector_user_id="connector-user"),
+        backoff=Backoff(base_s=0.001, max_s=0.01),
+    )
+    return pipeline, platform, publisher
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    msg = orjson.loads(body)
+    msg["bundle"] = orjson.loads(base64.b64decode(msg["content"]))
+    return msg
+
+
+async def test_enriched_job_reports_in_protocol_order() -> None:
+    pipeline, platform, publisher = make(FakeLookup(ANSWER))
+    result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
+    assert result.outcome is Outcome.ENRICHED
+    n = len(publisher.published)
+    assert n > 10 and result.bundles == n
+    assert platform.names() == ["received", "expectations", "processed"]
+    assert platform.calls[1] == ("expectations", WORK, n)
+    assert platform.calls[2] == ("processed", WORK, f"Sent {n} object(s) in {n} bundle(s)", False)
+    messages = [decode(b) for b in publisher.published]
+    assert {m["work_id"] for m in messages} == {WORK}
+    assert {m["applicant_id"] for m in messages} == {"connector-user"}  # job has none: registration's user
+    org = "identity--7b1c2d3e-4f5a-5b6c-9d7e-8f9a0b1c2d3e"
+    for m in messages:
+        (obj,) = m["bundle"]["objects"]
+        ext = obj.get("extensions", {}).get("extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba", {})
+        assert org in (ext.get("granted_refs") or obj.get("x_opencti_granted_refs") or []), obj["id"]
+
+
+async def test_not_found_completes_with_a_message() -> None:
+    pipeline, platform, publisher = make(FakeLookup(()))
+    result = await pipeline.handle(job_body("auto_create_domain_green.json"))
+    assert result.outcome is Outcome.NOT_FOUND
+    assert platform.calls[-1] == ("processed", WORK, "bad.example.com not found in LastInfoSec", False)
+    assert publisher.published == [] and "expectations" not in platform.names()
+
+
+async def test_red_observable_is_never_looked_up() -> None:
+    lookup = FakeLookup(HOST_ANSWER)
+    pipeline, platform, _ = make(lookup)
+    result = await pipeline.handle(job_body("auto_update_hostname_red_draft.json"))
+    assert result.outcome is Outcome.SKIPPED and lookup.seen == []
+    assert "TLP:RED is above the max TLP TLP:AMBER" in platform.calls[-1][2]
+    assert platform.calls[0] == ("received", WORK, "e1f2a3b4-c5d6-4e7f-8a9b-0c1d2e3f4a5b")
+
+
+async def test_max_tlp_is_configurable() -> None:
+    lookup = FakeLookup(())
+    pipeline, _, _ = make(lookup, max_tlp="TLP:GREEN")
+    result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
+    assert result.outcome is Outcome.SKIPPED and lookup.seen == []
+
+
+async def test_nothing_to_look_up_is_skipped() -> None:
+    pipeline, platform, _ = make(FakeLookup(error=NothingToLookUp("invoice.pdf.exe has no MD5, SHA-1 or SHA-256: nothing to look up")))
+    result = await pipeline.handle(job_body("manual_stixfile_no_hash.json"))
+    assert result.outcome is Outcome.SKIPPED
+    assert platform.calls[-1][3] is False and "nothing to look up" in platform.calls[-1][2]
+
+
+async def test_exhausted_retries_end_the_work_in_error() -> None:
+    pipeline, platform, _ = make(FakeLookup(error=LisRetriesExhausted("LastInfoSec answered 503 after 6 attempts", attempts=6)))
+    result = await pipeline.handle(job_body("auto_create_domain_green.json"))
+    assert result.outcome is Outcome.FAILED
+    assert platform.calls[-1] == ("processed", WORK, "LastInfoSec lookup failed: LastInfoSec answered 503 after 6 attempts", True)
+
+
+async def test_invalid_key_is_fatal_and_the_work_is_not_processed() -> None:
+    pipeline, platform, _ = make(FakeLookup(error=LisFatalError("LastInfoSec rejected the API key")))
+    with pytest.raises(FatalError):
+        await pipeline.handle(job_body("auto_create_domain_green.json"))
+    assert "processed" not in platform.names()
+
+
+async def test_platform_failures_are_retried_until_they_go_through() -> None:
+    pipeline, platform, _ = make(FakeLookup(ANSWER))
+    platform.fail = {
+        "received": [PlatformError("OpenCTI unreachable: ConnectionError")] * 3,
+        "expectations": [PlatformError("DATABASE_ERROR")],
+        "processed": [PlatformError("HTTP 502")] * 2,
+    }
+    result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
+    assert result.outcome is Outcome.ENRICHED
+    assert platform.names() == ["received", "expectations", "processed"]
+
+
+async def test_work_not_alive_drops_the_job() -> None:
+    pipeline, platform, _ = make(FakeLookup(()))
+    platform.fail = {"processed": [WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)]}
+    result = await pipeline.handle(job_body("auto_create_domain_green.json"))
+    assert result.outcome is Outcome.DROPPED
+    assert pipeline.in_flight == {}
+
+
+async def test_only_unconfirmed_messages_are_published_again() -> None:
+    pipeline, platform, publisher = make(FakeLookup(ANSWER))
+    publisher.fail_once = {0, 3}
+    result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
+    assert result.outcome is Outcome.ENRICHED
+    assert len(publisher.published) == result.bundles  # each message exactly once
+    assert len(set(publisher.published)) == result.bundles
+    assert platform.names().count("expectations") == 1
+
+
+async def test_redelivered_job_does_not_add_expectations_again() -> None:
+    pipeline, platform, publisher = make(FakeLookup(ANSWER))
+    result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"), redelivered=True)
+    assert result.outcome is Outcome.ENRICHED and publisher.published
+    assert platform.names() == ["received", "processed"]
+
+
+async def test_same_job_twice_gives_the_same_ids() -> None:
+    ids = []
+    for _ in range(2):
+        pipeline, _, publisher = make(FakeLookup(ANSWER))
+        await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
+        ids.append(sorted(decode(b)["bundle"]["objects"][0]["id"] for b in publisher.published))
+    assert ids[0] == ids[1]
+
+
+async def test_playbook_answers_with_the_whole_bundle_and_publishes_nothing() -> None:
+    pipeline, platform, publisher = make(FakeLookup(HOST_ANSWER))
+    result = await pipeline.handle(job_body("playbook_url.json"))
+    assert result.outcome is Outcome.ENRICHED and publisher.published == []
+    (call,) = platform.calls
+    assert call[0] == "playbook" and call[1] == "c8d7e6f5-a4b3-4c2d-9e1f-0a9b8c7d6e5f"
+    ids = {o["id"] for o in call[2]["objects"]}
+    assert "url--5f1e2d3c-4b5a-5968-8776-a5b4c3d2e1f0" in ids and len(ids) > 5
+
+
+@pytest.mark.parametrize("lookup", [FakeLookup(()), FakeLookup(error=LisRetriesExhausted("down", attempts=3))])
+async def test_playbook_gets_its_bundle_back_when_nothing_is_added(lookup: FakeLookup) -> None:
+    pipeline, platform, publisher = make(lookup)
+    body = orjson.loads(job_body("playbook_url.json"))
+    result = await pipeline.handle(job_body("playbook_url.json"))
+    assert result.outcome in (Outcome.NOT_FOUND, Outcome.FAILED)
+    (call,) = platform.calls
+    assert [o["id"] for o in call[2]["objects"]] == [o["id"] for o in body["event"]["bundle"]["objects"]]
+    assert publisher.published == []
+
+
+async def test_malformed_body_marks_its_work_in_error() -> None:
+    pipeline, platform, _ = make(FakeLookup(()))
+    result = await pipeline.handle(job_body("malformed_missing_event.json"))
+    assert result.outcome is Outcome.INVALID
+    assert platform.calls == [("processed", WORK, result.message, True)]
+    result = await pipeline.handle(job_body("malformed_not_json.txt"))
+    assert result.outcome is Outcome.INVALID and len(platform.calls) == 1  # no work id: nothing to report
+
+
+async def test_deferred_resolution_reads_the_entity() -> None:
+    lookup = FakeLookup(HOST_ANSWER)
+    pipeline, platform, _ = make(lookup)
+    platform.entity = {"id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b", "type": "domain-name",
+                       "value": "bad.example.com", "x_opencti_type": "Domain-Name",
+                       "object_marking_refs": ["marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da"]}
+    result = await pipeline.handle(job_body("auto_create_domain_deferred_resolution.json"))
+    assert result.outcome is Outcome.ENRICHED
+    assert platform.names()[:2] == ["received", "read"] and lookup.seen[0].value == "bad.example.com"
+
+
+async def test_unreadable_deferred_entity_fails_the_work() -> None:
+    pipeline, platform, _ = make(FakeLookup(HOST_ANSWER))
+    result = await pipeline.handle(job_body("auto_create_domain_deferred_resolution.json"))
+    assert result.outcome is Outcome.FAILED and platform.calls[-1][3] is True
