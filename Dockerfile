@@ -1,0 +1,57 @@
+# syntax=docker/dockerfile:1
+#
+# lis-async: drop-in image for opencti-connector-lastinfosec-enrichment.
+#
+#   docker build -t lis-async:latest .
+#   docker run --env-file connector.env lis-async:latest          # starts the worker ("run")
+#   docker run -v $PWD/config.yml:/opt/opencti-connector-lastinfosec-enrichment/config.yml:ro \
+#       lis-async:latest                                          # or with a mounted config.yml
+#   docker run lis-async:latest check                             # validate settings + reachability
+
+# --- builder: wheels of the project and of every dependency ------------------------------------
+FROM python:3.12-slim AS builder
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+# README.md is needed: pyproject's `readme` points at it.
+COPY pyproject.toml README.md ./
+COPY lis_async ./lis_async
+# Every runtime dependency ships manylinux wheels for CPython 3.12 (amd64 and arm64), so no
+# compiler is needed here either; `pip wheel` resolves them once and the final stage installs
+# offline from /wheels.
+RUN pip wheel --wheel-dir /wheels .
+
+# --- runtime ---------------------------------------------------------------------------------
+FROM python:3.12-slim
+
+ENV CONNECTOR_TYPE=INTERNAL_ENRICHMENT \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# The wheels are bind-mounted from the builder, not copied: they never land in an image layer.
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    pip install --no-index --find-links=/wheels lis-async \
+    && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin connector
+
+# The upstream path: `lis-async run` reads ./config.yml, i.e.
+# /opt/opencti-connector-lastinfosec-enrichment/config.yml when it is mounted.
+WORKDIR /opt/opencti-connector-lastinfosec-enrichment
+
+USER 10001:10001
+
+# 9096: /healthz and /readyz (connector.health_port); 9095: /metrics (connector.metrics_port,
+# served only when CONNECTOR_EXPOSE_METRICS=true).
+EXPOSE 9095 9096
+
+# The health server starts once the connector is registered: give it a start period. Follows
+# CONNECTOR_HEALTH_PORT when set in the environment (0 = disabled = always healthy); a port
+# changed only in config.yml is not seen here.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('CONNECTOR_HEALTH_PORT') or '9096'; port == '0' and sys.exit(0); urllib.request.urlopen('http://127.0.0.1:' + port + '/healthz', timeout=3)"]
+
+ENTRYPOINT ["lis-async"]
+CMD ["run"]

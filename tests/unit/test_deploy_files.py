@@ -1,0 +1,329 @@
+"""The deployment files (Dockerfile, .dockerignore, docker-compose.yml, config.yml.sample) agree
+with the code: known setting names only, every setting documented, the image's contract kept."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from lis_async.config import Settings, SettingsError, all_env_names, load_settings
+from lis_async.telemetry import HealthServer
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+SAMPLE = ROOT / "config.yml.sample"
+
+SERVICE = "connector-lastinfosec-enrichment"
+WORKDIR = "/opt/opencti-connector-lastinfosec-enrichment"
+UUID = "0b3c1f2e-6d7a-4b8c-9d0e-1f2a3b4c5d6e"
+REQUIRED_OVERRIDES = {
+    "OPENCTI_TOKEN": "octi-token-secret",
+    "CONNECTOR_ID": UUID,
+    "CONFIG_LIS_APIKEY_CTI": "lis-key-secret",
+}
+# Read by the image or by the HTTP stack rather than by load_settings.
+EXTRA_ENV = {"CONNECTOR_TYPE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"}
+SEED_ENV = {
+    "OPENCTI_URL": "http://opencti:8080",
+    "OPENCTI_TOKEN": "ChangeMe",
+    "CONNECTOR_ID": "ChangeMe",
+    "CONNECTOR_NAME": "LastInfoSec Enrichment",
+    "CONNECTOR_SCOPE": "StixFile,Domain-Name,Hostname,Url",
+    "CONNECTOR_AUTO": "false",
+    "CONNECTOR_CONFIDENCE_LEVEL": "50",
+    "CONNECTOR_LOG_LEVEL": "info",
+    "CONFIG_LIS_APIKEY_CTI": "ChangeMe",
+    "PROXY_HTTP": "",
+    "PROXY_HTTPS": "",
+}
+TUNING_ENV = {
+    "CONNECTOR_JOBS_IN_FLIGHT",
+    "LASTINFOSEC_CONCURRENCY",
+    "LASTINFOSEC_RATE_PER_S",
+    "LASTINFOSEC_MAX_TLP",
+    "CONNECTOR_EXPOSE_METRICS",
+    "CONNECTOR_METRICS_PORT",
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+def model_keys() -> set[tuple[str, str]]:
+    """Every (section, key) the settings models read; a key is the field's alias if it has one."""
+    keys: set[tuple[str, str]] = set()
+    for section, field in Settings.model_fields.items():
+        model = field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel), section
+        for name, f in model.model_fields.items():
+            keys.add((section, f.alias or name))
+    return keys
+
+
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, dict):
+        return {str(k): "" if v is None else str(v) for k, v in env.items()}
+    out: dict[str, str] = {}
+    for item in env:
+        key, _, value = str(item).partition("=")
+        out[key] = value
+    return out
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    logical: list[str] = []
+    current = ""
+    for line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):  # comment inside a continued instruction
+            continue
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        logical.append(current + stripped)
+        current = ""
+    assert not current, "Dockerfile ends with a line continuation"
+    out = []
+    for text in logical:
+        instr, _, args = text.partition(" ")
+        out.append((instr.upper(), args.strip()))
+    return out
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instrs = dockerfile_instructions()
+    last_from = max(i for i, (instr, _) in enumerate(instrs) if instr == "FROM")
+    return instrs[last_from:]
+
+
+def instruction(instrs: list[tuple[str, str]], name: str) -> list[str]:
+    return [args for instr, args in instrs if instr == name]
+
+
+# ----------------------------------------------------------------------------- docker-compose.yml
+def test_compose_connector_service_as_the_seed() -> None:
+    services = compose()["services"]
+    assert SERVICE in services
+    svc = services[SERVICE]
+    assert svc["restart"] == "always"
+    assert svc["image"] == "lis-async:latest"
+    assert svc["build"] == "."
+    assert not svc.get("profiles"), "plain `docker compose up` must start the connector"
+    assert svc["deploy"]["replicas"] == 1
+    env = environment(svc)
+    for key, value in SEED_ENV.items():
+        assert env.get(key) == value, key
+    assert set(env) >= TUNING_ENV
+
+
+def test_compose_sets_only_known_setting_names() -> None:
+    known = set(all_env_names()) | EXTRA_ENV | {n.lower() for n in EXTRA_ENV}
+    for name, svc in compose()["services"].items():
+        unknown = set(environment(svc)) - known
+        assert not unknown, f"{name}: unknown environment variable(s) {sorted(unknown)}"
+
+
+def test_compose_demo_profile() -> None:
+    services = compose()["services"]
+    rabbit, demo = services["rabbitmq"], services["lis-async-demo"]
+    assert rabbit["profiles"] == ["demo"]
+    assert rabbit["image"].startswith("rabbitmq:3-management")
+    assert "rabbitmq-diagnostics" in " ".join(rabbit["healthcheck"]["test"])
+    assert demo["profiles"] == ["demo"]
+    assert demo["image"] == services[SERVICE]["image"]
+    assert demo["command"][0] == "demo"
+    assert "--amqp-url" in demo["command"]
+    assert demo["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    # The demo's in-process worker runs with its health server off.
+    assert demo["healthcheck"] == {"disable": True}
+
+
+def _docker_engine_skip_reason() -> str | None:
+    docker = shutil.which("docker")
+    if docker is None:
+        return "no docker CLI on PATH"
+    info = subprocess.run([docker, "info"], capture_output=True, text=True, timeout=30)
+    if info.returncode != 0:
+        return "`docker info` failed: no running Docker engine (only the docker client is here)"
+    plugin = subprocess.run(
+        [docker, "compose", "version"], capture_output=True, text=True, timeout=30
+    )
+    if plugin.returncode != 0:
+        return "the `docker compose` plugin is not installed"
+    return None
+
+
+def test_compose_config_validates_with_docker() -> None:
+    reason = _docker_engine_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    docker = shutil.which("docker")
+    assert docker is not None
+    for args in ([], ["--profile", "demo"]):
+        res = subprocess.run(
+            [docker, "compose", "-f", str(COMPOSE), *args, "config", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert res.returncode == 0, res.stderr
+
+
+# ----------------------------------------------------------------------------- config.yml.sample
+def sample_keys() -> set[tuple[str, str]]:
+    data = yaml.safe_load(SAMPLE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    keys: set[tuple[str, str]] = set()
+    for section, block in data.items():
+        assert isinstance(block, dict), f"section {section!r} is not a mapping"
+        keys |= {(str(section), str(key)) for key in block}
+    return keys
+
+
+def test_sample_loads_with_the_required_values_overridden() -> None:
+    s = load_settings(SAMPLE, env=REQUIRED_OVERRIDES)
+    assert s.connector.id == UUID
+    assert s.connector.type == "INTERNAL_ENRICHMENT"
+    assert s.lastinfosec.max_tlp == "TLP:AMBER"
+
+
+def test_sample_changeme_values_are_rejected() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(SAMPLE, env={})
+    text = "\n".join(info.value.problems)
+    for name in ("OPENCTI_TOKEN", "CONNECTOR_ID", "CONFIG_LIS_APIKEY_CTI"):
+        assert name in text
+
+
+def test_sample_keys_are_exactly_the_settings() -> None:
+    in_sample, in_models = sample_keys(), model_keys()
+    assert not in_sample - in_models, f"not settings (typo?): {sorted(in_sample - in_models)}"
+    assert not in_models - in_sample, f"missing from the sample: {sorted(in_models - in_sample)}"
+
+
+def test_sample_values_are_the_defaults(tmp_path: Path) -> None:
+    empty = tmp_path / "config.yml"
+    empty.write_text("", encoding="utf-8")
+    env = REQUIRED_OVERRIDES | {"OPENCTI_URL": "http://localhost:8080"}
+    assert load_settings(SAMPLE, env=env).summary() == load_settings(empty, env=env).summary()
+
+
+def test_sample_required_values_are_changeme() -> None:
+    data = yaml.safe_load(SAMPLE.read_text(encoding="utf-8"))
+    assert data["opencti"]["token"] == "ChangeMe"
+    assert data["connector"]["id"] == "ChangeMe"
+    assert data["lastinfosec"]["api_key_cti"] == "ChangeMe"
+    assert list(data) == ["opencti", "connector", "lastinfosec", "mq"]
+
+
+# ----------------------------------------------------------------------------- Dockerfile
+def test_dockerfile_base_images() -> None:
+    froms = instruction(dockerfile_instructions(), "FROM")
+    assert froms
+    for args in froms:
+        assert args.split()[0] == "python:3.12-slim", args
+
+
+def test_dockerfile_runtime_contract() -> None:
+    final = final_stage()
+    users = instruction(final, "USER")
+    assert users, "the final stage must switch to a non-root user"
+    assert users[-1].split(":")[0] not in ("root", "0")
+    assert instruction(final, "WORKDIR")[-1] == WORKDIR
+    assert any("CONNECTOR_TYPE=INTERNAL_ENRICHMENT" in e for e in instruction(final, "ENV"))
+    assert any("PYTHONUNBUFFERED=1" in e for e in instruction(final, "ENV"))
+    assert json.loads(instruction(final, "ENTRYPOINT")[-1]) == ["lis-async"]
+    assert json.loads(instruction(final, "CMD")[-1]) == ["run"]
+    assert set(" ".join(instruction(final, "EXPOSE")).split()) == {"9095", "9096"}
+    health = instruction(final, "HEALTHCHECK")
+    assert len(health) == 1
+    assert "/healthz" in health[0] and "9096" in health[0]
+    assert "curl" not in health[0] and "wget" not in health[0]
+
+
+def test_dockerfile_copy_sources_exist() -> None:
+    copies = [args for instr, args in dockerfile_instructions() if instr in ("COPY", "ADD")]
+    assert copies
+    ignored = {
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for args in copies:
+        if any(p.startswith("--from") for p in args.split()):
+            continue  # copies from another stage, not from the repository
+        parts = [p for p in args.split() if not p.startswith("--")]
+        *sources, _dest = parts
+        for src in sources:
+            assert (ROOT / src).exists(), f"COPY source {src!r} does not exist"
+            assert src not in ignored, f"COPY source {src!r} is excluded by .dockerignore"
+
+
+def test_dockerignore_keeps_the_build_inputs() -> None:
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for needed in ("README.md", "pyproject.toml", "lis_async"):
+        assert needed not in patterns
+    for unwanted in (".git", "tests", ".pytest_cache"):
+        assert unwanted in patterns
+
+
+def _healthcheck_argv() -> list[str]:
+    (health,) = instruction(final_stage(), "HEALTHCHECK")
+    match = re.search(r"\bCMD\s+(\[.*\])\s*$", health)
+    assert match, "HEALTHCHECK must use the exec form"
+    argv = json.loads(match.group(1))
+    assert argv[0] == "python"
+    return [sys.executable, *argv[1:]]
+
+
+async def _run_healthcheck(port: int | None) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "CONNECTOR_HEALTH_PORT"}
+    if port is not None:
+        env["CONNECTOR_HEALTH_PORT"] = str(port)
+    proc = await asyncio.create_subprocess_exec(
+        *_healthcheck_argv(),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_healthcheck_command_against_the_health_server() -> None:
+    server = HealthServer(lambda: {"ok": True}, None, host="127.0.0.1", port=0)
+    await server.start()
+    try:
+        assert server.port
+        assert await _run_healthcheck(server.port) == 0
+    finally:
+        await server.close()
+    # Nothing listens there any more: unhealthy.
+    assert await _run_healthcheck(server.port) != 0
+    # CONNECTOR_HEALTH_PORT=0 disables the server: nothing to check.
+    assert await _run_healthcheck(0) == 0
