@@ -66,6 +66,8 @@ class App:
         self.pipeline: Pipeline | None = None
         self.registration: Registration | None = None
         self._servers: list[HealthServer] = []
+        self.health_server: HealthServer | None = None  # /healthz, /readyz
+        self.metrics_server: HealthServer | None = None  # /metrics (+ health), when exposed
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self.fatal: str | None = None
@@ -94,10 +96,12 @@ class App:
     # -- readiness ---------------------------------------------------------------------------
     def checks(self) -> dict[str, bool]:
         hb = self.platform.last_heartbeat
+        # Fresh: within three heartbeats (OpenCTI itself drops a connector after 5 minutes).
+        max_age = 3 * self.settings.connector.heartbeat_interval_s
         return {
             "consumer": bool(self.consumer and self.consumer.connected),
             "publisher": bool(self.publisher and self.publisher.connected),
-            "heartbeat": hb is not None and time.monotonic() - hb < 120,
+            "heartbeat": hb is not None and time.monotonic() - hb < max_age,
             "accepting": bool(self.consumer and self.consumer.accepting),
         }
 
@@ -140,7 +144,7 @@ class App:
             reg.amqp.host,
             reg.amqp.port,
         )
-        self._spawn(self.platform.heartbeat(), "heartbeat")
+        self._spawn(self.platform.heartbeat(s.connector.heartbeat_interval_s), "heartbeat")
         self.lis = LastInfoSecClient(lis_options(s))
         await self.lis.start()
         self.publisher = Publisher(reg.amqp, reg.push_exchange, reg.push_routing)
@@ -178,6 +182,8 @@ class App:
         consumer, lis = self.consumer, self.lis
         assert consumer is not None and lis is not None
         m.add_collector(LisStatsCollector(lis.stats))
+        lis.stats.latency_observer = m.lis_latency.observe
+        self._spawn(self._sample_queue_depth(), "queue-depth")
         m.add_collector(
             GaugeCallback("lis_jobs_running", "Jobs in flight", lambda: consumer.in_flight)
         )
@@ -189,11 +195,22 @@ class App:
             )
         )
         if s.health_port:
-            self._servers.append(HealthServer(self.checks, None, port=s.health_port))
+            self.health_server = HealthServer(self.checks, None, port=s.health_port)
+            self._servers.append(self.health_server)
         if s.expose_metrics:
-            self._servers.append(HealthServer(self.checks, m, port=s.metrics_port))
+            self.metrics_server = HealthServer(self.checks, m, port=s.metrics_port)
+            self._servers.append(self.metrics_server)
         for server in self._servers:
             await server.start()
+
+    async def _sample_queue_depth(self, every_s: float = 15.0) -> None:
+        while True:
+            consumer = self.consumer
+            if consumer is not None and consumer.connected:
+                depth = await consumer.queue_depth()
+                if depth is not None:
+                    self.metrics.queue_depth.set(depth)
+            await asyncio.sleep(every_s)
 
     async def stop(self) -> None:
         deadline = self.settings.connector.shutdown_timeout_s

@@ -121,7 +121,7 @@ class ConnectorSettings(_Section):
     expose_metrics: Bool = False
     metrics_port: int = Field(9095, ge=0, le=65535)
     health_port: int = Field(9096, ge=0, le=65535, description="0 disables /healthz")
-    reconnect_delay_s: float = Field(5.0, gt=0)
+    heartbeat_interval_s: float = Field(40.0, ge=1, le=240)
     platform_retry_max_s: float = Field(60.0, gt=0)
 
     @field_validator("id")

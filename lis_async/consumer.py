@@ -69,6 +69,21 @@ class Consumer:
             and not channel.is_closed
         )
 
+    async def queue_depth(self) -> int | None:
+        """Messages waiting in the listen queue. A passive declare on a throw-away channel: it
+        never changes the queue, and an error cannot close the consuming channel."""
+        conn = self._conn
+        if conn is None or not conn.connected.is_set():
+            return None
+        try:
+            async with conn.channel(publisher_confirms=False) as channel:
+                queue = await channel.declare_queue(self._queue_name, passive=True)
+                count = queue.declaration_result.message_count
+        except Exception as exc:
+            log.debug("could not read the listen queue depth: %s", exc)
+            return None
+        return int(count) if count is not None else None
+
     async def start(self) -> None:
         self._conn = await connect(self._params, "lis-async consumer")
         channel = await self._conn.channel(publisher_confirms=False)

@@ -218,6 +218,16 @@ class Pipeline:
             return Result(
                 Outcome.FAILED, f"Cannot build a STIX bundle from the answer: {exc}"[:500]
             )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "work %s: %d object(s) from %d LastInfoSec bundle(s), %d push message(s), "
+                "%d dropped by the splitter",
+                job.work_id,
+                len(bundle["objects"]),
+                len(found.bundles),
+                len(delivery.bodies),
+                delivery.incompatible,
+            )
         await self._deliver(run, delivery)
         return Result(
             Outcome.ENRICHED,

@@ -67,9 +67,12 @@ class Metrics:
         )
         self.objects = Counter("lis_objects_published", "STIX objects published", registry=r)
         self.publishes = Counter("lis_push_messages", "Push messages confirmed", registry=r)
-        self.in_flight = Gauge("lis_jobs_in_flight", "Jobs taken and not yet settled", registry=r)
-        self.heartbeat_age = Gauge(
-            "lis_heartbeat_age_seconds", "Seconds since the last successful ping", registry=r
+        self.lis_latency = Histogram(
+            "lis_api_latency_seconds", "LastInfoSec answer time per HTTP attempt", registry=r,
+            buckets=(0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30),
+        )
+        self.queue_depth = Gauge(
+            "lis_listen_queue_messages", "Jobs waiting in the listen queue (sampled)", registry=r
         )
 
     def observe_job(self, outcome: str, seconds: float, objects: int, bundles: int) -> None:

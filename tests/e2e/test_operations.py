@@ -1,0 +1,113 @@
+"""Operations: Prometheus metrics, health endpoints, `lis-async check`, the demo."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import aiohttp
+import pytest
+
+from lis_async.check import run_check
+from lis_async.config import load_settings
+from lis_async.sim.lastinfosec import LisSimConfig
+from lis_async.sim.world import SimWorld
+from tests.e2e.conftest import world_with_worker
+
+pytestmark = [pytest.mark.rabbitmq]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sample(text: str, name: str, labels: str = "") -> float:
+    pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else "") + r" ([0-9.e+-]+)"
+    m = re.search(r"^" + pattern + "$", text, re.M)
+    assert m, f"{name}{{{labels}}} not in metrics"
+    return float(m.group(1))
+
+
+async def test_metrics_and_health_endpoints_in_a_run() -> None:
+    health, metrics = free_port(), free_port()
+    env = {"CONNECTOR_EXPOSE_METRICS": "true", "CONNECTOR_METRICS_PORT": str(metrics),
+           "CONNECTOR_HEALTH_PORT": str(health)}
+    async with world_with_worker(env=env, lis=LisSimConfig(latency_s=0.01, known_share=0.7)) as run:
+        world = run.world
+        produced = await world.producer.publish_many(40, kind="manual")
+        works = [j.work_id for j in produced if j.work_id]
+        assert await world.platform.wait_works(works, timeout=60)
+        assert await world.worker.wait_idle(timeout=20)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{health}/healthz") as resp:
+                assert resp.status == 200 and (await resp.json())["status"] == "ok"
+            async with http.get(f"http://127.0.0.1:{health}/readyz") as resp:
+                body = await resp.json()
+                assert resp.status == 200, body
+                assert body["checks"] == {"consumer": True, "publisher": True, "heartbeat": True, "accepting": True}
+            async with http.get(f"http://127.0.0.1:{health}/metrics") as resp:
+                assert resp.status == 404  # metrics only on the metrics port
+            async with http.get(f"http://127.0.0.1:{metrics}/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+        outcomes = {o: sample(text, "lis_jobs_total", f'outcome="{o}"') for o in ("enriched", "not_found", "skipped")
+                    if f'lis_jobs_total{{outcome="{o}"}}' in text}
+        assert sum(outcomes.values()) == len(works)
+        assert outcomes["enriched"] > 0
+        assert sample(text, "lis_job_duration_seconds_count") == len(works)
+        assert sample(text, "lis_push_messages_total") == world.worker.counters.received
+        assert sample(text, "lis_api_latency_seconds_count") == world.lis.stats.total
+        assert sample(text, "lis_api_requests_total", 'status="200"') > 0
+        assert sample(text, "lis_jobs_running") == 0
+        assert sample(text, "lis_heartbeat_age") < 60
+        for name in ("lis_api_retries_total", "lis_api_throttled_total", "lis_cache_hits_total",
+                     "lis_listen_queue_messages"):
+            assert name in text
+        assert world.lis_api_key not in text and world.opencti_token not in text
+
+        # Readiness follows the worker: not ready once it stops taking jobs.
+        assert run.app.consumer is not None
+        await run.app.consumer.stop_intake()
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{health}/readyz") as resp:
+            assert resp.status == 503 and (await resp.json())["checks"]["accepting"] is False
+
+
+async def test_check_passes_against_the_simulated_world() -> None:
+    async with SimWorld() as world:
+        lines: list[str] = []
+        code = await run_check(load_settings(env=world.env()), out=lines.append)
+        assert code == 0, lines
+        assert [line.split()[0:2] for line in lines] == [["PASS", "opencti:"], ["PASS", "rabbitmq:"], ["PASS", "lastinfosec:"]]
+
+
+async def test_check_fails_clearly_on_a_wrong_key_and_a_wrong_url() -> None:
+    async with SimWorld() as world:
+        lines: list[str] = []
+        env = world.env() | {"CONFIG_LIS_APIKEY_CTI": "wrong-key-123"}
+        assert await run_check(load_settings(env=env), out=lines.append) == 1
+        assert lines[0].startswith("PASS opencti") and lines[2].startswith("FAIL lastinfosec")
+        assert "wrong-key-123" not in "\n".join(lines)
+
+        lines.clear()
+        env = world.env() | {"OPENCTI_URL": f"http://127.0.0.1:{free_port()}", "OPENCTI_TOKEN": "octi-secret-xyz"}
+        assert await run_check(load_settings(env=env), out=lines.append) == 1
+        assert lines[0].startswith("FAIL opencti") and "unreachable" in lines[0]
+        assert lines[1].startswith("FAIL rabbitmq")
+        assert "octi-secret-xyz" not in "\n".join(lines)
+
+
+async def test_demo_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+    from lis_async.demo import run_demo
+
+    assert await run_demo(jobs=30, latency_s=0.01) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"works completed\s+(\d+)/\1\b", out), out
+
+
+async def test_demo_explains_how_to_start_rabbitmq(capsys: pytest.CaptureFixture[str]) -> None:
+    from lis_async.demo import run_demo
+
+    assert await run_demo(jobs=1, amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/") == 1
+    assert "rabbitmq-server -detached" in capsys.readouterr().err
