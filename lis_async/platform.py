@@ -1,12 +1,19 @@
-"""Everything spoken to OpenCTI over GraphQL, through pycti's ``OpenCTIApiClient``.
+"""Everything spoken to OpenCTI over GraphQL, configured by pycti's ``OpenCTIApiClient``.
 
-pycti is synchronous (``requests``): every call runs in this module's own bounded thread pool,
-never on the event loop. Per-job context (the draft id) travels with each call as a header of that
-request only: nothing per job is ever set on the shared pycti client, whose headers are global.
+pycti builds the connection: URL, ``Authorization``, ``User-Agent: pycti/<version>``,
+``OPENCTI_CUSTOM_HEADERS``, TLS verification, client certificate, proxies. Two transports use it:
 
-The GraphQL documents are pycti's own (same operation names and variables), sent with
-``OpenCTIApiClient.session`` so the platform sees exactly what a pycti connector sends. We post
-them ourselves instead of calling ``api.work.*`` because those helpers swallow errors (a failed
+* the per-job work reports (``toReceived``, ``addExpectations``, ``toProcessed``, ``ping``) go
+  out on the event loop through one pooled aiohttp session with exactly pycti's request (same
+  URL, headers, GraphQL documents and variables). Sent through pycti's synchronous ``requests``
+  in a thread pool they cost the worker about a quarter of its CPU per job, most of it in GIL
+  hand-offs between the pool and the loop (see BENCHMARKS.md);
+* everything else (registration, heartbeat, playbook steps, entity reads) runs through pycti's
+  own ``requests`` session in this module's bounded thread pool, never on the event loop.
+
+Per-job context (the draft id) travels with each call as a header of that request only: nothing
+per job is ever set on the shared pycti client, whose headers are global. We post the documents
+ourselves instead of calling ``api.work.*`` because those helpers swallow errors (a failed
 ``addExpectations`` would be invisible) and only take global headers.
 """
 
@@ -14,12 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import ssl
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import aiohttp
 import orjson
 
 from lis_async.config import Settings
@@ -178,12 +188,33 @@ class Platform:
             max_workers=settings.opencti.threads, thread_name_prefix="opencti"
         )
         self._api: Any = None
+        self._http: aiohttp.ClientSession | None = None
+        self._proxy: str | None = None
         self.last_heartbeat: float | None = None  # monotonic time of the last successful ping
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         if self._api is None:
             self._api = await self._run(self._make_client)
+        if self._http is None:
+            self._http = self._make_session(self._api)
+
+    def _make_session(self, api: Any) -> aiohttp.ClientSession:
+        """The aiohttp session for work reports, with pycti's TLS, certificate and proxy."""
+        verify = api.ssl_verify
+        ssl_opt: ssl.SSLContext | bool = False
+        if verify is not False:
+            ssl_opt = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+            if api.cert:
+                cert = (api.cert,) if isinstance(api.cert, str) else tuple(api.cert)
+                ssl_opt.load_cert_chain(*cert)
+        proxies = api.proxies or {}
+        self._proxy = proxies.get("https" if api.api_url.startswith("https") else "http")
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=4 * self._settings.opencti.threads, ssl=ssl_opt),
+            timeout=aiohttp.ClientTimeout(total=self._settings.opencti.timeout_s),
+            trust_env=False,  # the environment's proxy was resolved once by _make_client
+        )
 
     def _make_client(self) -> Any:
         from pycti import OpenCTIApiClient  # heavy import, kept off the module import path
@@ -202,8 +233,18 @@ class Platform:
             )
         except Exception as exc:
             raise PlatformError(f"cannot create the OpenCTI client: {type(exc).__name__}") from None
-        # Connection pool sized to the thread pool: every thread can hold a connection.
+        # The environment's proxy and CA bundle are resolved once, here: with trust_env,
+        # requests scans os.environ on every call (a measurable share of the worker's CPU).
         import requests.adapters
+        import requests.utils
+
+        if not api.proxies:
+            api.proxies = requests.utils.get_environ_proxies(api.api_url) or None
+        ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if api.ssl_verify is True and ca_bundle:
+            api.ssl_verify = ca_bundle
+        api.session.trust_env = False
+        # Connection pool sized to the thread pool: every thread can hold a connection.
 
         adapter = requests.adapters.HTTPAdapter(
             pool_connections=2, pool_maxsize=self._settings.opencti.threads
@@ -213,6 +254,9 @@ class Platform:
         return api
 
     async def close(self) -> None:
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
         api, self._api = self._api, None
         if api is not None:
             await asyncio.get_running_loop().run_in_executor(self._pool, api.session.close)
@@ -222,7 +266,7 @@ class Platform:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # -- transport -------------------------------------------------------------------------
-    def _post(self, query: str, variables: Mapping[str, Any], draft_id: str | None) -> Any:
+    def _headers(self, draft_id: str | None) -> dict[str, str]:
         api = self._api
         if api is None:
             raise PlatformError("platform client is not started")
@@ -231,6 +275,30 @@ class Platform:
         headers["Content-Type"] = "application/json"
         if draft_id is not None:
             headers["opencti-draft-id"] = draft_id
+        return headers
+
+    @staticmethod
+    def _decode(status: int, content: bytes) -> Any:
+        """pycti's reading of an answer: non-200 and GraphQL errors raise, else ``data``."""
+        if status != 200:
+            text = content[:200].decode("utf-8", "replace").replace("\n", " ")
+            if "WORK_NOT_ALIVE" in text:
+                raise WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)
+            raise PlatformError(f"OpenCTI answered HTTP {status}: {text}")
+        try:
+            body = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            raise PlatformError("OpenCTI answered a non-JSON body") from None
+        if not isinstance(body, Mapping):
+            raise PlatformError("OpenCTI answered an unexpected body")
+        if body.get("errors"):
+            raise _error_from(body)
+        return body.get("data")
+
+    def _post(self, query: str, variables: Mapping[str, Any], draft_id: str | None) -> Any:
+        """Through pycti's ``requests`` session (run in the thread pool)."""
+        headers = self._headers(draft_id)
+        api = self._api
         try:
             resp = api.session.post(
                 api.api_url,
@@ -243,20 +311,27 @@ class Platform:
             )
         except Exception as exc:  # requests' errors: transport, retriable
             raise PlatformError(f"OpenCTI unreachable: {type(exc).__name__}") from None
-        if resp.status_code != 200:
-            text = resp.text[:200].replace("\n", " ")
-            if "WORK_NOT_ALIVE" in text:
-                raise WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)
-            raise PlatformError(f"OpenCTI answered HTTP {resp.status_code}: {text}")
+        return self._decode(resp.status_code, resp.content)
+
+    async def _post_async(
+        self, query: str, variables: Mapping[str, Any], draft_id: str | None
+    ) -> Any:
+        """The same request on the event loop (work reports, the per-job hot path)."""
+        headers = self._headers(draft_id)
+        http = self._http
+        if http is None:
+            raise PlatformError("platform client is not started")
         try:
-            body = orjson.loads(resp.content)
-        except orjson.JSONDecodeError:
-            raise PlatformError("OpenCTI answered a non-JSON body") from None
-        if not isinstance(body, Mapping):
-            raise PlatformError("OpenCTI answered an unexpected body")
-        if body.get("errors"):
-            raise _error_from(body)
-        return body.get("data")
+            async with http.post(
+                self._api.api_url,
+                data=orjson.dumps({"query": query, "variables": variables}),
+                headers=headers,
+                proxy=self._proxy,
+            ) as resp:
+                status, content = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise PlatformError(f"OpenCTI unreachable: {type(exc).__name__}") from None
+        return self._decode(status, content)
 
     async def query(
         self, query: str, variables: Mapping[str, Any], draft_id: str | None = None
@@ -332,24 +407,24 @@ class Platform:
 
     # -- works -----------------------------------------------------------------------------
     async def work_received(self, work_id: str, draft_id: str | None) -> None:
-        await self.query(
+        await self._post_async(
             Q_TO_RECEIVED,
             {"id": work_id, "message": "Connector ready to process the operation"},
             draft_id,
         )
 
     async def add_expectations(self, work_id: str, n: int, draft_id: str | None) -> None:
-        await self.query(Q_ADD_EXPECTATIONS, {"id": work_id, "expectations": n}, draft_id)
+        await self._post_async(Q_ADD_EXPECTATIONS, {"id": work_id, "expectations": n}, draft_id)
 
     async def work_processed(
         self, work_id: str, message: str, in_error: bool, draft_id: str | None
     ) -> None:
-        await self.query(
+        await self._post_async(
             Q_TO_PROCESSED, {"id": work_id, "message": message, "inError": in_error}, draft_id
         )
 
     async def ping_work(self, work_id: str, draft_id: str | None) -> None:
-        await self.query(Q_PING_WORK, {"id": work_id}, draft_id)
+        await self._post_async(Q_PING_WORK, {"id": work_id}, draft_id)
 
     async def playbook_step(
         self, ctx: PlaybookContext, execution_start: str, bundle_json: str

@@ -870,3 +870,49 @@ async def test_content_length_over_cap_against_a_real_server() -> None:
         async with make_client(base_url=base) as client:
             res = await client.lookup(domain("a.example"))
             assert res.found and len(res.bundles[0]["objects"]) == 192
+
+
+async def test_environment_proxy_is_resolved_once_and_no_proxy_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = LastInfoSecClient(LisClientOptions(api_key="k", base_url="https://api.example/v2"))
+    await client.start()
+    try:
+        assert client._proxy == "http://proxy.internal:3128"
+    finally:
+        await client.close()
+    monkeypatch.setenv("NO_PROXY", "api.example")
+    client = LastInfoSecClient(LisClientOptions(api_key="k", base_url="https://api.example/v2"))
+    await client.start()
+    try:
+        assert client._proxy is None
+    finally:
+        await client.close()
+    # An explicit proxy (PROXY_HTTPS) wins over the environment.
+    client = LastInfoSecClient(LisClientOptions(api_key="k", base_url="https://api.example/v2", proxy="http://p:1"))
+    await client.start()
+    try:
+        assert client._proxy == "http://p:1"
+    finally:
+        await client.close()
+
+
+async def test_sliding_window_limiter_never_exceeds_capacity_in_any_window() -> None:
+    from lis_async.lastinfosec import SlidingWindowLimiter
+
+    limiter = SlidingWindowLimiter(10, 0.2)
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+
+    async def one() -> None:
+        await limiter.acquire()
+        times.append(loop.time())
+
+    await asyncio.gather(*(one() for _ in range(35)))
+    times.sort()
+    # Any 0.2 s window holds at most 10 acquisitions ...
+    for i in range(len(times) - 10):
+        assert times[i + 10] - times[i] >= 0.2 - 1e-6
+    # ... and the limiter sustains its rate: 35 acquisitions in just over three windows.
+    assert times[-1] - times[0] < 1.5  # one at a time per window would take 7 s
