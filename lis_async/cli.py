@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -34,7 +36,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> int:
         return await App(settings).run()
 
-    return _run_loop(main())
+    code = _run_loop(main())
+    # Everything is closed and every settled job acked. A pycti call still stuck in its thread
+    # (OpenCTI hanging) must not hold the exit past the shutdown deadline: exit now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

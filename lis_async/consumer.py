@@ -89,8 +89,11 @@ class Consumer:
         channel = await self._conn.channel(publisher_confirms=False)
         self._channel = channel  # type: ignore[assignment]
         await channel.set_qos(prefetch_count=self._prefetch)
-        # Never declare: the platform owns the queue and its arguments (protocol §1.3).
-        self._queue = await channel.get_queue(self._queue_name, ensure=False)
+        # Never declare: the platform owns the queue and its arguments (protocol §1.3). A passive
+        # declare only checks that it exists, and registers it with the robust channel: without
+        # that, aio-pika does not restore the consumer after a reconnection (it would stay
+        # connected and idle forever).
+        self._queue = await channel.declare_queue(self._queue_name, passive=True)
         self.accepting = True
         self._tag = await self._queue.consume(self._on_message, no_ack=False)
 

@@ -433,6 +433,7 @@ class LastInfoSecClient:
         self._cache = _TtlLru(options.cache_size, options.time_fn) if cache_on else None
         self._inflight: dict[_CacheKey, asyncio.Task[LookupResult]] = {}
         self._resume_at = 0.0  # loop time before which no request may start (429 pause)
+        self._throttle_level = 0  # 429 pauses in a row without Retry-After; 0 after an answer
 
     def __repr__(self) -> str:
         return f"LastInfoSecClient({self._opts!r})"
@@ -598,6 +599,17 @@ class LastInfoSecClient:
         if resume > self._resume_at:
             self._resume_at = resume
 
+    def _throttle_pause_s(self) -> float:
+        """The client-wide pause after a 429 without ``Retry-After``. It grows with the pauses
+        the whole client went through (one step per pause, not per 429 of the same round), not
+        with one request's attempts: fresh requests would keep it near zero and the client would
+        go on hammering a throttled API. Half of it is fixed, so jitter cannot collapse it."""
+        if asyncio.get_running_loop().time() >= self._resume_at:  # first 429 since the last pause
+            self._throttle_level += 1
+        opts = self._opts
+        ceiling = min(opts.backoff_max_s, opts.backoff_base_s * (2.0 ** (self._throttle_level - 1)))
+        return ceiling / 2 + random.uniform(0.0, ceiling / 2)
+
     def _backoff_s(self, attempt: int) -> float:
         """Exponential backoff with full jitter for retry number ``attempt`` (1-based)."""
         opts = self._opts
@@ -641,6 +653,8 @@ class LastInfoSecClient:
             self.stats.retries += 1
             if outcome.retry_after_s is not None:
                 delay = min(outcome.retry_after_s, opts.backoff_max_s)
+            elif outcome.throttled:
+                delay = self._throttle_pause_s()
             else:
                 delay = self._backoff_s(attempt)
             logger.warning(
@@ -729,6 +743,8 @@ class LastInfoSecClient:
 
         by_status = stats.responses_by_status
         by_status[status] = by_status.get(status, 0) + 1
+        if status != 429:
+            self._throttle_level = 0
         observer = stats.latency_observer
         if observer is not None:
             observer(elapsed)

@@ -37,6 +37,14 @@ log = logging.getLogger("lis_async.pipeline")
 T = TypeVar("T")
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: an observable's value (in messages) must not
+    be able to forge log lines (CR/LF) or send terminal escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class Outcome(StrEnum):
     ENRICHED = "enriched"
     NOT_FOUND = "not_found"
@@ -129,6 +137,8 @@ class Pipeline:
         started = time.monotonic()
         try:
             job = parse_job(body)
+            if job.work_id is None and job.playbook is None:
+                raise JobError("internal.work_id is missing and the job is not a playbook step")
         except JobError as exc:
             result = await self._reject(exc)
             log.warning(
@@ -147,7 +157,7 @@ class Pipeline:
                 job.entity_type,
                 result.outcome,
                 (time.monotonic() - started) * 1000,
-                result.message,
+                _printable(result.message),
             )
         return result
 
@@ -170,7 +180,8 @@ class Pipeline:
         run = _Run(job, redelivered)
         if job.playbook is not None:
             return await self._run_playbook(run)
-        assert job.work_id is not None  # parse_job guarantees work_id or playbook
+        if job.work_id is None:  # handle() rejects such bodies; run() may be called directly
+            return Result(Outcome.INVALID, "Invalid enrichment job: no work id and no playbook")
         self.in_flight[job.work_id] = (run.started, job.draft_id)
         try:
             return await self._run_work(run, job.work_id)
@@ -214,7 +225,7 @@ class Pipeline:
                 work_id=job.work_id,
             )
         except Exception as exc:  # a LastInfoSec answer we cannot turn into STIX
-            log.warning("cannot build a bundle for %s: %s", obs.display, exc)
+            log.warning("cannot build a bundle for %s: %s", _printable(obs.display), exc)
             return Result(
                 Outcome.FAILED, f"Cannot build a STIX bundle from the answer: {exc}"[:500]
             )

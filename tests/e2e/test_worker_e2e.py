@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import signal
-import time
 
 import pytest
 
 from lis_async.job import STIX_EXT_OCTI, normalise_tlp
 from lis_async.sim.lastinfosec import LisSimConfig
-from tests.e2e.conftest import FAST_ENV, start_worker_process, stop_process, world_with_worker
+from tests.e2e.conftest import world_with_worker
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -113,29 +111,5 @@ async def test_jobs_really_run_concurrently() -> None:
         assert world.lis.stats.max_concurrent >= 16
 
 
-@pytest.mark.slow
-async def test_sigkill_mid_run_loses_nothing() -> None:
-    """At-least-once: kill -9 with jobs in flight, restart, every work completes."""
-    from lis_async.sim.world import SimWorld
-
-    async with SimWorld(lis_config=LisSimConfig(latency_s=0.3, known_share=0.9)) as world:
-        env = world.env() | FAST_ENV | {"CONNECTOR_JOBS_IN_FLIGHT": "64", "LASTINFOSEC_CONCURRENCY": "64"}
-        proc = start_worker_process(env)
-        try:
-            assert await world.wait_registration(timeout=30)
-            await world.start_worker_emulation()
-            produced = await world.producer.publish_many(400, kind="manual")
-            works = [j.work_id for j in produced if j.work_id]
-            deadline = time.monotonic() + 60
-            while sum(world.platform.works[w].status == "complete" for w in works) < 50:
-                assert time.monotonic() < deadline and proc.poll() is None
-                await asyncio.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            done_at_kill = sum(world.platform.works[w].status == "complete" for w in works)
-            assert done_at_kill < len(works)  # the kill really hit a run with jobs left
-            proc = start_worker_process(env)
-            assert await world.platform.wait_works(works, timeout=120)
-            assert all(not world.platform.works[w].in_error for w in works)
-        finally:
-            stop_process(proc)
+# At-least-once across a SIGKILL is proven in test_faults.py
+# (test_sigkill_mid_run_duplicates_only_jobs_in_flight).

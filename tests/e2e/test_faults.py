@@ -1,0 +1,629 @@
+"""Faults injected for real: SIGKILL, broker-side connection close, LastInfoSec throttling and
+errors, OpenCTI outage, dead works, SIGTERM under load, a full push queue.
+
+"Nothing lost": every work completes (or ends in error with a clear message), and no job is acked
+before that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import pytest
+
+from lis_async.app import App
+from lis_async.config import load_settings
+from lis_async.sim.lastinfosec import LisSimConfig
+from lis_async.sim.opencti import PlatformSimConfig
+from lis_async.sim.world import SimWorld
+from tests.e2e.conftest import (
+    FAST_ENV,
+    Running,
+    start_worker_process,
+    stop_process,
+    worker_log,
+    world_with_worker,
+)
+
+pytestmark = [pytest.mark.rabbitmq]
+
+LIS_PREFIXES = ("/v2/stix21/search_hash/", "/v2/stix21/search_host/")
+
+
+# ------------------------------------------------------------------------------------------
+# helpers (also used by test_hostile.py and test_secrets.py)
+
+
+async def poll(predicate: Callable[[], bool | Awaitable[bool]], timeout: float, every: float = 0.05) -> bool:  # noqa: ASYNC109
+    """True once ``predicate()`` holds (sync or async); False at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(every)
+
+
+async def ready_count(world: SimWorld, key: str = "listen") -> int:
+    """Messages ready (not delivered to a consumer) in the connector's listen or push queue."""
+    channel = await world._admin_connection().channel()
+    try:
+        queue = await channel.declare_queue(world.names()[key], passive=True)
+        return int(queue.declaration_result.message_count or 0)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+def _rabbitmqctl(*args: str) -> str:
+    out = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=30, check=True)
+    return out.stdout
+
+
+async def queue_depth(name: str) -> tuple[int, int]:
+    """(ready, unacknowledged) of a queue, as the broker counts them."""
+    text = await asyncio.to_thread(
+        _rabbitmqctl, "list_queues", "name", "messages_ready", "messages_unacknowledged", "--no-table-headers"
+    )
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[0] == name:
+            return int(parts[1]), int(parts[2])
+    raise LookupError(name)
+
+
+def _local_ports_to(pid: int, remote_port: int = 5672) -> set[int]:
+    """Local TCP ports of process ``pid``'s sockets connected to ``remote_port`` (Linux /proc)."""
+    inodes: set[str] = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as fh:
+            for line in fh.readlines()[1:]:
+                parts = line.split()
+                if parts[9] in inodes and int(parts[2].rsplit(":", 1)[1], 16) == remote_port:
+                    ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _close_worker_connections(pid: int, names: Iterable[str]) -> list[str]:
+    """Close, from the broker side, the connections of process ``pid`` whose client-provided
+    name is one of ``names``. Other connections (the test's own, other test runs') are left
+    alone: they are told apart by the client's port."""
+    ports = _local_ports_to(pid)
+    wanted = [f'{{"connection_name","{n}"}}' for n in names]
+    closed: list[str] = []
+    text = _rabbitmqctl("list_connections", "pid", "peer_port", "client_properties", "--no-table-headers")
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) not in ports:
+            continue
+        match = next((w for w in wanted if w in parts[2]), None)
+        if match is not None:
+            _rabbitmqctl("close_connection", parts[0], "fault injection (test_faults)")
+            closed.append(match)
+    return closed
+
+
+async def close_worker_connections(pid: int, names: Iterable[str]) -> list[str]:
+    return await asyncio.to_thread(_close_worker_connections, pid, list(names))
+
+
+async def stop_async(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    """``stop_process`` off the event loop: the simulated platform and LastInfoSec API run on
+    this loop, and a worker finishing its jobs needs them to answer while we wait for it."""
+    return await asyncio.to_thread(stop_process, proc, sig)
+
+
+def needs_rabbitmqctl() -> None:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl not available")
+
+
+@contextlib.asynccontextmanager
+async def app_only(world: SimWorld, env: Mapping[str, str] | None = None) -> AsyncIterator[Running]:
+    """The real worker App in-process, WITHOUT starting the OpenCTI worker emulation."""
+    app = App(load_settings(env=world.env() | FAST_ENV | dict(env or {})))
+    task = asyncio.create_task(app.run(install_signals=False))
+    ready = asyncio.create_task(app.ready.wait())
+    await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if not app.ready.is_set():
+        ready.cancel()
+        raise RuntimeError(f"worker did not start: {task.result() if task.done() else 'timeout'}")
+    try:
+        yield Running(world, app, task)
+    finally:
+        if not task.done():
+            app.request_stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 60)
+
+
+def work_ids(jobs: Iterable[Any]) -> list[str]:
+    return [j.work_id for j in jobs if j.work_id]
+
+
+def pushes_by_work(world: SimWorld) -> collections.Counter[str | None]:
+    return collections.Counter(r.work_id for r in world.worker.messages)
+
+
+def assert_nothing_lost(world: SimWorld, works: Iterable[str], *, exact: bool = True) -> None:
+    """Every work complete and not in error; with ``exact``, every pushed message was expected
+    (no job published twice) and every expected one was imported."""
+    by_work = pushes_by_work(world)
+    for wid in works:
+        w = world.platform.works[wid]
+        assert w.status == "complete" and not w.in_error, (wid, w.status, w.errors[-1:] or w.messages[-1:])
+        if exact:
+            assert w.expected == by_work.get(wid, 0) == w.processed, (wid, w.expected, by_work.get(wid), w.processed)
+
+
+def completed(world: SimWorld, works: Iterable[str]) -> int:
+    return sum(world.platform.works[w].status == "complete" for w in works)
+
+
+def duplicated_works(world: SimWorld, works: Iterable[str]) -> dict[str, int]:
+    """work id -> push messages that repeat an object already pushed for that work (a job that
+    ran twice: every object of a job goes out in its own message, with a deterministic id)."""
+    by_work = pushes_by_work(world)
+    out: dict[str, int] = {}
+    for wid in works:
+        distinct = {o["id"] for o in world.worker.objects_by_work.get(wid, [])}
+        extra = by_work.get(wid, 0) - len(distinct)
+        if extra > 0:
+            out[wid] = extra
+    return out
+
+
+QUIET_PRODUCER = {"red_share": 0.0, "playbook_share": 0.0, "no_hash_share": 0.0}
+# The OpenCTI worker emulation runs in this process; without stix2 validation it costs little CPU
+# (for tests about volume, not about the content of the bundles).
+LIGHT_WORKER = {"validate": False}
+
+
+# ------------------------------------------------------------------------------------------
+# 1. SIGKILL mid-run: nothing lost, duplicates bounded by the jobs in flight
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_run_duplicates_only_jobs_in_flight() -> None:
+    in_flight = 200
+    lis = LisSimConfig(latency_s=0.3, known_share=1.0, bundle_size=5)
+    async with SimWorld(lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as world:
+        env = world.env() | FAST_ENV | {"CONNECTOR_JOBS_IN_FLIGHT": str(in_flight), "LASTINFOSEC_CONCURRENCY": "64"}
+        proc = start_worker_process(env)
+        try:
+            assert await world.wait_registration(timeout=30)
+            await world.start_worker_emulation()
+            jobs = await world.producer.publish_many(400, kind="manual")
+            works = work_ids(jobs)
+            assert await poll(lambda: completed(world, works) >= 50 or proc.poll() is not None, 60)
+            assert proc.poll() is None, worker_log(proc)[-2000:]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+            listen = world.names()["listen"]
+            assert await poll(lambda: _unacked_zero(listen), 30)
+            ready, _ = await queue_depth(listen)
+            w = world.platform.works
+            started_not_processed = {x for x in works if w[x].received_time is not None and w[x].processed_time is None}
+            processed = sum(w[x].processed_time is not None for x in works)
+            # Jobs whose toProcessed went through but whose ack was lost with the process.
+            processed_not_acked = ready - (len(works) - processed)
+            assert 0 <= processed_not_acked <= in_flight
+            assert 100 <= len(started_not_processed) <= in_flight  # hundreds of jobs in flight
+            assert processed < len(works)
+
+            proc = start_worker_process(env)
+            assert await world.platform.wait_works(works, timeout=120)
+            assert await world.worker.wait_idle(timeout=30)
+        finally:
+            await stop_async(proc)
+
+        assert_nothing_lost(world, works, exact=False)
+        dups = duplicated_works(world, works)
+        # Only jobs in flight at the kill ran twice...
+        assert len(dups) <= in_flight, len(dups)
+        assert len(set(dups) - started_not_processed) <= processed_not_acked, (dups, processed_not_acked)
+        # ...and each of them published its messages at most twice.
+        for wid, extra in dups.items():
+            assert extra <= len({o["id"] for o in world.worker.objects_by_work[wid]}), wid
+
+
+async def _unacked_zero(queue: str) -> bool:
+    return (await queue_depth(queue))[1] == 0
+
+
+# ------------------------------------------------------------------------------------------
+# 2. RabbitMQ closes the worker's connections mid-run
+
+
+@pytest.mark.slow
+async def test_broker_side_connection_close_mid_run_loses_nothing() -> None:
+    needs_rabbitmqctl()
+    lis = LisSimConfig(latency_s=0.05, known_share=1.0, bundle_size=5)
+    async with world_with_worker(lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as run:
+        world, app = run.world, run.app
+        jobs = await world.producer.publish_many(300, kind="manual")
+        works = work_ids(jobs)
+        assert await world.platform.wait_until(lambda: completed(world, works) >= 30, 60)
+        assert app.checks()["consumer"] and app.checks()["publisher"]
+
+        # Readiness is sampled at every turn of the loop from just before the cut: aio-pika
+        # reconnects at once, so the outage may last only a few milliseconds.
+        seen_down: set[str] = set()
+        stop_sampling = asyncio.Event()
+
+        async def sample() -> None:
+            while not stop_sampling.is_set():
+                checks = app.checks()
+                seen_down.update(k for k in ("consumer", "publisher") if not checks[k])
+                await asyncio.sleep(0)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            closed = await close_worker_connections(os.getpid(), ["lis-async consumer", "lis-async publisher"])
+            assert sorted(closed) == ['{"connection_name","lis-async consumer"}', '{"connection_name","lis-async publisher"}']
+            assert await poll(lambda: seen_down == {"consumer", "publisher"}, 5), seen_down
+        finally:
+            stop_sampling.set()
+            await sampler
+        assert completed(world, works) < len(works)  # the cut really hit a run with jobs left
+
+        # The worker reconnects by itself, resumes consuming and publishing, and loses nothing.
+        ok = await world.platform.wait_works(works, timeout=120)
+        assert ok, (world.platform.works_by_status(), app.checks(), app.consumer and app.consumer.in_flight)
+        assert await poll(lambda: app.checks()["consumer"] and app.checks()["publisher"], 30), app.checks()
+        assert await world.worker.wait_idle(timeout=30)
+        assert_nothing_lost(world, works, exact=False)
+        # Jobs in flight when the consumer connection went down could not be acked: they are
+        # redelivered and published again, no more than that.
+        dups = duplicated_works(world, works)
+        assert len(dups) <= int(FAST_ENV["CONNECTOR_JOBS_IN_FLIGHT"]), dups
+        assert await ready_count(world) == 0
+        assert app.consumer is not None and app.consumer.accepting
+        assert await run.stop() == 0
+
+
+# ------------------------------------------------------------------------------------------
+# 3. LastInfoSec throttling and errors
+
+LIS_RETRY_ENV = {
+    "LASTINFOSEC_RETRIES": "20",
+    "LASTINFOSEC_BACKOFF_BASE_S": "0.1",
+    "LASTINFOSEC_BACKOFF_MAX_S": "2",  # >= Retry-After: the header is honoured, not capped
+    "LASTINFOSEC_CONCURRENCY": "16",
+    "CONNECTOR_JOBS_IN_FLIGHT": "64",
+}
+
+
+def in_error(world: SimWorld, works: Iterable[str]) -> list[str]:
+    return [w for w in works if world.platform.works[w].in_error]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("retry_after_s", [1.0, None], ids=["retry-after", "no-retry-after"])
+async def test_429_storm_slows_the_whole_client_and_fails_no_job(retry_after_s: float | None) -> None:
+    concurrency = int(LIS_RETRY_ENV["LASTINFOSEC_CONCURRENCY"])
+    # "Not found" answers: the 429 handling is the same, and without bundles to publish the worker
+    # runs as fast as LastInfoSec lets it, which makes the unthrottled rate visible.
+    lis = LisSimConfig(latency_s=0.02, known_share=0.0, retry_after_s=retry_after_s)
+    async with world_with_worker(env=LIS_RETRY_ENV, lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as run:
+        world = run.world
+        stats = world.lis.stats
+        # Unthrottled, the worker sends as fast as jobs come.
+        warm = await world.producer.publish_many(200, kind="manual", entity_type="Domain-Name")
+        assert await world.platform.wait_works(work_ids(warm), timeout=60)
+        baseline = stats.max_per_window()
+
+        world.lis.config.force_429 = True
+        t0 = time.time()
+        jobs = await world.producer.publish_many(100, kind="manual", entity_type="Domain-Name")
+        await asyncio.sleep(3.5)  # the storm itself: a fault that lasts, not a wait for a result
+        world.lis.config.force_429 = False
+        t1 = time.time()
+        works = work_ids(jobs)
+        assert await world.platform.wait_works(works, timeout=90)
+        failed = in_error(world, works)
+        assert not failed, [world.platform.works[w].errors[-1:] for w in failed]  # no job failed while retries remained
+
+        throttled = stats.by_status.get(429, 0)
+        assert throttled >= concurrency
+        # While throttled, the whole client slows down: a 429 pauses every request, so about one
+        # round of `concurrency` requests goes out per pause, far below the unthrottled rate.
+        first = int(t0) + (1 if retry_after_s is not None else 2)  # back-off grows from ~0.1 s
+        storm = [stats.per_window.get(s, 0) for s in range(first, int(t1))]
+        assert storm and max(storm) <= 3 * concurrency and max(storm) < baseline, (storm, baseline)
+
+
+@pytest.mark.slow
+async def test_5xx_timeouts_and_refused_connections_are_retried() -> None:
+    env = LIS_RETRY_ENV | {"LASTINFOSEC_TIMEOUT_S": "0.5", "LASTINFOSEC_BACKOFF_MAX_S": "0.5", "LASTINFOSEC_RETRIES": "10"}
+    lis = LisSimConfig(latency_s=0.01, known_share=0.7, bundle_size=5, error_rate=0.2, timeout_rate=0.05, hang_s=3.0, seed=7)
+    async with world_with_worker(env=env, lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as run:
+        world, app = run.world, run.app
+        assert app.lis is not None
+        jobs = await world.producer.publish_many(120, kind="manual")
+        works = work_ids(jobs)
+        assert await world.platform.wait_works(works, timeout=90)
+        assert not in_error(world, works)
+        assert world.lis.stats.by_status.get(500, 0) > 0 and app.lis.stats.timeouts > 0
+
+        # LastInfoSec goes away (connection refused), then comes back on the same port.
+        world.lis.config.error_rate = world.lis.config.timeout_rate = 0.0
+        port = world.lis.port
+        assert port is not None
+        await world.lis.close()
+        refused_before = app.lis.stats.connection_errors
+        more = await world.producer.publish_many(40, kind="manual")
+        assert await poll(lambda: app.lis.stats.connection_errors >= refused_before + 5, 30)
+        await world.lis.start("127.0.0.1", port)
+        more_works = work_ids(more)
+        assert await world.platform.wait_works(more_works, timeout=60)
+        assert not in_error(world, more_works)
+        assert await world.worker.wait_idle(timeout=30)
+        assert_nothing_lost(world, works + more_works)
+
+
+LIS_KEY = "lis-KEY-5ec2e7-do-not-log"
+
+
+@pytest.mark.parametrize("fault", ["http-500", "connection-refused", "timeout"])
+async def test_after_the_retry_budget_the_work_ends_in_error_with_a_redacted_message(fault: str) -> None:
+    env = {"LASTINFOSEC_RETRIES": "2", "LASTINFOSEC_TIMEOUT_S": "0.3"}
+    lis = LisSimConfig(api_key=LIS_KEY, error_rate=1.0 if fault == "http-500" else 0.0,
+                       timeout_rate=1.0 if fault == "timeout" else 0.0, hang_s=2.0)
+    async with SimWorld(lis_config=lis, producer_options=QUIET_PRODUCER) as world:
+        if fault == "connection-refused":
+            port = world.lis.port
+            await world.lis.close()  # nothing listens on that port any more
+            env["LASTINFOSEC_BASE_URL"] = f"http://127.0.0.1:{port}/v2"
+        async with app_only(world, env) as run:
+            await world.start_worker_emulation()
+            jobs = await world.producer.publish_many(6, kind="manual", entity_type="Domain-Name")
+            works = work_ids(jobs)
+            assert await world.platform.wait_works(works, timeout=60)
+            expected_cause = {"http-500": "HTTP 500", "connection-refused": "Cannot connect", "timeout": "timeout after 0.3 s"}[fault]
+            for wid in works:
+                w = world.platform.works[wid]
+                assert w.in_error, w
+                (error,) = [e["message"] for e in w.errors]
+                assert error.startswith("LastInfoSec lookup failed: LastInfoSec search_host lookup failed after 3 attempts; last cause: "), error
+                assert expected_cause in error, error
+                assert LIS_KEY not in error and "api_key=" not in error
+            assert run.app.consumer is not None and run.app.consumer.accepting  # not fatal
+            assert await ready_count(world) == 0
+
+
+# ------------------------------------------------------------------------------------------
+# 4. OpenCTI GraphQL outage, dead works
+
+
+def _failed_calls(world: SimWorld, operation: str, since: float) -> int:
+    return sum(r.operation == operation and r.outcome == "http_503" and r.time >= since for r in list(world.platform.requests))
+
+
+@pytest.mark.slow
+async def test_opencti_outage_jobs_wait_unacked_and_complete_when_it_returns() -> None:
+    """A 10 s outage keeps the suite fast; the product waits out any length (platform calls are
+    retried with capped back-off for as long as it takes, the heartbeat loop never gives up)."""
+    prefetch = 16
+    lis = LisSimConfig(latency_s=0.01, known_share=1.0, bundle_size=5)
+    env = {"CONNECTOR_JOBS_IN_FLIGHT": str(prefetch)}
+    async with world_with_worker(env=env, lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as run:
+        world, app = run.world, run.app
+        assert app.consumer is not None and app.platform.last_heartbeat is not None
+        # The app pings every 40 s and does not honour CONNECTOR_HEARTBEAT_INTERVAL_S (see the
+        # report); the product's own heartbeat loop is run here with a short interval instead.
+        heartbeat = asyncio.create_task(app.platform.heartbeat(interval_s=0.5))
+        try:
+            rec = world.platform.connectors[world.connector_id]
+            assert await poll(lambda: len(rec.pings) >= 2, 10)
+
+            outage_s = 10.0
+            world.platform.outage_for(outage_s)
+            down_at = time.time()
+            hb_before = app.platform.last_heartbeat
+            jobs = await world.producer.publish_many(40, kind="manual")
+            works = work_ids(jobs)
+
+            # While down: jobs in flight keep retrying, prefetch-bounded, and none is acked.
+            assert await poll(lambda: _failed_calls(world, "workToReceived", down_at) >= 3 * prefetch, 8)
+            assert app.consumer.in_flight == prefetch
+            ready, unacked = await queue_depth(world.names()["listen"])
+            assert (ready, unacked) == (len(works) - prefetch, prefetch)
+            assert completed(world, works) == 0 and world.platform.in_outage
+            assert _failed_calls(world, "PingConnector", down_at) >= 2
+            assert app.platform.last_heartbeat == hb_before  # failed pings do not count
+
+            # Back up: every job completes, nothing was published twice, the heartbeat resumes.
+            assert await world.platform.wait_until(lambda: not world.platform.in_outage, outage_s + 5)
+            up_at = time.time()
+            assert await world.platform.wait_works(works, timeout=60)
+            assert await world.worker.wait_idle(timeout=30)
+            assert_nothing_lost(world, works)
+            assert await poll(lambda: any(t >= up_at for t in rec.pings), 10)
+            assert app.platform.last_heartbeat is not None and app.platform.last_heartbeat > hb_before
+            assert app.checks()["heartbeat"]
+            assert await ready_count(world) == 0 and app.consumer.in_flight == 0
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+
+async def test_dead_work_is_acked_and_dropped_not_retried(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="lis_async")
+    lis = LisSimConfig(latency_s=1.0, known_share=1.0, bundle_size=5)
+    async with world_with_worker(lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as run:
+        world, app = run.world, run.app
+        # Killed before the job is taken: toReceived answers WORK_NOT_ALIVE.
+        before = world.producer.make_job(world.producer.next_index(), kind="manual", entity_type="Domain-Name")
+        assert before.work_id
+        world.platform.kill_work(before.work_id)
+        # Killed while the job is in flight (during the 1 s LastInfoSec lookup).
+        during = world.producer.make_job(world.producer.next_index(), kind="manual", entity_type="Domain-Name")
+        assert during.work_id
+        for job in (before, during):
+            await world.producer.publish(job)
+        assert await world.platform.wait_until(lambda: world.platform.works[during.work_id].received_time is not None, 10)
+        world.platform.kill_work(during.work_id)
+
+        dead = [before.work_id, during.work_id]
+        assert await poll(lambda: all(f"work {w} is no longer alive" in caplog.text for w in dead), 15), caplog.text
+        assert app.consumer is not None and await poll(lambda: app.consumer.in_flight == 0, 5)
+        assert await ready_count(world) == 0  # acked, not requeued
+        await asyncio.sleep(1.0)  # would a retry loop show up? (a bounded look, not a wait for a result)
+        calls = collections.Counter((r.operation, r.variables.get("id")) for r in world.platform.requests if r.variables.get("id") in dead)
+        assert calls[("workToReceived", before.work_id)] == 1
+        assert sum(n for (op, wid), n in calls.items() if wid == during.work_id and op != "workToReceived") == 1, calls
+        assert await ready_count(world) == 0
+
+
+# ------------------------------------------------------------------------------------------
+# 5. Graceful stop under load (SIGTERM to the real process)
+
+
+def _processed_at(world: SimWorld, works: Iterable[str]) -> set[str]:
+    return {w for w in works if world.platform.works[w].processed_time is not None}
+
+
+@pytest.mark.slow
+async def test_sigterm_under_load_finishes_jobs_in_flight_and_requeues_the_rest() -> None:
+    in_flight = 16
+    lis = LisSimConfig(latency_s=0.5, known_share=1.0, bundle_size=5)
+    async with SimWorld(lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as world:
+        env = world.env() | FAST_ENV | {"CONNECTOR_JOBS_IN_FLIGHT": str(in_flight), "CONNECTOR_SHUTDOWN_TIMEOUT_S": "20"}
+        proc = start_worker_process(env)
+        try:
+            assert await world.wait_registration(timeout=30)
+            await world.start_worker_emulation()
+            jobs = await world.producer.publish_many(200, kind="manual")
+            works = work_ids(jobs)
+            assert await poll(lambda: len(_processed_at(world, works)) >= 20 or proc.poll() is not None, 60)
+            assert proc.poll() is None, worker_log(proc)[-2000:]
+            proc.send_signal(signal.SIGTERM)
+            signalled_at = time.time()
+            code = await asyncio.to_thread(proc.wait, 40)
+        finally:
+            await stop_async(proc)
+        log_text = worker_log(proc)
+        assert code == 0, log_text[-3000:]
+        assert "stop requested" in log_text and "returned to the queue" not in log_text
+
+        # Intake stopped at once: nothing was started after the signal...
+        w = world.platform.works
+        started_late = [x for x in works if w[x].received_time is not None and w[x].received_time > signalled_at + 0.5]
+        assert not started_late
+        # ...every job in flight finished (processed), and the rest are back in the queue.
+        processed = _processed_at(world, works)
+        assert all(w[x].processed_time is not None for x in works if w[x].received_time is not None)
+        assert await ready_count(world) == len(works) - len(processed)
+        assert 20 <= len(processed) < len(works)
+        assert await world.worker.wait_idle(timeout=30)
+        assert_nothing_lost(world, processed)
+
+
+@pytest.mark.slow
+async def test_sigterm_with_a_deadline_too_short_requeues_slow_jobs_for_the_next_worker() -> None:
+    in_flight = 8
+    lis = LisSimConfig(latency_s=5.0, known_share=1.0, bundle_size=5)
+    async with SimWorld(lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as world:
+        env = world.env() | FAST_ENV | {"CONNECTOR_JOBS_IN_FLIGHT": str(in_flight), "CONNECTOR_SHUTDOWN_TIMEOUT_S": "1"}
+        proc = start_worker_process(env)
+        try:
+            assert await world.wait_registration(timeout=30)
+            await world.start_worker_emulation()
+            jobs = await world.producer.publish_many(20, kind="manual")
+            works = work_ids(jobs)
+            # Every job in flight is inside its 5 s LastInfoSec lookup.
+            assert await poll(lambda: world.lis.stats.concurrent == in_flight or proc.poll() is not None, 30)
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            code = await asyncio.to_thread(proc.wait, 30)
+            took = time.monotonic() - t0
+        finally:
+            await stop_async(proc)
+        log_text = worker_log(proc)
+        assert code == 0, log_text[-3000:]
+        assert took < 4.5, took  # deadline 1 s + closing; less than the 5 s lookups it cut short
+        assert f"{in_flight} job(s) unfinished after 1s: returned to the queue" in log_text
+        assert not _processed_at(world, works)
+        assert await ready_count(world) == len(works)
+
+        # A new worker (LastInfoSec fast again) completes all of them.
+        world.lis.config.latency_s = 0.01
+        proc = start_worker_process(env | {"CONNECTOR_SHUTDOWN_TIMEOUT_S": "10"})
+        try:
+            assert await world.platform.wait_works(works, timeout=60), worker_log(proc)[-2000:]
+        finally:
+            code = await stop_async(proc)
+        assert code == 0, worker_log(proc)[-3000:]
+        assert await world.worker.wait_idle(timeout=30)
+        assert_nothing_lost(world, works, exact=False)
+        assert not duplicated_works(world, works)
+
+
+# ------------------------------------------------------------------------------------------
+# 6. Back-pressure: the push queue is full (x-max-length + reject-publish)
+
+
+@pytest.mark.slow
+async def test_full_push_queue_slows_the_worker_down_and_drops_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="lis_async")
+    in_flight, max_length = 16, 30
+    lis = LisSimConfig(latency_s=0.01, known_share=1.0, bundle_size=5)
+    platform = PlatformSimConfig(push_queue_max_length=max_length)
+    async with SimWorld(lis_config=lis, platform_config=platform, producer_options=QUIET_PRODUCER,
+                        worker_options=LIGHT_WORKER) as world:
+        async with app_only(world, {"CONNECTOR_JOBS_IN_FLIGHT": str(in_flight)}) as run:
+            app = run.app
+            assert app.consumer is not None
+            jobs = await world.producer.publish_many(60, kind="manual")
+            works = work_ids(jobs)
+            # Nobody consumes the push queue: it fills up to its limit and the broker nacks the
+            # rest; the worker keeps its jobs unacked (prefetch-bounded) and retries.
+            push = world.names()["push"]
+            assert await poll(lambda: _push_full(push, max_length), 30)
+            nacked = "push message(s) not confirmed: DeliveryError"
+            assert await poll(lambda: caplog.text.count(nacked) >= in_flight, 30)
+            # Only jobs whose messages all fit in the queue were processed (and acked)...
+            done = _processed_at(world, works)
+            assert sum(world.platform.works[w].expected for w in done) <= max_length
+            # ...the others wait, unacked, as many as the prefetch allows, however long it lasts.
+            retries = caplog.text.count(nacked)
+            assert await poll(lambda: caplog.text.count(nacked) >= retries + 2 * in_flight, 30)
+            assert _processed_at(world, works) == done
+            ready, unacked = await queue_depth(world.names()["listen"])
+            assert unacked == in_flight == app.consumer.in_flight
+            assert ready == len(works) - in_flight - len(done)
+
+            # The OpenCTI worker starts consuming: everything goes through, nothing was dropped.
+            await world.start_worker_emulation()
+            assert await world.platform.wait_works(works, timeout=90)
+            assert await world.worker.wait_idle(timeout=30)
+            assert_nothing_lost(world, works)
+            assert not world.worker.rejections
+            assert await ready_count(world) == 0 and await ready_count(world, "push") == 0
+
+
+async def _push_full(queue: str, max_length: int) -> bool:
+    return (await queue_depth(queue))[0] == max_length

@@ -1,0 +1,274 @@
+"""Property-based: whatever the body and whatever LastInfoSec answers, ``Pipeline.handle`` enriches,
+skips or fails the work cleanly. It returns a Result (toProcessed reported once when a work id
+exists), and never raises anything but FatalError."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from lis_async.job import JobError, Observable, parse_job
+from lis_async.lastinfosec import (
+    LastInfoSecClient,
+    LisBadAnswer,
+    LisClientOptions,
+    LisError,
+    LisFatalError,
+    LisRetriesExhausted,
+    LookupResult,
+)
+from lis_async.pipeline import Backoff, FatalError, Outcome, Pipeline, Policy, Result
+from lis_async.platform import PlatformError, WorkNotAlive
+from tests.conftest import FIXTURES
+
+FIXTURE_BODIES = [p.read_bytes() for p in sorted((FIXTURES / "jobs").iterdir())]
+FIXTURE_DOCS = [orjson.loads(p.read_bytes()) for p in sorted((FIXTURES / "jobs").glob("*.json"))]
+CLIENT = LastInfoSecClient(LisClientOptions(api_key="k"))  # its pure parts only: no session
+
+# ------------------------------------------------------------------------------------------
+# strategies
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+STIX_TYPES = ["malware", "indicator", "identity", "intrusion-set", "threat-actor", "tool", "relationship",
+              "report", "marking-definition", "domain-name", "url", "file", "hostname", "x-opencti-hostname",
+              "attack-pattern", "x-weird", "", "bundle"]
+stix_ids = st.one_of(
+    st.builds(lambda t, u: f"{t}--{u}", st.sampled_from(STIX_TYPES), st.uuids()),
+    st.text(max_size=12), st.integers(-1000, 1000), st.none(),
+)
+stix_objects = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.one_of(st.sampled_from(STIX_TYPES), json_values),
+        "id": stix_ids,
+        "spec_version": st.just("2.1"),
+        "created": st.one_of(st.just("2026-10-14T08:12:03.000Z"), json_values),
+        "modified": st.just("2026-10-14T08:12:03.000Z"),
+        "name": st.one_of(st.text(max_size=10), json_values),
+        "pattern": st.one_of(
+            st.just("[domain-name:value = 'bad.example.com']"),
+            st.just("[file:hashes.'SHA-256' = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855']"),
+            st.text(max_size=40),
+        ),
+        "pattern_type": st.sampled_from(["stix", "yara", 3]),
+        "source_ref": stix_ids, "target_ref": stix_ids, "created_by_ref": stix_ids,
+        "object_refs": st.one_of(st.lists(stix_ids, max_size=3), json_values),
+        "object_marking_refs": st.one_of(st.lists(stix_ids, max_size=2), json_values),
+        "relationship_type": st.sampled_from(["uses", "based-on", "indicates"]),
+        "x_extra": json_values,
+    },
+)
+bundles = st.fixed_dictionaries(
+    {"objects": st.one_of(st.lists(st.one_of(stix_objects, json_values), max_size=6), json_values)},
+    optional={"type": st.sampled_from(["bundle", "report", 1]), "id": stix_ids},
+)
+answer_docs = st.one_of(
+    st.builds(lambda b: {"message": b}, st.lists(bundles, max_size=3)),
+    st.lists(st.one_of(bundles, json_values), max_size=3),
+    bundles,
+    st.builds(lambda m: {"message": m}, json_values),
+    json_values,
+)
+answer_bytes = st.one_of(
+    answer_docs.map(orjson.dumps),
+    answer_docs.map(orjson.dumps).map(lambda b: b[: max(0, len(b) - 3)]),  # truncated
+    st.binary(max_size=40),
+)
+lookup_errors = st.sampled_from([
+    LisRetriesExhausted("LastInfoSec search_host lookup failed after 6 attempts; last cause: HTTP 503", attempts=6),
+    LisBadAnswer("LastInfoSec search_host answer is not valid JSON (3 bytes)"),
+    LisError("LastInfoSec search_host answered HTTP 418: teapot"),
+    LisFatalError("LastInfoSec rejected the API key (HTTP 401): Invalid api key", status=401),
+])
+
+
+@st.composite
+def mutated_fixture(draw: st.DrawFn) -> bytes:
+    """A sample body with a few values replaced, removed, or made the wrong type."""
+    doc: Any = copy.deepcopy(draw(st.sampled_from(FIXTURE_DOCS)))
+    for _ in range(draw(st.integers(1, 4))):
+        node, path = doc, []
+        while isinstance(node, dict) and node and draw(st.booleans()):
+            key = draw(st.sampled_from(sorted(node)))
+            path.append(key)
+            if isinstance(node[key], str) and node[key].startswith("{") and draw(st.booleans()):
+                # stix_entity and friends are JSON strings: mutate inside, then re-encode
+                try:
+                    inner = orjson.loads(node[key])
+                except orjson.JSONDecodeError:
+                    break
+                if isinstance(inner, dict) and inner:
+                    k2 = draw(st.sampled_from(sorted(inner)))
+                    inner[k2] = draw(json_values)
+                    node[key] = orjson.dumps(inner).decode()
+                break
+            if not isinstance(node[key], dict):
+                break
+            node = node[key]
+        if isinstance(node, dict) and node:
+            key = draw(st.sampled_from(sorted(node)))
+            if draw(st.booleans()):
+                del node[key]
+            else:
+                node[key] = draw(json_values)
+    return orjson.dumps(doc)
+
+
+bodies = st.one_of(
+    mutated_fixture(),
+    st.sampled_from(FIXTURE_BODIES),
+    json_values.map(orjson.dumps),
+    st.binary(max_size=60),
+)
+
+# ------------------------------------------------------------------------------------------
+# fakes
+
+
+@dataclass
+class Answer:
+    raw: bytes | None = None
+    error: LisError | None = None
+
+
+class ParsingLookup:
+    """The real client's query building and answer parsing, without HTTP."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+
+    async def lookup(self, obs: Observable) -> LookupResult:
+        endpoint, value = CLIENT.query_for(obs)
+        if self.answer.error is not None:
+            raise self.answer.error
+        assert self.answer.raw is not None
+        return CLIENT._parse_answer(self.answer.raw, endpoint, value)
+
+
+@dataclass
+class Platform:
+    """Records the calls that went through; each report first fails ``flaky`` times (an outage)."""
+
+    entity: Any = None
+    dead: bool = False
+    flaky: int = 0
+    calls: list[str] = field(default_factory=list)
+    failed: dict[str, int] = field(default_factory=dict)
+
+    def _outage(self, name: str) -> None:
+        if self.failed.get(name, 0) < self.flaky:
+            self.failed[name] = self.failed.get(name, 0) + 1
+            raise PlatformError("OpenCTI answered HTTP 503: outage")
+
+    async def work_received(self, work_id: str, draft_id: str | None) -> None:
+        self._outage("received")
+        if self.dead:
+            raise WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)
+        self.calls.append("received")
+
+    async def add_expectations(self, work_id: str, n: int, draft_id: str | None) -> None:
+        self._outage("expectations")
+        self.calls.append("expectations")
+
+    async def work_processed(self, work_id: str, message: str, in_error: bool, draft_id: str | None) -> None:
+        assert isinstance(message, str) and message
+        self._outage("processed")
+        self.calls.append("processed")
+
+    async def ping_work(self, work_id: str, draft_id: str | None) -> None:
+        self.calls.append("ping")
+
+    async def playbook_step(self, ctx: Any, execution_start: str, bundle_json: str) -> None:
+        assert isinstance(orjson.loads(bundle_json).get("objects"), list)
+        self._outage("playbook")
+        self.calls.append("playbook")
+
+    async def read_observable(self, entity_id: str, draft_id: str | None) -> dict[str, Any] | None:
+        self.calls.append("read")
+        return self.entity
+
+
+class Publisher:
+    def __init__(self) -> None:
+        self.published = 0
+
+    async def publish(self, bodies: Sequence[bytes], indexes: Sequence[int]) -> None:
+        self.published += len(indexes)
+
+
+# ------------------------------------------------------------------------------------------
+# the property
+
+
+def _expected_work(body: bytes) -> tuple[str | None, bool]:
+    """(work id the pipeline must report to, is it a playbook job)."""
+    try:
+        job = parse_job(body)
+    except JobError as exc:
+        return exc.work_id, False
+    return (None, True) if job.playbook is not None else (job.work_id, False)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    body=bodies,
+    answer=st.one_of(answer_bytes.map(lambda b: Answer(raw=b)), lookup_errors.map(lambda e: Answer(error=e))),
+    entity=st.one_of(st.none(), st.dictionaries(st.sampled_from(["id", "type", "value", "x_opencti_type", "hashes",
+                                                                   "object_marking_refs", "name"]), json_values),
+                     st.sampled_from([{"id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b", "type": "domain-name",
+                                       "value": "bad.example.com", "x_opencti_type": "Domain-Name"}])),
+    dead=st.booleans(),
+    flaky=st.integers(0, 2),  # an unreadable body gets 3 attempts at reporting its error
+    redelivered=st.booleans(),
+)
+@example(  # found by this test: no work id and no playbook context used to raise AssertionError
+    body=b'{"internal":{},"event":{"entity_id":"domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",'
+         b'"entity_type":"Domain-Name","stix_entity":null}}',
+    answer=Answer(raw=b'{"message":[]}'), entity=None, dead=False, flaky=0, redelivered=False,
+)
+def test_handle_returns_a_result_or_raises_fatal_only(body: bytes, answer: Answer, entity: Any, dead: bool,
+                                                      flaky: int, redelivered: bool) -> None:
+    platform, publisher = Platform(entity=entity, dead=dead, flaky=flaky), Publisher()
+    pipeline = Pipeline(
+        lookup=ParsingLookup(answer), platform=platform, publisher=publisher,
+        policy=Policy(scope=frozenset({"StixFile", "Domain-Name", "Hostname", "Url"}), max_tlp="TLP:AMBER", confidence=50),
+        backoff=Backoff(base_s=0.0, max_s=0.0),
+    )
+    work_id, playbook = _expected_work(body)
+    try:
+        result = asyncio.run(pipeline.handle(body, redelivered))
+    except FatalError:
+        assert isinstance(answer.error, LisFatalError)
+        assert "processed" not in platform.calls and "playbook" not in platform.calls
+        return
+    assert isinstance(result, Result) and isinstance(result.outcome, Outcome) and result.message
+    assert pipeline.in_flight == {}
+    if playbook:
+        assert platform.calls.count("playbook") == 1 and "processed" not in platform.calls
+        assert publisher.published == 0
+    elif work_id is None:
+        assert result.outcome is Outcome.INVALID and platform.calls == []
+    elif result.outcome is Outcome.DROPPED:
+        assert dead and "processed" not in platform.calls
+    else:
+        assert platform.calls.count("processed") == 1 and platform.calls[-1] == "processed"
+        if result.outcome is Outcome.ENRICHED:
+            assert publisher.published == result.bundles > 0
+            assert ("expectations" in platform.calls) is not redelivered
+        else:
+            assert publisher.published == 0
