@@ -222,7 +222,8 @@ class _Cached:
     """A cached answer: the bundles as zlib-compressed compact JSON. Parsed dicts take about
     ten times the memory (a 10 000-entry cache of 12-object answers: ~130 MB as dicts, about
     15 MB compressed: a 5.5 KB answer packs into 1.2 KB), and every hit needs its own copy
-    anyway (callers may mutate what they get). Compressing and inflating a 12-object answer costs tens of microseconds."""
+    anyway (callers may mutate what they get). Compressing and inflating a 12-object answer
+    costs tens of microseconds."""
 
     found: bool
     bundles_z: bytes
