@@ -11,6 +11,7 @@ is never acknowledged before its work is processed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -112,6 +113,7 @@ class _Run:
     redelivered: bool
     started: float = field(default_factory=time.monotonic)
     expectations_added: bool = False
+    received: asyncio.Future[None] | None = None  # the toReceived report, sent concurrently
 
 
 class Pipeline:
@@ -194,8 +196,19 @@ class Pipeline:
     # -- jobs with a work --------------------------------------------------------------------
     async def _run_work(self, run: _Run, work_id: str) -> Result:
         job = run.job
-        await self._retry("toReceived", lambda: self._platform.work_received(work_id, job.draft_id))
-        result = await self._enrich(run)
+        # toReceived goes out while the observable is looked up (one platform round trip less
+        # on every job's latency); it only has to land before the next report, which awaits it.
+        received = run.received = asyncio.ensure_future(
+            self._retry("toReceived", lambda: self._platform.work_received(work_id, job.draft_id))
+        )
+        try:
+            result = await self._enrich(run)
+            await received
+        finally:
+            if not received.done():
+                received.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await received
         in_error = result.outcome is Outcome.FAILED
         await self._retry(
             "toProcessed",
@@ -239,6 +252,8 @@ class Pipeline:
                 len(delivery.bodies),
                 delivery.incompatible,
             )
+        if run.received is not None:
+            await run.received  # the platform hears "received" before any expectation
         await self._deliver(run, delivery)
         return Result(
             Outcome.ENRICHED,

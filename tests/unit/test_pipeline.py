@@ -104,6 +104,23 @@ def decode(body: bytes) -> dict[str, Any]:
     return msg
 
 
+async def test_received_is_reported_before_expectations_even_when_slow() -> None:
+    """toReceived runs alongside the lookup but always lands before addExpectations."""
+    pipeline, platform, _ = make(FakeLookup(ANSWER))
+    platform.fail = {"received": [PlatformError("HTTP 502")] * 3}  # retried while the lookup runs
+    result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
+    assert result.outcome is Outcome.ENRICHED
+    assert platform.names() == ["received", "expectations", "processed"]
+
+
+async def test_dead_work_at_received_drops_the_job_without_publishing() -> None:
+    pipeline, platform, publisher = make(FakeLookup(ANSWER))
+    platform.fail = {"received": [WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)]}
+    result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
+    assert result.outcome is Outcome.DROPPED
+    assert publisher.published == [] and platform.names() == []
+
+
 async def test_enriched_job_reports_in_protocol_order() -> None:
     pipeline, platform, publisher = make(FakeLookup(ANSWER))
     result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
@@ -252,7 +269,9 @@ async def test_deferred_resolution_reads_the_entity() -> None:
                        "object_marking_refs": ["marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da"]}
     result = await pipeline.handle(job_body("auto_create_domain_deferred_resolution.json"))
     assert result.outcome is Outcome.ENRICHED
-    assert platform.names()[:2] == ["received", "read"] and lookup.seen[0].value == "bad.example.com"
+    names = platform.names()
+    assert sorted(names[:2]) == ["read", "received"] and names[2:] == ["expectations", "processed"]
+    assert lookup.seen[0].value == "bad.example.com"
 
 
 async def test_unreadable_deferred_entity_fails_the_work() -> None:
