@@ -116,12 +116,32 @@ def _plain(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
+_STIX_ID = re.compile(
+    r"([a-z0-9][a-z0-9-]*)--[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
 def _is_object(item: Any) -> bool:
-    return (
-        isinstance(item, dict)
-        and isinstance(item.get("id"), str)
-        and isinstance(item.get("type"), str)
-    )
+    """A STIX object OpenCTI can import: ``<type>--<uuid>`` id matching its type, and refs that
+    are ids (a non-string ``*_ref`` makes pycti's splitter fail, a malformed id fails the import
+    of that object on the platform's side). Anything else LastInfoSec sends is dropped."""
+    if not isinstance(item, dict):
+        return False
+    ident, stype = item.get("id"), item.get("type")
+    if not isinstance(ident, str) or not isinstance(stype, str):
+        return False
+    m = _STIX_ID.fullmatch(ident)
+    if m is None or m.group(1) != stype:
+        return False
+    for key, val in item.items():
+        if key.endswith("_ref"):
+            if val is not None and not isinstance(val, str):
+                return False
+        elif key.endswith("_refs") and (
+            not isinstance(val, list) or not all(isinstance(v, str) for v in val)
+        ):
+            return False
+    return True
 
 
 def _norm_host(value: str) -> str:
