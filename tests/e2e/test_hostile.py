@@ -136,10 +136,10 @@ ANSWERS: dict[str, tuple[tuple[int, bytes, str], str | None]] = {
     "message_text": ((200, b'{"message": "temporary hiccup"}', "application/json"), "answered a text instead of bundles"),
     "list_of_numbers": ((200, b"[1, 2, 3]", "application/json"), "holds 3 item(s) but no STIX bundle"),
     "objects_not_a_list": ((200, b'[{"type": "bundle", "objects": "x"}]', "application/json"), "no STIX bundle"),
-    "unroutable_ref": ((200, _bundles(GOOD_MALWARE | {"created_by_ref": 7}), "application/json"),
-                       "Cannot build a STIX bundle from the answer"),
-    # Objects without an id or a type are dropped; the rest is pushed as is (the OpenCTI worker
-    # reports what it cannot import on the work; it rejects nothing).
+    # Objects OpenCTI cannot import (no id or type, an id that is not `<type>--<uuid>`, a ref
+    # that is not an id) are dropped; the rest is pushed as is (the OpenCTI worker reports what
+    # it cannot import on the work; it rejects nothing).
+    "unroutable_ref": ((200, _bundles(GOOD_MALWARE | {"created_by_ref": 7}), "application/json"), None),
     "invalid_stix_objects": ((200, _bundles(GOOD_MALWARE, NO_ID, NO_TYPE, INT_ID, NO_PATTERN, BAD_ID, CUSTOM),
                               "application/json"), None),
 }
@@ -176,7 +176,8 @@ async def test_bad_lastinfosec_answers_fail_the_work_cleanly(caplog: pytest.LogC
         assert pushed and all(isinstance(o.get("id"), str) and isinstance(o.get("type"), str) for o in pushed)
         ids = {o["id"] for o in pushed}
         assert GOOD_MALWARE["id"] in ids and NO_TYPE["id"] not in ids and CUSTOM["id"] not in ids
-        assert not any(o.get("name") == "No id" for o in pushed)
+        assert not any(o.get("name") in ("No id", "Bad id") for o in pushed)
+        assert all(isinstance(o.get("created_by_ref", ""), str) for o in pushed)
         assert LIS_KEY not in caplog.text
 
 
