@@ -237,6 +237,20 @@ class App:
                 await close()
         log.info("stopped")
 
+    async def start_in_background(self, timeout_s: float = 60.0) -> asyncio.Task[int]:
+        """Run the worker as a task of the caller's loop (demo, tests, benchmark) and return once
+        it consumes. Raises RuntimeError if it stopped or did not get ready in time."""
+        task = asyncio.create_task(self.run(install_signals=False))
+        ready = asyncio.create_task(self.ready.wait())
+        await asyncio.wait({task, ready}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if not self.ready.is_set():
+            ready.cancel()
+            if not task.done():
+                self.request_stop()
+            code = await task
+            raise RuntimeError(f"the worker did not start (exit code {code})")
+        return task
+
     async def run(self, install_signals: bool = True) -> int:
         loop = asyncio.get_running_loop()
         if install_signals:

@@ -12,12 +12,10 @@ import logging
 import sys
 import time
 
-import aio_pika
-
 from lis_async.app import App
 from lis_async.config import load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
-from lis_async.sim.world import SimWorld
+from lis_async.sim.world import SimWorld, rabbit_reachable
 from lis_async.telemetry import setup_logging
 
 RABBIT_HELP = (
@@ -27,15 +25,6 @@ RABBIT_HELP = (
     "  docker run -d -p 5672:5672 rabbitmq:3-management\n"
     "then run `lis-async demo` again (or pass --amqp-url)."
 )
-
-
-async def rabbit_reachable(url: str) -> bool:
-    try:
-        conn = await aio_pika.connect(url, timeout=5)
-    except Exception:
-        return False
-    await conn.close()
-    return True
 
 
 async def run_demo(jobs: int = 300, latency_s: float = 0.15, amqp_url: str | None = None) -> int:
@@ -58,13 +47,10 @@ async def run_demo(jobs: int = 300, latency_s: float = 0.15, amqp_url: str | Non
         }
         app = App(load_settings(env=env))
         started = time.monotonic()
-        run = asyncio.create_task(app.run(install_signals=False))
-        ready = asyncio.create_task(app.ready.wait())
-        await asyncio.wait({run, ready}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
-        if not app.ready.is_set():
-            ready.cancel()
-            code = await run if run.done() else 1
-            print(f"the worker did not start (exit code {code})", file=sys.stderr)
+        try:
+            run = await app.start_in_background()
+        except RuntimeError as exc:
+            print(str(exc), file=sys.stderr)
             return 1
         await world.start_worker_emulation()
         produced = await world.producer.publish_many(jobs)

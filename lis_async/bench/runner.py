@@ -52,7 +52,7 @@ from lis_async.bench.measure import (
 from lis_async.bench.profile import Profile, summarise
 from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.opencti import PlatformSimConfig, Work
-from lis_async.sim.world import SimWorld
+from lis_async.sim.world import SimWorld, rabbit_reachable
 
 log = logging.getLogger("lis_async.bench")
 
@@ -857,15 +857,6 @@ def _write_json(path: str, record: dict[str, Any]) -> None:
     Path(path).write_text(text + "\n")
 
 
-async def _rabbit_reachable(url: str) -> bool:
-    try:
-        conn = await aio_pika.connect(url, timeout=5)
-    except Exception:
-        return False
-    await conn.close()
-    return True
-
-
 async def run_bench(cfg: BenchConfig, workdir: Path) -> tuple[dict[str, Any], str]:
     """Run every phase; return the JSON record and the printed report."""
     bench = Bench(cfg, workdir)
@@ -914,7 +905,7 @@ async def run_bench(cfg: BenchConfig, workdir: Path) -> tuple[dict[str, Any], st
 
 
 async def _main(cfg: BenchConfig) -> int:
-    if not await _rabbit_reachable(cfg.amqp_url):
+    if not await rabbit_reachable(cfg.amqp_url):
         print(
             f"lis-async bench: RabbitMQ is not reachable at {cfg.amqp_url.split('@')[-1]} "
             "(start it, e.g. `rabbitmq-server -detached`, or pass --amqp-url)",

@@ -37,6 +37,16 @@ DEFAULT_AMQP_URL: Final = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_SCOPE: Final = "StixFile,Domain-Name,Hostname,Url"
 
 
+async def rabbit_reachable(url: str = DEFAULT_AMQP_URL) -> bool:
+    """True if RabbitMQ accepts a connection at ``url`` (within 5 s)."""
+    try:
+        conn = await aio_pika.connect(url, timeout=5)
+    except Exception:
+        return False
+    await conn.close()
+    return True
+
+
 class SimWorld:
     """PlatformSim + LastInfoSecSim + WorkerEmulation + JobProducer for one connector id."""
 

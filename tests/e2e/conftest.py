@@ -48,29 +48,30 @@ class Running:
 
 
 @contextlib.asynccontextmanager
+async def app_only(world: SimWorld, env: Mapping[str, str] | None = None) -> AsyncIterator[Running]:
+    """The real worker App in-process, WITHOUT starting the OpenCTI worker emulation."""
+    app = App(load_settings(env=world.env() | FAST_ENV | dict(env or {})))
+    task = await app.start_in_background(timeout_s=30)
+    try:
+        yield Running(world, app, task)
+    finally:
+        if not task.done():
+            app.request_stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 60)
+
+
+@contextlib.asynccontextmanager
 async def world_with_worker(
     env: Mapping[str, str] | None = None,
     lis: LisSimConfig | None = None,
     platform: PlatformSimConfig | None = None,
     **world_kw: Any,
 ) -> AsyncIterator[Running]:
-    async with SimWorld(lis_config=lis, platform_config=platform, **world_kw) as world:
-        app = App(load_settings(env=world.env() | FAST_ENV | dict(env or {})))
-        task = asyncio.create_task(app.run(install_signals=False))
-        ready = asyncio.create_task(app.ready.wait())
-        await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if not app.ready.is_set():
-            ready.cancel()
-            raise RuntimeError(f"worker did not start: {task.result() if task.done() else 'timeout'}")
+    """A simulated world with the real worker App in-process and the OpenCTI worker emulation."""
+    async with SimWorld(lis_config=lis, platform_config=platform, **world_kw) as world, app_only(world, env) as run:
         await world.start_worker_emulation()
-        running = Running(world, app, task)
-        try:
-            yield running
-        finally:
-            if not task.done():
-                app.request_stop()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(task, 60)
+        yield run
 
 
 def start_worker_process(env: Mapping[str, str], log_path: Path | None = None) -> subprocess.Popen[bytes]:

@@ -16,19 +16,17 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import pytest
 
-from lis_async.app import App
-from lis_async.config import load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.opencti import PlatformSimConfig
 from lis_async.sim.world import SimWorld
 from tests.e2e.conftest import (
     FAST_ENV,
-    Running,
+    app_only,
     start_worker_process,
     stop_process,
     worker_log,
@@ -136,25 +134,6 @@ async def stop_async(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -
 def needs_rabbitmqctl() -> None:
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl not available")
-
-
-@contextlib.asynccontextmanager
-async def app_only(world: SimWorld, env: Mapping[str, str] | None = None) -> AsyncIterator[Running]:
-    """The real worker App in-process, WITHOUT starting the OpenCTI worker emulation."""
-    app = App(load_settings(env=world.env() | FAST_ENV | dict(env or {})))
-    task = asyncio.create_task(app.run(install_signals=False))
-    ready = asyncio.create_task(app.ready.wait())
-    await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if not app.ready.is_set():
-        ready.cancel()
-        raise RuntimeError(f"worker did not start: {task.result() if task.done() else 'timeout'}")
-    try:
-        yield Running(world, app, task)
-    finally:
-        if not task.done():
-            app.request_stop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 60)
 
 
 def work_ids(jobs: Iterable[Any]) -> list[str]:
