@@ -86,7 +86,7 @@ async def run_demo(jobs: int = 300, latency_s: float = 0.15, amqp_url: str | Non
         )
         print(f"  playbook answers      {len(world.platform.playbook_calls)}/{playbooks}")
         print("  outcomes              " + ", ".join(f"{k} {v}" for k, v in outcomes.items() if v))
-        print(f"  push messages         {pushes} carrying {objects} STIX objects")
+        print(f"  push messages         {pushes}, one STIX object each ({objects} objects)")
         print(f"  LastInfoSec requests  {world.lis.stats.total}")
         print(f"  time                  {elapsed:.1f} s ({len(produced) / elapsed:.0f} jobs/s)")
         return 0 if done else 1

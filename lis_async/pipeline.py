@@ -372,8 +372,8 @@ class Pipeline:
             ), stix.playbook_passthrough(job)
         n = len(bundle.get("objects", []))
         return Result(
-            Outcome.ENRICHED, f"Returned {n} object(s) to the playbook", objects=n
-        ), bundle
+            Outcome.ENRICHED, f"Returned {n} object(s) to the playbook"
+        ), bundle  # objects/bundles stay 0: nothing is published for a playbook
 
     # -- shared ------------------------------------------------------------------------------
     async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:

@@ -118,3 +118,25 @@ async def test_deferred_entity_read(sim: PlatformSim) -> None:
         assert await platform.read_observable("domain-name--00000000-0000-5000-8000-000000000000", None) is None
     finally:
         await platform.close()
+
+
+async def test_tls_settings_reach_both_transports(sim: PlatformSim) -> None:
+    import ssl
+
+    for verify, expected in (("true", ssl.CERT_REQUIRED), ("false", None)):
+        settings = load_settings(env={
+            "OPENCTI_URL": sim.base_url, "OPENCTI_TOKEN": "octi-token-secret-1",
+            "CONNECTOR_ID": str(uuid.uuid4()), "CONFIG_LIS_APIKEY_CTI": "k", "OPENCTI_SSL_VERIFY": verify,
+        })
+        platform = Platform(settings)
+        await platform.start()
+        try:
+            # pycti's requests session: True, or a CA bundle path (REQUESTS_CA_BUNDLE), or False
+            assert (platform._api.ssl_verify is not False) is (verify == "true")
+            connector_ssl = platform._http.connector._ssl  # type: ignore[union-attr]
+            if expected is None:
+                assert connector_ssl is False
+            else:
+                assert connector_ssl.verify_mode == expected and connector_ssl.check_hostname
+        finally:
+            await platform.close()

@@ -142,3 +142,10 @@ def test_env_names_follow_the_convention() -> None:
     for name in ("LASTINFOSEC_RATE_PER_S", "CONNECTOR_JOBS_IN_FLIGHT", "LASTINFOSEC_MAX_TLP",
                  "OPENCTI_THREADS", "LASTINFOSEC_CACHE_TTL_S", "CONNECTOR_METRICS_PORT", "MQ_PASS"):
         assert name in names
+
+
+def test_tls_verification_is_on_by_default_and_off_only_explicitly() -> None:
+    s = load_settings(env=BASE_ENV)
+    assert s.opencti.ssl_verify is True and s.lastinfosec.ssl_verify is True
+    s = load_settings(env=BASE_ENV | {"OPENCTI_SSL_VERIFY": "false"})
+    assert s.opencti.ssl_verify is False and s.lastinfosec.ssl_verify is True
