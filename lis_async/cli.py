@@ -92,14 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config")
     check.set_defaults(fn=cmd_check)
-    try:
-        from lis_async.bench.runner import add_bench_arguments
-    except ImportError:
-        pass
-    else:
-        bench = sub.add_parser("bench", help="benchmark against the classic pycti connector")
-        add_bench_arguments(bench)
-        bench.set_defaults(fn=cmd_bench)
+    from lis_async.bench.runner import add_bench_arguments
+
+    bench = sub.add_parser("bench", help="benchmark against the classic pycti connector")
+    add_bench_arguments(bench)
+    bench.set_defaults(fn=cmd_bench)
     return parser
 
 
