@@ -93,7 +93,7 @@ class Metrics:
 class LisStatsCollector(Collector):
     """Exports the LastInfoSec client's counters (``LisStats``) at scrape time."""
 
-    def __init__(self, stats: Any, latency: Any = None) -> None:
+    def __init__(self, stats: Any) -> None:
         self._stats = stats
 
     def collect(self) -> Iterable[Any]:
