@@ -326,6 +326,8 @@ def _parse_job(body: bytes) -> Job:
     playbook: PlaybookContext | None = None
     if "playbook" in internal:
         playbook = _parse_playbook(internal["playbook"], event, work_id)
+    elif work_id is None:
+        raise JobError("internal.work_id is missing and the job is not a playbook step")
 
     raw_entity = event.get("stix_entity")
     entity: Any = None

@@ -139,8 +139,6 @@ class Pipeline:
         started = time.monotonic()
         try:
             job = parse_job(body)
-            if job.work_id is None and job.playbook is None:
-                raise JobError("internal.work_id is missing and the job is not a playbook step")
         except JobError as exc:
             result = await self._reject(exc)
             log.warning(
@@ -182,7 +180,7 @@ class Pipeline:
         run = _Run(job, redelivered)
         if job.playbook is not None:
             return await self._run_playbook(run)
-        if job.work_id is None:  # handle() rejects such bodies; run() may be called directly
+        if job.work_id is None:  # parse_job never builds such a job; narrows the type
             return Result(Outcome.INVALID, "Invalid enrichment job: no work id and no playbook")
         self.in_flight[job.work_id] = (run.started, job.draft_id)
         try:

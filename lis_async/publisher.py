@@ -39,8 +39,12 @@ class Delivery:
     """The push messages of one job, ready to publish (bodies in ``action_sequence`` order)."""
 
     bodies: tuple[bytes, ...]
-    objects: int
-    incompatible: int
+    incompatible: int  # objects the splitter dropped (types OpenCTI cannot import)
+
+    @property
+    def objects(self) -> int:
+        """STIX objects delivered: pycti's splitter puts one object in each message."""
+        return len(self.bodies)
 
 
 def split_bundle(bundle: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
@@ -91,7 +95,7 @@ def prepare(
         )
         for i, b in enumerate(bundles, start=1)
     )
-    return Delivery(bodies=bodies, objects=len(bodies), incompatible=incompatible)
+    return Delivery(bodies=bodies, incompatible=incompatible)
 
 
 class Publisher:

@@ -107,7 +107,8 @@ def test_every_fixture_parses_or_raises_job_error() -> None:
     "body",
     [b"\xff\xfe not utf8", b"[]", b"null", b'{"internal": 1, "event": {}}',
      b'{"internal": {"work_id": "w"}, "event": {"entity_id": "x", "stix_entity": 5}}',
-     b'{"internal": {"work_id": "w"}, "event": {"entity_id": "x", "stix_entity": "{\\"id\\": 1}"}}'],
+     b'{"internal": {"work_id": "w"}, "event": {"entity_id": "x", "stix_entity": "{\\"id\\": 1}"}}',
+     b'{"internal": {"work_id": null, "applicant_id": null}, "event": {"entity_id": "x"}}'],
 )
 def test_bad_shapes(body: bytes) -> None:
     with pytest.raises(JobError):
