@@ -68,7 +68,9 @@ class Metrics:
         self.objects = Counter("lis_objects_published", "STIX objects published", registry=r)
         self.publishes = Counter("lis_push_messages", "Push messages confirmed", registry=r)
         self.lis_latency = Histogram(
-            "lis_api_latency_seconds", "LastInfoSec answer time per HTTP attempt", registry=r,
+            "lis_api_latency_seconds",
+            "LastInfoSec answer time per HTTP attempt",
+            registry=r,
             buckets=(0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30),
         )
         self.queue_depth = Gauge(

@@ -225,8 +225,15 @@ class LisSimConfig:
         return out
 
 
-_FLOAT_KNOBS = {"known_share", "latency_s", "jitter_s", "error_rate", "timeout_rate", "hang_s",
-                "shutdown_timeout_s"}
+_FLOAT_KNOBS = {
+    "known_share",
+    "latency_s",
+    "jitter_s",
+    "error_rate",
+    "timeout_rate",
+    "hang_s",
+    "shutdown_timeout_s",
+}
 _OPT_FLOAT_KNOBS = {"rate_limit_per_s", "retry_after_s"}
 _INT_KNOBS = {"bundle_size", "bundles_per_answer", "force_429_count", "cache_size"}
 _BOOL_KNOBS = {"force_429", "invalid_key_answer"}
@@ -363,9 +370,7 @@ class LisSimStats:
             "concurrent": self.concurrent,
             "max_concurrent": self.max_concurrent,
             "per_window": {str(k): v for k, v in sorted(self.per_window.items())},
-            "per_window_accepted": {
-                str(k): v for k, v in sorted(self.per_window_accepted.items())
-            },
+            "per_window_accepted": {str(k): v for k, v in sorted(self.per_window_accepted.items())},
             "max_per_window": self.max_per_window(),
             "requests": [r.to_dict() for r in self.requests],
         }
@@ -400,21 +405,37 @@ def _observable(kind: Kind, value: str) -> tuple[dict[str, Any], str]:
     """The observable for a looked-up value and the indicator pattern that matches it."""
     obs: dict[str, Any]
     if kind == "value" and "://" in value:
-        obs = {"type": "url", "spec_version": "2.1", "id": _sco_id("url", {"value": value}),
-               "value": value}
+        obs = {
+            "type": "url",
+            "spec_version": "2.1",
+            "id": _sco_id("url", {"value": value}),
+            "value": value,
+        }
         return obs, f"[url:value = {_pattern_literal(value)}]"
     hash_key = _HASH_KEYS.get(len(value)) if _HEX_RE.fullmatch(value) else None
     if kind == "hash" or (kind == "value" and hash_key is not None):
         if hash_key is None:  # not a hash the API knows: describe the file by its name
-            obs = {"type": "file", "spec_version": "2.1",
-                   "id": _sco_id("file", {"name": value}), "name": value}
+            obs = {
+                "type": "file",
+                "spec_version": "2.1",
+                "id": _sco_id("file", {"name": value}),
+                "name": value,
+            }
             return obs, f"[file:name = {_pattern_literal(value)}]"
         hashes = {hash_key: value}
-        obs = {"type": "file", "spec_version": "2.1", "id": _sco_id("file", {"hashes": hashes}),
-               "hashes": hashes}
+        obs = {
+            "type": "file",
+            "spec_version": "2.1",
+            "id": _sco_id("file", {"hashes": hashes}),
+            "hashes": hashes,
+        }
         return obs, f"[file:hashes.'{hash_key}' = {_pattern_literal(value)}]"
-    obs = {"type": "domain-name", "spec_version": "2.1",
-           "id": _sco_id("domain-name", {"value": value}), "value": value}
+    obs = {
+        "type": "domain-name",
+        "spec_version": "2.1",
+        "id": _sco_id("domain-name", {"value": value}),
+        "value": value,
+    }
     return obs, f"[domain-name:value = {_pattern_literal(value)}]"
 
 
@@ -473,8 +494,12 @@ def build_bundle(kind: Kind, value: str, size: int) -> dict[str, Any]:
     has_based_on, has_malware, has_indicates, has_is, has_is_uses, has_ap, has_ap_uses = (
         n_opt > i for i in range(7)
     )
-    objects: list[dict[str, Any]] = [_IDENTITY, _TLP_AMBER, obs, _indicator(ind_id, value, pattern,
-                                                                             True)]
+    objects: list[dict[str, Any]] = [
+        _IDENTITY,
+        _TLP_AMBER,
+        obs,
+        _indicator(ind_id, value, pattern, True),
+    ]
     if has_malware:
         objects.append(_MALWARE)
     if has_is:
@@ -482,34 +507,51 @@ def build_bundle(kind: Kind, value: str, size: int) -> dict[str, Any]:
     if has_ap:
         objects.append(_ATTACK_PATTERN)
     if has_based_on:
-        objects.append(_relationship(_sim_id("relationship", "based-on", ind_id, obs_id),
-                                     "based-on", ind_id, obs_id))
+        objects.append(
+            _relationship(
+                _sim_id("relationship", "based-on", ind_id, obs_id), "based-on", ind_id, obs_id
+            )
+        )
     if has_indicates:
-        objects.append(_relationship(_sim_id("relationship", "indicates", ind_id, MALWARE_ID),
-                                     "indicates", ind_id, MALWARE_ID))
+        objects.append(
+            _relationship(
+                _sim_id("relationship", "indicates", ind_id, MALWARE_ID),
+                "indicates",
+                ind_id,
+                MALWARE_ID,
+            )
+        )
     if has_is_uses:
-        objects.append(_relationship(REL_IS_USES_MALWARE_ID, "uses", INTRUSION_SET_ID,
-                                     MALWARE_ID))
+        objects.append(_relationship(REL_IS_USES_MALWARE_ID, "uses", INTRUSION_SET_ID, MALWARE_ID))
     if has_ap_uses:
-        objects.append(_relationship(REL_MALWARE_USES_AP_ID, "uses", MALWARE_ID,
-                                     ATTACK_PATTERN_ID))
+        objects.append(_relationship(REL_MALWARE_USES_AP_ID, "uses", MALWARE_ID, ATTACK_PATTERN_ID))
     # Filler: (domain-name, indicator, based-on relationship) triplets until size - 1 objects.
     host = _host_of(obs, value)
     i = 0
     while len(objects) < size - 1:
         filler_value = f"c2-{i}.{host}"
         dom_id = _sco_id("domain-name", {"value": filler_value})
-        objects.append({"type": "domain-name", "spec_version": "2.1", "id": dom_id,
-                        "value": filler_value})
+        objects.append(
+            {"type": "domain-name", "spec_version": "2.1", "id": dom_id, "value": filler_value}
+        )
         if len(objects) >= size - 1:
             break
         f_ind_id = _sim_id("indicator", dom_id)
-        objects.append(_indicator(f_ind_id, filler_value,
-                                  f"[domain-name:value = {_pattern_literal(filler_value)}]", False))
+        objects.append(
+            _indicator(
+                f_ind_id,
+                filler_value,
+                f"[domain-name:value = {_pattern_literal(filler_value)}]",
+                False,
+            )
+        )
         if len(objects) >= size - 1:
             break
-        objects.append(_relationship(_sim_id("relationship", "based-on", f_ind_id, dom_id),
-                                     "based-on", f_ind_id, dom_id))
+        objects.append(
+            _relationship(
+                _sim_id("relationship", "based-on", f_ind_id, dom_id), "based-on", f_ind_id, dom_id
+            )
+        )
         i += 1
     report = {
         "type": "report",
@@ -535,8 +577,9 @@ def _related_bundle(kind: Kind, value: str, index: int) -> dict[str, Any]:
     return build_bundle("value", f"http://{host}/{page}", BASE_BUNDLE_SIZE)
 
 
-def build_bundles(kind: Kind, value: str, bundle_size: int, bundles_per_answer: int
-                  ) -> list[dict[str, Any]]:
+def build_bundles(
+    kind: Kind, value: str, bundle_size: int, bundles_per_answer: int
+) -> list[dict[str, Any]]:
     bundles = [build_bundle(kind, value, bundle_size)]
     bundles.extend(_related_bundle(kind, value, i) for i in range(1, bundles_per_answer))
     return bundles
@@ -811,10 +854,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--error-rate", type=float, default=d.error_rate)
     p.add_argument("--timeout-rate", type=float, default=d.timeout_rate)
     p.add_argument("--hang", type=float, default=d.hang_s, help="seconds (timeout_rate)")
-    p.add_argument("--rate-limit", type=_optional_float, default=d.rate_limit_per_s,
-                   help="requests per second, or 'none'")
-    p.add_argument("--retry-after", type=_optional_float, default=d.retry_after_s,
-                   help="seconds, or 'none' for no Retry-After header")
+    p.add_argument(
+        "--rate-limit",
+        type=_optional_float,
+        default=d.rate_limit_per_s,
+        help="requests per second, or 'none'",
+    )
+    p.add_argument(
+        "--retry-after",
+        type=_optional_float,
+        default=d.retry_after_s,
+        help="seconds, or 'none' for no Retry-After header",
+    )
     p.add_argument("--invalid-key-answer", action="store_true")
     p.add_argument("--seed", type=int, default=None)
     return p
@@ -823,8 +874,10 @@ def _parser() -> argparse.ArgumentParser:
 async def _serve(config: LisSimConfig, host: str, port: int) -> None:
     sim = LastInfoSecSim(config)
     url = await sim.start(host, port)
-    print(f"LastInfoSec simulator listening on {url} "
-          f"(stats: {url.removesuffix('/v2')}/_sim/stats)", flush=True)
+    print(
+        f"LastInfoSec simulator listening on {url} (stats: {url.removesuffix('/v2')}/_sim/stats)",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

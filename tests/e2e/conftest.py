@@ -69,15 +69,24 @@ async def world_with_worker(
     **world_kw: Any,
 ) -> AsyncIterator[Running]:
     """A simulated world with the real worker App in-process and the OpenCTI worker emulation."""
-    async with SimWorld(lis_config=lis, platform_config=platform, **world_kw) as world, app_only(world, env) as run:
+    async with (
+        SimWorld(lis_config=lis, platform_config=platform, **world_kw) as world,
+        app_only(world, env) as run,
+    ):
         await world.start_worker_emulation()
         yield run
 
 
-def start_worker_process(env: Mapping[str, str], log_path: Path | None = None) -> subprocess.Popen[bytes]:
+def start_worker_process(
+    env: Mapping[str, str], log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
     """``lis-async run`` as a real process (for kill and signal tests). Its output goes to a file
     (a pipe nobody reads would block the worker once full)."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("OPENCTI_", "CONNECTOR_", "LASTINFOSEC_"))}
+    full = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENCTI_", "CONNECTOR_", "LASTINFOSEC_"))
+    }
     full |= dict(env)
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix="lis-worker-", suffix=".log")
@@ -85,7 +94,10 @@ def start_worker_process(env: Mapping[str, str], log_path: Path | None = None) -
         log_path = Path(name)
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lis_async.cli", "run"], env=full, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "lis_async.cli", "run"],
+            env=full,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     proc.log_path = log_path  # type: ignore[attr-defined]
     return proc
@@ -95,7 +107,9 @@ def worker_log(proc: subprocess.Popen[bytes]) -> str:
     return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
 
 
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30
+) -> int:
     if proc.poll() is None:
         proc.send_signal(sig)
     try:

@@ -42,7 +42,11 @@ LIS_PREFIXES = ("/v2/stix21/search_hash/", "/v2/stix21/search_host/")
 # helpers (also used by test_hostile.py and test_secrets.py)
 
 
-async def poll(predicate: Callable[[], bool | Awaitable[bool]], timeout: float, every: float = 0.05) -> bool:  # noqa: ASYNC109
+async def poll(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float,  # noqa: ASYNC109
+    every: float = 0.05,
+) -> bool:
     """True once ``predicate()`` holds (sync or async); False at ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -68,14 +72,21 @@ async def ready_count(world: SimWorld, key: str = "listen") -> int:
 
 
 def _rabbitmqctl(*args: str) -> str:
-    out = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=30, check=True)
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=30, check=True
+    )
     return out.stdout
 
 
 async def queue_depth(name: str) -> tuple[int, int]:
     """(ready, unacknowledged) of a queue, as the broker counts them."""
     text = await asyncio.to_thread(
-        _rabbitmqctl, "list_queues", "name", "messages_ready", "messages_unacknowledged", "--no-table-headers"
+        _rabbitmqctl,
+        "list_queues",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+        "--no-table-headers",
     )
     for line in text.splitlines():
         parts = line.split("\t")
@@ -109,7 +120,9 @@ def _close_worker_connections(pid: int, names: Iterable[str]) -> list[str]:
     ports = _local_ports_to(pid)
     wanted = [f'{{"connection_name","{n}"}}' for n in names]
     closed: list[str] = []
-    text = _rabbitmqctl("list_connections", "pid", "peer_port", "client_properties", "--no-table-headers")
+    text = _rabbitmqctl(
+        "list_connections", "pid", "peer_port", "client_properties", "--no-table-headers"
+    )
     for line in text.splitlines():
         parts = line.split("\t")
         if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) not in ports:
@@ -150,9 +163,18 @@ def assert_nothing_lost(world: SimWorld, works: Iterable[str], *, exact: bool = 
     by_work = pushes_by_work(world)
     for wid in works:
         w = world.platform.works[wid]
-        assert w.status == "complete" and not w.in_error, (wid, w.status, w.errors[-1:] or w.messages[-1:])
+        assert w.status == "complete" and not w.in_error, (
+            wid,
+            w.status,
+            w.errors[-1:] or w.messages[-1:],
+        )
         if exact:
-            assert w.expected == by_work.get(wid, 0) == w.processed, (wid, w.expected, by_work.get(wid), w.processed)
+            assert w.expected == by_work.get(wid, 0) == w.processed, (
+                wid,
+                w.expected,
+                by_work.get(wid),
+                w.processed,
+            )
 
 
 def completed(world: SimWorld, works: Iterable[str]) -> int:
@@ -186,8 +208,14 @@ LIGHT_WORKER = {"validate": False}
 async def test_sigkill_mid_run_duplicates_only_jobs_in_flight() -> None:
     in_flight = 200
     lis = LisSimConfig(latency_s=0.3, known_share=1.0, bundle_size=5)
-    async with SimWorld(lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as world:
-        env = world.env() | FAST_ENV | {"CONNECTOR_JOBS_IN_FLIGHT": str(in_flight), "LASTINFOSEC_CONCURRENCY": "64"}
+    async with SimWorld(
+        lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+    ) as world:
+        env = (
+            world.env()
+            | FAST_ENV
+            | {"CONNECTOR_JOBS_IN_FLIGHT": str(in_flight), "LASTINFOSEC_CONCURRENCY": "64"}
+        )
         proc = start_worker_process(env)
         try:
             assert await world.wait_registration(timeout=30)
@@ -203,7 +231,9 @@ async def test_sigkill_mid_run_duplicates_only_jobs_in_flight() -> None:
             assert await poll(lambda: _unacked_zero(listen), 30)
             ready, _ = await queue_depth(listen)
             w = world.platform.works
-            started_not_processed = {x for x in works if w[x].received_time is not None and w[x].processed_time is None}
+            started_not_processed = {
+                x for x in works if w[x].received_time is not None and w[x].processed_time is None
+            }
             processed = sum(w[x].processed_time is not None for x in works)
             # Jobs whose toProcessed went through but whose ack was lost with the process.
             processed_not_acked = ready - (len(works) - processed)
@@ -221,7 +251,10 @@ async def test_sigkill_mid_run_duplicates_only_jobs_in_flight() -> None:
         dups = duplicated_works(world, works)
         # Only jobs in flight at the kill ran twice...
         assert len(dups) <= in_flight, len(dups)
-        assert len(set(dups) - started_not_processed) <= processed_not_acked, (dups, processed_not_acked)
+        assert len(set(dups) - started_not_processed) <= processed_not_acked, (
+            dups,
+            processed_not_acked,
+        )
         # ...and each of them published its messages at most twice.
         for wid, extra in dups.items():
             assert extra <= len({o["id"] for o in world.worker.objects_by_work[wid]}), wid
@@ -239,7 +272,9 @@ async def _unacked_zero(queue: str) -> bool:
 async def test_broker_side_connection_close_mid_run_loses_nothing() -> None:
     needs_rabbitmqctl()
     lis = LisSimConfig(latency_s=0.05, known_share=1.0, bundle_size=5)
-    async with world_with_worker(lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as run:
+    async with world_with_worker(
+        lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+    ) as run:
         world, app = run.world, run.app
         jobs = await world.producer.publish_many(300, kind="manual")
         works = work_ids(jobs)
@@ -259,8 +294,13 @@ async def test_broker_side_connection_close_mid_run_loses_nothing() -> None:
 
         sampler = asyncio.create_task(sample())
         try:
-            closed = await close_worker_connections(os.getpid(), ["lis-async consumer", "lis-async publisher"])
-            assert sorted(closed) == ['{"connection_name","lis-async consumer"}', '{"connection_name","lis-async publisher"}']
+            closed = await close_worker_connections(
+                os.getpid(), ["lis-async consumer", "lis-async publisher"]
+            )
+            assert sorted(closed) == [
+                '{"connection_name","lis-async consumer"}',
+                '{"connection_name","lis-async publisher"}',
+            ]
             assert await poll(lambda: seen_down == {"consumer", "publisher"}, 5), seen_down
         finally:
             stop_sampling.set()
@@ -269,8 +309,14 @@ async def test_broker_side_connection_close_mid_run_loses_nothing() -> None:
 
         # The worker reconnects by itself, resumes consuming and publishing, and loses nothing.
         ok = await world.platform.wait_works(works, timeout=120)
-        assert ok, (world.platform.works_by_status(), app.checks(), app.consumer and app.consumer.in_flight)
-        assert await poll(lambda: app.checks()["consumer"] and app.checks()["publisher"], 30), app.checks()
+        assert ok, (
+            world.platform.works_by_status(),
+            app.checks(),
+            app.consumer and app.consumer.in_flight,
+        )
+        assert await poll(lambda: app.checks()["consumer"] and app.checks()["publisher"], 30), (
+            app.checks()
+        )
         assert await world.worker.wait_idle(timeout=30)
         assert_nothing_lost(world, works, exact=False)
         # Jobs in flight when the consumer connection went down could not be acked: they are
@@ -300,12 +346,16 @@ def in_error(world: SimWorld, works: Iterable[str]) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("retry_after_s", [1.0, None], ids=["retry-after", "no-retry-after"])
-async def test_429_storm_slows_the_whole_client_and_fails_no_job(retry_after_s: float | None) -> None:
+async def test_429_storm_slows_the_whole_client_and_fails_no_job(
+    retry_after_s: float | None,
+) -> None:
     concurrency = int(LIS_RETRY_ENV["LASTINFOSEC_CONCURRENCY"])
     # "Not found" answers: the 429 handling is the same, and without bundles to publish the worker
     # runs as fast as LastInfoSec lets it, which makes the unthrottled rate visible.
     lis = LisSimConfig(latency_s=0.02, known_share=0.0, retry_after_s=retry_after_s)
-    async with world_with_worker(env=LIS_RETRY_ENV, lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as run:
+    async with world_with_worker(
+        env=LIS_RETRY_ENV, lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+    ) as run:
         world = run.world
         stats = world.lis.stats
         # Unthrottled, the worker sends as fast as jobs come.
@@ -322,7 +372,9 @@ async def test_429_storm_slows_the_whole_client_and_fails_no_job(retry_after_s: 
         works = work_ids(jobs)
         assert await world.platform.wait_works(works, timeout=90)
         failed = in_error(world, works)
-        assert not failed, [world.platform.works[w].errors[-1:] for w in failed]  # no job failed while retries remained
+        assert not failed, [
+            world.platform.works[w].errors[-1:] for w in failed
+        ]  # no job failed while retries remained
 
         throttled = stats.by_status.get(429, 0)
         assert throttled >= concurrency
@@ -335,9 +387,23 @@ async def test_429_storm_slows_the_whole_client_and_fails_no_job(retry_after_s: 
 
 @pytest.mark.slow
 async def test_5xx_timeouts_and_refused_connections_are_retried() -> None:
-    env = LIS_RETRY_ENV | {"LASTINFOSEC_TIMEOUT_S": "0.5", "LASTINFOSEC_BACKOFF_MAX_S": "0.5", "LASTINFOSEC_RETRIES": "10"}
-    lis = LisSimConfig(latency_s=0.01, known_share=0.7, bundle_size=5, error_rate=0.2, timeout_rate=0.05, hang_s=3.0, seed=7)
-    async with world_with_worker(env=env, lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as run:
+    env = LIS_RETRY_ENV | {
+        "LASTINFOSEC_TIMEOUT_S": "0.5",
+        "LASTINFOSEC_BACKOFF_MAX_S": "0.5",
+        "LASTINFOSEC_RETRIES": "10",
+    }
+    lis = LisSimConfig(
+        latency_s=0.01,
+        known_share=0.7,
+        bundle_size=5,
+        error_rate=0.2,
+        timeout_rate=0.05,
+        hang_s=3.0,
+        seed=7,
+    )
+    async with world_with_worker(
+        env=env, lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+    ) as run:
         world, app = run.world, run.app
         assert app.lis is not None
         jobs = await world.producer.publish_many(120, kind="manual")
@@ -366,10 +432,16 @@ LIS_KEY = "lis-KEY-5ec2e7-do-not-log"
 
 
 @pytest.mark.parametrize("fault", ["http-500", "connection-refused", "timeout"])
-async def test_after_the_retry_budget_the_work_ends_in_error_with_a_redacted_message(fault: str) -> None:
+async def test_after_the_retry_budget_the_work_ends_in_error_with_a_redacted_message(
+    fault: str,
+) -> None:
     env = {"LASTINFOSEC_RETRIES": "2", "LASTINFOSEC_TIMEOUT_S": "0.3"}
-    lis = LisSimConfig(api_key=LIS_KEY, error_rate=1.0 if fault == "http-500" else 0.0,
-                       timeout_rate=1.0 if fault == "timeout" else 0.0, hang_s=2.0)
+    lis = LisSimConfig(
+        api_key=LIS_KEY,
+        error_rate=1.0 if fault == "http-500" else 0.0,
+        timeout_rate=1.0 if fault == "timeout" else 0.0,
+        hang_s=2.0,
+    )
     async with SimWorld(lis_config=lis, producer_options=QUIET_PRODUCER) as world:
         if fault == "connection-refused":
             port = world.lis.port
@@ -380,12 +452,18 @@ async def test_after_the_retry_budget_the_work_ends_in_error_with_a_redacted_mes
             jobs = await world.producer.publish_many(6, kind="manual", entity_type="Domain-Name")
             works = work_ids(jobs)
             assert await world.platform.wait_works(works, timeout=60)
-            expected_cause = {"http-500": "HTTP 500", "connection-refused": "Cannot connect", "timeout": "timeout after 0.3 s"}[fault]
+            expected_cause = {
+                "http-500": "HTTP 500",
+                "connection-refused": "Cannot connect",
+                "timeout": "timeout after 0.3 s",
+            }[fault]
             for wid in works:
                 w = world.platform.works[wid]
                 assert w.in_error, w
                 (error,) = [e["message"] for e in w.errors]
-                assert error.startswith("LastInfoSec lookup failed: LastInfoSec search_host lookup failed after 3 attempts; last cause: "), error
+                assert error.startswith(
+                    "LastInfoSec lookup failed: LastInfoSec search_host lookup failed after 3 attempts; last cause: "
+                ), error
                 assert expected_cause in error, error
                 assert LIS_KEY not in error and "api_key=" not in error
             assert run.app.consumer is not None and run.app.consumer.accepting  # not fatal
@@ -397,7 +475,10 @@ async def test_after_the_retry_budget_the_work_ends_in_error_with_a_redacted_mes
 
 
 def _failed_calls(world: SimWorld, operation: str, since: float) -> int:
-    return sum(r.operation == operation and r.outcome == "http_503" and r.time >= since for r in list(world.platform.requests))
+    return sum(
+        r.operation == operation and r.outcome == "http_503" and r.time >= since
+        for r in list(world.platform.requests)
+    )
 
 
 @pytest.mark.slow
@@ -407,7 +488,9 @@ async def test_opencti_outage_jobs_wait_unacked_and_complete_when_it_returns() -
     prefetch = 16
     lis = LisSimConfig(latency_s=0.01, known_share=1.0, bundle_size=5)
     env = {"CONNECTOR_JOBS_IN_FLIGHT": str(prefetch)}
-    async with world_with_worker(env=env, lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as run:
+    async with world_with_worker(
+        env=env, lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+    ) as run:
         world, app = run.world, run.app
         assert app.consumer is not None and app.platform.last_heartbeat is not None
         # The app pings every 40 s and does not honour CONNECTOR_HEARTBEAT_INTERVAL_S (see the
@@ -425,7 +508,9 @@ async def test_opencti_outage_jobs_wait_unacked_and_complete_when_it_returns() -
             works = work_ids(jobs)
 
             # While down: jobs in flight keep retrying, prefetch-bounded, and none is acked.
-            assert await poll(lambda: _failed_calls(world, "workToReceived", down_at) >= 3 * prefetch, 8)
+            assert await poll(
+                lambda: _failed_calls(world, "workToReceived", down_at) >= 3 * prefetch, 8
+            )
             assert app.consumer.in_flight == prefetch
             ready, unacked = await queue_depth(world.names()["listen"])
             assert (ready, unacked) == (len(works) - prefetch, prefetch)
@@ -434,13 +519,17 @@ async def test_opencti_outage_jobs_wait_unacked_and_complete_when_it_returns() -
             assert app.platform.last_heartbeat == hb_before  # failed pings do not count
 
             # Back up: every job completes, nothing was published twice, the heartbeat resumes.
-            assert await world.platform.wait_until(lambda: not world.platform.in_outage, outage_s + 5)
+            assert await world.platform.wait_until(
+                lambda: not world.platform.in_outage, outage_s + 5
+            )
             up_at = time.time()
             assert await world.platform.wait_works(works, timeout=60)
             assert await world.worker.wait_idle(timeout=30)
             assert_nothing_lost(world, works)
             assert await poll(lambda: any(t >= up_at for t in rec.pings), 10)
-            assert app.platform.last_heartbeat is not None and app.platform.last_heartbeat > hb_before
+            assert (
+                app.platform.last_heartbeat is not None and app.platform.last_heartbeat > hb_before
+            )
             assert app.checks()["heartbeat"]
             assert await ready_count(world) == 0 and app.consumer.in_flight == 0
         finally:
@@ -452,28 +541,51 @@ async def test_opencti_outage_jobs_wait_unacked_and_complete_when_it_returns() -
 async def test_dead_work_is_acked_and_dropped_not_retried(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="lis_async")
     lis = LisSimConfig(latency_s=1.0, known_share=1.0, bundle_size=5)
-    async with world_with_worker(lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as run:
+    async with world_with_worker(
+        lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+    ) as run:
         world, app = run.world, run.app
         # Killed before the job is taken: toReceived answers WORK_NOT_ALIVE.
-        before = world.producer.make_job(world.producer.next_index(), kind="manual", entity_type="Domain-Name")
+        before = world.producer.make_job(
+            world.producer.next_index(), kind="manual", entity_type="Domain-Name"
+        )
         assert before.work_id
         world.platform.kill_work(before.work_id)
         # Killed while the job is in flight (during the 1 s LastInfoSec lookup).
-        during = world.producer.make_job(world.producer.next_index(), kind="manual", entity_type="Domain-Name")
+        during = world.producer.make_job(
+            world.producer.next_index(), kind="manual", entity_type="Domain-Name"
+        )
         assert during.work_id
         for job in (before, during):
             await world.producer.publish(job)
-        assert await world.platform.wait_until(lambda: world.platform.works[during.work_id].received_time is not None, 10)
+        assert await world.platform.wait_until(
+            lambda: world.platform.works[during.work_id].received_time is not None, 10
+        )
         world.platform.kill_work(during.work_id)
 
         dead = [before.work_id, during.work_id]
-        assert await poll(lambda: all(f"work {w} is no longer alive" in caplog.text for w in dead), 15), caplog.text
+        assert await poll(
+            lambda: all(f"work {w} is no longer alive" in caplog.text for w in dead), 15
+        ), caplog.text
         assert app.consumer is not None and await poll(lambda: app.consumer.in_flight == 0, 5)
         assert await ready_count(world) == 0  # acked, not requeued
-        await asyncio.sleep(1.0)  # would a retry loop show up? (a bounded look, not a wait for a result)
-        calls = collections.Counter((r.operation, r.variables.get("id")) for r in world.platform.requests if r.variables.get("id") in dead)
+        await asyncio.sleep(
+            1.0
+        )  # would a retry loop show up? (a bounded look, not a wait for a result)
+        calls = collections.Counter(
+            (r.operation, r.variables.get("id"))
+            for r in world.platform.requests
+            if r.variables.get("id") in dead
+        )
         assert calls[("workToReceived", before.work_id)] == 1
-        assert sum(n for (op, wid), n in calls.items() if wid == during.work_id and op != "workToReceived") == 1, calls
+        assert (
+            sum(
+                n
+                for (op, wid), n in calls.items()
+                if wid == during.work_id and op != "workToReceived"
+            )
+            == 1
+        ), calls
         assert await ready_count(world) == 0
 
 
@@ -489,15 +601,23 @@ def _processed_at(world: SimWorld, works: Iterable[str]) -> set[str]:
 async def test_sigterm_under_load_finishes_jobs_in_flight_and_requeues_the_rest() -> None:
     in_flight = 16
     lis = LisSimConfig(latency_s=0.5, known_share=1.0, bundle_size=5)
-    async with SimWorld(lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as world:
-        env = world.env() | FAST_ENV | {"CONNECTOR_JOBS_IN_FLIGHT": str(in_flight), "CONNECTOR_SHUTDOWN_TIMEOUT_S": "20"}
+    async with SimWorld(
+        lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+    ) as world:
+        env = (
+            world.env()
+            | FAST_ENV
+            | {"CONNECTOR_JOBS_IN_FLIGHT": str(in_flight), "CONNECTOR_SHUTDOWN_TIMEOUT_S": "20"}
+        )
         proc = start_worker_process(env)
         try:
             assert await world.wait_registration(timeout=30)
             await world.start_worker_emulation()
             jobs = await world.producer.publish_many(200, kind="manual")
             works = work_ids(jobs)
-            assert await poll(lambda: len(_processed_at(world, works)) >= 20 or proc.poll() is not None, 60)
+            assert await poll(
+                lambda: len(_processed_at(world, works)) >= 20 or proc.poll() is not None, 60
+            )
             assert proc.poll() is None, worker_log(proc)[-2000:]
             proc.send_signal(signal.SIGTERM)
             signalled_at = time.time()
@@ -510,7 +630,11 @@ async def test_sigterm_under_load_finishes_jobs_in_flight_and_requeues_the_rest(
 
         # Intake stopped at once: nothing was started after the signal...
         w = world.platform.works
-        started_late = [x for x in works if w[x].received_time is not None and w[x].received_time > signalled_at + 0.5]
+        started_late = [
+            x
+            for x in works
+            if w[x].received_time is not None and w[x].received_time > signalled_at + 0.5
+        ]
         assert not started_late
         # ...every job in flight finished (processed), and the rest are back in the queue.
         processed = _processed_at(world, works)
@@ -525,8 +649,14 @@ async def test_sigterm_under_load_finishes_jobs_in_flight_and_requeues_the_rest(
 async def test_sigterm_with_a_deadline_too_short_requeues_slow_jobs_for_the_next_worker() -> None:
     in_flight = 8
     lis = LisSimConfig(latency_s=5.0, known_share=1.0, bundle_size=5)
-    async with SimWorld(lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as world:
-        env = world.env() | FAST_ENV | {"CONNECTOR_JOBS_IN_FLIGHT": str(in_flight), "CONNECTOR_SHUTDOWN_TIMEOUT_S": "1"}
+    async with SimWorld(
+        lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+    ) as world:
+        env = (
+            world.env()
+            | FAST_ENV
+            | {"CONNECTOR_JOBS_IN_FLIGHT": str(in_flight), "CONNECTOR_SHUTDOWN_TIMEOUT_S": "1"}
+        )
         proc = start_worker_process(env)
         try:
             assert await world.wait_registration(timeout=30)
@@ -534,7 +664,9 @@ async def test_sigterm_with_a_deadline_too_short_requeues_slow_jobs_for_the_next
             jobs = await world.producer.publish_many(20, kind="manual")
             works = work_ids(jobs)
             # Every job in flight is inside its 5 s LastInfoSec lookup.
-            assert await poll(lambda: world.lis.stats.concurrent == in_flight or proc.poll() is not None, 30)
+            assert await poll(
+                lambda: world.lis.stats.concurrent == in_flight or proc.poll() is not None, 30
+            )
             proc.send_signal(signal.SIGTERM)
             t0 = time.monotonic()
             code = await asyncio.to_thread(proc.wait, 30)
@@ -566,13 +698,19 @@ async def test_sigterm_with_a_deadline_too_short_requeues_slow_jobs_for_the_next
 
 
 @pytest.mark.slow
-async def test_full_push_queue_slows_the_worker_down_and_drops_nothing(caplog: pytest.LogCaptureFixture) -> None:
+async def test_full_push_queue_slows_the_worker_down_and_drops_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.WARNING, logger="lis_async")
     in_flight, max_length = 16, 30
     lis = LisSimConfig(latency_s=0.01, known_share=1.0, bundle_size=5)
     platform = PlatformSimConfig(push_queue_max_length=max_length)
-    async with SimWorld(lis_config=lis, platform_config=platform, producer_options=QUIET_PRODUCER,
-                        worker_options=LIGHT_WORKER) as world:
+    async with SimWorld(
+        lis_config=lis,
+        platform_config=platform,
+        producer_options=QUIET_PRODUCER,
+        worker_options=LIGHT_WORKER,
+    ) as world:
         async with app_only(world, {"CONNECTOR_JOBS_IN_FLIGHT": str(in_flight)}) as run:
             app = run.app
             assert app.consumer is not None

@@ -37,10 +37,19 @@ LENIENT = frozenset({"missing_applicant_id", "stix_entity_object"})
 
 def jobs_handled(app: Any) -> int:
     """Bodies the worker settled, all outcomes together (the app's job counter)."""
-    return int(sum(s.value for m in app.metrics.jobs.collect() for s in m.samples if s.name == "lis_jobs_total"))
+    return int(
+        sum(
+            s.value
+            for m in app.metrics.jobs.collect()
+            for s in m.samples
+            if s.name == "lis_jobs_total"
+        )
+    )
 
 
-async def test_every_hostile_body_is_settled_once_without_crash_or_path_change(caplog: pytest.LogCaptureFixture) -> None:
+async def test_every_hostile_body_is_settled_once_without_crash_or_path_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.INFO, logger="lis_async")
     lis = LisSimConfig(api_key=LIS_KEY, known_share=0.5, bundle_size=5)
     async with world_with_worker(lis=lis, worker_options=LIGHT_WORKER) as run:
@@ -61,7 +70,11 @@ async def test_every_hostile_body_is_settled_once_without_crash_or_path_change(c
         assert not run.task.done() and app.consumer.accepting and app.fatal is None
 
         # One clear log line per body, naming its outcome.
-        lines = [r.getMessage() for r in caplog.records if r.name == "lis_async.pipeline" and r.getMessage().startswith("job work=")]
+        lines = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "lis_async.pipeline" and r.getMessage().startswith("job work=")
+        ]
         assert len(lines) == len(hostile), lines
         invalid = {j.kind for j in hostile if j.malformed} - LENIENT | {"very_long_value"}
         assert sum("outcome=invalid" in line for line in lines) == len(invalid)
@@ -79,7 +92,9 @@ async def test_every_hostile_body_is_settled_once_without_crash_or_path_change(c
                 continue
             assert w is not None and w.processed_time is not None, job.kind
             if job.kind in invalid:
-                assert w.in_error and w.errors[-1]["message"].startswith("Invalid enrichment job: "), (job.kind, w.errors)
+                assert w.in_error and w.errors[-1]["message"].startswith(
+                    "Invalid enrichment job: "
+                ), (job.kind, w.errors)
             else:
                 assert not w.in_error and w.messages[-1], (job.kind, w.errors)
 
@@ -90,33 +105,76 @@ async def test_every_hostile_body_is_settled_once_without_crash_or_path_change(c
         for path in stats.paths:
             prefix = next((p for p in LIS_PREFIXES if path.startswith(p)), None)
             assert prefix is not None, path
-            segment, query = path[len(prefix):].split("?", 1)
-            assert "/" not in segment and "#" not in segment and segment not in ("", ".", ".."), path
+            segment, query = path[len(prefix) :].split("?", 1)
+            assert "/" not in segment and "#" not in segment and segment not in ("", ".", ".."), (
+                path
+            )
             assert "?" + query == QUERY, path
         values = {v for v in stats.values if v}
         assert "../../v2/admin?x=1#" in values  # sent, as a value, not as a path
         assert "../../../v2/stix21/search_host/evil.com?x=#" in values
         assert control.strip() in values
 
+
 # ------------------------------------------------------------------------------------------
 # LastInfoSec answers that are not what they should be
 
 T = "2026-10-14T08:12:03.000Z"
-GOOD_MALWARE = {"type": "malware", "spec_version": "2.1", "id": "malware--6a1f0e1c-3c1b-4f2e-9b7a-1c2d3e4f5a6b",
-                "created": T, "modified": T, "name": "Good", "is_family": True}
-NO_ID = {"type": "malware", "spec_version": "2.1", "created": T, "modified": T, "name": "No id", "is_family": True}
+GOOD_MALWARE = {
+    "type": "malware",
+    "spec_version": "2.1",
+    "id": "malware--6a1f0e1c-3c1b-4f2e-9b7a-1c2d3e4f5a6b",
+    "created": T,
+    "modified": T,
+    "name": "Good",
+    "is_family": True,
+}
+NO_ID = {
+    "type": "malware",
+    "spec_version": "2.1",
+    "created": T,
+    "modified": T,
+    "name": "No id",
+    "is_family": True,
+}
 NO_TYPE = {"id": "malware--6a1f0e1c-3c1b-4f2e-9b7a-1c2d3e4f5a6c", "name": "No type"}
 INT_ID = {"type": "malware", "id": 12345, "name": "Int id"}
-NO_PATTERN = {"type": "indicator", "spec_version": "2.1", "id": "indicator--6a1f0e1c-3c1b-4f2e-9b7a-1c2d3e4f5a6d",
-              "created": T, "modified": T, "valid_from": T}
-BAD_ID = {"type": "malware", "spec_version": "2.1", "id": "malware--not-a-uuid", "created": T, "modified": T,
-          "name": "Bad id", "is_family": True}
-CUSTOM = {"type": "x-weird", "spec_version": "2.1", "id": "x-weird--6a1f0e1c-3c1b-4f2e-9b7a-1c2d3e4f5a6e"}
+NO_PATTERN = {
+    "type": "indicator",
+    "spec_version": "2.1",
+    "id": "indicator--6a1f0e1c-3c1b-4f2e-9b7a-1c2d3e4f5a6d",
+    "created": T,
+    "modified": T,
+    "valid_from": T,
+}
+BAD_ID = {
+    "type": "malware",
+    "spec_version": "2.1",
+    "id": "malware--not-a-uuid",
+    "created": T,
+    "modified": T,
+    "name": "Bad id",
+    "is_family": True,
+}
+CUSTOM = {
+    "type": "x-weird",
+    "spec_version": "2.1",
+    "id": "x-weird--6a1f0e1c-3c1b-4f2e-9b7a-1c2d3e4f5a6e",
+}
 
 
 def _bundles(*objects: dict[str, Any]) -> bytes:
-    return orjson.dumps({"message": [{"type": "bundle", "id": "bundle--6a1f0e1c-3c1b-4f2e-9b7a-1c2d3e4f5a60",
-                                      "objects": list(objects)}]})
+    return orjson.dumps(
+        {
+            "message": [
+                {
+                    "type": "bundle",
+                    "id": "bundle--6a1f0e1c-3c1b-4f2e-9b7a-1c2d3e4f5a60",
+                    "objects": list(objects),
+                }
+            ]
+        }
+    )
 
 
 VALID = _bundles(GOOD_MALWARE)
@@ -124,29 +182,57 @@ CAP = 64 * 1024
 
 # name -> (body override, what the work's error says; None: the work is enriched)
 ANSWERS: dict[str, tuple[tuple[int, bytes, str], str | None]] = {
-    "html": ((200, b"<html><body>Bad gateway</body></html>", "text/html"), "answer is not valid JSON"),
+    "html": (
+        (200, b"<html><body>Bad gateway</body></html>", "text/html"),
+        "answer is not valid JSON",
+    ),
     "truncated": ((200, VALID[: len(VALID) // 2], "application/json"), "answer is not valid JSON"),
     "empty_body": ((200, b"", "application/json"), "answer is not valid JSON"),
-    "over_the_cap": ((200, b'{"message":[' + b" " * (2 * 1024 * 1024) + b"]}", "application/json"),
-                     f"answer is larger than {CAP} bytes"),
+    "over_the_cap": (
+        (200, b'{"message":[' + b" " * (2 * 1024 * 1024) + b"]}", "application/json"),
+        f"answer is larger than {CAP} bytes",
+    ),
     "object_not_bundles": ((200, b'{"foo": 1}', "application/json"), "unexpected shape"),
     "json_string": ((200, b'"bundles"', "application/json"), "unexpected shape"),
     "json_number": ((200, b"42", "application/json"), "unexpected shape"),
-    "message_object": ((200, b'{"message": {"objects": []}}', "application/json"), "unexpected shape"),
-    "message_text": ((200, b'{"message": "temporary hiccup"}', "application/json"), "answered a text instead of bundles"),
-    "list_of_numbers": ((200, b"[1, 2, 3]", "application/json"), "holds 3 item(s) but no STIX bundle"),
-    "objects_not_a_list": ((200, b'[{"type": "bundle", "objects": "x"}]', "application/json"), "no STIX bundle"),
+    "message_object": (
+        (200, b'{"message": {"objects": []}}', "application/json"),
+        "unexpected shape",
+    ),
+    "message_text": (
+        (200, b'{"message": "temporary hiccup"}', "application/json"),
+        "answered a text instead of bundles",
+    ),
+    "list_of_numbers": (
+        (200, b"[1, 2, 3]", "application/json"),
+        "holds 3 item(s) but no STIX bundle",
+    ),
+    "objects_not_a_list": (
+        (200, b'[{"type": "bundle", "objects": "x"}]', "application/json"),
+        "no STIX bundle",
+    ),
     # Objects OpenCTI cannot import (no id or type, an id that is not `<type>--<uuid>`, a ref
     # that is not an id) are dropped; the rest is pushed as is (the OpenCTI worker reports what
     # it cannot import on the work; it rejects nothing).
-    "unroutable_ref": ((200, _bundles(GOOD_MALWARE | {"created_by_ref": 7}), "application/json"), None),
-    "invalid_stix_objects": ((200, _bundles(GOOD_MALWARE, NO_ID, NO_TYPE, INT_ID, NO_PATTERN, BAD_ID, CUSTOM),
-                              "application/json"), None),
+    "unroutable_ref": (
+        (200, _bundles(GOOD_MALWARE | {"created_by_ref": 7}), "application/json"),
+        None,
+    ),
+    "invalid_stix_objects": (
+        (
+            200,
+            _bundles(GOOD_MALWARE, NO_ID, NO_TYPE, INT_ID, NO_PATTERN, BAD_ID, CUSTOM),
+            "application/json",
+        ),
+        None,
+    ),
 }
 
 
 @pytest.mark.slow
-async def test_bad_lastinfosec_answers_fail_the_work_cleanly(caplog: pytest.LogCaptureFixture) -> None:
+async def test_bad_lastinfosec_answers_fail_the_work_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.INFO, logger="lis_async")
     env = {"LASTINFOSEC_MAX_ANSWER_BYTES": str(CAP), "LASTINFOSEC_RETRIES": "1"}
     lis = LisSimConfig(api_key=LIS_KEY)
@@ -166,14 +252,18 @@ async def test_bad_lastinfosec_answers_fail_the_work_cleanly(caplog: pytest.LogC
                 assert w.in_error, (name, w.messages)
                 message = w.errors[-1]["message"]
                 assert error in message and LIS_KEY not in message, (name, message)
-                assert message.startswith(("LastInfoSec lookup failed: ", "Cannot build a STIX bundle")), message
+                assert message.startswith(
+                    ("LastInfoSec lookup failed: ", "Cannot build a STIX bundle")
+                ), message
             assert app.fatal is None and app.consumer is not None and app.consumer.accepting, name
 
         # Nothing we pushed was rejected by the OpenCTI worker, and nothing without an id or a
         # type went out.
         assert not world.worker.rejections
         pushed = [o for objs in world.worker.objects_by_work.values() for o in objs]
-        assert pushed and all(isinstance(o.get("id"), str) and isinstance(o.get("type"), str) for o in pushed)
+        assert pushed and all(
+            isinstance(o.get("id"), str) and isinstance(o.get("type"), str) for o in pushed
+        )
         ids = {o["id"] for o in pushed}
         assert GOOD_MALWARE["id"] in ids and NO_TYPE["id"] not in ids and CUSTOM["id"] not in ids
         assert not any(o.get("name") in ("No id", "Bad id") for o in pushed)
@@ -188,7 +278,9 @@ def processed(world: SimWorld, works: list[str]) -> int:
 @pytest.mark.slow
 async def test_invalid_key_mid_run_stops_the_worker_with_exit_3_and_keeps_the_queue() -> None:
     lis = LisSimConfig(latency_s=0.2, known_share=1.0, bundle_size=5)
-    async with SimWorld(lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as world:
+    async with SimWorld(
+        lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+    ) as world:
         env = world.env() | FAST_ENV | {"CONNECTOR_JOBS_IN_FLIGHT": "16"}
         proc = start_worker_process(env)
         try:
@@ -203,7 +295,10 @@ async def test_invalid_key_mid_run_stops_the_worker_with_exit_3_and_keeps_the_qu
             await stop_async(proc, signal.SIGKILL)
         log_text = worker_log(proc)
         assert code == 3, log_text[-3000:]
-        assert "CRITICAL lis_async.app: FATAL, the worker stops taking jobs: LastInfoSec rejected the API key" in log_text
+        assert (
+            "CRITICAL lis_async.app: FATAL, the worker stops taking jobs: LastInfoSec rejected the API key"
+            in log_text
+        )
         assert world.lis_api_key not in log_text
 
         # It did not burn the queue into errors: no work in error, most jobs still queued.

@@ -32,8 +32,11 @@ def sample(text: str, name: str, labels: str = "") -> float:
 
 async def test_metrics_and_health_endpoints_in_a_run() -> None:
     health, metrics = free_port(), free_port()
-    env = {"CONNECTOR_EXPOSE_METRICS": "true", "CONNECTOR_METRICS_PORT": str(metrics),
-           "CONNECTOR_HEALTH_PORT": str(health)}
+    env = {
+        "CONNECTOR_EXPOSE_METRICS": "true",
+        "CONNECTOR_METRICS_PORT": str(metrics),
+        "CONNECTOR_HEALTH_PORT": str(health),
+    }
     async with world_with_worker(env=env, lis=LisSimConfig(latency_s=0.01, known_share=0.7)) as run:
         world = run.world
         produced = await world.producer.publish_many(40, kind="manual")
@@ -46,14 +49,22 @@ async def test_metrics_and_health_endpoints_in_a_run() -> None:
             async with http.get(f"http://127.0.0.1:{health}/readyz") as resp:
                 body = await resp.json()
                 assert resp.status == 200, body
-                assert body["checks"] == {"consumer": True, "publisher": True, "heartbeat": True, "accepting": True}
+                assert body["checks"] == {
+                    "consumer": True,
+                    "publisher": True,
+                    "heartbeat": True,
+                    "accepting": True,
+                }
             async with http.get(f"http://127.0.0.1:{health}/metrics") as resp:
                 assert resp.status == 404  # metrics only on the metrics port
             async with http.get(f"http://127.0.0.1:{metrics}/metrics") as resp:
                 assert resp.status == 200
                 text = await resp.text()
-        outcomes = {o: sample(text, "lis_jobs_total", f'outcome="{o}"') for o in ("enriched", "not_found", "skipped")
-                    if f'lis_jobs_total{{outcome="{o}"}}' in text}
+        outcomes = {
+            o: sample(text, "lis_jobs_total", f'outcome="{o}"')
+            for o in ("enriched", "not_found", "skipped")
+            if f'lis_jobs_total{{outcome="{o}"}}' in text
+        }
         assert sum(outcomes.values()) == len(works)
         assert outcomes["enriched"] > 0
         assert sample(text, "lis_job_duration_seconds_count") == len(works)
@@ -62,15 +73,22 @@ async def test_metrics_and_health_endpoints_in_a_run() -> None:
         assert sample(text, "lis_api_requests_total", 'status="200"') > 0
         assert sample(text, "lis_jobs_running") == 0
         assert sample(text, "lis_heartbeat_age") < 60
-        for name in ("lis_api_retries_total", "lis_api_throttled_total", "lis_cache_hits_total",
-                     "lis_listen_queue_messages"):
+        for name in (
+            "lis_api_retries_total",
+            "lis_api_throttled_total",
+            "lis_cache_hits_total",
+            "lis_listen_queue_messages",
+        ):
             assert name in text
         assert world.lis_api_key not in text and world.opencti_token not in text
 
         # Readiness follows the worker: not ready once it stops taking jobs.
         assert run.app.consumer is not None
         await run.app.consumer.stop_intake()
-        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{health}/readyz") as resp:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{health}/readyz") as resp,
+        ):
             assert resp.status == 503 and (await resp.json())["checks"]["accepting"] is False
 
 
@@ -79,7 +97,11 @@ async def test_check_passes_against_the_simulated_world() -> None:
         lines: list[str] = []
         code = await run_check(load_settings(env=world.env()), out=lines.append)
         assert code == 0, lines
-        assert [line.split()[0:2] for line in lines] == [["PASS", "opencti:"], ["PASS", "rabbitmq:"], ["PASS", "lastinfosec:"]]
+        assert [line.split()[0:2] for line in lines] == [
+            ["PASS", "opencti:"],
+            ["PASS", "rabbitmq:"],
+            ["PASS", "lastinfosec:"],
+        ]
 
 
 async def test_check_fails_clearly_on_a_wrong_key_and_a_wrong_url() -> None:
@@ -91,7 +113,10 @@ async def test_check_fails_clearly_on_a_wrong_key_and_a_wrong_url() -> None:
         assert "wrong-key-123" not in "\n".join(lines)
 
         lines.clear()
-        env = world.env() | {"OPENCTI_URL": f"http://127.0.0.1:{free_port()}", "OPENCTI_TOKEN": "octi-secret-xyz"}
+        env = world.env() | {
+            "OPENCTI_URL": f"http://127.0.0.1:{free_port()}",
+            "OPENCTI_TOKEN": "octi-secret-xyz",
+        }
         assert await run_check(load_settings(env=env), out=lines.append) == 1
         assert lines[0].startswith("FAIL opencti") and "unreachable" in lines[0]
         assert lines[1].startswith("FAIL rabbitmq")

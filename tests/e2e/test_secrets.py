@@ -21,7 +21,18 @@ pytestmark = [pytest.mark.rabbitmq]
 
 LIS_KEY = "LIS-sEcReT-7f3a9c1e"
 OPENCTI_TOKEN = "OCTI-sEcReT-42b1e8d0"
-LOGGERS = ("", "lis_async", "aiohttp", "aiohttp.client", "aio_pika", "aiormq", "urllib3", "pycti", "api", "asyncio")
+LOGGERS = (
+    "",
+    "lis_async",
+    "aiohttp",
+    "aiohttp.client",
+    "aio_pika",
+    "aiormq",
+    "urllib3",
+    "pycti",
+    "api",
+    "asyncio",
+)
 
 
 def _with_markings(world: SimWorld, i: int, *tlps: str) -> ProducedJob:
@@ -31,7 +42,9 @@ def _with_markings(world: SimWorld, i: int, *tlps: str) -> ProducedJob:
     entity = orjson.loads(body["event"]["stix_entity"])
     entity["object_marking_refs"] = [TLP_IDS[t] for t in tlps]
     body["event"]["stix_entity"] = orjson.dumps(entity).decode()
-    return dataclasses.replace(job, body=orjson.dumps(body), tlp=max(tlps, key=lambda t: normalise_tlp(t)))
+    return dataclasses.replace(
+        job, body=orjson.dumps(body), tlp=max(tlps, key=lambda t: normalise_tlp(t))
+    )
 
 
 @pytest.mark.slow
@@ -41,7 +54,9 @@ async def test_secrets_never_leak_and_tlp_policy_holds(caplog: pytest.LogCapture
     env = {"CONNECTOR_LOG_LEVEL": "debug", "LASTINFOSEC_RETRIES": "1"}
     lis = LisSimConfig(api_key=LIS_KEY, known_share=0.8, bundle_size=5, error_rate=0.3, seed=11)
     platform = PlatformSimConfig(token=OPENCTI_TOKEN)
-    async with world_with_worker(env=env, lis=lis, platform=platform, worker_options=LIGHT_WORKER) as run:
+    async with world_with_worker(
+        env=env, lis=lis, platform=platform, worker_options=LIGHT_WORKER
+    ) as run:
         world, app = run.world, run.app
         produced = await world.producer.publish_many(150)
 
@@ -67,7 +82,11 @@ async def test_secrets_never_leak_and_tlp_policy_holds(caplog: pytest.LogCapture
         assert crafted["green+amber"].value in asked
         for name, tlp in (("green+red", "TLP:RED"), ("clear+amber+strict", "TLP:AMBER+STRICT")):
             wid = crafted[name].work_id
-            assert wid and world.platform.works[wid].messages[-1] == f"{tlp} is above the max TLP TLP:AMBER: not sent to LastInfoSec"
+            assert (
+                wid
+                and world.platform.works[wid].messages[-1]
+                == f"{tlp} is above the max TLP TLP:AMBER: not sent to LastInfoSec"
+            )
 
         # At the end the key is revoked: a 401, fatal.
         world.lis.config.api_key = "rotated-key"

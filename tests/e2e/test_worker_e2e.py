@@ -23,9 +23,20 @@ async def test_mixed_jobs_end_to_end() -> None:
     async with world_with_worker(lis=LisSimConfig(latency_s=0.02, bundle_size=12)) as run:
         world = run.world
         produced = await world.producer.publish_many(300)
-        hostile = [world.producer.make_hostile(k) for k in ("not_json", "not_utf8", "wrong_types", "missing_event",
-                                                           "path_traversal", "control_chars", "very_long_value",
-                                                           "huge_stix_entity", "unknown_entity_type")]
+        hostile = [
+            world.producer.make_hostile(k)
+            for k in (
+                "not_json",
+                "not_utf8",
+                "wrong_types",
+                "missing_event",
+                "path_traversal",
+                "control_chars",
+                "very_long_value",
+                "huge_stix_entity",
+                "unknown_entity_type",
+            )
+        ]
         for job in hostile:
             await world.producer.publish(job)
         works = [j.work_id for j in produced if j.work_id]
@@ -55,7 +66,10 @@ async def test_mixed_jobs_end_to_end() -> None:
             job = jobs_by_work[rec.work_id]
             assert rec.applicant_id == user
             assert rec.draft_id == job.draft_id
-            assert rec.properties["delivery_mode"] == 2 and rec.properties["content_encoding"] == "utf-8"
+            assert (
+                rec.properties["delivery_mode"] == 2
+                and rec.properties["content_encoding"] == "utf-8"
+            )
             (obj,) = rec.bundle["objects"]
             assert not obj["id"].startswith("x-opencti-hostname")
             if job.granted_refs:  # organisation sharing reaches every pushed object
@@ -69,11 +83,18 @@ async def test_mixed_jobs_end_to_end() -> None:
             if normalise_tlp(job.tlp) in ("TLP:AMBER+STRICT", "TLP:RED") and job.value:
                 assert job.value not in asked, job
         red = [j for j in produced if normalise_tlp(j.tlp) == "TLP:RED" and j.work_id]
-        assert red and all("above the max TLP" in world.platform.works[j.work_id].messages[-1] for j in red)
+        assert red and all(
+            "above the max TLP" in world.platform.works[j.work_id].messages[-1] for j in red
+        )
 
         # Playbooks: one answer each, the whole bundle, nothing published for them.
-        calls = collections.Counter(c["variables"]["step_id"] if "variables" in c else c.get("step_id") for c in world.platform.playbook_calls)
-        assert len(world.platform.playbook_calls) == len(playbooks) and all(n == 1 for n in calls.values())
+        calls = collections.Counter(
+            c["variables"]["step_id"] if "variables" in c else c.get("step_id")
+            for c in world.platform.playbook_calls
+        )
+        assert len(world.platform.playbook_calls) == len(playbooks) and all(
+            n == 1 for n in calls.values()
+        )
         assert all(rec.work_id for rec in world.worker.messages)
 
         # Hostile bodies: acked (the listen queue is empty), works with an id ended in error.
@@ -95,18 +116,28 @@ async def test_same_job_twice_gives_the_same_object_ids() -> None:
         first = sorted(o["id"] for o in world.worker.objects_by_work[job.work_id])
         world.worker.objects_by_work.clear()
         await world.producer.publish(job)  # the platform's at-least-once redelivery
-        assert await world.worker.wait_for(lambda w: len(w.objects_by_work.get(job.work_id or "", [])) >= len(first), timeout=30)
+        assert await world.worker.wait_for(
+            lambda w: len(w.objects_by_work.get(job.work_id or "", [])) >= len(first), timeout=30
+        )
         second = sorted(o["id"] for o in world.worker.objects_by_work[job.work_id])
         assert first == second
 
 
 async def test_jobs_really_run_concurrently() -> None:
     lis = LisSimConfig(latency_s=0.2, known_share=1.0)
-    async with world_with_worker(env={"CONNECTOR_JOBS_IN_FLIGHT": "32", "LASTINFOSEC_CONCURRENCY": "32",
-                                      "LASTINFOSEC_CACHE_SIZE": "0"}, lis=lis) as run:
+    async with world_with_worker(
+        env={
+            "CONNECTOR_JOBS_IN_FLIGHT": "32",
+            "LASTINFOSEC_CONCURRENCY": "32",
+            "LASTINFOSEC_CACHE_SIZE": "0",
+        },
+        lis=lis,
+    ) as run:
         world = run.world
         produced = await world.producer.publish_many(64, kind="manual", entity_type="Domain-Name")
-        assert await world.platform.wait_works([j.work_id for j in produced if j.work_id], timeout=60)
+        assert await world.platform.wait_works(
+            [j.work_id for j in produced if j.work_id], timeout=60
+        )
         # Sequential processing would never have more than one request open at once.
         assert world.lis.stats.max_concurrent >= 16
 

@@ -15,7 +15,9 @@ from lis_async.platform import AmqpParams
 from lis_async.publisher import Publisher, PublishError
 
 pytestmark = pytest.mark.rabbitmq
-PARAMS = AmqpParams(host="127.0.0.1", port=5672, vhost="/", use_ssl=False, user="guest", password="guest")
+PARAMS = AmqpParams(
+    host="127.0.0.1", port=5672, vhost="/", use_ssl=False, user="guest", password="guest"
+)
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
@@ -27,7 +29,9 @@ async def broker() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
     await conn.close()
 
 
-async def _exchange_and_queue(channel: aio_pika.abc.AbstractChannel, **queue_args: object) -> tuple[str, str, str]:
+async def _exchange_and_queue(
+    channel: aio_pika.abc.AbstractChannel, **queue_args: object
+) -> tuple[str, str, str]:
     name = f"test-{uuid.uuid4()}"
     ex = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, auto_delete=True)
     q = await channel.declare_queue(name, auto_delete=True, arguments=queue_args or None)
@@ -69,8 +73,12 @@ async def test_unroutable_publish_is_an_error(broker: aio_pika.abc.AbstractChann
         await pub.close()
 
 
-async def test_full_queue_with_reject_publish_names_the_failed_messages(broker: aio_pika.abc.AbstractChannel) -> None:
-    ex, _, rk = await _exchange_and_queue(broker, **{"x-max-length": 2, "x-overflow": "reject-publish"})
+async def test_full_queue_with_reject_publish_names_the_failed_messages(
+    broker: aio_pika.abc.AbstractChannel,
+) -> None:
+    ex, _, rk = await _exchange_and_queue(
+        broker, **{"x-max-length": 2, "x-overflow": "reject-publish"}
+    )
     pub = Publisher(PARAMS, ex, rk)
     await pub.start()
     try:
@@ -86,11 +94,15 @@ async def _listen_queue(channel: aio_pika.abc.AbstractChannel, n: int) -> str:
     name = f"test-listen-{uuid.uuid4()}"
     await channel.declare_queue(name, auto_delete=False, durable=True)
     for i in range(n):
-        await channel.default_exchange.publish(aio_pika.Message(f"job{i}".encode()), routing_key=name)
+        await channel.default_exchange.publish(
+            aio_pika.Message(f"job{i}".encode()), routing_key=name
+        )
     return name
 
 
-async def test_consumer_respects_prefetch_and_acks_after_the_handler(broker: aio_pika.abc.AbstractChannel) -> None:
+async def test_consumer_respects_prefetch_and_acks_after_the_handler(
+    broker: aio_pika.abc.AbstractChannel,
+) -> None:
     name = await _listen_queue(broker, 10)
     running = 0
     peak = 0
@@ -157,7 +169,9 @@ async def test_fatal_error_requeues_and_stops_intake(broker: aio_pika.abc.Abstra
     await queue.delete(if_unused=False, if_empty=False)
 
 
-async def test_drain_deadline_returns_unfinished_jobs_to_the_queue(broker: aio_pika.abc.AbstractChannel) -> None:
+async def test_drain_deadline_returns_unfinished_jobs_to_the_queue(
+    broker: aio_pika.abc.AbstractChannel,
+) -> None:
     name = await _listen_queue(broker, 3)
 
     async def handler(body: bytes, redelivered: bool) -> None:

@@ -20,12 +20,19 @@ async def sim() -> AsyncIterator[PlatformSim]:
         yield platform
 
 
-def settings_for(sim: PlatformSim, token: str = "octi-token-secret-1", connector_id: str | None = None):  # type: ignore[no-untyped-def]
-    return load_settings(env={
-        "OPENCTI_URL": sim.base_url, "OPENCTI_TOKEN": token,
-        "CONNECTOR_ID": connector_id or str(uuid.uuid4()), "CONNECTOR_SCOPE": "Domain-Name,Url",
-        "CONNECTOR_AUTO": "true", "CONFIG_LIS_APIKEY_CTI": "k",
-    })
+def settings_for(
+    sim: PlatformSim, token: str = "octi-token-secret-1", connector_id: str | None = None
+):  # type: ignore[no-untyped-def]
+    return load_settings(
+        env={
+            "OPENCTI_URL": sim.base_url,
+            "OPENCTI_TOKEN": token,
+            "CONNECTOR_ID": connector_id or str(uuid.uuid4()),
+            "CONNECTOR_SCOPE": "Domain-Name,Url",
+            "CONNECTOR_AUTO": "true",
+            "CONFIG_LIS_APIKEY_CTI": "k",
+        }
+    )
 
 
 async def test_register_ping_and_work_lifecycle_as_pycti_sends_them(sim: PlatformSim) -> None:
@@ -36,7 +43,11 @@ async def test_register_ping_and_work_lifecycle_as_pycti_sends_them(sim: Platfor
         reg = await platform.register()
         names = sim.registration(settings.connector.id)
         assert (reg.listen, reg.push, reg.push_exchange, reg.push_routing) == (
-            names["listen"], names["push"], names["push_exchange"], names["push_routing"])
+            names["listen"],
+            names["push"],
+            names["push_exchange"],
+            names["push_routing"],
+        )
         assert reg.connector_user_id == sim.config.connector_user_id
         record = sim.connectors[settings.connector.id]
         assert record.type == "INTERNAL_ENRICHMENT" and record.playbook_compatible is True
@@ -52,8 +63,16 @@ async def test_register_ping_and_work_lifecycle_as_pycti_sends_them(sim: Platfor
             sim.report_expectation(work)
         assert sim.works[work].status == "complete"
         assert sim.works[work].messages[-1] == "Sent 2 object(s) in 2 bundle(s)"
-        ops = [r for r in sim.requests if r.operation in ("workToReceived", "addExpectations", "workToProcessed")]
-        assert [r.operation for r in ops] == ["workToReceived", "addExpectations", "workToProcessed"]
+        ops = [
+            r
+            for r in sim.requests
+            if r.operation in ("workToReceived", "addExpectations", "workToProcessed")
+        ]
+        assert [r.operation for r in ops] == [
+            "workToReceived",
+            "addExpectations",
+            "workToProcessed",
+        ]
         assert {r.draft_id for r in ops} == {"draft-1"}  # per request, never global
         assert all(r.user_agent and r.user_agent.startswith("pycti/") for r in ops)
         # No draft header leaks into a later call without a draft.
@@ -84,7 +103,9 @@ async def test_errors_are_typed(sim: PlatformSim) -> None:
         await platform.close()
 
 
-async def test_refused_token_is_an_auth_error_that_does_not_echo_the_token(sim: PlatformSim) -> None:
+async def test_refused_token_is_an_auth_error_that_does_not_echo_the_token(
+    sim: PlatformSim,
+) -> None:
     platform = Platform(settings_for(sim, token="wrong-token-secret-2"))
     await platform.start()
     try:
@@ -103,19 +124,37 @@ async def test_deferred_entity_read(sim: PlatformSim) -> None:
     platform = Platform(settings_for(sim))
     await platform.start()
     try:
-        entity = {"id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b", "spec_version": "2.1",
-                  "type": "domain-name", "value": "bad.example.com",
-                  "object_marking_refs": ["marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed"],
-                  "extensions": {"extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba": {
-                      "extension_type": "property-extension", "id": str(uuid.uuid4()), "type": "Domain-Name",
-                      "granted_refs": ["identity--7b1c2d3e-4f5a-5b6c-9d7e-8f9a0b1c2d3e"]}}}
+        entity = {
+            "id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",
+            "spec_version": "2.1",
+            "type": "domain-name",
+            "value": "bad.example.com",
+            "object_marking_refs": ["marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed"],
+            "extensions": {
+                "extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba": {
+                    "extension_type": "property-extension",
+                    "id": str(uuid.uuid4()),
+                    "type": "Domain-Name",
+                    "granted_refs": ["identity--7b1c2d3e-4f5a-5b6c-9d7e-8f9a0b1c2d3e"],
+                }
+            },
+        }
         sim.put_entity(entity)
         read = await platform.read_observable(entity["id"], None)
         assert read is not None
         obs = parse_observable(read)
-        assert (obs.value, obs.tlp, obs.entity_type) == ("bad.example.com", "TLP:RED", "Domain-Name")
+        assert (obs.value, obs.tlp, obs.entity_type) == (
+            "bad.example.com",
+            "TLP:RED",
+            "Domain-Name",
+        )
         assert obs.granted_refs == ("identity--7b1c2d3e-4f5a-5b6c-9d7e-8f9a0b1c2d3e",)
-        assert await platform.read_observable("domain-name--00000000-0000-5000-8000-000000000000", None) is None
+        assert (
+            await platform.read_observable(
+                "domain-name--00000000-0000-5000-8000-000000000000", None
+            )
+            is None
+        )
     finally:
         await platform.close()
 
@@ -124,10 +163,15 @@ async def test_tls_settings_reach_both_transports(sim: PlatformSim) -> None:
     import ssl
 
     for verify, expected in (("true", ssl.CERT_REQUIRED), ("false", None)):
-        settings = load_settings(env={
-            "OPENCTI_URL": sim.base_url, "OPENCTI_TOKEN": "octi-token-secret-1",
-            "CONNECTOR_ID": str(uuid.uuid4()), "CONFIG_LIS_APIKEY_CTI": "k", "OPENCTI_SSL_VERIFY": verify,
-        })
+        settings = load_settings(
+            env={
+                "OPENCTI_URL": sim.base_url,
+                "OPENCTI_TOKEN": "octi-token-secret-1",
+                "CONNECTOR_ID": str(uuid.uuid4()),
+                "CONFIG_LIS_APIKEY_CTI": "k",
+                "OPENCTI_SSL_VERIFY": verify,
+            }
+        )
         platform = Platform(settings)
         await platform.start()
         try:

@@ -64,7 +64,9 @@ lastinfosec:
   proxy_https: 'http://legacy-proxy:1'
 """
     )
-    s = load_settings(cfg, env={"OPENCTI_URL": "http://from-env:8080", "CONNECTOR_JOBS_IN_FLIGHT": "7"})
+    s = load_settings(
+        cfg, env={"OPENCTI_URL": "http://from-env:8080", "CONNECTOR_JOBS_IN_FLIGHT": "7"}
+    )
     assert s.opencti.url == "http://from-env:8080"  # environment wins
     assert s.opencti.token.get_secret_value() == "yaml-token"
     assert s.connector.scope == ("Domain-Name", "Url")  # case-insensitive, canonical names
@@ -79,7 +81,9 @@ lastinfosec:
     assert s2.lastinfosec.api_key_cti.get_secret_value() == "conventional"
 
 
-def test_default_config_path_is_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_config_path_is_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "config.yml").write_text(
         f"opencti: {{url: 'http://x', token: 't'}}\nconnector: {{id: '{UUID}'}}\n"
         "lastinfosec: {api_key_cti: 'k'}\n"
@@ -98,17 +102,31 @@ def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     [
         ({"OPENCTI_TOKEN": ""}, "OPENCTI_TOKEN (opencti.token): must be set"),
         ({"CONNECTOR_ID": "not-a-uuid"}, "CONNECTOR_ID (connector.id): must be a UUID"),
-        ({"CONNECTOR_SCOPE": "StixFile,IPv4-Addr"}, "CONNECTOR_SCOPE (connector.scope): unknown scope 'IPv4-Addr'"),
+        (
+            {"CONNECTOR_SCOPE": "StixFile,IPv4-Addr"},
+            "CONNECTOR_SCOPE (connector.scope): unknown scope 'IPv4-Addr'",
+        ),
         ({"LASTINFOSEC_RATE_PER_S": "-5"}, "LASTINFOSEC_RATE_PER_S (lastinfosec.rate_per_s)"),
-        ({"LASTINFOSEC_MAX_TLP": "TLP:PURPLE"}, "LASTINFOSEC_MAX_TLP (lastinfosec.max_tlp): unknown TLP"),
-        ({"CONNECTOR_CONFIDENCE_LEVEL": "101"}, "CONNECTOR_CONFIDENCE_LEVEL (connector.confidence_level)"),
+        (
+            {"LASTINFOSEC_MAX_TLP": "TLP:PURPLE"},
+            "LASTINFOSEC_MAX_TLP (lastinfosec.max_tlp): unknown TLP",
+        ),
+        (
+            {"CONNECTOR_CONFIDENCE_LEVEL": "101"},
+            "CONNECTOR_CONFIDENCE_LEVEL (connector.confidence_level)",
+        ),
         ({"CONNECTOR_LOG_LEVEL": "chatty"}, "CONNECTOR_LOG_LEVEL (connector.log_level)"),
         ({"CONFIG_LIS_APIKEY_CTI": ""}, "CONFIG_LIS_APIKEY_CTI (lastinfosec.api_key_cti)"),
         ({"OPENCTI_URL": "ftp://x"}, "OPENCTI_URL (opencti.url): must be an http"),
-        ({"CONNECTOR_JOBS_IN_FLIGHT": "zero"}, "CONNECTOR_JOBS_IN_FLIGHT (connector.jobs_in_flight)"),
+        (
+            {"CONNECTOR_JOBS_IN_FLIGHT": "zero"},
+            "CONNECTOR_JOBS_IN_FLIGHT (connector.jobs_in_flight)",
+        ),
     ],
 )
-def test_each_bad_value_gives_one_error_naming_the_variable(env: dict[str, str], expected: str) -> None:
+def test_each_bad_value_gives_one_error_naming_the_variable(
+    env: dict[str, str], expected: str
+) -> None:
     problems = errors_for(BASE_ENV | env)
     assert len(problems) == 1, problems
     assert expected in problems[0]
@@ -122,13 +140,17 @@ def test_several_problems_are_all_reported() -> None:
 
 
 def test_secrets_never_in_repr_summary_or_errors() -> None:
-    s = load_settings(env=BASE_ENV | {"MQ_PASS": "mq-secret", "PROXY_HTTPS": "http://u:proxy-pw@p:1"})
+    s = load_settings(
+        env=BASE_ENV | {"MQ_PASS": "mq-secret", "PROXY_HTTPS": "http://u:proxy-pw@p:1"}
+    )
     text = repr(s) + str(s) + str(s.summary())
     for secret in ("octi-token-secret", "lis-key-secret", "mq-secret", "proxy-pw"):
         assert secret not in text
     assert s.summary()["mq.pass"] == "***"
     # A secret that fails validation is not echoed back either.
-    problems = errors_for(BASE_ENV | {"CONNECTOR_ID": "bad", "LASTINFOSEC_RATE_PER_S": "lis-key-secret"})
+    problems = errors_for(
+        BASE_ENV | {"CONNECTOR_ID": "bad", "LASTINFOSEC_RATE_PER_S": "lis-key-secret"}
+    )
     assert "lis-key-secret" not in "\n".join(problems)
 
 
@@ -139,8 +161,15 @@ def test_mq_overrides() -> None:
 
 def test_env_names_follow_the_convention() -> None:
     names = all_env_names()
-    for name in ("LASTINFOSEC_RATE_PER_S", "CONNECTOR_JOBS_IN_FLIGHT", "LASTINFOSEC_MAX_TLP",
-                 "OPENCTI_THREADS", "LASTINFOSEC_CACHE_TTL_S", "CONNECTOR_METRICS_PORT", "MQ_PASS"):
+    for name in (
+        "LASTINFOSEC_RATE_PER_S",
+        "CONNECTOR_JOBS_IN_FLIGHT",
+        "LASTINFOSEC_MAX_TLP",
+        "OPENCTI_THREADS",
+        "LASTINFOSEC_CACHE_TTL_S",
+        "CONNECTOR_METRICS_PORT",
+        "MQ_PASS",
+    ):
         assert name in names
 
 

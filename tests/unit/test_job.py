@@ -22,7 +22,11 @@ def test_manual_stixfile_amber_shared() -> None:
     obs = job.observable
     assert obs is not None
     assert obs.stix_type == "file" and obs.value == "eicar.com"
-    assert obs.hashes["SHA-256"].startswith("275a021b") and set(obs.hashes) == {"MD5", "SHA-1", "SHA-256"}
+    assert obs.hashes["SHA-256"].startswith("275a021b") and set(obs.hashes) == {
+        "MD5",
+        "SHA-1",
+        "SHA-256",
+    }
     assert obs.tlp == "TLP:AMBER"
     assert obs.granted_refs == (ORG,)
     assert not job.is_playbook
@@ -105,10 +109,15 @@ def test_every_fixture_parses_or_raises_job_error() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"\xff\xfe not utf8", b"[]", b"null", b'{"internal": 1, "event": {}}',
-     b'{"internal": {"work_id": "w"}, "event": {"entity_id": "x", "stix_entity": 5}}',
-     b'{"internal": {"work_id": "w"}, "event": {"entity_id": "x", "stix_entity": "{\\"id\\": 1}"}}',
-     b'{"internal": {"work_id": null, "applicant_id": null}, "event": {"entity_id": "x"}}'],
+    [
+        b"\xff\xfe not utf8",
+        b"[]",
+        b"null",
+        b'{"internal": 1, "event": {}}',
+        b'{"internal": {"work_id": "w"}, "event": {"entity_id": "x", "stix_entity": 5}}',
+        b'{"internal": {"work_id": "w"}, "event": {"entity_id": "x", "stix_entity": "{\\"id\\": 1}"}}',
+        b'{"internal": {"work_id": null, "applicant_id": null}, "event": {"entity_id": "x"}}',
+    ],
 )
 def test_bad_shapes(body: bytes) -> None:
     with pytest.raises(JobError):
@@ -116,7 +125,10 @@ def test_bad_shapes(body: bytes) -> None:
 
 
 def test_bad_stix_entity_carries_work_id() -> None:
-    body = {"internal": {"work_id": "w1", "applicant_id": None}, "event": {"entity_id": "x", "stix_entity": "[not json"}}
+    body = {
+        "internal": {"work_id": "w1", "applicant_id": None},
+        "event": {"entity_id": "x", "stix_entity": "[not json"},
+    }
     with pytest.raises(JobError) as info:
         parse_job(json.dumps(body).encode())
     assert info.value.work_id == "w1"
@@ -125,8 +137,11 @@ def test_bad_stix_entity_carries_work_id() -> None:
 def test_most_restrictive_tlp_and_flat_shape() -> None:
     obs = parse_observable(
         {
-            "id": "domain-name--1", "type": "domain-name", "value": "a.example",
-            "x_opencti_type": "Domain-Name", "x_opencti_granted_refs": ["identity--o"],
+            "id": "domain-name--1",
+            "type": "domain-name",
+            "value": "a.example",
+            "x_opencti_type": "Domain-Name",
+            "x_opencti_granted_refs": ["identity--o"],
             "object_marking_refs": [
                 "marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da",
                 "marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed",
@@ -139,7 +154,9 @@ def test_most_restrictive_tlp_and_flat_shape() -> None:
 
 
 def test_graphql_hash_list_shape() -> None:
-    obs = parse_observable({"id": "file--1", "type": "file", "hashes": [{"algorithm": "SHA-256", "hash": "AB"}]})
+    obs = parse_observable(
+        {"id": "file--1", "type": "file", "hashes": [{"algorithm": "SHA-256", "hash": "AB"}]}
+    )
     assert dict(obs.hashes) == {"SHA-256": "ab"}
 
 
@@ -153,14 +170,27 @@ def test_normalise_tlp() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3)
+    ),
     max_leaves=10,
 )
 
 
 @given(
-    internal=json_values | st.fixed_dictionaries({}, optional={"work_id": json_values, "applicant_id": json_values, "playbook": json_values}),
-    event=json_values | st.fixed_dictionaries({}, optional={"entity_id": json_values, "stix_entity": json_values | st.text(), "bundle": json_values}),
+    internal=json_values
+    | st.fixed_dictionaries(
+        {}, optional={"work_id": json_values, "applicant_id": json_values, "playbook": json_values}
+    ),
+    event=json_values
+    | st.fixed_dictionaries(
+        {},
+        optional={
+            "entity_id": json_values,
+            "stix_entity": json_values | st.text(),
+            "bundle": json_values,
+        },
+    ),
 )
 def test_parse_job_raises_only_job_error(internal: object, event: object) -> None:
     body = json.dumps({"internal": internal, "event": event}).encode()

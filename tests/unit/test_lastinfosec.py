@@ -872,7 +872,9 @@ async def test_content_length_over_cap_against_a_real_server() -> None:
             assert res.found and len(res.bundles[0]["objects"]) == 192
 
 
-async def test_environment_proxy_is_resolved_once_and_no_proxy_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_environment_proxy_is_resolved_once_and_no_proxy_honoured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
@@ -890,7 +892,9 @@ async def test_environment_proxy_is_resolved_once_and_no_proxy_honoured(monkeypa
     finally:
         await client.close()
     # An explicit proxy (PROXY_HTTPS) wins over the environment.
-    client = LastInfoSecClient(LisClientOptions(api_key="k", base_url="https://api.example/v2", proxy="http://p:1"))
+    client = LastInfoSecClient(
+        LisClientOptions(api_key="k", base_url="https://api.example/v2", proxy="http://p:1")
+    )
     await client.start()
     try:
         assert client._proxy == "http://p:1"

@@ -17,12 +17,16 @@ from lis_async.publisher import PublishError
 from tests.conftest import FIXTURES, job_body
 
 ANSWER = orjson.loads((FIXTURES / "lastinfosec" / "search_hash_200.json").read_bytes())["message"]
-HOST_ANSWER = orjson.loads((FIXTURES / "lastinfosec" / "search_host_200_two_bundles.json").read_bytes())["message"]
+HOST_ANSWER = orjson.loads(
+    (FIXTURES / "lastinfosec" / "search_host_200_two_bundles.json").read_bytes()
+)["message"]
 WORK = "work_6f0e1b2c-3d4e-4f50-8a6b-7c8d9e0f1a2b_2026-11-20T10:00:02.415Z"
 
 
 class FakeLookup:
-    def __init__(self, bundles: Sequence[dict[str, Any]] = (), error: Exception | None = None) -> None:
+    def __init__(
+        self, bundles: Sequence[dict[str, Any]] = (), error: Exception | None = None
+    ) -> None:
         self.bundles = tuple(bundles)
         self.error = error
         self.seen: list[Observable] = []
@@ -31,7 +35,12 @@ class FakeLookup:
         self.seen.append(obs)
         if self.error:
             raise self.error
-        return LookupResult(found=bool(self.bundles), bundles=self.bundles, query=obs.display, endpoint="search_host")
+        return LookupResult(
+            found=bool(self.bundles),
+            bundles=self.bundles,
+            query=obs.display,
+            endpoint="search_host",
+        )
 
 
 class FakePlatform:
@@ -53,7 +62,9 @@ class FakePlatform:
         self._maybe_fail("expectations")
         self.calls.append(("expectations", work_id, n))
 
-    async def work_processed(self, work_id: str, message: str, in_error: bool, draft_id: str | None) -> None:
+    async def work_processed(
+        self, work_id: str, message: str, in_error: bool, draft_id: str | None
+    ) -> None:
         self._maybe_fail("processed")
         self.calls.append(("processed", work_id, message, in_error))
 
@@ -85,14 +96,20 @@ class FakePublisher:
             raise PublishError(failed, "nacked")
 
 
-def make(lookup: FakeLookup, max_tlp: str = "TLP:AMBER") -> tuple[Pipeline, FakePlatform, FakePublisher]:
+def make(
+    lookup: FakeLookup, max_tlp: str = "TLP:AMBER"
+) -> tuple[Pipeline, FakePlatform, FakePublisher]:
     platform, publisher = FakePlatform(), FakePublisher()
     pipeline = Pipeline(
         lookup=lookup,
         platform=platform,
         publisher=publisher,
-        policy=Policy(scope=frozenset({"StixFile", "Domain-Name", "Hostname", "Url"}), max_tlp=max_tlp,
-                      confidence=70, connector_user_id="connector-user"),
+        policy=Policy(
+            scope=frozenset({"StixFile", "Domain-Name", "Hostname", "Url"}),
+            max_tlp=max_tlp,
+            confidence=70,
+            connector_user_id="connector-user",
+        ),
         backoff=Backoff(base_s=0.001, max_s=0.01),
     )
     return pipeline, platform, publisher
@@ -115,7 +132,9 @@ async def test_received_is_reported_before_expectations_even_when_slow() -> None
 
 async def test_dead_work_at_received_drops_the_job_without_publishing() -> None:
     pipeline, platform, publisher = make(FakeLookup(ANSWER))
-    platform.fail = {"received": [WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)]}
+    platform.fail = {
+        "received": [WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)]
+    }
     result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
     assert result.outcome is Outcome.DROPPED
     assert publisher.published == [] and platform.names() == []
@@ -132,19 +151,30 @@ async def test_enriched_job_reports_in_protocol_order() -> None:
     assert platform.calls[2] == ("processed", WORK, f"Sent {n} object(s) in {n} bundle(s)", False)
     messages = [decode(b) for b in publisher.published]
     assert {m["work_id"] for m in messages} == {WORK}
-    assert {m["applicant_id"] for m in messages} == {"connector-user"}  # job has none: registration's user
+    assert {m["applicant_id"] for m in messages} == {
+        "connector-user"
+    }  # job has none: registration's user
     org = "identity--7b1c2d3e-4f5a-5b6c-9d7e-8f9a0b1c2d3e"
     for m in messages:
         (obj,) = m["bundle"]["objects"]
-        ext = obj.get("extensions", {}).get("extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba", {})
-        assert org in (ext.get("granted_refs") or obj.get("x_opencti_granted_refs") or []), obj["id"]
+        ext = obj.get("extensions", {}).get(
+            "extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba", {}
+        )
+        assert org in (ext.get("granted_refs") or obj.get("x_opencti_granted_refs") or []), obj[
+            "id"
+        ]
 
 
 async def test_not_found_completes_with_a_message() -> None:
     pipeline, platform, publisher = make(FakeLookup(()))
     result = await pipeline.handle(job_body("auto_create_domain_green.json"))
     assert result.outcome is Outcome.NOT_FOUND
-    assert platform.calls[-1] == ("processed", WORK, "bad.example.com not found in LastInfoSec", False)
+    assert platform.calls[-1] == (
+        "processed",
+        WORK,
+        "bad.example.com not found in LastInfoSec",
+        False,
+    )
     assert publisher.published == [] and "expectations" not in platform.names()
 
 
@@ -165,21 +195,38 @@ async def test_max_tlp_is_configurable() -> None:
 
 
 async def test_nothing_to_look_up_is_skipped() -> None:
-    pipeline, platform, _ = make(FakeLookup(error=NothingToLookUp("invoice.pdf.exe has no MD5, SHA-1 or SHA-256: nothing to look up")))
+    pipeline, platform, _ = make(
+        FakeLookup(
+            error=NothingToLookUp(
+                "invoice.pdf.exe has no MD5, SHA-1 or SHA-256: nothing to look up"
+            )
+        )
+    )
     result = await pipeline.handle(job_body("manual_stixfile_no_hash.json"))
     assert result.outcome is Outcome.SKIPPED
     assert platform.calls[-1][3] is False and "nothing to look up" in platform.calls[-1][2]
 
 
 async def test_exhausted_retries_end_the_work_in_error() -> None:
-    pipeline, platform, _ = make(FakeLookup(error=LisRetriesExhausted("LastInfoSec answered 503 after 6 attempts", attempts=6)))
+    pipeline, platform, _ = make(
+        FakeLookup(
+            error=LisRetriesExhausted("LastInfoSec answered 503 after 6 attempts", attempts=6)
+        )
+    )
     result = await pipeline.handle(job_body("auto_create_domain_green.json"))
     assert result.outcome is Outcome.FAILED
-    assert platform.calls[-1] == ("processed", WORK, "LastInfoSec lookup failed: LastInfoSec answered 503 after 6 attempts", True)
+    assert platform.calls[-1] == (
+        "processed",
+        WORK,
+        "LastInfoSec lookup failed: LastInfoSec answered 503 after 6 attempts",
+        True,
+    )
 
 
 async def test_invalid_key_is_fatal_and_the_work_is_not_processed() -> None:
-    pipeline, platform, _ = make(FakeLookup(error=LisFatalError("LastInfoSec rejected the API key")))
+    pipeline, platform, _ = make(
+        FakeLookup(error=LisFatalError("LastInfoSec rejected the API key"))
+    )
     with pytest.raises(FatalError):
         await pipeline.handle(job_body("auto_create_domain_green.json"))
     assert "processed" not in platform.names()
@@ -199,7 +246,9 @@ async def test_platform_failures_are_retried_until_they_go_through() -> None:
 
 async def test_work_not_alive_drops_the_job() -> None:
     pipeline, platform, _ = make(FakeLookup(()))
-    platform.fail = {"processed": [WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)]}
+    platform.fail = {
+        "processed": [WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)]
+    }
     result = await pipeline.handle(job_body("auto_create_domain_green.json"))
     assert result.outcome is Outcome.DROPPED
     assert pipeline.in_flight == {}
@@ -241,14 +290,18 @@ async def test_playbook_answers_with_the_whole_bundle_and_publishes_nothing() ->
     assert "url--5f1e2d3c-4b5a-5968-8776-a5b4c3d2e1f0" in ids and len(ids) > 5
 
 
-@pytest.mark.parametrize("lookup", [FakeLookup(()), FakeLookup(error=LisRetriesExhausted("down", attempts=3))])
+@pytest.mark.parametrize(
+    "lookup", [FakeLookup(()), FakeLookup(error=LisRetriesExhausted("down", attempts=3))]
+)
 async def test_playbook_gets_its_bundle_back_when_nothing_is_added(lookup: FakeLookup) -> None:
     pipeline, platform, publisher = make(lookup)
     body = orjson.loads(job_body("playbook_url.json"))
     result = await pipeline.handle(job_body("playbook_url.json"))
     assert result.outcome in (Outcome.NOT_FOUND, Outcome.FAILED)
     (call,) = platform.calls
-    assert [o["id"] for o in call[2]["objects"]] == [o["id"] for o in body["event"]["bundle"]["objects"]]
+    assert [o["id"] for o in call[2]["objects"]] == [
+        o["id"] for o in body["event"]["bundle"]["objects"]
+    ]
     assert publisher.published == []
 
 
@@ -258,15 +311,21 @@ async def test_malformed_body_marks_its_work_in_error() -> None:
     assert result.outcome is Outcome.INVALID
     assert platform.calls == [("processed", WORK, result.message, True)]
     result = await pipeline.handle(job_body("malformed_not_json.txt"))
-    assert result.outcome is Outcome.INVALID and len(platform.calls) == 1  # no work id: nothing to report
+    assert (
+        result.outcome is Outcome.INVALID and len(platform.calls) == 1
+    )  # no work id: nothing to report
 
 
 async def test_deferred_resolution_reads_the_entity() -> None:
     lookup = FakeLookup(HOST_ANSWER)
     pipeline, platform, _ = make(lookup)
-    platform.entity = {"id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b", "type": "domain-name",
-                       "value": "bad.example.com", "x_opencti_type": "Domain-Name",
-                       "object_marking_refs": ["marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da"]}
+    platform.entity = {
+        "id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",
+        "type": "domain-name",
+        "value": "bad.example.com",
+        "x_opencti_type": "Domain-Name",
+        "object_marking_refs": ["marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da"],
+    }
     result = await pipeline.handle(job_body("auto_create_domain_deferred_resolution.json"))
     assert result.outcome is Outcome.ENRICHED
     names = platform.names()

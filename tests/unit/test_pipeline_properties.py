@@ -36,20 +36,44 @@ CLIENT = LastInfoSecClient(LisClientOptions(api_key="k"))  # its pure parts only
 # strategies
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
-    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
 )
 json_values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
-STIX_TYPES = ["malware", "indicator", "identity", "intrusion-set", "threat-actor", "tool", "relationship",
-              "report", "marking-definition", "domain-name", "url", "file", "hostname", "x-opencti-hostname",
-              "attack-pattern", "x-weird", "", "bundle"]
+STIX_TYPES = [
+    "malware",
+    "indicator",
+    "identity",
+    "intrusion-set",
+    "threat-actor",
+    "tool",
+    "relationship",
+    "report",
+    "marking-definition",
+    "domain-name",
+    "url",
+    "file",
+    "hostname",
+    "x-opencti-hostname",
+    "attack-pattern",
+    "x-weird",
+    "",
+    "bundle",
+]
 stix_ids = st.one_of(
     st.builds(lambda t, u: f"{t}--{u}", st.sampled_from(STIX_TYPES), st.uuids()),
-    st.text(max_size=12), st.integers(-1000, 1000), st.none(),
+    st.text(max_size=12),
+    st.integers(-1000, 1000),
+    st.none(),
 )
 stix_objects = st.fixed_dictionaries(
     {},
@@ -62,11 +86,15 @@ stix_objects = st.fixed_dictionaries(
         "name": st.one_of(st.text(max_size=10), json_values),
         "pattern": st.one_of(
             st.just("[domain-name:value = 'bad.example.com']"),
-            st.just("[file:hashes.'SHA-256' = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855']"),
+            st.just(
+                "[file:hashes.'SHA-256' = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855']"
+            ),
             st.text(max_size=40),
         ),
         "pattern_type": st.sampled_from(["stix", "yara", 3]),
-        "source_ref": stix_ids, "target_ref": stix_ids, "created_by_ref": stix_ids,
+        "source_ref": stix_ids,
+        "target_ref": stix_ids,
+        "created_by_ref": stix_ids,
         "object_refs": st.one_of(st.lists(stix_ids, max_size=3), json_values),
         "object_marking_refs": st.one_of(st.lists(stix_ids, max_size=2), json_values),
         "relationship_type": st.sampled_from(["uses", "based-on", "indicates"]),
@@ -89,12 +117,17 @@ answer_bytes = st.one_of(
     answer_docs.map(orjson.dumps).map(lambda b: b[: max(0, len(b) - 3)]),  # truncated
     st.binary(max_size=40),
 )
-lookup_errors = st.sampled_from([
-    LisRetriesExhausted("LastInfoSec search_host lookup failed after 6 attempts; last cause: HTTP 503", attempts=6),
-    LisBadAnswer("LastInfoSec search_host answer is not valid JSON (3 bytes)"),
-    LisError("LastInfoSec search_host answered HTTP 418: teapot"),
-    LisFatalError("LastInfoSec rejected the API key (HTTP 401): Invalid api key", status=401),
-])
+lookup_errors = st.sampled_from(
+    [
+        LisRetriesExhausted(
+            "LastInfoSec search_host lookup failed after 6 attempts; last cause: HTTP 503",
+            attempts=6,
+        ),
+        LisBadAnswer("LastInfoSec search_host answer is not valid JSON (3 bytes)"),
+        LisError("LastInfoSec search_host answered HTTP 418: teapot"),
+        LisFatalError("LastInfoSec rejected the API key (HTTP 401): Invalid api key", status=401),
+    ]
+)
 
 
 @st.composite
@@ -185,7 +218,9 @@ class Platform:
         self._outage("expectations")
         self.calls.append("expectations")
 
-    async def work_processed(self, work_id: str, message: str, in_error: bool, draft_id: str | None) -> None:
+    async def work_processed(
+        self, work_id: str, message: str, in_error: bool, draft_id: str | None
+    ) -> None:
         assert isinstance(message, str) and message
         self._outage("processed")
         self.calls.append("processed")
@@ -224,29 +259,61 @@ def _expected_work(body: bytes) -> tuple[str | None, bool]:
     return (None, True) if job.playbook is not None else (job.work_id, False)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(
     body=bodies,
-    answer=st.one_of(answer_bytes.map(lambda b: Answer(raw=b)), lookup_errors.map(lambda e: Answer(error=e))),
-    entity=st.one_of(st.none(), st.dictionaries(st.sampled_from(["id", "type", "value", "x_opencti_type", "hashes",
-                                                                   "object_marking_refs", "name"]), json_values),
-                     st.sampled_from([{"id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b", "type": "domain-name",
-                                       "value": "bad.example.com", "x_opencti_type": "Domain-Name"}])),
+    answer=st.one_of(
+        answer_bytes.map(lambda b: Answer(raw=b)), lookup_errors.map(lambda e: Answer(error=e))
+    ),
+    entity=st.one_of(
+        st.none(),
+        st.dictionaries(
+            st.sampled_from(
+                ["id", "type", "value", "x_opencti_type", "hashes", "object_marking_refs", "name"]
+            ),
+            json_values,
+        ),
+        st.sampled_from(
+            [
+                {
+                    "id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",
+                    "type": "domain-name",
+                    "value": "bad.example.com",
+                    "x_opencti_type": "Domain-Name",
+                }
+            ]
+        ),
+    ),
     dead=st.booleans(),
     flaky=st.integers(0, 2),  # an unreadable body gets 3 attempts at reporting its error
     redelivered=st.booleans(),
 )
 @example(  # found by this test: no work id and no playbook context used to raise AssertionError
     body=b'{"internal":{},"event":{"entity_id":"domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",'
-         b'"entity_type":"Domain-Name","stix_entity":null}}',
-    answer=Answer(raw=b'{"message":[]}'), entity=None, dead=False, flaky=0, redelivered=False,
+    b'"entity_type":"Domain-Name","stix_entity":null}}',
+    answer=Answer(raw=b'{"message":[]}'),
+    entity=None,
+    dead=False,
+    flaky=0,
+    redelivered=False,
 )
-def test_handle_returns_a_result_or_raises_fatal_only(body: bytes, answer: Answer, entity: Any, dead: bool,
-                                                      flaky: int, redelivered: bool) -> None:
+def test_handle_returns_a_result_or_raises_fatal_only(
+    body: bytes, answer: Answer, entity: Any, dead: bool, flaky: int, redelivered: bool
+) -> None:
     platform, publisher = Platform(entity=entity, dead=dead, flaky=flaky), Publisher()
     pipeline = Pipeline(
-        lookup=ParsingLookup(answer), platform=platform, publisher=publisher,
-        policy=Policy(scope=frozenset({"StixFile", "Domain-Name", "Hostname", "Url"}), max_tlp="TLP:AMBER", confidence=50),
+        lookup=ParsingLookup(answer),
+        platform=platform,
+        publisher=publisher,
+        policy=Policy(
+            scope=frozenset({"StixFile", "Domain-Name", "Hostname", "Url"}),
+            max_tlp="TLP:AMBER",
+            confidence=50,
+        ),
         backoff=Backoff(base_s=0.0, max_s=0.0),
     )
     work_id, playbook = _expected_work(body)

@@ -127,9 +127,7 @@ async def test_known_hash_answers_envelope_with_valid_stix(
     }
 
 
-@pytest.mark.parametrize(
-    ("value", "key"), [(SHA256, "SHA-256"), (SHA1, "SHA-1"), (MD5, "MD5")]
-)
+@pytest.mark.parametrize(("value", "key"), [(SHA256, "SHA-256"), (SHA1, "SHA-1"), (MD5, "MD5")])
 def test_hash_key_follows_length(value: str, key: str) -> None:
     bundle = build_bundle("hash", value, 12)
     check_bundle(bundle, size=12)
@@ -313,9 +311,7 @@ async def test_body_override(sim: LastInfoSecSim, session: aiohttp.ClientSession
         assert resp.content_type == "text/html"
 
 
-async def test_max_concurrency_counter(
-    sim: LastInfoSecSim, session: aiohttp.ClientSession
-) -> None:
+async def test_max_concurrency_counter(sim: LastInfoSecSim, session: aiohttp.ClientSession) -> None:
     sim.config.latency_s = 0.3
 
     async def one(i: int) -> int:
@@ -402,9 +398,7 @@ async def test_timeout_rate_hangs_and_close_is_quick(session: aiohttp.ClientSess
     assert time.monotonic() - start < 2.0
 
 
-async def test_api_key_never_recorded(
-    sim: LastInfoSecSim, session: aiohttp.ClientSession
-) -> None:
+async def test_api_key_never_recorded(sim: LastInfoSecSim, session: aiohttp.ClientSession) -> None:
     async with session.get(host_url(sim, "bad.example.com")) as resp:
         assert resp.status == 200
     async with session.get(hash_url(sim, SHA256, key="another-secret")) as resp:
@@ -454,8 +448,19 @@ async def test_sim_config_and_reset_endpoints(
 
 def test_cli_main_serves() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lis_async.sim.lastinfosec", "--port", "0", "--api-key", KEY,
-         "--known-share", "1", "--retry-after", "none"],
+        [
+            sys.executable,
+            "-m",
+            "lis_async.sim.lastinfosec",
+            "--port",
+            "0",
+            "--api-key",
+            KEY,
+            "--known-share",
+            "1",
+            "--retry-after",
+            "none",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -466,9 +471,10 @@ def test_cli_main_serves() -> None:
         assert base.startswith("http://127.0.0.1:") and base.endswith("/v2")
 
         async def fetch() -> int:
-            async with aiohttp.ClientSession() as s, s.get(
-                f"{base}/stix21/search_hash/{SHA256}", params={"api_key": KEY}
-            ) as resp:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"{base}/stix21/search_hash/{SHA256}", params={"api_key": KEY}) as resp,
+            ):
                 return resp.status
 
         assert asyncio.run(fetch()) == 200

@@ -832,16 +832,33 @@ def test_hand_built_job_after_deferred_resolution() -> None:
 
 
 def test_objects_opencti_cannot_import_are_dropped() -> None:
-    good = {"type": "malware", "spec_version": "2.1", "id": "malware--0c7b5b88-8ff7-4a4d-aa9d-feb398cd0061",
-            "created": "2026-01-01T00:00:00.000Z", "modified": "2026-01-01T00:00:00.000Z", "name": "Evil", "is_family": True}
+    good = {
+        "type": "malware",
+        "spec_version": "2.1",
+        "id": "malware--0c7b5b88-8ff7-4a4d-aa9d-feb398cd0061",
+        "created": "2026-01-01T00:00:00.000Z",
+        "modified": "2026-01-01T00:00:00.000Z",
+        "name": "Evil",
+        "is_family": True,
+    }
     bad = [
         {**good, "id": "malware--not-a-uuid"},
         {**good, "id": "tool--0c7b5b88-8ff7-4a4d-aa9d-feb398cd0062"},  # id prefix is not its type
         {**good, "id": "malware--0c7b5b88-8ff7-4a4d-aa9d-feb398cd0063", "created_by_ref": 7},
-        {**good, "id": "malware--0c7b5b88-8ff7-4a4d-aa9d-feb398cd0064", "object_marking_refs": "marking"},
-        {**good, "id": "malware--0c7b5b88-8ff7-4a4d-aa9d-feb398cd0065", "object_marking_refs": [None]},
+        {
+            **good,
+            "id": "malware--0c7b5b88-8ff7-4a4d-aa9d-feb398cd0064",
+            "object_marking_refs": "marking",
+        },
+        {
+            **good,
+            "id": "malware--0c7b5b88-8ff7-4a4d-aa9d-feb398cd0065",
+            "object_marking_refs": [None],
+        },
     ]
-    bundle = build_bundle(load_job("auto_create_domain_green"), [lis_bundle(good, *bad)], confidence=50)
+    bundle = build_bundle(
+        load_job("auto_create_domain_green"), [lis_bundle(good, *bad)], confidence=50
+    )
     ids = set(by_id(bundle))
     assert good["id"] in ids
     assert not ids & {b["id"] for b in bad}
