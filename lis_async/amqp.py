@@ -1,13 +1,28 @@
-"""Opening RabbitMQ connections from the registration's parameters (consumer and publisher)."""
+"""RabbitMQ connection parameters and connections (shared by the consumer and the publisher).
+
+The parameters come from the platform's registration answer, overridden by pycti's ``MQ_*``
+settings (docs/protocol.md §2.1); the connector never computes them.
+"""
 
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass, field
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
-from lis_async.platform import AmqpParams
+
+@dataclass(frozen=True, slots=True)
+class AmqpParams:
+    """Where and how to reach RabbitMQ. The password never shows in repr."""
+
+    host: str
+    port: int
+    vhost: str
+    use_ssl: bool
+    user: str
+    password: str = field(repr=False)
 
 
 async def connect(

@@ -19,10 +19,13 @@ from typing import Any
 
 from lis_async.config import Settings
 from lis_async.consumer import Consumer
-from lis_async.lastinfosec import LastInfoSecClient, LisClientOptions
-from lis_async.pipeline import Backoff, Pipeline, Policy, Result
-from lis_async.platform import Platform, PlatformAuthError, PlatformError, Registration
+from lis_async.errors import PlatformAuthError, PlatformError
+from lis_async.lastinfosec import LastInfoSecClient
+from lis_async.pipeline import Pipeline, Policy, Result
+from lis_async.platform import Platform, Registration
 from lis_async.publisher import Publisher
+from lis_async.redact import redact
+from lis_async.retry import Backoff
 from lis_async.telemetry import GaugeCallback, HealthServer, LisStatsCollector, Metrics
 
 log = logging.getLogger("lis_async.app")
@@ -32,30 +35,19 @@ EXIT_FATAL = 3  # stopped because of a fatal error after start-up (e.g. LastInfo
 EXIT_STARTUP = 2  # could not start (registration refused, platform unreachable)
 
 
-def lis_options(settings: Settings) -> LisClientOptions:
-    lis = settings.lastinfosec
-    proxy = settings.opencti.proxy_https or settings.opencti.proxy_http
-    return LisClientOptions(
-        api_key=lis.api_key_cti.get_secret_value(),
-        base_url=lis.base_url,
-        endpoint_style=lis.endpoint_style,
-        timeout_s=lis.timeout_s,
-        retries=lis.retries,
-        backoff_base_s=lis.backoff_base_s,
-        backoff_max_s=lis.backoff_max_s,
-        concurrency=lis.concurrency,
-        rate_per_s=lis.rate_per_s,
-        rate_burst=lis.rate_burst,
-        cache_ttl_s=lis.cache_ttl_s,
-        negative_cache_ttl_s=lis.cache_negative_ttl_s,
-        cache_size=lis.cache_size,
-        proxy=proxy,
-        ssl_verify=lis.ssl_verify,
-        max_answer_bytes=lis.max_answer_bytes,
-    )
+# Registration retries: 2, 4, 8, 16, 30 s (a platform still starting up), then give up.
+_REGISTER_BACKOFF = Backoff(base_s=2.0, max_s=30.0, floor=1.0)
+_REGISTER_ATTEMPTS = 6
 
 
 class App:
+    """The worker: builds every part from the settings, starts them in order, runs until a stop
+    signal or a fatal error, then stops them in reverse order (see the module docstring).
+
+    The parts are public attributes once started (``platform``, ``lis``, ``publisher``,
+    ``pipeline``, ``consumer``) for the health checks, the demo and the tests.
+    """
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.platform = Platform(settings)
@@ -124,10 +116,10 @@ class App:
             except PlatformAuthError:
                 raise
             except PlatformError as exc:
-                if not exc.retriable or attempt >= 5 or self._stop.is_set():
-                    raise
-                delay = min(30.0, 2.0 * 2**attempt)
                 attempt += 1
+                if not exc.retriable or attempt >= _REGISTER_ATTEMPTS or self._stop.is_set():
+                    raise
+                delay = _REGISTER_BACKOFF.delay(attempt)
                 log.warning("registration failed (%s); retrying in %.0fs", exc, delay)
                 await asyncio.sleep(delay)
 
@@ -144,10 +136,13 @@ class App:
             reg.amqp.host,
             reg.amqp.port,
         )
-        self._spawn(self.platform.heartbeat(s.connector.heartbeat_interval_s), "heartbeat")
-        self.lis = LastInfoSecClient(lis_options(s))
+        self._spawn(self.platform.heartbeat(), "heartbeat")
+        self.lis = LastInfoSecClient(s.lastinfosec, proxy=s.lastinfosec_proxy)
         await self.lis.start()
-        self.publisher = Publisher(reg.amqp, reg.push_exchange, reg.push_routing)
+        retry_backoff = Backoff(max_s=s.connector.platform_retry_max_s)
+        self.publisher = Publisher(
+            reg.amqp, reg.push_exchange, reg.push_routing, backoff=retry_backoff
+        )
         await self.publisher.start()
         self.pipeline = Pipeline(
             lookup=self.lis,
@@ -159,7 +154,7 @@ class App:
                 confidence=s.connector.confidence_level,
                 connector_user_id=reg.connector_user_id,
             ),
-            backoff=Backoff(max_s=s.connector.platform_retry_max_s),
+            backoff=retry_backoff,
         )
         self._spawn(self.pipeline.ping_long_works(), "work-ping")
         self.consumer = Consumer(
@@ -263,9 +258,8 @@ class App:
                 log.critical("cannot start: %s", exc)
                 return EXIT_STARTUP
             except Exception as exc:  # RabbitMQ unreachable or refusing the credentials, ...
-                text = str(exc)
-                if self.registration and self.registration.amqp.password:
-                    text = text.replace(self.registration.amqp.password, "***")
+                secrets = [self.registration.amqp.password] if self.registration else []
+                text = redact(str(exc), secrets)
                 log.critical("cannot start: %s: %s", type(exc).__name__, text[:500])
                 return EXIT_STARTUP
             await self._stop.wait()

@@ -4,12 +4,12 @@ LastInfoSec once each and print one PASS/FAIL line per check. Exit code 0 only i
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
-from lis_async.app import lis_options
 from lis_async.config import Settings
-from lis_async.lastinfosec import LastInfoSecClient, LisError
-from lis_async.platform import Platform, PlatformError, Registration
+from lis_async.errors import LisError, PlatformError
+from lis_async.lastinfosec import LastInfoSecClient
+from lis_async.platform import Platform, Registration
+from lis_async.redact import redact
 
 # A value LastInfoSec is asked about: the EICAR test file's SHA-256 (harmless, well known).
 PROBE_HASH = "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f"
@@ -49,7 +49,7 @@ async def run_check(settings: Settings, out: Callable[[str], None] = print) -> i
                 await conn.close()
             report(True, "rabbitmq", f"{reg.amqp.host}:{reg.amqp.port}, queue {reg.listen} found")
         except Exception as exc:
-            text = str(exc).replace(reg.amqp.password, "***") if reg.amqp.password else str(exc)
+            text = redact(str(exc), [reg.amqp.password])
             report(
                 False,
                 "rabbitmq",
@@ -69,7 +69,8 @@ async def run_check(settings: Settings, out: Callable[[str], None] = print) -> i
         granted_refs=None,
         stix={},
     )
-    client = LastInfoSecClient(replace(lis_options(settings), retries=0, cache_size=0))
+    once = settings.lastinfosec.model_copy(update={"retries": 0, "cache_size": 0})
+    client = LastInfoSecClient(once, proxy=settings.lastinfosec_proxy)
     try:
         await client.start()
         result = await client.lookup(probe)

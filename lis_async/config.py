@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -28,7 +28,11 @@ from pydantic import (
     field_validator,
 )
 
+from lis_async.errors import SettingsError
 from lis_async.job import SUPPORTED_TYPES, normalise_tlp
+from lis_async.redact import mask_url
+
+__all__ = ["Settings", "SettingsError", "load_settings"]
 
 DEFAULT_CONFIG_PATHS: Final = (
     Path("config.yml"),
@@ -46,14 +50,6 @@ LEGACY_YAML: Final[Mapping[tuple[str, str], tuple[str, str]]] = {
     ("lastinfosec", "proxy_http"): ("opencti", "proxy_http"),
     ("lastinfosec", "proxy_https"): ("opencti", "proxy_https"),
 }
-
-
-class SettingsError(ValueError):
-    """Invalid settings: one line per problem, naming the variable; never a secret's value."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("invalid settings:\n  " + "\n  ".join(self.problems))
 
 
 def _to_bool(v: Any) -> Any:
@@ -228,6 +224,12 @@ class Settings(_Section):
     lastinfosec: LastInfoSecSettings
     mq: MqSettings = MqSettings()
 
+    @property
+    def lastinfosec_proxy(self) -> str | None:
+        """The proxy for LastInfoSec requests: upstream reads ``PROXY_HTTPS``, then
+        ``PROXY_HTTP``, for its (https) API calls."""
+        return self.opencti.proxy_https or self.opencti.proxy_http
+
     def summary(self) -> dict[str, Any]:
         """Effective settings for the start-up log line; secrets masked."""
         out: dict[str, Any] = {}
@@ -236,17 +238,10 @@ class Settings(_Section):
             for key, val in model.model_dump(by_alias=True).items():
                 if isinstance(val, SecretStr):
                     val = "***" if val.get_secret_value() else ""
-                elif key in ("proxy_http", "proxy_https") and val:
-                    val = _mask_userinfo(str(val))
+                elif key in ("proxy_http", "proxy_https", "url", "base_url") and val:
+                    val = mask_url(str(val))
                 out[f"{section}.{key}"] = val
         return out
-
-
-def _mask_userinfo(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 # Every (section, key) the loader reads. The env name is always SECTION_KEY.

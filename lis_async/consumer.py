@@ -23,9 +23,8 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from lis_async.amqp import connect
-from lis_async.pipeline import FatalError
-from lis_async.platform import AmqpParams
+from lis_async.amqp import AmqpParams, connect
+from lis_async.errors import FatalError
 
 log = logging.getLogger("lis_async.consumer")
 
@@ -33,6 +32,10 @@ Handler = Callable[[bytes, bool], Awaitable[object]]
 
 
 class Consumer:
+    """Consumes the listen queue with manual acks and ``prefetch`` jobs in flight; runs each
+    delivery as an owned task and settles it by the ack policy above. ``stop_intake`` then
+    ``drain`` stop it in order; the broker redelivers whatever was not acked."""
+
     def __init__(
         self,
         params: AmqpParams,
@@ -89,10 +92,10 @@ class Consumer:
         channel = await self._conn.channel(publisher_confirms=False)
         self._channel = channel  # type: ignore[assignment]
         await channel.set_qos(prefetch_count=self._prefetch)
-        # Never declare: the platform owns the queue and its arguments (protocol §1.3). A passive
-        # declare only checks that it exists, and registers it with the robust channel: without
-        # that, aio-pika does not restore the consumer after a reconnection (it would stay
-        # connected and idle forever).
+        # Never declare: the platform owns the queue and its arguments (docs/protocol.md §1.3).
+        # A passive declare only checks that it exists, and registers it with the robust
+        # channel: without that, aio-pika does not restore the consumer after a reconnection
+        # (it would stay connected and idle forever).
         self._queue = await channel.declare_queue(self._queue_name, passive=True)
         self.accepting = True
         self._tag = await self._queue.consume(self._on_message, no_ack=False)

@@ -1,7 +1,8 @@
 """Enrichment jobs: a listen-queue body (bytes) parsed into an immutable :class:`Job`.
 
-Pure data, no I/O. Every malformed body raises :class:`JobError` (carrying the work id when it
-could be read); nothing else escapes :func:`parse_job`.
+Pure data, no I/O. Every malformed body raises :class:`~lis_async.errors.JobError` (carrying the
+work id when it could be read); nothing else escapes :func:`parse_job`. This module also holds
+the one list of observable types the connector enriches (:data:`OBSERVABLE_TYPES`).
 """
 
 from __future__ import annotations
@@ -9,14 +10,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import orjson
+
+from lis_async.errors import JobError
 
 STIX_EXT_OCTI: Final = "extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba"
 STIX_EXT_OCTI_SCO: Final = "extension-definition--f93e2c80-4231-4f9a-af8b-95c9bd566a82"
 
-# TLP marking standard ids (protocol §0), in increasing order of restriction.
+# TLP marking standard ids (docs/protocol.md §0), in increasing order of restriction.
 TLP_MARKINGS: Final[Mapping[str, str]] = MappingProxyType(
     {
         "marking-definition--613f2e26-407d-48c7-9eca-b8e91df99dc9": "TLP:CLEAR",
@@ -35,13 +38,35 @@ TLP_ORDER: Final[tuple[str, ...]] = (
 )
 TLP_ALIASES: Final[Mapping[str, str]] = MappingProxyType({"TLP:WHITE": "TLP:CLEAR"})
 
-# OpenCTI entity type -> STIX type, for the observables this connector enriches.
+
+@dataclass(frozen=True, slots=True)
+class ObservableType:
+    """An observable type this connector enriches: the one list every module derives from."""
+
+    entity_type: str  # OpenCTI's name (scope, work messages)
+    stix_type: str  # the STIX 2.1 type
+    lookup: Literal["hash", "host", "url"]  # what is sent to LastInfoSec
+
+
+OBSERVABLE_TYPES: Final[tuple[ObservableType, ...]] = (
+    ObservableType("StixFile", "file", "hash"),
+    ObservableType("Domain-Name", "domain-name", "host"),
+    ObservableType("Hostname", "hostname", "host"),
+    ObservableType("Url", "url", "url"),
+)
+BY_ENTITY_TYPE: Final[Mapping[str, ObservableType]] = MappingProxyType(
+    {t.entity_type: t for t in OBSERVABLE_TYPES}
+)
+# OpenCTI entity type -> STIX type.
 SUPPORTED_TYPES: Final[Mapping[str, str]] = MappingProxyType(
-    {"StixFile": "file", "Domain-Name": "domain-name", "Hostname": "hostname", "Url": "url"}
+    {t.entity_type: t.stix_type for t in OBSERVABLE_TYPES}
 )
+# Older platforms send hostnames as the custom type x-opencti-hostname.
+LEGACY_HOSTNAME: Final = "x-opencti-hostname"
 STIX_TO_ENTITY: Final[Mapping[str, str]] = MappingProxyType(
-    {v: k for k, v in SUPPORTED_TYPES.items()} | {"x-opencti-hostname": "Hostname"}
+    {t.stix_type: t.entity_type for t in OBSERVABLE_TYPES} | {LEGACY_HOSTNAME: "Hostname"}
 )
+
 HASH_KEYS: Final[Mapping[str, str]] = MappingProxyType(
     {
         "md5": "MD5",
@@ -56,14 +81,6 @@ HASH_KEYS: Final[Mapping[str, str]] = MappingProxyType(
 
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 MAX_VALUE_CHARS: Final = 8192
-
-
-class JobError(ValueError):
-    """A listen-queue body that cannot be turned into a job. Never retried."""
-
-    def __init__(self, message: str, work_id: str | None = None) -> None:
-        super().__init__(message)
-        self.work_id = work_id
 
 
 def normalise_tlp(name: str) -> str:
@@ -162,7 +179,7 @@ def _marking_tlp(refs: tuple[str, ...]) -> str:
 
 
 def _granted_refs(entity: Mapping[str, Any]) -> tuple[str, ...] | None:
-    """Organisations as pycti reads them (protocol §4.6), first match wins."""
+    """Organisations as pycti reads them (docs/protocol.md §4.6), first match wins."""
     candidates: list[Any] = [entity.get("x_opencti_granted_refs")]
     exts = entity.get("extensions")
     if isinstance(exts, Mapping):
@@ -202,7 +219,7 @@ def parse_observable(
         raise JobError(f"stix_entity must be a JSON object, got {type(entity).__name__}", work_id)
     stix_id = _req_str(entity, "id", "stix_entity", work_id)
     stix_type = _req_str(entity, "type", "stix_entity", work_id)
-    if stix_type == "x-opencti-hostname":
+    if stix_type == LEGACY_HOSTNAME:
         stix_type = "hostname"
     entity_type = _entity_type(entity, entity_type_hint)
 

@@ -1,11 +1,11 @@
-"""One job, from received to processed. Knows no transport: it talks to small Protocols.
+"""One job, from received to processed. Knows no transport: it talks to the ports.
 
     received -> policy (scope, type, max TLP) -> lookup -> bundle -> deliver -> processed
 
 :meth:`Pipeline.run` returns a :class:`Result` for every job the consumer may ack. It raises only
-:class:`FatalError` (the worker must stop: the job goes back to the queue) and cancellation.
-Platform reports and publishes that fail are retried with back-off for as long as it takes: a job
-is never acknowledged before its work is processed.
+:class:`~lis_async.errors.FatalError` (the worker must stop: the job goes back to the queue) and
+cancellation. Platform reports and publishes that fail are retried with back-off for as long as
+it takes: a job is never acknowledged before its work is processed (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -13,29 +13,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, TypeVar
 
 import orjson
 
 from lis_async import stix
-from lis_async.job import Job, JobError, Observable, parse_job, parse_observable, tlp_rank
-from lis_async.lastinfosec import (
+from lis_async.delivery import Delivery, prepare
+from lis_async.errors import (
+    FatalError,
+    JobError,
     LisError,
     LisFatalError,
-    LookupResult,
     NothingToLookUp,
+    PlatformAuthError,
+    PlatformError,
+    WorkNotAlive,
 )
-from lis_async.platform import PlatformAuthError, PlatformError, WorkNotAlive
-from lis_async.publisher import Delivery, PublishError, prepare
+from lis_async.job import Job, Observable, parse_job, parse_observable, tlp_rank
+from lis_async.ports import Lookup, LookupResult, PlatformPort, PublisherPort
+from lis_async.retry import Backoff
 
 log = logging.getLogger("lis_async.pipeline")
 T = TypeVar("T")
+
+# pycti pings a work every 5 minutes while its job runs (docs/protocol.md §4.3): the platform
+# only bumps the work's updated_at, which keeps long jobs from looking stuck.
+WORK_PING_INTERVAL_S: Final = 300.0
 
 
 def _printable(text: str) -> str:
@@ -52,7 +60,7 @@ class Outcome(StrEnum):
     SKIPPED = "skipped"
     FAILED = "failed"
     DROPPED = "dropped"  # the platform deleted the work: nothing to report to
-    INVALID = "invalid"  # the body could not be parsed (decided by the consumer)
+    INVALID = "invalid"  # the body could not be parsed into a job (Pipeline.handle)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,46 +71,12 @@ class Result:
     bundles: int = 0
 
 
-class FatalError(Exception):
-    """The worker cannot go on (invalid LastInfoSec key, token refused): stop taking jobs."""
-
-
-class Lookup(Protocol):
-    async def lookup(self, obs: Observable) -> LookupResult: ...
-
-
-class PlatformPort(Protocol):
-    async def work_received(self, work_id: str, draft_id: str | None) -> None: ...
-    async def add_expectations(self, work_id: str, n: int, draft_id: str | None) -> None: ...
-    async def work_processed(
-        self, work_id: str, message: str, in_error: bool, draft_id: str | None
-    ) -> None: ...
-    async def ping_work(self, work_id: str, draft_id: str | None) -> None: ...
-    async def playbook_step(self, ctx: Any, execution_start: str, bundle_json: str) -> None: ...
-    async def read_observable(
-        self, entity_id: str, draft_id: str | None
-    ) -> dict[str, Any] | None: ...
-
-
-class PublisherPort(Protocol):
-    async def publish(self, bodies: Sequence[bytes], indexes: Sequence[int]) -> None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class Policy:
     scope: frozenset[str]
     max_tlp: str
     confidence: int
     connector_user_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    base_s: float = 0.5
-    max_s: float = 60.0
-
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max_s, self.base_s * (2 ** min(attempt, 20))))
 
 
 @dataclass(slots=True)
@@ -117,6 +91,15 @@ class _Run:
 
 
 class Pipeline:
+    """Runs one job at a time per call, any number concurrently; all per-job state lives in the
+    job's :class:`_Run`, never on the pipeline.
+
+    ``handle`` takes a listen-queue body; ``run`` a parsed job. Reports to the platform go
+    through :meth:`_retry` (until they go through); the bundle goes to the publisher, which
+    retries what the broker did not confirm. ``in_flight`` (work id -> start time, draft id)
+    feeds the long-job work ping (:meth:`ping_long_works`).
+    """
+
     def __init__(
         self,
         *,
@@ -173,7 +156,7 @@ class Pipeline:
                 except PlatformError as perr:
                     if isinstance(perr, WorkNotAlive):
                         break
-                    await asyncio.sleep(self._backoff.delay(attempt))
+                    await asyncio.sleep(self._backoff.delay(attempt + 1))
         return result
 
     async def run(self, job: Job, redelivered: bool = False) -> Result:
@@ -263,16 +246,17 @@ class Pipeline:
     async def _observable(self, job: Job) -> Observable | Result:
         if job.observable is not None:
             return job.observable
-        # Deferred resolution: the platform sent no stix_entity; read it (protocol §3.5).
-        entity = await self._retry(
+        # Deferred resolution: the platform sent no stix_entity; read it (docs/protocol.md §3.5).
+        record = await self._retry(
             "read entity", lambda: self._platform.read_observable(job.entity_id, job.draft_id)
         )
-        if entity is None:
+        if record is None:
             return Result(
                 Outcome.FAILED,
                 "Unable to read/access the entity, please check the connector permissions",
             )
         try:
+            entity = stix.observable_from_platform(record, job.entity_id)
             return parse_observable(entity, job.entity_type, job.work_id)
         except JobError as exc:
             return Result(Outcome.FAILED, f"Unreadable entity: {exc}")
@@ -317,36 +301,18 @@ class Pipeline:
                 ),
             )
             run.expectations_added = True
-        pending: Sequence[int] = range(len(delivery.bodies))
-        attempt = 0
-        while pending:
-            try:
-                await self._publisher.publish(delivery.bodies, pending)
-                pending = ()
-            except PublishError as exc:
-                pending = exc.failed
-                delay = self._backoff.delay(attempt)
-                attempt += 1
-                log.warning(
-                    "work %s: %s; retrying %d message(s) in %.1fs",
-                    work_id,
-                    exc,
-                    len(pending),
-                    delay,
-                )
-                await asyncio.sleep(delay)
+        await self._publisher.publish(delivery)
 
     # -- playbook jobs -----------------------------------------------------------------------
     async def _run_playbook(self, run: _Run) -> Result:
-        job = run.job
-        assert job.playbook is not None
+        job, ctx = run.job, run.job.playbook
+        assert ctx is not None
         execution_start = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
         result, bundle = await self._playbook_bundle(job)
+        bundle_json = orjson.dumps(bundle).decode()
         await self._retry(
             "playbookStepExecution",
-            lambda: self._platform.playbook_step(
-                job.playbook, execution_start, orjson.dumps(bundle).decode()
-            ),
+            lambda: self._platform.playbook_step(ctx, execution_start, bundle_json),
         )
         return result
 
@@ -386,12 +352,14 @@ class Pipeline:
             except PlatformAuthError as exc:
                 raise FatalError(f"OpenCTI refused the connector's token: {exc}") from None
             except PlatformError as exc:
-                delay = self._backoff.delay(attempt)
                 attempt += 1
+                delay = self._backoff.delay(attempt)
                 log.warning("%s failed (%s); retry %d in %.1fs", what, exc, attempt, delay)
                 await asyncio.sleep(delay)
 
-    async def ping_long_works(self, every_s: float = 60.0, older_than_s: float = 300.0) -> None:
+    async def ping_long_works(
+        self, every_s: float = 60.0, older_than_s: float = WORK_PING_INTERVAL_S
+    ) -> None:
         """One loop for every job: ping works whose job has run longer than 5 minutes."""
         last: dict[str, float] = {}
         while True:

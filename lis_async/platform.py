@@ -24,21 +24,21 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, TypeVar
 
 import aiohttp
 import orjson
 
+from lis_async.amqp import AmqpParams
 from lis_async.config import Settings
+from lis_async.errors import PlatformAuthError, PlatformError, WorkNotAlive
 from lis_async.job import PlaybookContext
 
 log = logging.getLogger("lis_async.platform")
-
-HEARTBEAT_INTERVAL_S: Final = 40.0
-WORK_PING_INTERVAL_S: Final = 300.0
+T = TypeVar("T")
 
 Q_REGISTER: Final = """
     mutation RegisterConnector($input: RegisterConnectorInput) {
@@ -116,40 +116,30 @@ CONNECTOR_INFO: Final = {
     "next_run_datetime": None,
     "last_run_datetime": None,
 }
-ENTITY_STIX_TYPES: Final = {
-    "StixFile": "file",
-    "Domain-Name": "domain-name",
-    "Hostname": "hostname",
-    "Url": "url",
-}
 _FATAL_CODES: Final = frozenset({"AUTH_FAILURE", "AUTH_REQUIRED", "FORBIDDEN_ACCESS"})
 
 
-class PlatformError(Exception):
-    """A failed GraphQL call. ``retriable``: the same call may succeed later."""
+class _Session(Protocol):
+    """The ``requests.Session`` pycti holds (the part used here)."""
 
-    def __init__(self, message: str, *, code: str | None = None, retriable: bool = True) -> None:
-        super().__init__(message)
-        self.code = code
-        self.retriable = retriable
+    trust_env: bool
 
-
-class WorkNotAlive(PlatformError):
-    """The platform deleted the work: nothing more can be reported for this job."""
+    def post(self, url: str, **kwargs: Any) -> Any: ...
+    def mount(self, prefix: str, adapter: Any) -> None: ...
+    def close(self) -> None: ...
 
 
-class PlatformAuthError(PlatformError):
-    """The token is refused or lacks a capability: a configuration error."""
+class PyctiClient(Protocol):
+    """The part of pycti's ``OpenCTIApiClient`` this module uses: its connection settings
+    (URL, headers with the token and ``User-Agent``, TLS, proxies, timeout) and its session."""
 
-
-@dataclass(frozen=True, slots=True)
-class AmqpParams:
-    host: str
-    port: int
-    vhost: str
-    use_ssl: bool
-    user: str
-    password: str = field(repr=False)
+    api_url: str
+    request_headers: dict[str, str]
+    session: _Session
+    ssl_verify: bool | str
+    cert: str | tuple[str, str] | None
+    proxies: dict[str, str] | None
+    session_requests_timeout: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,22 +162,24 @@ def _error_from(body: Mapping[str, Any]) -> PlatformError:
     message = str(first.get("message") or "GraphQL error")[:500]
     text = f"{code}: {message}"
     if code == "WORK_NOT_ALIVE":
-        return WorkNotAlive(text, code=code, retriable=False)
+        return WorkNotAlive(text)
     if code in _FATAL_CODES:
-        return PlatformAuthError(text, code=code, retriable=False)
+        return PlatformAuthError(text, code=code)
     # Anything else (lock, database, validation hiccups): retried with back-off, never dropped.
     return PlatformError(text, code=code, retriable=True)
 
 
 class Platform:
-    """The OpenCTI platform, as seen by this connector. One per process."""
+    """The OpenCTI platform, as seen by this connector (implements
+    :class:`~lis_async.ports.PlatformPort`, plus registration and the heartbeat). One per
+    process; ``start`` and ``close`` are idempotent."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._pool = ThreadPoolExecutor(
             max_workers=settings.opencti.threads, thread_name_prefix="opencti"
         )
-        self._api: Any = None
+        self._api: PyctiClient | None = None
         self._http: aiohttp.ClientSession | None = None
         self._proxy: str | None = None
         self.last_heartbeat: float | None = None  # monotonic time of the last successful ping
@@ -197,9 +189,9 @@ class Platform:
         if self._api is None:
             self._api = await self._run(self._make_client)
         if self._http is None:
-            self._http = self._make_session(self._api)
+            self._http = self._make_session(self._client())
 
-    def _make_session(self, api: Any) -> aiohttp.ClientSession:
+    def _make_session(self, api: PyctiClient) -> aiohttp.ClientSession:
         """The aiohttp session for work reports, with pycti's TLS, certificate and proxy."""
         verify = api.ssl_verify
         ssl_opt: ssl.SSLContext | bool = False
@@ -216,7 +208,7 @@ class Platform:
             trust_env=False,  # the environment's proxy was resolved once by _make_client
         )
 
-    def _make_client(self) -> Any:
+    def _make_client(self) -> PyctiClient:
         from pycti import OpenCTIApiClient  # heavy import, kept off the module import path
 
         o = self._settings.opencti
@@ -251,7 +243,8 @@ class Platform:
         )
         api.session.mount("http://", adapter)
         api.session.mount("https://", adapter)
-        return api
+        client: PyctiClient = api
+        return client
 
     async def close(self) -> None:
         http, self._http = self._http, None
@@ -262,15 +255,18 @@ class Platform:
             await asyncio.get_running_loop().run_in_executor(self._pool, api.session.close)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # -- transport -------------------------------------------------------------------------
-    def _headers(self, draft_id: str | None) -> dict[str, str]:
+    def _client(self) -> PyctiClient:
         api = self._api
         if api is None:
             raise PlatformError("platform client is not started")
-        headers = dict(api.request_headers)
+        return api
+
+    def _headers(self, draft_id: str | None) -> dict[str, str]:
+        headers = dict(self._client().request_headers)
         headers.pop("opencti-applicant-id", None)
         headers["Content-Type"] = "application/json"
         if draft_id is not None:
@@ -283,7 +279,7 @@ class Platform:
         if status != 200:
             text = content[:200].decode("utf-8", "replace").replace("\n", " ")
             if "WORK_NOT_ALIVE" in text:
-                raise WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)
+                raise WorkNotAlive()
             raise PlatformError(f"OpenCTI answered HTTP {status}: {text}")
         try:
             body = orjson.loads(content)
@@ -298,7 +294,7 @@ class Platform:
     def _post(self, query: str, variables: Mapping[str, Any], draft_id: str | None) -> Any:
         """Through pycti's ``requests`` session (run in the thread pool)."""
         headers = self._headers(draft_id)
-        api = self._api
+        api = self._client()
         try:
             resp = api.session.post(
                 api.api_url,
@@ -323,7 +319,7 @@ class Platform:
             raise PlatformError("platform client is not started")
         try:
             async with http.post(
-                self._api.api_url,
+                self._client().api_url,
                 data=orjson.dumps({"query": query, "variables": variables}),
                 headers=headers,
                 proxy=self._proxy,
@@ -346,7 +342,7 @@ class Platform:
     async def register(self) -> Registration:
         c = self._settings.connector
         # Null optional fields are omitted, not sent as null (older schemas reject unknown
-        # fields, protocol §2.1).
+        # fields, docs/protocol.md §2.1).
         connector_input = {
             "id": c.id,
             "name": c.name,
@@ -396,8 +392,10 @@ class Platform:
         )
         self.last_heartbeat = time.monotonic()
 
-    async def heartbeat(self, interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
-        """Ping forever: first at once, then every ``interval_s`` (auto-enrichment needs it)."""
+    async def heartbeat(self) -> None:
+        """Ping forever: first at once, then every ``connector.heartbeat_interval_s``
+        (auto-enrichment only reaches connectors that pinged lately, docs/protocol.md §2.2)."""
+        interval_s = self._settings.connector.heartbeat_interval_s
         while True:
             try:
                 await self.ping_connector()
@@ -444,36 +442,10 @@ class Platform:
             },
         )
 
-    async def read_observable(self, entity_id: str, draft_id: str | None) -> dict[str, Any] | None:
-        """The observable as a flat STIX-like dict (pycti's legacy shape), or None if unreadable."""
+    async def read_observable(
+        self, entity_id: str, draft_id: str | None
+    ) -> Mapping[str, Any] | None:
+        """The platform's ``stixCyberObservable`` record, or None if it cannot be read."""
         data = await self.query(Q_READ_OBSERVABLE, {"id": entity_id}, draft_id)
         obs = (data or {}).get("stixCyberObservable")
-        if not isinstance(obs, Mapping):
-            return None
-        etype = str(obs.get("entity_type", ""))
-        entity: dict[str, Any] = {
-            "id": obs.get("standard_id") or entity_id,
-            "spec_version": "2.1",
-            "type": ENTITY_STIX_TYPES.get(etype, etype.lower()),
-            "x_opencti_id": obs.get("id"),
-            "x_opencti_type": etype,
-            "object_marking_refs": [
-                m["standard_id"]
-                for m in obs.get("objectMarking") or []
-                if isinstance(m, Mapping) and m.get("standard_id")
-            ],
-        }
-        if obs.get("value") is not None:
-            entity["value"] = obs["value"]
-        if obs.get("name") is not None:
-            entity["name"] = obs["name"]
-        if obs.get("hashes"):
-            entity["hashes"] = obs["hashes"]
-        orgs = [
-            o["standard_id"]
-            for o in obs.get("objectOrganization") or []
-            if isinstance(o, Mapping) and o.get("standard_id")
-        ]
-        if orgs:
-            entity["x_opencti_granted_refs"] = orgs
-        return entity
+        return obs if isinstance(obs, Mapping) else None

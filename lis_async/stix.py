@@ -19,7 +19,15 @@ from typing import Any, Final
 
 import orjson
 
-from lis_async.job import STIX_EXT_OCTI, STIX_EXT_OCTI_SCO, Job, Observable
+from lis_async.job import (
+    LEGACY_HOSTNAME,
+    OBSERVABLE_TYPES,
+    STIX_EXT_OCTI,
+    STIX_EXT_OCTI_SCO,
+    SUPPORTED_TYPES,
+    Job,
+    Observable,
+)
 
 __all__ = [
     "EXTERNAL_REFERENCE",
@@ -46,13 +54,15 @@ _RELATIONSHIP_NS: Final = uuid.UUID("00abedb4-aa42-466c-9c01-fed23315a9b7")
 # Our own namespace for deterministic bundle ids.
 _BUNDLE_NS: Final = uuid.UUID("105dcb5e-2b4e-49b4-b8b9-f5c806d5aeb2")
 
-_LEGACY_HOSTNAME: Final = "x-opencti-hostname"
+_LEGACY_HOSTNAME: Final = LEGACY_HOSTNAME
 _LEGACY_HOSTNAME_PREFIX: Final = _LEGACY_HOSTNAME + "--"
 _LEGACY_HOSTNAME_PREFIX_BYTES: Final = _LEGACY_HOSTNAME_PREFIX.encode()
 
 # Returned knowledge the observable is tied to with a `related-to` relationship.
 _RELATED_TYPES: Final = frozenset({"malware", "intrusion-set", "threat-actor", "tool"})
-_HOST_TYPES: Final = frozenset({"domain-name", "hostname", _LEGACY_HOSTNAME})
+_HOST_TYPES: Final = frozenset(
+    {t.stix_type for t in OBSERVABLE_TYPES if t.lookup == "host"} | {_LEGACY_HOSTNAME}
+)
 _EDGE_REFS: Final = ("source_ref", "target_ref", "sighting_of_ref")
 
 # Fields of the OpenCTI extension kept on the enriched observable outside playbooks. The others are
@@ -158,7 +168,7 @@ def _is_lastinfosec_identity(obj: Mapping[str, Any]) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# Organisation sharing (protocol §4.6)
+# Organisation sharing (docs/protocol.md §4.6)
 
 
 def propagate_organisations(objects: list[dict[str, Any]], orgs: Sequence[str] | None) -> None:
@@ -192,6 +202,46 @@ def propagate_organisations(objects: list[dict[str, Any]], orgs: Sequence[str] |
 
 # --------------------------------------------------------------------------------------------------
 # The enriched observable
+
+
+def observable_from_platform(record: Mapping[str, Any], entity_id: str) -> dict[str, Any]:
+    """The platform's GraphQL ``stixCyberObservable`` record (deferred resolution,
+    docs/protocol.md §3.5 and §8.4) as a flat STIX entity in pycti's legacy shape, which
+    :func:`lis_async.job.parse_observable` reads."""
+    etype = str(record.get("entity_type", ""))
+    entity: dict[str, Any] = {
+        "id": record.get("standard_id") or entity_id,
+        "spec_version": "2.1",
+        "type": SUPPORTED_TYPES.get(etype, etype.lower()),
+        "x_opencti_id": record.get("id"),
+        "x_opencti_type": etype,
+        "object_marking_refs": _standard_ids(record.get("objectMarking")),
+    }
+    for key in ("value", "name"):
+        if record.get(key) is not None:
+            entity[key] = record[key]
+    hashes = record.get("hashes")
+    if isinstance(hashes, list):  # GraphQL's [{algorithm, hash}]; pycti imports a STIX dict
+        hashes = {
+            h["algorithm"]: h["hash"]
+            for h in hashes
+            if isinstance(h, Mapping)
+            and isinstance(h.get("algorithm"), str)
+            and isinstance(h.get("hash"), str)
+        }
+    if hashes:
+        entity["hashes"] = hashes
+    orgs = _standard_ids(record.get("objectOrganization"))
+    if orgs:
+        entity["x_opencti_granted_refs"] = orgs
+    return entity
+
+
+def _standard_ids(items: Any) -> list[Any]:
+    """The ``standard_id`` of each GraphQL object in ``items`` (anything else is ignored)."""
+    if not isinstance(items, list):
+        return []
+    return [m["standard_id"] for m in items if isinstance(m, Mapping) and m.get("standard_id")]
 
 
 def _add_external_reference(entity: dict[str, Any]) -> None:
@@ -507,7 +557,7 @@ def build_bundle(
     enriched observable, every valid LastInfoSec object deduplicated by id, then ``based-on``
     (matching indicator -> observable) and ``related-to`` (observable -> malware / intrusion-set /
     threat-actor / tool) relationships with pycti-compatible deterministic ids. Organisation sharing
-    is propagated to every object (protocol §4.6).
+    is propagated to every object (docs/protocol.md §4.6).
 
     ``author``: an identity object used as ``created_by_ref`` of the added relationships when the
     answer holds no LastInfoSec identity (the answer's identity wins: it is the source of the
@@ -589,7 +639,8 @@ def playbook_passthrough(job: Job) -> dict[str, Any]:
     """The incoming playbook bundle, copied, with the entity's organisations propagated.
 
     For playbook jobs that found nothing or were skipped: the playbook step must still answer with
-    the whole bundle (protocol §7), and pycti propagates ``granted_refs`` to playbook bundles too.
+    the whole bundle (docs/protocol.md §7), and pycti propagates ``granted_refs`` to playbook
+    bundles too.
     Raises ``ValueError`` for a job that is not a playbook job.
     """
     playbook = job.playbook

@@ -487,55 +487,44 @@ async def test_opencti_outage_jobs_wait_unacked_and_complete_when_it_returns() -
     retried with capped back-off for as long as it takes, the heartbeat loop never gives up)."""
     prefetch = 16
     lis = LisSimConfig(latency_s=0.01, known_share=1.0, bundle_size=5)
-    env = {"CONNECTOR_JOBS_IN_FLIGHT": str(prefetch)}
+    # A 1 s heartbeat (CONNECTOR_HEARTBEAT_INTERVAL_S) so that the outage sees failed pings.
+    env = {"CONNECTOR_JOBS_IN_FLIGHT": str(prefetch), "CONNECTOR_HEARTBEAT_INTERVAL_S": "1"}
     async with world_with_worker(
         env=env, lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
     ) as run:
         world, app = run.world, run.app
         assert app.consumer is not None and app.platform.last_heartbeat is not None
-        # The app pings every 40 s and does not honour CONNECTOR_HEARTBEAT_INTERVAL_S (see the
-        # report); the product's own heartbeat loop is run here with a short interval instead.
-        heartbeat = asyncio.create_task(app.platform.heartbeat(interval_s=0.5))
-        try:
-            rec = world.platform.connectors[world.connector_id]
-            assert await poll(lambda: len(rec.pings) >= 2, 10)
+        rec = world.platform.connectors[world.connector_id]
+        assert await poll(lambda: len(rec.pings) >= 2, 10)
 
-            outage_s = 10.0
-            world.platform.outage_for(outage_s)
-            down_at = time.time()
-            hb_before = app.platform.last_heartbeat
-            jobs = await world.producer.publish_many(40, kind="manual")
-            works = work_ids(jobs)
+        outage_s = 10.0
+        world.platform.outage_for(outage_s)
+        down_at = time.time()
+        hb_before = app.platform.last_heartbeat
+        jobs = await world.producer.publish_many(40, kind="manual")
+        works = work_ids(jobs)
 
-            # While down: jobs in flight keep retrying, prefetch-bounded, and none is acked.
-            assert await poll(
-                lambda: _failed_calls(world, "workToReceived", down_at) >= 3 * prefetch, 8
-            )
-            assert app.consumer.in_flight == prefetch
-            ready, unacked = await queue_depth(world.names()["listen"])
-            assert (ready, unacked) == (len(works) - prefetch, prefetch)
-            assert completed(world, works) == 0 and world.platform.in_outage
-            assert _failed_calls(world, "PingConnector", down_at) >= 2
-            assert app.platform.last_heartbeat == hb_before  # failed pings do not count
+        # While down: jobs in flight keep retrying, prefetch-bounded, and none is acked.
+        assert await poll(
+            lambda: _failed_calls(world, "workToReceived", down_at) >= 3 * prefetch, 8
+        )
+        assert app.consumer.in_flight == prefetch
+        ready, unacked = await queue_depth(world.names()["listen"])
+        assert (ready, unacked) == (len(works) - prefetch, prefetch)
+        assert completed(world, works) == 0 and world.platform.in_outage
+        assert await poll(lambda: _failed_calls(world, "PingConnector", down_at) >= 2, 8)
+        assert app.platform.last_heartbeat == hb_before  # failed pings do not count
 
-            # Back up: every job completes, nothing was published twice, the heartbeat resumes.
-            assert await world.platform.wait_until(
-                lambda: not world.platform.in_outage, outage_s + 5
-            )
-            up_at = time.time()
-            assert await world.platform.wait_works(works, timeout=60)
-            assert await world.worker.wait_idle(timeout=30)
-            assert_nothing_lost(world, works)
-            assert await poll(lambda: any(t >= up_at for t in rec.pings), 10)
-            assert (
-                app.platform.last_heartbeat is not None and app.platform.last_heartbeat > hb_before
-            )
-            assert app.checks()["heartbeat"]
-            assert await ready_count(world) == 0 and app.consumer.in_flight == 0
-        finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+        # Back up: every job completes, nothing was published twice, the heartbeat resumes.
+        assert await world.platform.wait_until(lambda: not world.platform.in_outage, outage_s + 5)
+        up_at = time.time()
+        assert await world.platform.wait_works(works, timeout=60)
+        assert await world.worker.wait_idle(timeout=30)
+        assert_nothing_lost(world, works)
+        assert await poll(lambda: any(t >= up_at for t in rec.pings), 10)
+        assert app.platform.last_heartbeat is not None and app.platform.last_heartbeat > hb_before
+        assert app.checks()["heartbeat"]
+        assert await ready_count(world) == 0 and app.consumer.in_flight == 0
 
 
 async def test_dead_work_is_acked_and_dropped_not_retried(caplog: pytest.LogCaptureFixture) -> None:

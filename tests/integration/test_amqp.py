@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
+from lis_async.amqp import AmqpParams
 from lis_async.consumer import Consumer
-from lis_async.pipeline import FatalError
-from lis_async.platform import AmqpParams
-from lis_async.publisher import Publisher, PublishError
+from lis_async.delivery import Delivery
+from lis_async.errors import FatalError, PublishError
+from lis_async.publisher import Publisher
+from lis_async.retry import Backoff
 
 pytestmark = pytest.mark.rabbitmq
 PARAMS = AmqpParams(
@@ -46,7 +48,7 @@ async def test_publisher_confirms_persistent_messages(broker: aio_pika.abc.Abstr
     try:
         assert pub.connected
         bodies = [f"m{i}".encode() for i in range(20)]
-        await pub.publish(bodies, range(20))
+        await pub.publish(Delivery(tuple(bodies), incompatible=0))
     finally:
         await pub.close()
     queue = await broker.get_queue(qname, ensure=False)
@@ -67,8 +69,8 @@ async def test_unroutable_publish_is_an_error(broker: aio_pika.abc.AbstractChann
     await pub.start()
     try:
         with pytest.raises(PublishError) as info:
-            await pub.publish([b"a", b"b"], [0, 1])
-        assert info.value.failed == (0, 1)
+            await pub.publish_once([b"a", b"b"])
+        assert info.value.unconfirmed == (b"a", b"b")
     finally:
         await pub.close()
 
@@ -82,12 +84,44 @@ async def test_full_queue_with_reject_publish_names_the_failed_messages(
     pub = Publisher(PARAMS, ex, rk)
     await pub.start()
     try:
-        await pub.publish([b"1", b"2"], [0, 1])
+        await pub.publish_once([b"1", b"2"])
         with pytest.raises(PublishError) as info:
-            await pub.publish([b"1", b"2", b"3"], [2])
-        assert info.value.failed == (2,)
+            await pub.publish_once([b"3"])
+        assert info.value.unconfirmed == (b"3",)
     finally:
         await pub.close()
+
+
+async def test_publish_retries_only_the_unconfirmed_messages_until_confirmed(
+    broker: aio_pika.abc.AbstractChannel, caplog: pytest.LogCaptureFixture
+) -> None:
+    ex, qname, rk = await _exchange_and_queue(
+        broker, **{"x-max-length": 2, "x-overflow": "reject-publish"}
+    )
+    await (await broker.get_exchange(ex)).publish(aio_pika.Message(b"old"), routing_key=rk)
+    pub = Publisher(PARAMS, ex, rk, backoff=Backoff(base_s=0.05, max_s=0.2))
+    await pub.start()
+    queue = await broker.get_queue(qname, ensure=False)
+    got: list[bytes] = []
+    try:
+        # One place left: "1" is confirmed, "2" and "3" are nacked and retried until there is
+        # room. Nothing is taken from the queue before the publisher said it retries.
+        task = asyncio.create_task(pub.publish(Delivery((b"1", b"2", b"3"), incompatible=0)))
+        async with asyncio.timeout(20):
+            while not any("retrying 2 message(s)" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110 (a log line, no event to wait on)
+                await asyncio.sleep(0.02)
+            while len(got) < 4:
+                msg = await queue.get(timeout=10, fail=False)
+                if msg is None:
+                    await asyncio.sleep(0.02)
+                    continue
+                got.append(msg.body)
+                await msg.ack()
+            await task
+    finally:
+        await pub.close()
+    assert sorted(got) == [b"1", b"2", b"3", b"old"]  # each once: "1" was not published again
+    assert await queue.get(timeout=1, fail=False) is None
 
 
 async def _listen_queue(channel: aio_pika.abc.AbstractChannel, n: int) -> str:

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from lis_async.config import load_settings
-from lis_async.platform import Platform, PlatformAuthError, PlatformError, WorkNotAlive
+from lis_async.errors import PlatformAuthError, PlatformError, WorkNotAlive
+from lis_async.platform import Platform
 from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
 
 pytestmark = pytest.mark.rabbitmq
@@ -120,6 +121,7 @@ async def test_refused_token_is_an_auth_error_that_does_not_echo_the_token(
 
 async def test_deferred_entity_read(sim: PlatformSim) -> None:
     from lis_async.job import parse_observable
+    from lis_async.stix import observable_from_platform
 
     platform = Platform(settings_for(sim))
     await platform.start()
@@ -142,7 +144,7 @@ async def test_deferred_entity_read(sim: PlatformSim) -> None:
         sim.put_entity(entity)
         read = await platform.read_observable(entity["id"], None)
         assert read is not None
-        obs = parse_observable(read)
+        obs = parse_observable(observable_from_platform(read, entity["id"]))
         assert (obs.value, obs.tlp, obs.entity_type) == (
             "bad.example.com",
             "TLP:RED",

@@ -23,19 +23,19 @@ from aiohttp import web
 from aioresponses import CallbackResult, aioresponses
 from yarl import URL
 
-from lis_async.job import Observable, parse_job
-from lis_async.lastinfosec import (
-    LastInfoSecClient,
+from lis_async.config import LastInfoSecSettings
+from lis_async.errors import (
     LisBadAnswer,
-    LisClientOptions,
     LisError,
     LisFatalError,
     LisRetriesExhausted,
-    LookupResult,
     NothingToLookUp,
-    _retry_after_s,
-    redact,
 )
+from lis_async.job import Observable, parse_job
+from lis_async.lastinfosec import LastInfoSecClient
+from lis_async.lastinfosec.wire import retry_after_s
+from lis_async.ports import LookupResult
+from lis_async.redact import redact
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 LIS = FIXTURES / "lastinfosec"
@@ -96,23 +96,36 @@ def domain(value: str) -> Observable:
     return obs("Domain-Name", value)
 
 
-def options(**kw: Any) -> LisClientOptions:
+_CLIENT_KW = ("proxy", "trust_env", "clock")
+
+
+def settings(**kw: Any) -> LastInfoSecSettings:
+    """Validated LastInfoSec settings for tests: fast retries, a rate limit that never binds."""
     base: dict[str, Any] = dict(
-        api_key=KEY,
+        api_key_cti=KEY,
         base_url=BASE,
         retries=2,
         backoff_base_s=0.001,
         backoff_max_s=0.01,
-        rate_per_s=0,
-        trust_env=False,
+        rate_per_s=1e6,
     )
     base.update(kw)
-    return LisClientOptions(**base)
+    unknown = set(base) - set(LastInfoSecSettings.model_fields)
+    assert not unknown, f"not a LastInfoSec setting: {unknown}"  # the model ignores extras
+    return LastInfoSecSettings(**base)
+
+
+def new_client(**kw: Any) -> LastInfoSecClient:
+    """A client from :func:`settings`; ``proxy``, ``trust_env`` (default off) and ``clock`` go
+    to the client itself."""
+    client_kw: dict[str, Any] = {"trust_env": False}
+    client_kw |= {k: kw.pop(k) for k in _CLIENT_KW if k in kw}
+    return LastInfoSecClient(settings(**kw), **client_kw)
 
 
 @asynccontextmanager
 async def make_client(**kw: Any) -> AsyncIterator[LastInfoSecClient]:
-    async with LastInfoSecClient(options(**kw)) as client:
+    async with new_client(**kw) as client:
         yield client
 
 
@@ -138,14 +151,14 @@ def n_requests(m: aioresponses) -> int:
     ],
 )
 def test_hash_preference(hashes: dict[str, str], expected: str) -> None:
-    client = LastInfoSecClient(options())
+    client = new_client()
     assert client.query_for(obs("StixFile", "mal.exe", **hashes)) == ("search_hash", expected)
-    post = LastInfoSecClient(options(endpoint_style="search"))
+    post = new_client(endpoint_style="search")
     assert post.query_for(obs("StixFile", "mal.exe", **hashes)) == ("search", expected)
 
 
 def test_no_usable_hash() -> None:
-    client = LastInfoSecClient(options())
+    client = new_client()
     with pytest.raises(NothingToLookUp):
         client.query_for(obs("StixFile", "mal.exe"))
     with pytest.raises(NothingToLookUp, match="SHA-512"):
@@ -167,18 +180,18 @@ def test_no_usable_hash() -> None:
     ],
 )
 def test_url_host(value: str, host: str) -> None:
-    client = LastInfoSecClient(options())
+    client = new_client()
     assert client.query_for(obs("Url", value)) == ("search_host", host)
 
 
 @pytest.mark.parametrize("value", ["", "   ", "http:///x", "http://[::1/", "http://a b.com/"])
 def test_url_without_host(value: str) -> None:
     with pytest.raises(NothingToLookUp):
-        LastInfoSecClient(options()).query_for(obs("Url", value))
+        new_client().query_for(obs("Url", value))
 
 
 def test_query_for_hosts_and_unsupported() -> None:
-    client = LastInfoSecClient(options())
+    client = new_client()
     assert client.query_for(obs("Domain-Name", " evil.example ")) == ("search_host", "evil.example")
     assert client.query_for(obs("Hostname", "h1.evil.example")) == (
         "search_host",
@@ -188,7 +201,7 @@ def test_query_for_hosts_and_unsupported() -> None:
         client.query_for(obs("Domain-Name", None))
     with pytest.raises(NothingToLookUp, match="not supported"):
         client.query_for(obs("IPv4-Addr", "1.2.3.4"))
-    post = LastInfoSecClient(options(endpoint_style="search"))
+    post = new_client(endpoint_style="search")
     assert post.query_for(obs("Url", "http://bücher.example/x")) == (
         "search",
         "http://bücher.example/x",
@@ -197,7 +210,7 @@ def test_query_for_hosts_and_unsupported() -> None:
 
 
 def test_query_for_parsed_jobs() -> None:
-    client = LastInfoSecClient(options())
+    client = new_client()
     job = parse_job((JOBS / "manual_stixfile_amber_shared.json").read_bytes())
     assert job.observable is not None
     assert client.query_for(job.observable) == ("search_hash", SHA256)
@@ -210,17 +223,17 @@ def test_query_for_parsed_jobs() -> None:
     assert client.query_for(job.observable) == ("search_host", "bad.example.com")
 
 
-def test_options_validation_and_repr() -> None:
-    opts = options(proxy="http://user:proxypass@proxy.local:3128")
-    assert KEY not in repr(opts)
-    assert "proxypass" not in repr(opts)
-    assert KEY not in repr(LastInfoSecClient(opts))
+def test_settings_validation_and_repr() -> None:
+    client = new_client(proxy="http://user:proxypass@proxy.local:3128")
+    assert KEY not in repr(settings())
+    assert KEY not in repr(client)
+    assert "proxypass" not in repr(client)
     with pytest.raises(ValueError):
-        options(concurrency=0)
+        settings(concurrency=0)
     with pytest.raises(ValueError):
-        options(base_url="ftp://x/")
+        settings(base_url="ftp://x/")
     with pytest.raises(ValueError):
-        options(endpoint_style="nope")
+        settings(endpoint_style="nope")
 
 
 def test_redact() -> None:
@@ -235,17 +248,17 @@ def test_redact() -> None:
 
 
 def test_retry_after_parsing() -> None:
-    assert _retry_after_s(None) is None
-    assert _retry_after_s("") is None
-    assert _retry_after_s("2") == 2.0
-    assert _retry_after_s("0.5") == 0.5
-    assert _retry_after_s("-3") == 0.0
-    assert _retry_after_s("soon") is None
+    assert retry_after_s(None) is None
+    assert retry_after_s("") is None
+    assert retry_after_s("2") == 2.0
+    assert retry_after_s("0.5") == 0.5
+    assert retry_after_s("-3") == 0.0
+    assert retry_after_s("soon") is None
     future = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
-    got = _retry_after_s(future)
+    got = retry_after_s(future)
     assert got is not None and 25 <= got <= 31
     past = format_datetime(datetime.now(UTC) - timedelta(seconds=30), usegmt=True)
-    assert _retry_after_s(past) == 0.0
+    assert retry_after_s(past) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,12 +405,12 @@ async def test_non_bundle_items_dropped() -> None:
 
 
 async def test_oversized_body() -> None:
-    async with make_client(max_answer_bytes=1000) as client:
+    async with make_client(max_answer_bytes=2000) as client:
         with aioresponses() as m:
             m.get(HOST_RE, body=fixture("search_host_200_large"))
-            with pytest.raises(LisBadAnswer, match="larger than 1000 bytes"):
+            with pytest.raises(LisBadAnswer, match="larger than 2000 bytes"):
                 await client.lookup(domain("evil.example"))
-            m.get(HOST_RE, body=b"[]" + b" " * 998)  # exactly at the cap: accepted
+            m.get(HOST_RE, body=b"[]" + b" " * 1998)  # exactly at the cap: accepted
             res = await client.lookup(domain("ok.example"))
     assert not res.found
 
@@ -461,7 +474,7 @@ async def test_hostile_values_on_the_wire() -> None:
 
     job = parse_job((JOBS / "hostile_value_path_traversal.json").read_bytes())
     assert job.observable is not None
-    async with serve(handler) as base, make_client(base_url=base, api_key="k/e?y#&=") as client:
+    async with serve(handler) as base, make_client(base_url=base, api_key_cti="k/e?y#&=") as client:
         res = await client.lookup(job.observable)
         await client.lookup(domain("a%2Fb"))
         await client.lookup(domain(".."))
@@ -602,7 +615,7 @@ class Clock:
 
 async def test_cache_hit_and_ttl() -> None:
     clock = Clock()
-    async with make_client(time_fn=clock, cache_ttl_s=60, negative_cache_ttl_s=10) as client:
+    async with make_client(clock=clock, cache_ttl_s=60, cache_negative_ttl_s=10) as client:
         with aioresponses() as m:
             m.get(
                 re.compile(r".*/found\.example\?.*"), body=fixture("search_hash_200"), repeat=True
@@ -720,7 +733,7 @@ async def test_all_waiters_cancelled_lookup_still_completes_into_cache() -> None
 
 
 async def test_close_during_lookup() -> None:
-    client = LastInfoSecClient(options())
+    client = new_client()
     await client.start()
     with aioresponses() as m:
         m.get(HOST_RE, callback=slow_found, repeat=True)
@@ -733,7 +746,7 @@ async def test_close_during_lookup() -> None:
 
 
 async def test_lookup_starts_session_lazily() -> None:
-    client = LastInfoSecClient(options())
+    client = new_client()
     try:
         with aioresponses() as m:
             m.get(HOST_RE, status=422)
@@ -878,26 +891,26 @@ async def test_environment_proxy_is_resolved_once_and_no_proxy_honoured(
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    client = LastInfoSecClient(LisClientOptions(api_key="k", base_url="https://api.example/v2"))
+    client = new_client(api_key_cti="k", base_url="https://api.example/v2", trust_env=True)
     await client.start()
     try:
-        assert client._proxy == "http://proxy.internal:3128"
+        assert client.proxy == "http://proxy.internal:3128"
     finally:
         await client.close()
     monkeypatch.setenv("NO_PROXY", "api.example")
-    client = LastInfoSecClient(LisClientOptions(api_key="k", base_url="https://api.example/v2"))
+    client = new_client(api_key_cti="k", base_url="https://api.example/v2", trust_env=True)
     await client.start()
     try:
-        assert client._proxy is None
+        assert client.proxy is None
     finally:
         await client.close()
     # An explicit proxy (PROXY_HTTPS) wins over the environment.
-    client = LastInfoSecClient(
-        LisClientOptions(api_key="k", base_url="https://api.example/v2", proxy="http://p:1")
+    client = new_client(
+        api_key_cti="k", base_url="https://api.example/v2", proxy="http://p:1", trust_env=True
     )
     await client.start()
     try:
-        assert client._proxy == "http://p:1"
+        assert client.proxy == "http://p:1"
     finally:
         await client.close()
 

@@ -9,11 +9,19 @@ from typing import Any
 import orjson
 import pytest
 
+from lis_async.delivery import Delivery
+from lis_async.errors import (
+    FatalError,
+    LisFatalError,
+    LisRetriesExhausted,
+    NothingToLookUp,
+    PlatformError,
+    WorkNotAlive,
+)
 from lis_async.job import Observable
-from lis_async.lastinfosec import LisFatalError, LisRetriesExhausted, LookupResult, NothingToLookUp
-from lis_async.pipeline import Backoff, FatalError, Outcome, Pipeline, Policy
-from lis_async.platform import PlatformError, WorkNotAlive
-from lis_async.publisher import PublishError
+from lis_async.pipeline import Outcome, Pipeline, Policy
+from lis_async.ports import LookupResult
+from lis_async.retry import Backoff
 from tests.conftest import FIXTURES, job_body
 
 ANSWER = orjson.loads((FIXTURES / "lastinfosec" / "search_hash_200.json").read_bytes())["message"]
@@ -86,14 +94,11 @@ class FakePlatform:
 class FakePublisher:
     def __init__(self) -> None:
         self.published: list[bytes] = []
-        self.fail_once: set[int] = set()
+        self.deliveries = 0
 
-    async def publish(self, bodies: Sequence[bytes], indexes: Sequence[int]) -> None:
-        failed = [i for i in indexes if i in self.fail_once]
-        self.fail_once -= set(failed)
-        self.published.extend(bodies[i] for i in indexes if i not in failed)
-        if failed:
-            raise PublishError(failed, "nacked")
+    async def publish(self, delivery: Delivery) -> None:
+        self.deliveries += 1
+        self.published.extend(delivery.bodies)
 
 
 def make(
@@ -132,9 +137,7 @@ async def test_received_is_reported_before_expectations_even_when_slow() -> None
 
 async def test_dead_work_at_received_drops_the_job_without_publishing() -> None:
     pipeline, platform, publisher = make(FakeLookup(ANSWER))
-    platform.fail = {
-        "received": [WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)]
-    }
+    platform.fail = {"received": [WorkNotAlive()]}
     result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
     assert result.outcome is Outcome.DROPPED
     assert publisher.published == [] and platform.names() == []
@@ -246,22 +249,22 @@ async def test_platform_failures_are_retried_until_they_go_through() -> None:
 
 async def test_work_not_alive_drops_the_job() -> None:
     pipeline, platform, _ = make(FakeLookup(()))
-    platform.fail = {
-        "processed": [WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)]
-    }
+    platform.fail = {"processed": [WorkNotAlive()]}
     result = await pipeline.handle(job_body("auto_create_domain_green.json"))
     assert result.outcome is Outcome.DROPPED
     assert pipeline.in_flight == {}
 
 
-async def test_only_unconfirmed_messages_are_published_again() -> None:
+async def test_one_delivery_per_job_after_its_expectations() -> None:
+    # Retrying unconfirmed messages is the publisher's job (tests/integration/test_amqp.py).
     pipeline, platform, publisher = make(FakeLookup(ANSWER))
-    publisher.fail_once = {0, 3}
+    platform.fail = {"expectations": [PlatformError("HTTP 502")]}
     result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
     assert result.outcome is Outcome.ENRICHED
-    assert len(publisher.published) == result.bundles  # each message exactly once
-    assert len(set(publisher.published)) == result.bundles
-    assert platform.names().count("expectations") == 1
+    assert publisher.deliveries == 1
+    assert len(publisher.published) == result.bundles == len(set(publisher.published))
+    assert platform.names() == ["received", "expectations", "processed"]
+    assert ("expectations", WORK, result.bundles) in platform.calls
 
 
 async def test_redelivered_job_does_not_add_expectations_again() -> None:
@@ -319,12 +322,14 @@ async def test_malformed_body_marks_its_work_in_error() -> None:
 async def test_deferred_resolution_reads_the_entity() -> None:
     lookup = FakeLookup(HOST_ANSWER)
     pipeline, platform, _ = make(lookup)
-    platform.entity = {
-        "id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",
-        "type": "domain-name",
+    platform.entity = {  # the platform's GraphQL stixCyberObservable record
+        "id": "8a1f6b0e-2c3d-4e5f-9a0b-1c2d3e4f5a6b",
+        "standard_id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",
+        "entity_type": "Domain-Name",
         "value": "bad.example.com",
-        "x_opencti_type": "Domain-Name",
-        "object_marking_refs": ["marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da"],
+        "objectMarking": [
+            {"standard_id": "marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da"}
+        ],
     }
     result = await pipeline.handle(job_body("auto_create_domain_deferred_resolution.json"))
     assert result.outcome is Outcome.ENRICHED

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,23 +13,26 @@ import orjson
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from lis_async.job import JobError, Observable, parse_job
-from lis_async.lastinfosec import (
-    LastInfoSecClient,
+from lis_async.delivery import Delivery
+from lis_async.errors import (
+    FatalError,
+    JobError,
     LisBadAnswer,
-    LisClientOptions,
     LisError,
     LisFatalError,
     LisRetriesExhausted,
-    LookupResult,
+    PlatformError,
+    WorkNotAlive,
 )
-from lis_async.pipeline import Backoff, FatalError, Outcome, Pipeline, Policy, Result
-from lis_async.platform import PlatformError, WorkNotAlive
+from lis_async.job import Observable, parse_job
+from lis_async.lastinfosec.wire import parse_answer, query_for
+from lis_async.pipeline import Outcome, Pipeline, Policy, Result
+from lis_async.ports import LookupResult
+from lis_async.retry import Backoff
 from tests.conftest import FIXTURES
 
 FIXTURE_BODIES = [p.read_bytes() for p in sorted((FIXTURES / "jobs").iterdir())]
 FIXTURE_DOCS = [orjson.loads(p.read_bytes()) for p in sorted((FIXTURES / "jobs").glob("*.json"))]
-CLIENT = LastInfoSecClient(LisClientOptions(api_key="k"))  # its pure parts only: no session
 
 # ------------------------------------------------------------------------------------------
 # strategies
@@ -180,17 +182,17 @@ class Answer:
 
 
 class ParsingLookup:
-    """The real client's query building and answer parsing, without HTTP."""
+    """The real client's query building and answer parsing (lastinfosec.wire), without HTTP."""
 
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
 
     async def lookup(self, obs: Observable) -> LookupResult:
-        endpoint, value = CLIENT.query_for(obs)
+        endpoint, value = query_for(obs, "search_hash_host")
         if self.answer.error is not None:
             raise self.answer.error
         assert self.answer.raw is not None
-        return CLIENT._parse_answer(self.answer.raw, endpoint, value)
+        return parse_answer(self.answer.raw, endpoint, value, lambda text: text)
 
 
 @dataclass
@@ -211,7 +213,7 @@ class Platform:
     async def work_received(self, work_id: str, draft_id: str | None) -> None:
         self._outage("received")
         if self.dead:
-            raise WorkNotAlive("WORK_NOT_ALIVE", code="WORK_NOT_ALIVE", retriable=False)
+            raise WorkNotAlive()
         self.calls.append("received")
 
     async def add_expectations(self, work_id: str, n: int, draft_id: str | None) -> None:
@@ -242,8 +244,8 @@ class Publisher:
     def __init__(self) -> None:
         self.published = 0
 
-    async def publish(self, bodies: Sequence[bytes], indexes: Sequence[int]) -> None:
-        self.published += len(indexes)
+    async def publish(self, delivery: Delivery) -> None:
+        self.published += len(delivery.bodies)
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,18 +274,31 @@ def _expected_work(body: bytes) -> tuple[str | None, bool]:
     entity=st.one_of(
         st.none(),
         st.dictionaries(
-            st.sampled_from(
-                ["id", "type", "value", "x_opencti_type", "hashes", "object_marking_refs", "name"]
+            st.sampled_from(  # the platform's GraphQL stixCyberObservable record
+                [
+                    "id",
+                    "standard_id",
+                    "entity_type",
+                    "value",
+                    "name",
+                    "hashes",
+                    "objectMarking",
+                    "objectOrganization",
+                ]
             ),
             json_values,
         ),
         st.sampled_from(
             [
                 {
-                    "id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",
-                    "type": "domain-name",
+                    "id": "8a1f6b0e-2c3d-4e5f-9a0b-1c2d3e4f5a6b",
+                    "standard_id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",
+                    "entity_type": "Domain-Name",
                     "value": "bad.example.com",
-                    "x_opencti_type": "Domain-Name",
+                    "objectMarking": [
+                        {"standard_id": "marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da"}
+                    ],
+                    "objectOrganization": [],
                 }
             ]
         ),

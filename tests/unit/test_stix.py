@@ -863,3 +863,39 @@ def test_objects_opencti_cannot_import_are_dropped() -> None:
     assert good["id"] in ids
     assert not ids & {b["id"] for b in bad}
     roundtrip(bundle)
+
+
+def test_platform_record_of_a_file_becomes_a_stix_file_with_a_hashes_dict() -> None:
+    """Deferred resolution of a StixFile: GraphQL lists hashes as [{algorithm, hash}], while
+    pycti's import reads ``hashes`` as a dict (``observable_data["hashes"].items()``)."""
+    from lis_async.job import parse_observable
+    from lis_async.stix import observable_from_platform
+
+    record = {
+        "id": "0d3b8a4e-1f2c-4d5e-8a9b-0c1d2e3f4a5b",
+        "standard_id": "file--5e0bc5a2-7b43-5e5c-9a47-5f6c7d8e9f00",
+        "entity_type": "StixFile",
+        "name": "sample.exe",
+        "hashes": [
+            {
+                "algorithm": "SHA-256",
+                "hash": "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f",
+            },
+            {"algorithm": "MD5", "hash": "44d88612fea8a8f36de82e1278abb02f"},
+            {"algorithm": None, "hash": "junk"},
+        ],
+        "objectMarking": [
+            {"standard_id": "marking-definition--f88d31f6-486f-44da-b317-01333bde0b82"}
+        ],
+        "objectOrganization": "not a list",
+    }
+    entity = observable_from_platform(record, "file--5e0bc5a2-7b43-5e5c-9a47-5f6c7d8e9f00")
+    assert entity["type"] == "file" and entity["name"] == "sample.exe"
+    assert entity["hashes"] == {
+        "SHA-256": "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f",
+        "MD5": "44d88612fea8a8f36de82e1278abb02f",
+    }
+    assert "x_opencti_granted_refs" not in entity
+    obs = parse_observable(entity)
+    assert obs.entity_type == "StixFile" and obs.tlp == "TLP:AMBER"
+    assert obs.hashes["MD5"] == "44d88612fea8a8f36de82e1278abb02f"
