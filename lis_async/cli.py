@@ -64,9 +64,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from lis_async.bench.runner import run_bench_cli
+    # The benchmark parses its own options: nothing of it is imported unless it runs.
+    from lis_async.bench.cli import main as bench_main
 
-    return run_bench_cli(args)
+    argv: list[str] = args.bench_argv
+    return bench_main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,10 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config")
     check.set_defaults(fn=cmd_check)
-    from lis_async.bench.runner import add_bench_arguments
-
-    bench = sub.add_parser("bench", help="benchmark against the classic pycti connector")
-    add_bench_arguments(bench)
+    # A pass-through: every argument after `bench` (`--help` included) goes to the benchmark's
+    # own parser. This parser's only prefix character is NUL, which no command-line argument
+    # can contain: `--jobs` and the like are then part of the remainder, not unknown options.
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark against the classic pycti connector",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    bench.add_argument("bench_argv", nargs=argparse.REMAINDER)
     bench.set_defaults(fn=cmd_bench)
     return parser
 

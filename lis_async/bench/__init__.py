@@ -1,6 +1,17 @@
 """``lis-async bench``: the worker against the classic pycti-helper connector, in one run.
 
-``classic`` is the reference connector (built like the upstream one), ``runner`` drives the
-simulated world, the two connectors as subprocesses and the measurements; ``measure`` holds the
-process sampling and the figures.
+Needs the ``bench`` extra (psutil; matplotlib for ``--sweep``); the connector itself never
+imports this package. Its modules, from the command line down:
+
+* ``cli``: the options and the entry point (standard library only until the run starts);
+* ``config``: :class:`~lis_async.bench.config.BenchConfig`, the options checked;
+* ``orchestrate``: the phases in order, then the record and the report;
+* ``phase``: one phase (world, connector, jobs, figures);
+* ``feed``: the world of a phase and how its jobs reach the queue (queued, paced);
+* ``processes``: the connector subprocess (argv, environment) and py-spy;
+* ``results``: what a phase measured (:class:`~lis_async.bench.results.PhaseResult`);
+* ``record``, ``table``, ``plot``: the JSON record, the printed table, the sweep's PNG;
+* ``measure``: process sampling and statistics; ``progress``: the status line on stderr;
+* ``classic``: the reference connector, built like the upstream one; ``profile``: the py-spy
+  profile summary.
 """

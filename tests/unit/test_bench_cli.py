@@ -1,4 +1,5 @@
-"""``lis-async bench``: argument parsing, and one tiny run on the real RabbitMQ.
+"""``lis-async bench``: argument parsing (through ``lis-async``'s pass-through and the benchmark's
+own parser), the missing ``bench`` extra, and one tiny run on the real RabbitMQ.
 
 The benchmark's figures are never asserted on (timing depends on the machine); the tiny run only
 checks that both connectors ran, every job completed and the JSON record is complete.
@@ -15,13 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from lis_async.bench.runner import BenchConfig, run_bench_cli
-from lis_async.cli import build_parser
+from lis_async.bench.cli import build_parser as bench_parser
+from lis_async.bench.config import BenchConfig
+from lis_async.cli import build_parser, main
+
+BENCH_OPTIONS = (
+    "--help", "--jobs", "--classic-jobs", "--latency", "--jitter", "--bundle-size",
+    "--platform-latency", "--in-flight", "--lis-concurrency", "--rate", "--latency-seconds",
+    "--skip-classic", "--rss-jobs", "--sweep", "--plot", "--json", "--profile", "--worker-env",
+    "--amqp-url", "--seed",
+)  # fmt: skip
 
 
 def test_bench_defaults() -> None:
-    args = build_parser().parse_args(["bench"])
-    cfg = BenchConfig.from_args(args)
+    assert build_parser().parse_args(["bench"]).bench_argv == []
+    cfg = BenchConfig.from_args(bench_parser().parse_args([]))
     assert cfg.jobs == 2000
     assert cfg.classic_jobs == 60
     assert cfg.latency == 0.15
@@ -39,7 +48,6 @@ def test_bench_defaults() -> None:
 
 def test_bench_options() -> None:
     argv = [
-        "bench",
         "--jobs", "500",
         "--classic-jobs", "10",
         "--latency", "0.05",
@@ -55,7 +63,9 @@ def test_bench_options() -> None:
         "--json", "out.json",
         "--worker-env", "OPENCTI_THREADS=32",
     ]  # fmt: skip
-    cfg = BenchConfig.from_args(build_parser().parse_args(argv))
+    # lis-async hands every argument after `bench` over unparsed, in order.
+    assert build_parser().parse_args(["bench", *argv]).bench_argv == argv
+    cfg = BenchConfig.from_args(bench_parser().parse_args(argv))
     assert (cfg.jobs, cfg.classic_jobs, cfg.in_flight, cfg.bundle_size) == (500, 10, 16, 20)
     assert (cfg.latency, cfg.platform_latency, cfg.rate) == (0.05, 0.01, 50.0)
     assert cfg.latency_seconds == 3.0 and cfg.rss_jobs == 20000
@@ -77,10 +87,43 @@ def test_bench_options() -> None:
     ],
 )
 def test_bench_rejects_bad_values(extra: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    args = build_parser().parse_args(["bench", *extra])
-    assert BenchConfig.from_args(args).problems()
-    assert run_bench_cli(args) == 2
+    assert BenchConfig.from_args(bench_parser().parse_args(extra)).problems()
+    assert main(["bench", *extra]) == 2
     assert "lis-async bench:" in capsys.readouterr().err
+
+
+def test_bench_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lis-async bench ")
+    for option in BENCH_OPTIONS:
+        assert f" {option}" in out, option
+
+
+def test_bench_unknown_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--no-such-option"])
+    assert exit_info.value.code == 2
+    assert "lis-async bench: error: unrecognized arguments: --no-such-option" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(("missing", "extra"), [("psutil", []), ("matplotlib", ["--sweep"])])
+def test_bench_without_the_extra(
+    missing: str,
+    extra: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setitem(sys.modules, missing, None)  # `import <missing>` now fails
+    assert main(["bench", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "lis-async bench needs the bench extra" in err
+    assert missing in err and "pip install 'lis-async[bench]'" in err
 
 
 def _rabbit_up() -> bool:

@@ -1,0 +1,104 @@
+"""The JSON record of a run (``--json``): machine, configuration, every phase, ratios, targets.
+
+``version`` is the record's format; NaN figures (nothing measured) are written as ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lis_async.bench.config import BenchConfig
+from lis_async.bench.measure import machine
+from lis_async.bench.results import PhaseResult, fmt, pct, ratio
+
+RECORD_KIND = "lis-async-bench"
+RECORD_VERSION = 1
+
+
+def build_record(
+    cfg: BenchConfig, phases: dict[str, PhaseResult], sweep: list[PhaseResult]
+) -> dict[str, Any]:
+    """The record of a run; ``phases`` by name (``classic``, ``lis_async``, ``latency``,
+    ``rss``), ``sweep`` in order of jobs in flight."""
+    classic, lis = phases.get("classic"), phases.get("lis_async")
+    ratios: dict[str, float | None] = {}
+    if classic and lis:
+        ratios = {
+            "throughput": ratio(lis.jobs_per_s, classic.jobs_per_s),
+            "cpu_per_job": ratio(lis.worker_cpu_ms_per_job, classic.worker_cpu_ms_per_job),
+        }
+    return {
+        "kind": RECORD_KIND,
+        "version": RECORD_VERSION,
+        "machine": machine(),
+        "config": asdict(cfg),
+        "world": {
+            "worker_emulation": "cheap mode (no stix2 validation, nothing recorded)",
+            "job_mix": "JobProducer default mix without playbook jobs",
+            "lastinfosec_latency_s": cfg.latency,
+            "bundle_size": cfg.bundle_size,
+            "platform_latency_s": cfg.platform_latency,
+        },
+        "phases": {k: asdict(v) for k, v in phases.items()},
+        "sweep": [asdict(s) for s in sweep],
+        "ratios": ratios,
+        "targets": targets(cfg, phases, ratios),
+    }
+
+
+def targets(
+    cfg: BenchConfig, phases: dict[str, PhaseResult], ratios: dict[str, float | None]
+) -> dict[str, dict[str, Any]]:
+    """The project's performance targets, each with its value, limit and whether it is met
+    (None: not measured in this run)."""
+    lis, paced, rss = phases.get("lis_async"), phases.get("latency"), phases.get("rss")
+    out: dict[str, dict[str, Any]] = {}
+
+    def target(name: str, value: float | None, limit: float, higher: bool, note: str) -> None:
+        ok = (
+            None
+            if value is None or math.isnan(value)
+            else (value >= limit if higher else value <= limit)
+        )
+        out[name] = {"value": value, "limit": limit, "met": ok, "note": note}
+
+    std = cfg.latency == 0.15 and cfg.bundle_size == 12 and cfg.in_flight == 64
+    if ratios:
+        note = "lis_async/classic jobs/s"
+        if not std:
+            note += " (target defined at 150 ms, 12 objects, 64 in flight)"
+        target("throughput_ratio", ratios["throughput"], 25.0, True, note)
+    if lis:
+        target("worker_cpu_ms_per_job", lis.worker_cpu_ms_per_job, 6.0, False, "aim 3 ms")
+    if cfg.rate is not None and lis:
+        target("rate_sustained_per_s", lis.lis_sustained_per_s, 0.94 * cfg.rate, True, "")
+        target("rate_max_per_window", float(lis.lis_max_per_window), cfg.rate, False, "")
+    if rss:
+        note = f"{rss.jobs} jobs queued, {rss.in_flight} in flight"
+        target("peak_rss_mb", rss.peak_rss_mb, 200.0, False, note)
+    if paced:
+        note = f"paced at {fmt(paced.offered_jobs_per_s)} jobs/s (half the measured maximum)"
+        limit = cfg.latency * 1000 + 100
+        target("latency_p99_ms", pct(paced.latency_ms, "p99"), limit, False, note)
+    return out
+
+
+def nan_to_none(value: Any) -> Any:
+    """``value`` with every NaN float, at any depth of dicts and lists, replaced by None."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nan_to_none(v) for v in value]
+    return value
+
+
+def write_json(path: str, record: dict[str, Any]) -> None:
+    """Write ``record`` to ``path`` as strict JSON (NaN as null), indented."""
+    text = json.dumps(nan_to_none(record), indent=2, allow_nan=False)
+    Path(path).write_text(text + "\n")
