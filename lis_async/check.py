@@ -4,15 +4,19 @@ LastInfoSec once each and print one PASS/FAIL line per check. Exit code 0 only i
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import MappingProxyType
 
 from lis_async.config import Settings
 from lis_async.errors import LisError, PlatformError
+from lis_async.job import Observable
 from lis_async.lastinfosec import LastInfoSecClient
 from lis_async.platform import Platform, Registration
 from lis_async.redact import redact
 
 # A value LastInfoSec is asked about: the EICAR test file's SHA-256 (harmless, well known).
 PROBE_HASH = "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f"
+
+Report = Callable[[bool, str, str], None]
 
 
 async def run_check(settings: Settings, out: Callable[[str], None] = print) -> int:
@@ -23,61 +27,68 @@ async def run_check(settings: Settings, out: Callable[[str], None] = print) -> i
         failures += 0 if ok else 1
         out(f"{'PASS' if ok else 'FAIL'} {what}: {detail}")
 
+    reg = await _check_opencti(settings, report)
+    await _check_rabbitmq(reg, report)
+    await _check_lastinfosec(settings, report)
+    return 0 if failures == 0 else 1
+
+
+async def _check_opencti(settings: Settings, report: Report) -> Registration | None:
     platform = Platform(settings)
-    reg: Registration | None = None
     try:
         await platform.start()
         version = await platform.about()
         reg = await platform.register()
         report(True, "opencti", f"{settings.opencti.url} (version {version}), connector registered")
+        return reg
     except PlatformError as exc:
         report(False, "opencti", f"{settings.opencti.url}: {exc}")
+        return None
     finally:
         await platform.close()
 
+
+async def _check_rabbitmq(reg: Registration | None, report: Report) -> None:
     if reg is None:
         report(False, "rabbitmq", "skipped: the RabbitMQ settings come from the registration")
-    else:
-        from lis_async.amqp import connect
+        return
+    from lis_async.amqp import connect
 
+    where = f"{reg.amqp.host}:{reg.amqp.port}"
+    try:
+        conn = await connect(reg.amqp, "lis-async check", timeout_s=10)
         try:
-            conn = await connect(reg.amqp, "lis-async check", timeout_s=10)
-            try:
-                channel = await conn.channel()
-                await channel.get_queue(reg.listen, ensure=True)  # passive: never re-declares
-            finally:
-                await conn.close()
-            report(True, "rabbitmq", f"{reg.amqp.host}:{reg.amqp.port}, queue {reg.listen} found")
-        except Exception as exc:
-            text = redact(str(exc), [reg.amqp.password])
-            report(
-                False,
-                "rabbitmq",
-                f"{reg.amqp.host}:{reg.amqp.port}: {type(exc).__name__} {text}"[:300],
-            )
+            channel = await conn.channel()
+            await channel.get_queue(reg.listen, ensure=True)  # passive: never re-declares
+        finally:
+            await conn.close()
+        report(True, "rabbitmq", f"{where}, queue {reg.listen} found")
+    except Exception as exc:
+        text = redact(str(exc), [reg.amqp.password])
+        report(False, "rabbitmq", f"{where}: {type(exc).__name__} {text}"[:300])
 
-    from lis_async.job import Observable
 
+async def _check_lastinfosec(settings: Settings, report: Report) -> None:
     probe = Observable(
         entity_type="StixFile",
         stix_type="file",
         stix_id="file--probe",
         value=None,
-        hashes={"SHA-256": PROBE_HASH},
+        hashes=MappingProxyType({"SHA-256": PROBE_HASH}),
         tlp="TLP:CLEAR",
         marking_refs=(),
         granted_refs=None,
-        stix={},
+        stix=MappingProxyType({}),
     )
     once = settings.lastinfosec.model_copy(update={"retries": 0, "cache_size": 0})
     client = LastInfoSecClient(once, proxy=settings.lastinfosec_proxy)
+    base = settings.lastinfosec.base_url
     try:
         await client.start()
         result = await client.lookup(probe)
         found = "known" if result.found else "not found (the key works)"
-        report(True, "lastinfosec", f"{settings.lastinfosec.base_url}: probe hash {found}")
+        report(True, "lastinfosec", f"{base}: probe hash {found}")
     except LisError as exc:
-        report(False, "lastinfosec", f"{settings.lastinfosec.base_url}: {exc}")
+        report(False, "lastinfosec", f"{base}: {exc}")
     finally:
         await client.close()
-    return 0 if failures == 0 else 1

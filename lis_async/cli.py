@@ -46,7 +46,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lis_async.demo import run_demo
+    import importlib.util
+
+    # The simulators need the demo extra (stix2, PyJWT, cryptography): say so, not a traceback.
+    missing = [m for m in ("stix2", "jwt", "cryptography") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(
+            f"lis-async demo needs the demo extra ({', '.join(missing)} not installed): "
+            "pip install 'lis-async[demo]'",
+            file=sys.stderr,
+        )
+        return 2
+    from lis_async.sim.demo import run_demo
 
     return _run_loop(run_demo(jobs=args.jobs, latency_s=args.latency, amqp_url=args.amqp_url))
 

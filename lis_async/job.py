@@ -211,6 +211,22 @@ def _entity_type(entity: Mapping[str, Any], fallback: str | None) -> str:
     return str(stix_type) if isinstance(stix_type, str) else "Unknown"
 
 
+def _hashes(raw: Any) -> dict[str, str]:
+    """Hashes under their canonical names, lower-case: from STIX's ``{algorithm: hash}`` or
+    GraphQL's ``[{algorithm, hash}]``; anything unreadable is left out."""
+    pairs: list[tuple[Any, Any]] = []
+    if isinstance(raw, Mapping):
+        pairs = list(raw.items())
+    elif isinstance(raw, list):
+        pairs = [(i.get("algorithm", ""), i.get("hash")) for i in raw if isinstance(i, Mapping)]
+    hashes: dict[str, str] = {}
+    for algo, digest in pairs:
+        key = HASH_KEYS.get(str(algo).lower())
+        if key and isinstance(digest, str) and digest.strip():
+            hashes[key] = digest.strip().lower()
+    return hashes
+
+
 def parse_observable(
     entity: Any, entity_type_hint: str | None = None, work_id: str | None = None
 ) -> Observable:
@@ -233,20 +249,7 @@ def parse_observable(
             f"stix_entity value is {len(value)} characters long (limit {MAX_VALUE_CHARS})", work_id
         )
 
-    hashes: dict[str, str] = {}
-    raw_hashes = entity.get("hashes")
-    if isinstance(raw_hashes, Mapping):
-        for algo, digest in raw_hashes.items():
-            key = HASH_KEYS.get(str(algo).lower())
-            if key and isinstance(digest, str) and digest.strip():
-                hashes[key] = digest.strip().lower()
-    elif isinstance(raw_hashes, list):  # GraphQL shape: [{algorithm, hash}]
-        for item in raw_hashes:
-            if isinstance(item, Mapping):
-                key = HASH_KEYS.get(str(item.get("algorithm", "")).lower())
-                digest = item.get("hash")
-                if key and isinstance(digest, str) and digest.strip():
-                    hashes[key] = digest.strip().lower()
+    hashes = _hashes(entity.get("hashes"))
 
     raw_refs = entity.get("object_marking_refs") or []
     if not isinstance(raw_refs, list):
@@ -303,6 +306,33 @@ def _parse_playbook(raw: Any, event: Mapping[str, Any], work_id: str | None) -> 
     return PlaybookContext(bundle=MappingProxyType(dict(bundle)), **fields)
 
 
+def _job_entity(
+    event: Mapping[str, Any], entity_id: str, playbook: PlaybookContext | None, work_id: str | None
+) -> Any:
+    """The entity to enrich: ``event.stix_entity`` (a JSON string, or an object), else for a
+    playbook job the bundle's object with the entity's id; None for deferred resolution."""
+    raw_entity = event.get("stix_entity")
+    entity: Any = None
+    if isinstance(raw_entity, str):
+        entity = _loads(raw_entity, "event.stix_entity", work_id)
+    elif isinstance(raw_entity, Mapping):
+        entity = raw_entity
+    elif raw_entity is not None:
+        raise JobError("event.stix_entity must be a JSON string or null", work_id)
+    if entity is None and playbook is not None:
+        entity = next(
+            (
+                o
+                for o in playbook.bundle["objects"]
+                if isinstance(o, Mapping) and o.get("id") == entity_id
+            ),
+            None,
+        )
+        if entity is None:
+            raise JobError(f"playbook bundle holds no object with id {entity_id}", work_id)
+    return entity
+
+
 def parse_job(body: bytes) -> Job:
     """Parse one listen-queue body. Raises :class:`JobError` and nothing else."""
     try:
@@ -346,26 +376,7 @@ def _parse_job(body: bytes) -> Job:
     elif work_id is None:
         raise JobError("internal.work_id is missing and the job is not a playbook step")
 
-    raw_entity = event.get("stix_entity")
-    entity: Any = None
-    if isinstance(raw_entity, str):
-        entity = _loads(raw_entity, "event.stix_entity", work_id)
-    elif isinstance(raw_entity, Mapping):
-        entity = raw_entity
-    elif raw_entity is not None:
-        raise JobError("event.stix_entity must be a JSON string or null", work_id)
-    if entity is None and playbook is not None:
-        entity = next(
-            (
-                o
-                for o in playbook.bundle["objects"]
-                if isinstance(o, Mapping) and o.get("id") == entity_id
-            ),
-            None,
-        )
-        if entity is None:
-            raise JobError(f"playbook bundle holds no object with id {entity_id}", work_id)
-
+    entity = _job_entity(event, entity_id, playbook, work_id)
     observable = parse_observable(entity, entity_type, work_id) if entity is not None else None
     return Job(
         work_id=work_id,

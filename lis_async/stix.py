@@ -421,7 +421,12 @@ def _select_lis_objects(
         objects = orjson.loads(raw)
     if not dropped and raw is not None and _LEGACY_HOSTNAME_PREFIX_BYTES not in raw:
         return objects
-    # Rare path: cascade drops (a relationship to a dropped relationship...) until stable.
+    return _prune_dropped(objects, dropped)
+
+
+def _prune_dropped(objects: list[dict[str, Any]], dropped: set[str]) -> list[dict[str, Any]]:
+    """The rare path: drop what points at a dropped object (a relationship to a dropped
+    relationship...) until stable, then prune refs to dropped objects from the rest."""
     changed = True
     while changed:
         changed = False
@@ -568,30 +573,9 @@ def build_bundle(
     observable = job.observable
     if observable is None:
         raise ValueError("job has no observable to enrich (resolve the entity first)")
-    playbook = job.playbook
     obs_id = _observable_id(observable)
-    enriched = _enriched_observable(observable, strip_internal=playbook is None)
-
-    objects: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    if playbook is not None:
-        incoming = playbook.bundle.get("objects")
-        placed = False
-        for item in _clone(incoming if isinstance(incoming, list) else []):
-            ident = item.get("id") if isinstance(item, dict) else None
-            if ident in (observable.stix_id, obs_id):
-                if placed:
-                    continue
-                item, placed = enriched, True
-            objects.append(item)
-            if isinstance(ident, str):
-                seen.add(ident)
-        if not placed:
-            objects.append(enriched)
-    else:
-        objects.append(enriched)
-    seen.add(obs_id)
-    seen.add(observable.stix_id)
+    enriched = _enriched_observable(observable, strip_internal=job.playbook is None)
+    objects, seen = _leading_objects(job, enriched, (obs_id, observable.stix_id))
 
     lis_objects = _select_lis_objects(lis_bundles, seen)
     objects.extend(lis_objects)
@@ -617,7 +601,40 @@ def build_bundle(
         )
     )
     propagate_organisations(objects, observable.granted_refs)
+    return _bundle_of(job, objects)
 
+
+def _leading_objects(
+    job: Job, enriched: dict[str, Any], entity_ids: tuple[str, str]
+) -> tuple[list[dict[str, Any]], set[str]]:
+    """What comes before the LastInfoSec objects, and the ids already taken: the enriched
+    observable alone, or (playbook jobs) the incoming playbook objects with the entity replaced
+    in place by the enriched observable."""
+    playbook = job.playbook
+    objects: list[dict[str, Any]] = []
+    seen: set[str] = set(entity_ids)
+    if playbook is None:
+        return [enriched], seen
+    incoming = playbook.bundle.get("objects")
+    placed = False
+    for item in _clone(incoming if isinstance(incoming, list) else []):
+        ident = item.get("id") if isinstance(item, dict) else None
+        if ident in entity_ids:
+            if placed:
+                continue
+            item, placed = enriched, True
+        objects.append(item)
+        if isinstance(ident, str):
+            seen.add(ident)
+    if not placed:
+        objects.append(enriched)
+    return objects, seen
+
+
+def _bundle_of(job: Job, objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The bundle around ``objects``: a deterministic id, or the playbook bundle's own id and
+    properties."""
+    playbook = job.playbook
     if playbook is not None and isinstance(playbook.bundle.get("id"), str):
         bundle_id = str(playbook.bundle["id"])
     else:

@@ -124,7 +124,7 @@ async def test_check_fails_clearly_on_a_wrong_key_and_a_wrong_url() -> None:
 
 
 async def test_demo_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
-    from lis_async.demo import run_demo
+    from lis_async.sim.demo import run_demo
 
     assert await run_demo(jobs=30, latency_s=0.01) == 0
     out = capsys.readouterr().out
@@ -132,7 +132,7 @@ async def test_demo_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 async def test_demo_explains_how_to_start_rabbitmq(capsys: pytest.CaptureFixture[str]) -> None:
-    from lis_async.demo import run_demo
+    from lis_async.sim.demo import run_demo
 
     assert await run_demo(jobs=1, amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/") == 1
     assert "rabbitmq-server -detached" in capsys.readouterr().err

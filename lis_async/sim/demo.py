@@ -11,10 +11,12 @@ import collections
 import logging
 import sys
 import time
+from collections.abc import Sequence
 
 from lis_async.app import App
 from lis_async.config import load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
+from lis_async.sim.producer import ProducedJob
 from lis_async.sim.world import SimWorld, rabbit_reachable
 from lis_async.telemetry import setup_logging
 
@@ -67,26 +69,36 @@ async def run_demo(jobs: int = 300, latency_s: float = 0.15, amqp_url: str | Non
         elapsed = time.monotonic() - started
         app.request_stop()
         await run
-
-        registry = app.metrics.registry
-        outcomes = collections.Counter(
-            {
-                o: int(registry.get_sample_value("lis_jobs_total", {"outcome": o}) or 0)
-                for o in ("enriched", "not_found", "skipped", "failed", "invalid", "dropped")
-            }
-        )
-        works = [world.platform.works[w] for w in work_ids]
-        complete = sum(1 for w in works if w.status == "complete")
-        objects = int(registry.get_sample_value("lis_objects_published_total") or 0)
-        pushes = int(registry.get_sample_value("lis_push_messages_total") or 0)
-        print()
-        print(f"  jobs published        {len(produced)} (+{len(hostile)} malformed bodies)")
-        print(
-            f"  works completed       {complete}/{len(works)}" + ("" if done else "  (timed out)")
-        )
-        print(f"  playbook answers      {len(world.platform.playbook_calls)}/{playbooks}")
-        print("  outcomes              " + ", ".join(f"{k} {v}" for k, v in outcomes.items() if v))
-        print(f"  push messages         {pushes}, one STIX object each ({objects} objects)")
-        print(f"  LastInfoSec requests  {world.lis.stats.total}")
-        print(f"  time                  {elapsed:.1f} s ({len(produced) / elapsed:.0f} jobs/s)")
+        _print_report(app, world, produced, len(hostile), work_ids, playbooks, elapsed, done)
         return 0 if done else 1
+
+
+def _print_report(
+    app: App,
+    world: SimWorld,
+    produced: Sequence[ProducedJob],
+    hostile: int,
+    work_ids: Sequence[str],
+    playbooks: int,
+    elapsed: float,
+    done: bool,
+) -> None:
+    registry = app.metrics.registry
+    outcomes = collections.Counter(
+        {
+            o: int(registry.get_sample_value("lis_jobs_total", {"outcome": o}) or 0)
+            for o in ("enriched", "not_found", "skipped", "failed", "invalid", "dropped")
+        }
+    )
+    works = [world.platform.works[w] for w in work_ids]
+    complete = sum(1 for w in works if w.status == "complete")
+    objects = int(registry.get_sample_value("lis_objects_published_total") or 0)
+    pushes = int(registry.get_sample_value("lis_push_messages_total") or 0)
+    print()
+    print(f"  jobs published        {len(produced)} (+{hostile} malformed bodies)")
+    print(f"  works completed       {complete}/{len(works)}" + ("" if done else "  (timed out)"))
+    print(f"  playbook answers      {len(world.platform.playbook_calls)}/{playbooks}")
+    print("  outcomes              " + ", ".join(f"{k} {v}" for k, v in outcomes.items() if v))
+    print(f"  push messages         {pushes}, one STIX object each ({objects} objects)")
+    print(f"  LastInfoSec requests  {world.lis.stats.total}")
+    print(f"  time                  {elapsed:.1f} s ({len(produced) / elapsed:.0f} jobs/s)")
