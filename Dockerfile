@@ -21,10 +21,26 @@ COPY lis_async ./lis_async
 # Every runtime dependency ships manylinux wheels for CPython 3.12 (amd64 and arm64), so no
 # compiler is needed here either; `pip wheel` resolves them once and the final stage installs
 # offline from /wheels.
-RUN pip wheel --wheel-dir /wheels .
+# The demo extra's wheels too, for the `demo` stage only (bind-mounted, never in a layer).
+RUN pip wheel --wheel-dir /wheels '.[demo]'
 
-# --- runtime ---------------------------------------------------------------------------------
-FROM python:3.12-slim
+# --- demo: `docker build --target demo` (compose profile "demo"); never the default ------------
+FROM python:3.12-slim AS demo
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    pip install --no-index --find-links=/wheels 'lis-async[demo]' \
+    && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin connector
+USER 10001:10001
+ENTRYPOINT ["lis-async"]
+CMD ["demo"]
+
+# --- runtime (the default target, the last stage): what `run` and `check` need ----------------
+FROM python:3.12-slim AS runtime
 
 ENV CONNECTOR_TYPE=INTERNAL_ENRICHMENT \
     PYTHONUNBUFFERED=1 \
@@ -33,8 +49,13 @@ ENV CONNECTOR_TYPE=INTERNAL_ENRICHMENT \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # The wheels are bind-mounted from the builder, not copied: they never land in an image layer.
+# Only what `run` and `check` need: no extras, and the simulators and the benchmark
+# (lis_async/sim, lis_async/bench: tools for the demo, the tests and `lis-async bench`) are
+# removed from the installed package; `run` and `check` never import them.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels lis-async \
+    && site=$(python -c "import lis_async, os; print(os.path.dirname(lis_async.__file__))") \
+    && rm -rf "$site/sim" "$site/bench" \
     && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin connector
 
 # The upstream path: `lis-async run` reads ./config.yml, i.e.

@@ -45,17 +45,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _lacks_extra(command: str, extra: str, modules: Sequence[str]) -> bool:
+    """True (with one line on stderr) when a tool's modules are not installed: the Docker image
+    ships neither the simulators nor the benchmark, and the extras may be missing."""
     import importlib.util
 
-    # The simulators need the demo extra (stix2, PyJWT, cryptography): say so, not a traceback.
-    missing = [m for m in ("stix2", "jwt", "cryptography") if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         print(
-            f"lis-async demo needs the demo extra ({', '.join(missing)} not installed): "
-            "pip install 'lis-async[demo]'",
+            f"lis-async {command} needs the {extra} extra ({', '.join(missing)} not installed): "
+            f"pip install 'lis-async[{extra}]'",
             file=sys.stderr,
         )
+    return bool(missing)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if _lacks_extra("demo", "demo", ("lis_async.sim", "stix2", "jwt", "cryptography")):
         return 2
     from lis_async.sim.demo import run_demo
 
@@ -76,6 +82,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     # The benchmark parses its own options: nothing of it is imported unless it runs.
+    if _lacks_extra("bench", "bench", ("lis_async.bench", "lis_async.sim")):
+        return 2
     from lis_async.bench.cli import main as bench_main
 
     argv: list[str] = args.bench_argv

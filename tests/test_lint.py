@@ -1,4 +1,5 @@
-"""The code stays `ruff` and `mypy --strict` clean: part of the one test command."""
+"""The code stays `ruff` (lint and format) and `mypy --strict` clean: part of the one test
+command. The same checks run on their own with ``bash .ci/lint``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_ruff_clean() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "lis_async", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff_format_clean() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "lis_async", "tests"],
         cwd=ROOT,
         capture_output=True,
         text=True,

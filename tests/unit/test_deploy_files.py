@@ -151,7 +151,10 @@ def test_compose_demo_profile() -> None:
     assert rabbit["image"].startswith("rabbitmq:3-management")
     assert "rabbitmq-diagnostics" in " ".join(rabbit["healthcheck"]["test"])
     assert demo["profiles"] == ["demo"]
-    assert demo["image"] == services[SERVICE]["image"]
+    assert demo["image"] == "lis-async:demo"
+    assert demo["build"] == {"context": ".", "target": "demo"}
+    stages = [a.split()[-1] for a in instruction(dockerfile_instructions(), "FROM")]
+    assert "demo" in stages and stages[-1] != "demo"  # the default build is the product
     assert demo["command"][0] == "demo"
     assert "--amqp-url" in demo["command"]
     assert demo["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
@@ -244,6 +247,13 @@ def test_dockerfile_base_images() -> None:
     assert froms
     for args in froms:
         assert args.split()[0] == "python:3.12-slim", args
+
+
+def test_dockerfile_product_image_carries_no_tools() -> None:
+    """The default image installs no extra and removes the simulators and the benchmark."""
+    runs = " ".join(instruction(final_stage(), "RUN"))
+    assert "lis-async[" not in runs.replace("'", "")
+    assert '"$site/sim"' in runs and '"$site/bench"' in runs
 
 
 def test_dockerfile_runtime_contract() -> None:
