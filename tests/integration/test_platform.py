@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
 
 from lis_async.config import load_settings
 from lis_async.errors import PlatformAuthError, PlatformError, WorkNotAlive
 from lis_async.platform import Platform
-from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -161,28 +162,91 @@ async def test_deferred_entity_read(sim: PlatformSim) -> None:
         await platform.close()
 
 
-async def test_tls_settings_reach_both_transports(sim: PlatformSim) -> None:
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A throw-away self-signed certificate for 127.0.0.1 (no CA trusts it)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_tls_settings_reach_both_transports(tmp_path: Path) -> None:
+    """OPENCTI_SSL_VERIFY governs both transports: with verification on, an OpenCTI behind an
+    untrusted certificate is refused by pycti's session (``about``) and by the aiohttp work
+    reports alike; with it off, both go through."""
     import ssl
 
-    for verify, expected in (("true", ssl.CERT_REQUIRED), ("false", None)):
-        settings = load_settings(
-            env={
-                "OPENCTI_URL": sim.base_url,
-                "OPENCTI_TOKEN": "octi-token-secret-1",
-                "CONNECTOR_ID": str(uuid.uuid4()),
-                "CONFIG_LIS_APIKEY_CTI": "k",
-                "OPENCTI_SSL_VERIFY": verify,
-            }
-        )
-        platform = Platform(settings)
-        await platform.start()
-        try:
-            # pycti's requests session: True, or a CA bundle path (REQUESTS_CA_BUNDLE), or False
-            assert (platform._api.ssl_verify is not False) is (verify == "true")
-            connector_ssl = platform._http.connector._ssl  # type: ignore[union-attr]
-            if expected is None:
-                assert connector_ssl is False
-            else:
-                assert connector_ssl.verify_mode == expected and connector_ssl.check_hostname
-        finally:
-            await platform.close()
+    from aiohttp import web
+
+    async def graphql(request: web.Request) -> web.Response:
+        await request.read()
+        data = {"about": {"version": "6.4.0"}, "workEdit": {"toReceived": "ok"}}
+        return web.json_response({"data": data})
+
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    app = web.Application()
+    app.router.add_post("/graphql", graphql)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        for verify in ("true", "false"):
+            settings = load_settings(
+                env={
+                    "OPENCTI_URL": f"https://127.0.0.1:{port}",
+                    "OPENCTI_TOKEN": "octi-token-secret-1",
+                    "CONNECTOR_ID": str(uuid.uuid4()),
+                    "CONFIG_LIS_APIKEY_CTI": "k",
+                    "OPENCTI_SSL_VERIFY": verify,
+                }
+            )
+            platform = Platform(settings)
+            await platform.start()
+            try:
+                if verify == "true":
+                    with pytest.raises(PlatformError):
+                        await platform.about()
+                    with pytest.raises(PlatformError):
+                        await platform.work_received("work_1", None)
+                else:
+                    assert await platform.about() == "6.4.0"
+                    await platform.work_received("work_1", None)
+            finally:
+                await platform.close()
+    finally:
+        await runner.cleanup()
