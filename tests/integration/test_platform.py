@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
 
 from lis_async.config import load_settings
 from lis_async.errors import PlatformAuthError, PlatformError, WorkNotAlive
 from lis_async.platform import Platform
+from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
 
 pytestmark = pytest.mark.rabbitmq
 
