@@ -6,7 +6,7 @@ The pipeline (:mod:`lis_async.pipeline`) depends only on these Protocols, the da
 Unit tests give the pipeline in-memory fakes of the same shape.
 
 Each port documents the errors it may raise; anything else escaping a port is a bug, which the
-pipeline still turns into a failed work (see ``Pipeline.handle``).
+consumer's ack policy handles (requeued once, then rejected: docs/architecture.md).
 """
 
 from __future__ import annotations
