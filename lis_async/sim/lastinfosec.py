@@ -29,7 +29,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
@@ -225,64 +225,95 @@ class LisSimConfig:
         return out
 
 
-_FLOAT_KNOBS = {
-    "known_share",
-    "latency_s",
-    "jitter_s",
-    "error_rate",
-    "timeout_rate",
-    "hang_s",
-    "shutdown_timeout_s",
+def _number(name: str, raw: Any) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise ValueError(f"{name} must be a number")
+    return float(raw)
+
+
+def _optional_number(name: str, raw: Any) -> float | None:
+    return None if raw is None else _number(name, raw)
+
+
+def _integer(name: str, raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ValueError(f"{name} must be an integer")
+    return raw
+
+
+def _optional_integer(name: str, raw: Any) -> int | None:
+    if raw is not None and (isinstance(raw, bool) or not isinstance(raw, int)):
+        raise ValueError(f"{name} must be an integer or null")
+    return raw
+
+
+def _boolean(name: str, raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError(f"{name} must be a boolean")
+    return raw
+
+
+def _string(name: str, raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f"{name} must be a string")
+    return raw
+
+
+def _string_set(name: str, raw: Any) -> set[str]:
+    if not isinstance(raw, list | tuple | set | frozenset) or not all(
+        isinstance(v, str) for v in raw
+    ):
+        raise ValueError(f"{name} must be a list of strings")
+    return set(raw)
+
+
+def _body_override(name: str, raw: Any) -> tuple[int, bytes, str] | None:
+    if raw is None:
+        return None
+    if (
+        isinstance(raw, list | tuple)
+        and len(raw) == 3
+        and isinstance(raw[0], int)
+        and isinstance(raw[1], str | bytes)
+        and isinstance(raw[2], str)
+    ):
+        body = raw[1].encode() if isinstance(raw[1], str) else raw[1]
+        return (raw[0], body, raw[2])
+    raise ValueError(f"{name} must be [status, body, content_type] or null")
+
+
+#: One checker-converter per :class:`LisSimConfig` field, for the values given to
+#: :meth:`LisSimConfig.update` (``POST /_sim/config``); each raises ``ValueError`` naming the knob.
+_KNOB_COERCERS: dict[str, Callable[[str, Any], Any]] = {
+    "api_key": _string,
+    "known_share": _number,
+    "known_values": _string_set,
+    "unknown_values": _string_set,
+    "empty_values": _string_set,
+    "bundle_size": _integer,
+    "bundles_per_answer": _integer,
+    "latency_s": _number,
+    "jitter_s": _number,
+    "error_rate": _number,
+    "timeout_rate": _number,
+    "hang_s": _number,
+    "rate_limit_per_s": _optional_number,
+    "retry_after_s": _optional_number,
+    "force_429": _boolean,
+    "force_429_count": _integer,
+    "invalid_key_answer": _boolean,
+    "body_override": _body_override,
+    "seed": _optional_integer,
+    "cache_size": _integer,
+    "shutdown_timeout_s": _number,
 }
-_OPT_FLOAT_KNOBS = {"rate_limit_per_s", "retry_after_s"}
-_INT_KNOBS = {"bundle_size", "bundles_per_answer", "force_429_count", "cache_size"}
-_BOOL_KNOBS = {"force_429", "invalid_key_answer"}
-_SET_KNOBS = {"known_values", "unknown_values", "empty_values"}
 
 
 def _coerce_knob(name: str, raw: Any) -> Any:
-    if name in _FLOAT_KNOBS or (name in _OPT_FLOAT_KNOBS and raw is not None):
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise ValueError(f"{name} must be a number")
-        return float(raw)
-    if name in _OPT_FLOAT_KNOBS:
-        return None
-    if name in _INT_KNOBS:
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise ValueError(f"{name} must be an integer")
-        return raw
-    if name in _BOOL_KNOBS:
-        if not isinstance(raw, bool):
-            raise ValueError(f"{name} must be a boolean")
-        return raw
-    if name in _SET_KNOBS:
-        if not isinstance(raw, list | tuple | set | frozenset) or not all(
-            isinstance(v, str) for v in raw
-        ):
-            raise ValueError(f"{name} must be a list of strings")
-        return set(raw)
-    if name == "api_key":
-        if not isinstance(raw, str):
-            raise ValueError("api_key must be a string")
-        return raw
-    if name == "seed":
-        if raw is not None and (isinstance(raw, bool) or not isinstance(raw, int)):
-            raise ValueError("seed must be an integer or null")
-        return raw
-    if name == "body_override":
-        if raw is None:
-            return None
-        if (
-            isinstance(raw, list | tuple)
-            and len(raw) == 3
-            and isinstance(raw[0], int)
-            and isinstance(raw[1], str | bytes)
-            and isinstance(raw[2], str)
-        ):
-            body = raw[1].encode() if isinstance(raw[1], str) else raw[1]
-            return (raw[0], body, raw[2])
-        raise ValueError("body_override must be [status, body, content_type] or null")
-    raise ValueError(f"unknown knob: {name}")  # pragma: no cover
+    coerce = _KNOB_COERCERS.get(name)
+    if coerce is None:
+        raise ValueError(f"unknown knob: {name}")  # pragma: no cover
+    return coerce(name, raw)
 
 
 @dataclass(slots=True)
@@ -483,77 +514,67 @@ def _relationship(rel_id: str, rel_type: str, source: str, target: str) -> dict[
     }
 
 
-def build_bundle(kind: Kind, value: str, size: int) -> dict[str, Any]:
-    """One deterministic STIX 2.1 bundle of ``size`` objects (at least 5) about ``value``."""
-    size = max(size, MIN_BUNDLE_SIZE)
-    obs, pattern = _observable(kind, value)
-    obs_id: str = obs["id"]
-    ind_id = _sim_id("indicator", obs_id)
-    # Optional parts of the documented shape, dropped from the end when size < 12.
-    n_opt = min(size - MIN_BUNDLE_SIZE, BASE_BUNDLE_SIZE - MIN_BUNDLE_SIZE)
-    has_based_on, has_malware, has_indicates, has_is, has_is_uses, has_ap, has_ap_uses = (
-        n_opt > i for i in range(7)
-    )
-    objects: list[dict[str, Any]] = [
-        _IDENTITY,
-        _TLP_AMBER,
-        obs,
-        _indicator(ind_id, value, pattern, True),
-    ]
-    if has_malware:
-        objects.append(_MALWARE)
-    if has_is:
-        objects.append(_INTRUSION_SET)
-    if has_ap:
-        objects.append(_ATTACK_PATTERN)
-    if has_based_on:
-        objects.append(
+def _optional_parts(ind_id: str, obs_id: str) -> tuple[tuple[int, dict[str, Any]], ...]:
+    """The optional objects of the documented shape, in bundle order, each with its rank.
+
+    A bundle of ``size`` < 12 objects keeps the parts of rank < ``size - 5`` (the higher ranks
+    are dropped first).
+    """
+    return (
+        (1, _MALWARE),
+        (3, _INTRUSION_SET),
+        (5, _ATTACK_PATTERN),
+        (
+            0,
             _relationship(
                 _sim_id("relationship", "based-on", ind_id, obs_id), "based-on", ind_id, obs_id
-            )
-        )
-    if has_indicates:
-        objects.append(
+            ),
+        ),
+        (
+            2,
             _relationship(
                 _sim_id("relationship", "indicates", ind_id, MALWARE_ID),
                 "indicates",
                 ind_id,
                 MALWARE_ID,
-            )
-        )
-    if has_is_uses:
-        objects.append(_relationship(REL_IS_USES_MALWARE_ID, "uses", INTRUSION_SET_ID, MALWARE_ID))
-    if has_ap_uses:
-        objects.append(_relationship(REL_MALWARE_USES_AP_ID, "uses", MALWARE_ID, ATTACK_PATTERN_ID))
-    # Filler: (domain-name, indicator, based-on relationship) triplets until size - 1 objects.
-    host = _host_of(obs, value)
+            ),
+        ),
+        (4, _relationship(REL_IS_USES_MALWARE_ID, "uses", INTRUSION_SET_ID, MALWARE_ID)),
+        (6, _relationship(REL_MALWARE_USES_AP_ID, "uses", MALWARE_ID, ATTACK_PATTERN_ID)),
+    )
+
+
+def _filler_triplet(host: str, i: int) -> list[dict[str, Any]]:
+    """The ``i``-th filler: a domain name on ``host``, its indicator and their relationship."""
+    filler_value = f"c2-{i}.{host}"
+    dom_id = _sco_id("domain-name", {"value": filler_value})
+    f_ind_id = _sim_id("indicator", dom_id)
+    return [
+        {"type": "domain-name", "spec_version": "2.1", "id": dom_id, "value": filler_value},
+        _indicator(
+            f_ind_id,
+            filler_value,
+            f"[domain-name:value = {_pattern_literal(filler_value)}]",
+            False,
+        ),
+        _relationship(
+            _sim_id("relationship", "based-on", f_ind_id, dom_id), "based-on", f_ind_id, dom_id
+        ),
+    ]
+
+
+def _filler(host: str, count: int) -> list[dict[str, Any]]:
+    """``count`` filler objects: whole triplets, the last one cut short if need be."""
+    objects: list[dict[str, Any]] = []
     i = 0
-    while len(objects) < size - 1:
-        filler_value = f"c2-{i}.{host}"
-        dom_id = _sco_id("domain-name", {"value": filler_value})
-        objects.append(
-            {"type": "domain-name", "spec_version": "2.1", "id": dom_id, "value": filler_value}
-        )
-        if len(objects) >= size - 1:
-            break
-        f_ind_id = _sim_id("indicator", dom_id)
-        objects.append(
-            _indicator(
-                f_ind_id,
-                filler_value,
-                f"[domain-name:value = {_pattern_literal(filler_value)}]",
-                False,
-            )
-        )
-        if len(objects) >= size - 1:
-            break
-        objects.append(
-            _relationship(
-                _sim_id("relationship", "based-on", f_ind_id, dom_id), "based-on", f_ind_id, dom_id
-            )
-        )
+    while len(objects) < count:
+        objects.extend(_filler_triplet(host, i))
         i += 1
-    report = {
+    return objects[:count]
+
+
+def _report(obs_id: str, value: str, size: int, object_refs: list[str]) -> dict[str, Any]:
+    return {
         "type": "report",
         **_SDO_COMMON,
         "id": _sim_id("report", obs_id, str(size)),
@@ -561,10 +582,30 @@ def build_bundle(kind: Kind, value: str, size: int) -> dict[str, Any]:
         "description": "Compromise evidence enriched by LastInfoSec",
         "report_types": ["threat-report"],
         "published": VALID_FROM,
-        # As in the fixtures: every object but the identity and the marking definition.
-        "object_refs": [o["id"] for o in objects[2:]],
+        "object_refs": object_refs,
         "object_marking_refs": _MARKING_REFS,
     }
+
+
+def build_bundle(kind: Kind, value: str, size: int) -> dict[str, Any]:
+    """One deterministic STIX 2.1 bundle of ``size`` objects (at least 5) about ``value``."""
+    size = max(size, MIN_BUNDLE_SIZE)
+    obs, pattern = _observable(kind, value)
+    obs_id: str = obs["id"]
+    ind_id = _sim_id("indicator", obs_id)
+    objects: list[dict[str, Any]] = [
+        _IDENTITY,
+        _TLP_AMBER,
+        obs,
+        _indicator(ind_id, value, pattern, True),
+    ]
+    # Optional parts of the documented shape, the highest ranks dropped first when size < 12.
+    n_opt = min(size - MIN_BUNDLE_SIZE, BASE_BUNDLE_SIZE - MIN_BUNDLE_SIZE)
+    objects.extend(obj for rank, obj in _optional_parts(ind_id, obs_id) if rank < n_opt)
+    # Filler up to size - 1 objects, the last one being the report.
+    objects.extend(_filler(_host_of(obs, value), size - 1 - len(objects)))
+    # As in the fixtures: the report refers to every object but the identity and the marking.
+    report = _report(obs_id, value, size, [o["id"] for o in objects[2:]])
     objects.append(report)
     return {"type": "bundle", "id": _sim_id("bundle", obs_id, str(size)), "objects": objects}
 

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -202,6 +203,208 @@ class _Entity:
     value: str | None
     tlp: str
     granted_refs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _EntityDraws:
+    """The random parts every entity has, whatever its type."""
+
+    tlp: str
+    orgs: tuple[tuple[str, str], ...]
+    internal_id: str
+    labels: list[str]
+    score: int | None
+    author: str | None
+
+    @property
+    def granted_refs(self) -> tuple[str, ...]:
+        return tuple(o[0] for o in self.orgs)
+
+
+# A file's id is made from its first hash in _ID_HASH_ORDER, its lookup uses the strongest one.
+_ID_HASH_ORDER: Final = ("MD5", "SHA-1", "SHA-256")
+_LOOKUP_HASH_ORDER: Final = ("SHA-256", "SHA-1", "MD5")
+
+
+def _content_hashes(content: bytes) -> dict[str, str]:
+    return {
+        "MD5": hashlib.md5(content).hexdigest(),
+        "SHA-1": hashlib.sha1(content).hexdigest(),
+        "SHA-256": hashlib.sha256(content).hexdigest(),
+    }
+
+
+def _file_contributing(hashes: dict[str, str]) -> dict[str, Any]:
+    """The id-contributing part of a file with (non-empty) ``hashes``."""
+    first = next((k for k in _ID_HASH_ORDER if k in hashes), None)
+    return {"hashes": {first: hashes[first]}} if first else {"hashes": hashes}
+
+
+def _file_lookup(hashes: dict[str, str]) -> str:
+    """The hash the connector looks a file up by: the strongest known one, else the first."""
+    return next((hashes[k] for k in _LOOKUP_HASH_ORDER if k in hashes), next(iter(hashes.values())))
+
+
+def _octi_extension(i: int, entity_type: str, draws: _EntityDraws) -> dict[str, Any]:
+    """The OpenCTI extension: internal id, type, timestamps, creator, organisation sharing."""
+    octi: dict[str, Any] = {
+        "extension_type": "property-extension",
+        "id": draws.internal_id,
+        "type": entity_type,
+        "created_at": _ts(i),
+        "updated_at": _ts(i, 1.0),
+        "is_inferred": False,
+        "creator_ids": [ADMIN_USER_ID],
+    }
+    if draws.orgs:
+        octi["granted_refs"] = list(draws.granted_refs)
+        octi["granted_refs_ids"] = [o[1] for o in draws.orgs]
+    return octi
+
+
+def _sco_extension(stix_type: str, draws: _EntityDraws, pad_bytes: int) -> dict[str, Any]:
+    """The OpenCTI SCO extension; a hostname's (a custom SCO) is empty (§3.3)."""
+    if stix_type == "hostname":
+        return {"extension_type": "new-sco"}
+    sco: dict[str, Any] = {"extension_type": "property-extension"}
+    if draws.labels:
+        sco["labels"] = draws.labels
+    if draws.score is not None:
+        sco["score"] = draws.score
+    if draws.author:
+        sco["created_by_ref"] = draws.author
+    if pad_bytes:
+        sco["description"] = "A" * pad_bytes
+    return sco
+
+
+# ---------------------------------------------------------------------- hostile bodies
+_NOT_UTF8_TEXT: Final = (
+    '{"internal":{"work_id":null,"applicant_id":null,"draft_id":null,"mode":"manual",'
+    '"trigger":"update"},"event":{"event_type":"INTERNAL_ENRICHMENT",'
+    '"entity_id":"domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",'
+    '"entity_type":"Domain-Name","stix_entity":"{\\"value\\":\\"caf\xe9.example\\"}",'
+    '"stix_objects":null}}'
+)
+#: Bodies built without an entity or a work (all malformed).
+_RAW_HOSTILE_BODIES: Final[dict[str, bytes]] = {
+    "not_json": b'{"internal": {"work_id": "work_x", "applicant_id": null}, "event": '
+    b'{"entity_id": ',
+    "not_utf8": b"\xff\xfe" + _NOT_UTF8_TEXT.encode("latin-1"),
+    "empty_body": b"",
+    "json_array": b"[]",
+    "json_null": b"null",
+    "wrong_types": _json(
+        {
+            "internal": {"work_id": 42, "applicant_id": []},
+            "event": {"entity_id": {"x": 1}, "entity_type": None, "stix_entity": "[not json"},
+        }
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _HostileEntity:
+    """How to make the entity of a hostile job: type, forced value, hashes and padding.
+
+    A ``value`` or ``hashes`` left ``None`` is drawn at random like any entity's.
+    """
+
+    entity_type: str = "Domain-Name"
+    value: str | None = None
+    hashes: tuple[tuple[str, str], ...] | None = None
+    pad_bytes: int = 0
+
+
+_DEFAULT_HOSTILE_ENTITY: Final = _HostileEntity()
+_HOSTILE_ENTITIES: Final[dict[str, _HostileEntity]] = {
+    "huge_stix_entity": _HostileEntity(pad_bytes=HUGE_STIX_ENTITY_BYTES),
+    "unknown_entity_type": _HostileEntity("X-Unknown-Observable", "something-odd"),
+    "out_of_scope_type": _HostileEntity("IPv4-Addr", "203.0.113.66"),
+    "path_traversal": _HostileEntity(value="../../v2/admin?x=1#"),
+    "query_chars": _HostileEntity(
+        "Url", "http://bad.example.com/a?apikey=leak&x=1#frag/../../v2/lis?q=%2F"
+    ),
+    "encoded_slash": _HostileEntity(value="..%2F..%2Fv2%2Fadmin%3Fx%3D1%23.example.com"),
+    "hash_path_traversal": _HostileEntity(
+        "StixFile", hashes=(("SHA-256", "../../../v2/stix21/search_host/evil.com?x=#"),)
+    ),
+    "control_chars": _HostileEntity(
+        "Hostname", "srv01.corp.example\r\nX-Injected: 1\x00\x1b[31m\t\x7f"
+    ),
+    "very_long_value": _HostileEntity(
+        value=("a" * 63 + ".") * (VERY_LONG_VALUE_CHARS // 64 + 1) + "example.com"
+    ),
+    "idn_value": _HostileEntity(value="xn--exemple-sécurisé.münchen-bank.de"),
+}
+
+#: Builds the message of a hostile body from its ``internal``, ``event`` and entity parts.
+_MessageBuilder = Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], dict[str, Any]]
+
+
+def _whole_message(
+    internal: dict[str, Any], event: dict[str, Any], stix: dict[str, Any]
+) -> dict[str, Any]:
+    return {"internal": internal, "event": event}
+
+
+def _without_event(
+    internal: dict[str, Any], event: dict[str, Any], stix: dict[str, Any]
+) -> dict[str, Any]:
+    return {"internal": internal}
+
+
+def _without_internal(
+    internal: dict[str, Any], event: dict[str, Any], stix: dict[str, Any]
+) -> dict[str, Any]:
+    return {"event": event}
+
+
+def _without_entity_id(
+    internal: dict[str, Any], event: dict[str, Any], stix: dict[str, Any]
+) -> dict[str, Any]:
+    del event["entity_id"]
+    return _whole_message(internal, event, stix)
+
+
+def _without_applicant_id(
+    internal: dict[str, Any], event: dict[str, Any], stix: dict[str, Any]
+) -> dict[str, Any]:
+    del internal["applicant_id"]
+    return _whole_message(internal, event, stix)
+
+
+def _stix_entity_object(
+    internal: dict[str, Any], event: dict[str, Any], stix: dict[str, Any]
+) -> dict[str, Any]:
+    event["stix_entity"] = stix
+    return _whole_message(internal, event, stix)
+
+
+def _stix_entity_not_json(
+    internal: dict[str, Any], event: dict[str, Any], stix: dict[str, Any]
+) -> dict[str, Any]:
+    event["stix_entity"] = '{"id": "domain-name--' + stix["id"][13:] + '", "value": '
+    return _whole_message(internal, event, stix)
+
+
+def _entity_id_mismatch(
+    internal: dict[str, Any], event: dict[str, Any], stix: dict[str, Any]
+) -> dict[str, Any]:
+    event["entity_id"] = standard_id("domain-name", {"value": "other.example.org"})
+    return _whole_message(internal, event, stix)
+
+
+#: Kinds whose message is not the whole, unchanged ``{"internal": ..., "event": ...}``.
+_HOSTILE_MESSAGES: Final[dict[str, _MessageBuilder]] = {
+    "missing_event": _without_event,
+    "missing_internal": _without_internal,
+    "missing_entity_id": _without_entity_id,
+    "missing_applicant_id": _without_applicant_id,
+    "stix_entity_object": _stix_entity_object,
+    "stix_entity_not_json": _stix_entity_not_json,
+    "entity_id_mismatch": _entity_id_mismatch,
+}
 
 
 class JobProducer:
@@ -467,87 +670,75 @@ class JobProducer:
     ) -> _Entity:
         """The platform converter's STIX 2.1 + extensions view of an observable (§3.3)."""
         rng = self._rng(i, "entity")
+        draws = self._draw_common(rng)
+        stix_type = STIX_TYPES.get(entity_type, entity_type.lower())
+        obj: dict[str, Any] = {"id": "", "spec_version": "2.1", "type": stix_type}
+        if entity_type == "StixFile":
+            contributing, lookup = self._fill_file(obj, rng, i, hashes)
+        else:
+            contributing, lookup = self._fill_value(obj, rng, entity_type, value, draws)
+        obj["id"] = standard_id(stix_type, contributing)
+        obj["object_marking_refs"] = [TLP_IDS[draws.tlp]]
+        obj["extensions"] = {
+            STIX_EXT_OCTI: _octi_extension(i, entity_type, draws),
+            STIX_EXT_OCTI_SCO: _sco_extension(stix_type, draws, pad_bytes),
+        }
+        return _Entity(entity_type, obj, lookup, draws.tlp, draws.granted_refs)
+
+    def _draw_common(self, rng: random.Random) -> _EntityDraws:
+        """The draws every entity makes first, in a fixed order (the order fixes the output)."""
         tlp = self._pick_tlp(rng)
         shared = rng.random() < self.shared_share
-        orgs = rng.sample(ORGANISATIONS, rng.choice((1, 1, 2))) if shared else []
-        granted_refs = tuple(o[0] for o in orgs)
+        orgs = tuple(rng.sample(ORGANISATIONS, rng.choice((1, 1, 2)))) if shared else ()
         internal_id = _rand_uuid(rng)
         labels = [rng.choice(_LABELS)] if rng.random() < 0.3 else []
         score = rng.choice((None, 10, 25, 40, 50, 60, 70, 80, 100))
         author = rng.choice(AUTHORS) if rng.random() < 0.3 else None
-        stix_type = STIX_TYPES.get(entity_type, entity_type.lower())
+        return _EntityDraws(tlp, orgs, internal_id, labels, score, author)
 
-        obj: dict[str, Any] = {"id": "", "spec_version": "2.1", "type": stix_type}
-        lookup: str | None
-        if entity_type == "StixFile":
-            name = rng.choice(_FILE_NAMES).format(n=rng.randint(1, 99999), q=rng.randint(1, 4))
-            if hashes is None and rng.random() >= self.no_hash_share:
-                size = rng.randint(64, 4096)
-                content = random.Random(f"content:{self.seed}:{i}").randbytes(size)
-                hashes = {
-                    "MD5": hashlib.md5(content).hexdigest(),
-                    "SHA-1": hashlib.sha1(content).hexdigest(),
-                    "SHA-256": hashlib.sha256(content).hexdigest(),
-                }
-                obj["hashes"] = hashes
-                obj["size"] = size
-            elif hashes:
-                obj["hashes"] = hashes
-            obj["name"] = name
-            if hashes:
-                first = next(iter(k for k in ("MD5", "SHA-1", "SHA-256") if k in hashes), None)
-                contributing: dict[str, Any] = (
-                    {"hashes": {first: hashes[first]}} if first else {"hashes": hashes}
-                )
-                lookup = next(
-                    (hashes[k] for k in ("SHA-256", "SHA-1", "MD5") if k in hashes),
-                    next(iter(hashes.values())),
-                )
-            else:
-                contributing = {"name": name}
-                lookup = None
-        else:
-            if value is None:
-                value = self._make_value(rng, entity_type)
-            obj["value"] = value
-            if stix_type in ("hostname", "url") and score is not None:
-                obj["score"] = score
-            if stix_type == "hostname":
-                if labels:
-                    obj["labels"] = labels
-                if author:
-                    obj["created_by_ref"] = author
-            contributing = {"value": value}
-            lookup = value
-        obj["id"] = standard_id(stix_type, contributing)
-        obj["object_marking_refs"] = [TLP_IDS[tlp]]
-        octi: dict[str, Any] = {
-            "extension_type": "property-extension",
-            "id": internal_id,
-            "type": entity_type,
-            "created_at": _ts(i),
-            "updated_at": _ts(i, 1.0),
-            "is_inferred": False,
-            "creator_ids": [ADMIN_USER_ID],
-        }
-        if orgs:
-            octi["granted_refs"] = list(granted_refs)
-            octi["granted_refs_ids"] = [o[1] for o in orgs]
-        sco: dict[str, Any]
+    def _fill_file(
+        self, obj: dict[str, Any], rng: random.Random, i: int, hashes: dict[str, str] | None
+    ) -> tuple[dict[str, Any], str | None]:
+        """Add a file's hashes, size and name to ``obj``; its id-contributing part and lookup.
+
+        Without given ``hashes``, the file gets the hashes of random content unless it is one of
+        the ``no_hash_share`` files known by name only (which have no lookup value).
+        """
+        name = rng.choice(_FILE_NAMES).format(n=rng.randint(1, 99999), q=rng.randint(1, 4))
+        if hashes is None and rng.random() >= self.no_hash_share:
+            size = rng.randint(64, 4096)
+            hashes = _content_hashes(random.Random(f"content:{self.seed}:{i}").randbytes(size))
+            obj["hashes"] = hashes
+            obj["size"] = size
+        elif hashes:
+            obj["hashes"] = hashes
+        obj["name"] = name
+        if not hashes:
+            return {"name": name}, None
+        return _file_contributing(hashes), _file_lookup(hashes)
+
+    def _fill_value(
+        self,
+        obj: dict[str, Any],
+        rng: random.Random,
+        entity_type: str,
+        value: str | None,
+        draws: _EntityDraws,
+    ) -> tuple[dict[str, Any], str]:
+        """Add a valued observable's value (random unless given) and top-level extras to ``obj``."""
+        if value is None:
+            value = self._make_value(rng, entity_type)
+        obj["value"] = value
+        stix_type = obj["type"]
+        if stix_type in ("hostname", "url") and draws.score is not None:
+            obj["score"] = draws.score
         if stix_type == "hostname":
-            sco = {"extension_type": "new-sco"}
-        else:
-            sco = {"extension_type": "property-extension"}
-            if labels:
-                sco["labels"] = labels
-            if score is not None:
-                sco["score"] = score
-            if author:
-                sco["created_by_ref"] = author
-            if pad_bytes:
-                sco["description"] = "A" * pad_bytes
-        obj["extensions"] = {STIX_EXT_OCTI: octi, STIX_EXT_OCTI_SCO: sco}
-        return _Entity(entity_type, obj, lookup, tlp, granted_refs)
+            # a custom SCO: labels and author at the top level, not in the extension (§3.3)
+            if draws.labels:
+                obj["labels"] = draws.labels
+            if draws.author:
+                obj["created_by_ref"] = draws.author
+        return {"value": value}, value
 
     def _make_value(self, rng: random.Random, entity_type: str) -> str:
         if entity_type == "Domain-Name":
@@ -597,57 +788,22 @@ class JobProducer:
         """
         if name not in HOSTILE_KINDS:
             raise ValueError(f"unknown hostile kind {name!r}; expected one of {HOSTILE_KINDS}")
+        raw = _RAW_HOSTILE_BODIES.get(name)
+        if raw is not None:
+            return ProducedJob(name, None, None, None, None, "", (), raw, False, True)
         i = 1_000_000 + HOSTILE_KINDS.index(name)
-        malformed = name in _MALFORMED_KINDS
-        if name in ("not_json", "not_utf8", "empty_body", "json_array", "json_null"):
-            return self._raw_hostile(name)
-        if name == "wrong_types":
-            body = _json(
-                {
-                    "internal": {"work_id": 42, "applicant_id": []},
-                    "event": {
-                        "entity_id": {"x": 1},
-                        "entity_type": None,
-                        "stix_entity": "[not json",
-                    },
-                }
-            )
-            return ProducedJob(name, None, None, None, None, "", (), body, False, True)
-
-        entity_type = {
-            "unknown_entity_type": "X-Unknown-Observable",
-            "out_of_scope_type": "IPv4-Addr",
-            "hash_path_traversal": "StixFile",
-            "query_chars": "Url",
-            "control_chars": "Hostname",
-        }.get(name, "Domain-Name")
-        value: str | None = None
-        hashes: dict[str, str] | None = None
-        pad = 0
-        if name == "path_traversal":
-            value = "../../v2/admin?x=1#"
-        elif name == "query_chars":
-            value = "http://bad.example.com/a?apikey=leak&x=1#frag/../../v2/lis?q=%2F"
-        elif name == "encoded_slash":
-            value = "..%2F..%2Fv2%2Fadmin%3Fx%3D1%23.example.com"
-        elif name == "hash_path_traversal":
-            hashes = {"SHA-256": "../../../v2/stix21/search_host/evil.com?x=#"}
-        elif name == "control_chars":
-            value = "srv01.corp.example\r\nX-Injected: 1\x00\x1b[31m\t\x7f"
-        elif name == "very_long_value":
-            value = ("a" * 63 + ".") * (VERY_LONG_VALUE_CHARS // 64 + 1) + "example.com"
-        elif name == "idn_value":
-            value = "xn--exemple-sécurisé.münchen-bank.de"
-        elif name == "unknown_entity_type":
-            value = "something-odd"
-        elif name == "out_of_scope_type":
-            value = "203.0.113.66"
-        elif name == "huge_stix_entity":
-            pad = HUGE_STIX_ENTITY_BYTES
-        entity = self._make_entity(i, entity_type, value=value, hashes=hashes, pad_bytes=pad)
+        spec = _HOSTILE_ENTITIES.get(name, _DEFAULT_HOSTILE_ENTITY)
+        entity = self._make_entity(
+            i,
+            spec.entity_type,
+            value=spec.value,
+            hashes=dict(spec.hashes) if spec.hashes is not None else None,
+            pad_bytes=spec.pad_bytes,
+        )
+        work_id = self._hostile_work(name, i, entity)
         stix = dict(entity.stix)
         internal: dict[str, Any] = {
-            "work_id": None,
+            "work_id": work_id,
             "applicant_id": None,
             "draft_id": None,
             "mode": "manual",
@@ -656,68 +812,24 @@ class JobProducer:
         event: dict[str, Any] = {
             "event_type": "INTERNAL_ENRICHMENT",
             "entity_id": stix["id"],
-            "entity_type": entity_type,
+            "entity_type": spec.entity_type,
             "stix_entity": _json_str(stix),
             "stix_objects": None,
         }
-        if name == "unknown_work":
-            internal["work_id"] = f"work_{uuid.uuid5(_PRIVATE_NAMESPACE, str(self.seed))}_{_ts(i)}"
-            self.platform.put_entity(entity.stix, None)
-        elif name == "missing_internal":
-            self.platform.put_entity(entity.stix, None)  # no readable work id: no work
-        else:
-            internal["work_id"] = self._register(entity, "manual", None)
-        if name == "missing_event":
-            body = _json({"internal": internal})
-        elif name == "missing_internal":
-            body = _json({"event": event})
-        else:
-            if name == "missing_entity_id":
-                del event["entity_id"]
-            elif name == "missing_applicant_id":
-                del internal["applicant_id"]
-            elif name == "stix_entity_object":
-                event["stix_entity"] = stix
-            elif name == "stix_entity_not_json":
-                event["stix_entity"] = '{"id": "domain-name--' + stix["id"][13:] + '", "value": '
-            elif name == "entity_id_mismatch":
-                event["entity_id"] = standard_id("domain-name", {"value": "other.example.org"})
-            body = _json({"internal": internal, "event": event})
-        return ProducedJob(
-            kind=name,
-            work_id=internal["work_id"],
-            entity_type=entity_type,
-            entity_id=stix["id"],
-            value=entity.value,
-            tlp=entity.tlp,
-            granted_refs=entity.granted_refs,
-            body=body,
-            playbook=False,
-            malformed=malformed,
+        message = _HOSTILE_MESSAGES.get(name, _whole_message)(internal, event, stix)
+        return self._produced(
+            name, work_id, entity, _json(message), malformed=name in _MALFORMED_KINDS
         )
 
-    @staticmethod
-    def _raw_hostile(name: str) -> ProducedJob:
-        body: bytes
-        if name == "not_json":
-            body = b'{"internal": {"work_id": "work_x", "applicant_id": null}, "event": '
-            body += b'{"entity_id": '
-        elif name == "not_utf8":
-            text = (
-                '{"internal":{"work_id":null,"applicant_id":null,"draft_id":null,"mode":"manual",'
-                '"trigger":"update"},"event":{"event_type":"INTERNAL_ENRICHMENT",'
-                '"entity_id":"domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",'
-                '"entity_type":"Domain-Name","stix_entity":"{\\"value\\":\\"caf\xe9.example\\"}",'
-                '"stix_objects":null}}'
-            )
-            body = b"\xff\xfe" + text.encode("latin-1")
-        elif name == "empty_body":
-            body = b""
-        elif name == "json_array":
-            body = b"[]"
-        else:
-            body = b"null"
-        return ProducedJob(name, None, None, None, None, "", (), body, False, True)
+    def _hostile_work(self, name: str, i: int, entity: _Entity) -> str | None:
+        """Store the entity and return the body's work id (a real work unless said otherwise)."""
+        if name == "unknown_work":
+            self.platform.put_entity(entity.stix, None)
+            return f"work_{uuid.uuid5(_PRIVATE_NAMESPACE, str(self.seed))}_{_ts(i)}"
+        if name == "missing_internal":
+            self.platform.put_entity(entity.stix, None)  # no readable work id: no work
+            return None
+        return self._register(entity, "manual", None)
 
 
 class _PlatformMessage(aio_pika.Message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import stix2
 import yarl
 
 from lis_async.sim.lastinfosec import (
+    _KNOB_COERCERS,
     LastInfoSecSim,
     LisSimConfig,
     build_bundle,
@@ -444,6 +446,54 @@ async def test_sim_config_and_reset_endpoints(
     async with session.post(f"{root}/_sim/reset") as resp:
         assert resp.status == 200
     assert sim.stats.total == 0 and sim.stats.by_status == {} and not sim.stats.requests
+
+
+def test_every_knob_is_settable() -> None:
+    # update() (POST /_sim/config) accepts every field: each knob has its checker-converter.
+    names = {f.name for f in dataclasses.fields(LisSimConfig)}
+    assert set(_KNOB_COERCERS) == names
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"latency_s": 1, "rate_limit_per_s": 5}, {"latency_s": 1.0, "rate_limit_per_s": 5.0}),
+        ({"retry_after_s": None, "seed": None}, {"retry_after_s": None, "seed": None}),
+        ({"bundle_size": 20, "force_429": True}, {"bundle_size": 20, "force_429": True}),
+        ({"known_values": ["a", "b", "a"]}, {"known_values": {"a", "b"}}),
+        ({"api_key": "k", "seed": 3}, {"api_key": "k", "seed": 3}),
+        ({"body_override": [503, "x", "text/plain"]}, {"body_override": (503, b"x", "text/plain")}),
+        ({"body_override": None}, {"body_override": None}),
+    ],
+)
+def test_update_converts_knobs(values: dict[str, Any], expected: dict[str, Any]) -> None:
+    config = LisSimConfig()
+    config.update(values)
+    for name, value in expected.items():
+        got = getattr(config, name)
+        assert got == value and type(got) is type(value), name
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"latency_s": True}, "latency_s must be a number"),
+        ({"retry_after_s": "1"}, "retry_after_s must be a number"),
+        ({"cache_size": 1.5}, "cache_size must be an integer"),
+        ({"seed": False}, "seed must be an integer or null"),
+        ({"latency_s": 2, "force_429": 1}, "force_429 must be a boolean"),
+        ({"empty_values": ["a", 1]}, "empty_values must be a list of strings"),
+        ({"api_key": None}, "api_key must be a string"),
+        ({"body_override": [200, "x"]}, "body_override must be [status, body, content_type]"),
+        ({"nope": 1, "latency_s": 2}, "unknown knob(s): nope"),
+    ],
+)
+def test_update_rejects_bad_values(values: dict[str, Any], message: str) -> None:
+    config = LisSimConfig()
+    with pytest.raises(ValueError) as excinfo:
+        config.update(values)
+    assert message in str(excinfo.value)
+    assert config.latency_s == 0.0  # nothing applied, not even the valid knobs
 
 
 def test_cli_main_serves() -> None:
