@@ -4,13 +4,9 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from tests.helpers import FIXTURES
 
 
 @pytest.fixture
 def fixtures() -> Path:
     return FIXTURES
-
-
-def job_body(name: str) -> bytes:
-    return (FIXTURES / "jobs" / name).read_bytes()

@@ -14,7 +14,7 @@ from lis_async.lastinfosec import LisFatalError, LisRetriesExhausted, LookupResu
 from lis_async.pipeline import Backoff, FatalError, Outcome, Pipeline, Policy
 from lis_async.platform import PlatformError, WorkNotAlive
 from lis_async.publisher import PublishError
-from tests.conftest import FIXTURES, job_body
+from tests.helpers import FIXTURES, job_body
 
 ANSWER = orjson.loads((FIXTURES / "lastinfosec" / "search_hash_200.json").read_bytes())["message"]
 HOST_ANSWER = orjson.loads(

@@ -26,7 +26,7 @@ from lis_async.lastinfosec import (
 )
 from lis_async.pipeline import Backoff, FatalError, Outcome, Pipeline, Policy, Result
 from lis_async.platform import PlatformError, WorkNotAlive
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 FIXTURE_BODIES = [p.read_bytes() for p in sorted((FIXTURES / "jobs").iterdir())]
 FIXTURE_DOCS = [orjson.loads(p.read_bytes()) for p in sorted((FIXTURES / "jobs").glob("*.json"))]
