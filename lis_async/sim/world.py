@@ -18,13 +18,13 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any, Final
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from lis_async.sim.lastinfosec import LastInfoSecSim, LisSimConfig
 from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
@@ -200,6 +200,19 @@ class SimWorld:
         if self._admin is None:
             raise RuntimeError("SimWorld is not started")
         return self._admin
+
+    @contextlib.asynccontextmanager
+    async def admin_channel(self) -> AsyncIterator[AbstractChannel]:
+        """A fresh channel on the world's own broker connection (not the connector's), closed on
+        exit. For inspecting the connector's queues, e.g. a passive ``declare_queue`` to read
+        its message count; an operation the broker refuses closes the channel, not the
+        connection."""
+        channel = await self._admin_connection().channel()
+        try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     async def _queue_exists(self, name: str) -> bool:
         channel = await self._admin_connection().channel()

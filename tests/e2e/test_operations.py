@@ -12,7 +12,7 @@ from lis_async.check import run_check
 from lis_async.config import load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.world import SimWorld
-from tests.e2e.conftest import world_with_worker
+from tests.helpers import poll, world_with_worker
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -43,6 +43,10 @@ async def test_metrics_and_health_endpoints_in_a_run() -> None:
         works = [j.work_id for j in produced if j.work_id]
         assert await world.platform.wait_works(works, timeout=60)
         assert await world.worker.wait_idle(timeout=20)
+        # A work is complete as soon as the platform has its last report; the job's handler
+        # counts it in the metrics a little later, and is done once no job is in flight.
+        consumer = run.app.consumer
+        assert consumer is not None and await poll(lambda: consumer.in_flight == 0, 30)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{health}/healthz") as resp:
                 assert resp.status == 200 and (await resp.json())["status"] == "ok"
@@ -83,8 +87,7 @@ async def test_metrics_and_health_endpoints_in_a_run() -> None:
         assert world.lis_api_key not in text and world.opencti_token not in text
 
         # Readiness follows the worker: not ready once it stops taking jobs.
-        assert run.app.consumer is not None
-        await run.app.consumer.stop_intake()
+        await consumer.stop_intake()
         async with (
             aiohttp.ClientSession() as http,
             http.get(f"http://127.0.0.1:{health}/readyz") as resp,

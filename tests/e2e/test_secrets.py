@@ -14,8 +14,7 @@ from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.opencti import PlatformSimConfig
 from lis_async.sim.producer import TLP_IDS, ProducedJob
 from lis_async.sim.world import SimWorld
-from tests.e2e.conftest import world_with_worker
-from tests.e2e.test_faults import LIGHT_WORKER, poll, work_ids
+from tests.helpers import LIGHT_WORKER, poll, work_ids, world_with_worker
 
 pytestmark = [pytest.mark.rabbitmq]
 

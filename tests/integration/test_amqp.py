@@ -15,6 +15,7 @@ from lis_async.delivery import Delivery
 from lis_async.errors import FatalError, PublishError
 from lis_async.publisher import Publisher
 from lis_async.retry import Backoff
+from tests.helpers import poll
 
 pytestmark = pytest.mark.rabbitmq
 PARAMS = AmqpParams(
@@ -154,21 +155,20 @@ async def test_consumer_respects_prefetch_and_acks_after_the_handler(
     consumer = Consumer(PARAMS, name, 4, handler, on_fatal=lambda _: None)
     await consumer.start()
     try:
-        for _ in range(50):
-            if running == 4:
-                break
-            await asyncio.sleep(0.05)
-        assert running == 4 and consumer.in_flight == 4
+        assert await poll(lambda: running == 4, 30), running
+        assert consumer.in_flight == 4
+        # Prefetch bounds the jobs in flight: a short look finds no fifth handler started, and
+        # the broker holds the other 6 back (4 unacked are not counted as ready). The look must
+        # stay quiet; a loaded machine can only make it see less, never fail it.
         await asyncio.sleep(0.2)
-        assert peak == 4  # prefetch bounds the jobs in flight
+        assert peak == 4
         queue = await broker.declare_queue(name, durable=True, passive=True)
-        assert queue.declaration_result.message_count == 6  # 4 unacked are not counted
+        assert queue.declaration_result.message_count == 6
         release.set()
-        for _ in range(100):
-            if len(seen) == 10 and consumer.in_flight == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert len(seen) == 10
+        assert await poll(lambda: len(seen) == 10 and consumer.in_flight == 0, 30), (
+            len(seen),
+            consumer.in_flight,
+        )
     finally:
         await consumer.stop_intake()
         await consumer.drain(5)
@@ -188,10 +188,7 @@ async def test_fatal_error_requeues_and_stops_intake(broker: aio_pika.abc.Abstra
     consumer = Consumer(PARAMS, name, 1, handler, on_fatal=fatal.append)
     await consumer.start()
     try:
-        for _ in range(100):
-            if fatal:
-                break
-            await asyncio.sleep(0.05)
+        assert await poll(lambda: bool(fatal), 30)
         assert fatal == ["LastInfoSec rejected the API key"]
         assert not consumer.accepting
     finally:
@@ -213,13 +210,13 @@ async def test_drain_deadline_returns_unfinished_jobs_to_the_queue(
 
     consumer = Consumer(PARAMS, name, 3, handler, on_fatal=lambda _: None)
     await consumer.start()
-    for _ in range(100):
-        if consumer.in_flight == 3:
-            break
-        await asyncio.sleep(0.05)
-    await consumer.stop_intake()
-    cancelled = await consumer.drain(0.2)
-    await consumer.close()
+    try:
+        assert await poll(lambda: consumer.in_flight == 3, 30), consumer.in_flight
+        await consumer.stop_intake()
+        # The handlers sleep 60 s: a 0.2 s deadline cuts them short however slow the machine.
+        cancelled = await consumer.drain(0.2)
+    finally:
+        await consumer.close()
     assert cancelled == 3
     queue = await broker.declare_queue(name, durable=True, passive=True)
     assert queue.declaration_result.message_count == 3

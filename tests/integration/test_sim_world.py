@@ -12,7 +12,6 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -33,11 +32,12 @@ from lis_async.sim.producer import (
     ProducedJob,
 )
 from lis_async.sim.world import SimWorld
+from tests.helpers import FIXTURES
 
 pytestmark = pytest.mark.rabbitmq
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-JOBS = Path(__file__).parent.parent / "fixtures" / "jobs"
+JOBS = FIXTURES / "jobs"
 STIX_TYPE = {"StixFile": "file", "Domain-Name": "domain-name", "Hostname": "hostname", "Url": "url"}
 
 
@@ -47,7 +47,7 @@ STIX_TYPE = {"StixFile": "file", "Domain-Name": "domain-name", "Hostname": "host
 @pytest.fixture(autouse=True)
 async def _broker() -> None:
     try:
-        conn = await asyncio.wait_for(aio_pika.connect(AMQP_URL), 5)
+        conn = await asyncio.wait_for(aio_pika.connect(AMQP_URL), 30)
     except Exception as exc:  # pragma: no cover - environment problem
         pytest.skip(f"RabbitMQ not reachable on 127.0.0.1:5672: {exc!r}")
     await conn.close()
@@ -84,7 +84,7 @@ async def world() -> AsyncIterator[SimWorld]:
 @pytest.fixture
 async def registered(world: SimWorld) -> SimWorld:
     await register(world)
-    await world.start_worker_emulation(timeout=10)
+    await world.start_worker_emulation(timeout=30)
     return world
 
 
@@ -413,8 +413,8 @@ async def test_worker_imports_one_object_message(registered: SimWorld) -> None:
     )
     assert len(bundles) == 1
     await publish_push(world, push_envelope(bundles[0], job.work_id))
-    assert await world.platform.wait_works([job.work_id], timeout=10)
-    assert await worker.wait_idle(5)
+    assert await world.platform.wait_works([job.work_id], timeout=30)
+    assert await worker.wait_idle(30)
     work = world.platform.works[job.work_id]
     assert (work.expected, work.processed, work.errors) == (1, 1, [])
     [record] = worker.messages
@@ -451,8 +451,8 @@ async def test_worker_rejects_empty_and_broken_messages(registered: SimWorld) ->
     del no_content["content"]
     await publish_push(world, json.dumps(no_content).encode())
     await publish_push(world, push_envelope(empty, job.work_id, content="%%%not-base64"))
-    assert await worker.wait_for(lambda w: w.counters.received == 5, timeout=10)
-    assert await worker.wait_idle(5)
+    assert await worker.wait_for(lambda w: w.counters.received == 5, timeout=30)
+    assert await worker.wait_idle(30)
     assert worker.counters.rejected == 5 and worker.counters.acked == 0
     assert not worker.messages
     reasons = [r.reason for r in worker.rejections]
@@ -476,8 +476,8 @@ async def test_worker_splits_multi_object_bundles(registered: SimWorld) -> None:
     }
     # unsplit without no_split: the worker splits, adds 2 expectations and re-publishes 2 messages
     await publish_push(world, push_envelope(bundle, job.work_id))
-    assert await world.platform.wait_works([job.work_id], timeout=10)
-    assert await worker.wait_idle(5)
+    assert await world.platform.wait_works([job.work_id], timeout=30)
+    assert await worker.wait_idle(30)
     work = world.platform.works[job.work_id]
     assert (work.expected, work.processed) == (2, 2)
     assert worker.counters.split_messages == 1 and worker.counters.republished == 2
@@ -493,8 +493,8 @@ async def test_worker_splits_multi_object_bundles(registered: SimWorld) -> None:
     world.platform.add_expectations(job2.work_id, 1)
     bundle2 = {**bundle, "objects": [MARKING_AMBER, entity_of(job2)]}
     await publish_push(world, push_envelope(bundle2, job2.work_id, no_split=True))
-    assert await worker.wait_for(lambda w: w.counters.received == 4, timeout=10)
-    assert await worker.wait_idle(5)
+    assert await worker.wait_for(lambda w: w.counters.received == 4, timeout=30)
+    assert await worker.wait_idle(30)
     work2 = world.platform.works[job2.work_id]
     assert (work2.expected, work2.processed, work2.status) == (1, 2, "complete")
     assert len(worker.objects_by_work[job2.work_id]) == 2
@@ -508,7 +508,7 @@ async def test_worker_reports_parse_errors_and_drops_dead_works(registered: SimW
     bad = {"type": "indicator", "id": f"indicator--{uuid.uuid4()}", "spec_version": "2.1"}
     bundle = {"type": "bundle", "id": f"bundle--{uuid.uuid4()}", "spec_version": "2.1"}
     await publish_push(world, push_envelope({**bundle, "objects": [bad]}, job.work_id))
-    assert await world.platform.wait_works([job.work_id], timeout=10)
+    assert await world.platform.wait_works([job.work_id], timeout=30)
     work = world.platform.works[job.work_id]
     assert work.processed == 1 and len(work.errors) == 1
     assert worker.counters.reported_error == 1
@@ -519,8 +519,8 @@ async def test_worker_reports_parse_errors_and_drops_dead_works(registered: SimW
     await publish_push(world, push_envelope({**bundle, "objects": [entity_of(dead)]}, dead.work_id))
     two = {**bundle, "objects": [MARKING_AMBER, entity_of(dead)]}
     await publish_push(world, push_envelope(two, dead.work_id))
-    assert await worker.wait_for(lambda w: w.counters.received == 3, timeout=10)
-    assert await worker.wait_idle(5)
+    assert await worker.wait_for(lambda w: w.counters.received == 3, timeout=30)
+    assert await worker.wait_idle(30)
     assert worker.counters.dropped_dead == 2 and worker.counters.acked == 3
     assert worker.counters.republished == 0
     assert [r.outcome for r in worker.messages[1:]] == ["dropped", "dropped"]
@@ -529,7 +529,7 @@ async def test_worker_reports_parse_errors_and_drops_dead_works(registered: SimW
 async def test_worker_cheap_mode_and_max_records() -> None:
     async with SimWorld(worker_options={"validate": False, "max_records": 2}) as world:
         await register(world)
-        worker = await world.start_worker_emulation(timeout=10)
+        worker = await world.start_worker_emulation(timeout=30)
         job = world.producer.make_job(0, kind="manual")
         assert job.work_id is not None
         world.platform.add_expectations(job.work_id, 5)
@@ -538,8 +538,8 @@ async def test_worker_cheap_mode_and_max_records() -> None:
             await publish_push(
                 world, push_envelope({**bundle, "objects": [{"type": "x"}]}, job.work_id)
             )
-        assert await world.platform.wait_works([job.work_id], timeout=10)
-        assert await worker.wait_idle(5)
+        assert await world.platform.wait_works([job.work_id], timeout=30)
+        assert await worker.wait_idle(30)
         assert worker.counters.reported_ok == 5 and worker.counters.reported_error == 0
         assert len(worker.messages) == 2
         assert sum(len(v) for v in worker.objects_by_work.values()) == 2
@@ -560,7 +560,7 @@ async def test_world_round_trip_and_cleanup() -> None:
         assert world.lis_base_url.endswith("/v2") and env["CONNECTOR_NAME"]
 
         # the push queue only exists after registration: start the emulation concurrently
-        waiter = asyncio.create_task(world.start_worker_emulation(timeout=10))
+        waiter = asyncio.create_task(world.start_worker_emulation(timeout=30))
         reg = await register(world)
         worker = await waiter
         names = world.names()
@@ -578,7 +578,7 @@ async def test_world_round_trip_and_cleanup() -> None:
             queue = await channel.get_queue(names["listen"], ensure=False)
             exchange = await channel.get_exchange(names["push_exchange"], ensure=False)
             for _ in jobs:
-                msg = await queue.get(timeout=5, fail=True)
+                msg = await queue.get(timeout=30, fail=True)
                 assert msg is not None
                 data = json.loads(msg.body)
                 work_id = data["internal"]["work_id"]
@@ -603,8 +603,8 @@ async def test_world_round_trip_and_cleanup() -> None:
 
         work_ids = [j.work_id for j in jobs if j.work_id]
         assert len(work_ids) == 5
-        assert await world.platform.wait_works(work_ids, timeout=10)
-        assert await worker.wait_idle(5)
+        assert await world.platform.wait_works(work_ids, timeout=30)
+        assert await worker.wait_idle(30)
         assert worker.counters.reported_ok == 5
         for job in jobs:
             assert job.work_id is not None
@@ -634,7 +634,7 @@ async def test_world_with_queue_prefix_cleans_exchanges() -> None:
     prefix = f"simtest{uuid.uuid4().hex[:8]}"
     async with SimWorld(platform_config=PlatformSimConfig(queue_prefix=prefix)) as world:
         await register(world)
-        await world.start_worker_emulation(timeout=10)
+        await world.start_worker_emulation(timeout=30)
         names = world.names()
         assert names["listen"].startswith(prefix + "_")
         jobs = await world.producer.publish_many(2, kind="manual")

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lis_async.job import Job, JobError, normalise_tlp, parse_job, parse_observable
-from tests.conftest import FIXTURES, job_body
+from tests.helpers import FIXTURES, job_body
 
 WORK = "work_6f0e1b2c-3d4e-4f50-8a6b-7c8d9e0f1a2b_2026-11-20T10:00:02.415Z"
 ORG = "identity--7b1c2d3e-4f5a-5b6c-9d7e-8f9a0b1c2d3e"

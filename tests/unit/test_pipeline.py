@@ -22,7 +22,7 @@ from lis_async.job import Observable
 from lis_async.pipeline import Outcome, Pipeline, Policy
 from lis_async.ports import LookupResult
 from lis_async.retry import Backoff
-from tests.conftest import FIXTURES, job_body
+from tests.helpers import FIXTURES, job_body
 
 ANSWER = orjson.loads((FIXTURES / "lastinfosec" / "search_hash_200.json").read_bytes())["message"]
 HOST_ANSWER = orjson.loads(

@@ -29,7 +29,7 @@ from lis_async.lastinfosec.wire import parse_answer, query_for
 from lis_async.pipeline import Outcome, Pipeline, Policy, Result
 from lis_async.ports import LookupResult
 from lis_async.retry import Backoff
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 FIXTURE_BODIES = [p.read_bytes() for p in sorted((FIXTURES / "jobs").iterdir())]
 FIXTURE_DOCS = [orjson.loads(p.read_bytes()) for p in sorted((FIXTURES / "jobs").glob("*.json"))]

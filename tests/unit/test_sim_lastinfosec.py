@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -26,8 +25,9 @@ from lis_async.sim.lastinfosec import (
     redact_api_key,
     value_fraction,
 )
+from tests.helpers import FIXTURES, poll
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "lastinfosec"
+LIS_FIXTURES = FIXTURES / "lastinfosec"
 KEY = "s3cr3t-test-key"
 SHA256 = "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f"
 SHA1 = "da39a3ee5e6b4b0d3255bfef95601890afd80709"
@@ -88,7 +88,7 @@ def check_bundle(bundle: dict[str, Any], size: int | None = None) -> None:
 async def test_missing_or_wrong_key_is_401(
     sim: LastInfoSecSim, session: aiohttp.ClientSession
 ) -> None:
-    expected = json.loads((FIXTURES / "search_401.json").read_text())
+    expected = json.loads((LIS_FIXTURES / "search_401.json").read_text())
     async with session.get(hash_url(sim, SHA256, key="wrong")) as resp:
         assert resp.status == 401
         assert await resp.json() == expected
@@ -114,7 +114,7 @@ async def test_known_hash_answers_envelope_with_valid_stix(
     indicator = bundle["objects"][3]
     assert indicator["pattern"] == f"[file:hashes.'SHA-256' = '{SHA256}']"
     # Same shape as the sample answer.
-    sample = json.loads((FIXTURES / "search_hash_200.json").read_text())["message"][0]
+    sample = json.loads((LIS_FIXTURES / "search_hash_200.json").read_text())["message"][0]
     assert [o["type"] for o in bundle["objects"]] == [o["type"] for o in sample["objects"]]
     relationships = {
         (o["relationship_type"], o["source_ref"].split("--")[0], o["target_ref"].split("--")[0])
@@ -202,7 +202,7 @@ async def test_answers_are_deterministic(
 
 
 async def test_unknown_value_is_422(sim: LastInfoSecSim, session: aiohttp.ClientSession) -> None:
-    expected = json.loads((FIXTURES / "search_422_not_found.json").read_text())
+    expected = json.loads((LIS_FIXTURES / "search_422_not_found.json").read_text())
     sim.config.unknown_values = {"clean.example.com"}
     async with session.get(host_url(sim, "clean.example.com")) as resp:
         assert resp.status == 422
@@ -246,21 +246,30 @@ async def test_latency(sim: LastInfoSecSim, session: aiohttp.ClientSession) -> N
 async def test_rate_limit_429_with_retry_after(
     sim: LastInfoSecSim, session: aiohttp.ClientSession
 ) -> None:
-    sim.config.rate_limit_per_s = 3
+    limit, burst = 3, 20
+    sim.config.rate_limit_per_s = limit
 
     async def one() -> tuple[int, str | None]:
         async with session.get(host_url(sim, "rl.example.com")) as resp:
             await resp.read()
             return resp.status, resp.headers.get("Retry-After")
 
-    results = await asyncio.gather(*(one() for _ in range(10)))
+    results = await asyncio.gather(*(one() for _ in range(burst)))
     accepted = [r for r in results if r[0] == 200]
     limited = [r for r in results if r[0] == 429]
-    assert len(accepted) + len(limited) == 10
-    assert 3 <= len(accepted) <= 6  # at most two one-second windows were touched
+    assert len(accepted) + len(limited) == burst
     assert limited and all(ra == "1" for _, ra in limited)
-    assert sim.stats.max_per_window(accepted_only=True) <= 3
-    assert sim.stats.max_per_window() >= 5
+    assert sim.stats.max_per_window(accepted_only=True) <= limit
+    # The rule, window by window, from the arrival times the simulator recorded (a loaded
+    # machine may spread the burst over more one-second windows; the rule holds in each): the
+    # first `limit` requests of a window are answered, the others get 429.
+    statuses: dict[int, list[int | None]] = {}
+    for r in sim.stats.requests:
+        statuses.setdefault(int(r.time), []).append(r.status)
+    assert sum(map(len, statuses.values())) == burst
+    for window, got in statuses.items():
+        n = len(got)
+        assert got == [200] * min(n, limit) + [429] * max(n - limit, 0), (window, got)
 
     sim.config.retry_after_s = None
     sim.config.force_429 = True
@@ -281,7 +290,7 @@ async def test_force_429_count(sim: LastInfoSecSim, session: aiohttp.ClientSessi
 
 async def test_error_rate_one_is_500(sim: LastInfoSecSim, session: aiohttp.ClientSession) -> None:
     sim.config.error_rate = 1.0
-    expected = json.loads((FIXTURES / "search_500.json").read_text())
+    expected = json.loads((LIS_FIXTURES / "search_500.json").read_text())
     async with session.get(host_url(sim, "err.example.com")) as resp:
         assert resp.status == 500
         assert await resp.json() == expected
@@ -289,7 +298,7 @@ async def test_error_rate_one_is_500(sim: LastInfoSecSim, session: aiohttp.Clien
 
 async def test_invalid_key_answer(sim: LastInfoSecSim, session: aiohttp.ClientSession) -> None:
     sim.config.invalid_key_answer = True
-    expected = json.loads((FIXTURES / "search_200_invalid_key.json").read_text())
+    expected = json.loads((LIS_FIXTURES / "search_200_invalid_key.json").read_text())
     async with session.get(hash_url(sim, SHA256)) as resp:
         assert resp.status == 200
         assert await resp.json() == expected
@@ -314,7 +323,9 @@ async def test_body_override(sim: LastInfoSecSim, session: aiohttp.ClientSession
 
 
 async def test_max_concurrency_counter(sim: LastInfoSecSim, session: aiohttp.ClientSession) -> None:
-    sim.config.latency_s = 0.3
+    # Each request is held 1 s: the 10 sent at once all overlap even when a loaded machine
+    # spreads out their arrivals.
+    sim.config.latency_s = 1.0
 
     async def one(i: int) -> int:
         async with session.get(host_url(sim, f"c{i}.example.com")) as resp:
@@ -388,16 +399,15 @@ async def test_timeout_rate_hangs_and_close_is_quick(session: aiohttp.ClientSess
                 hash_url(sim, SHA256), timeout=aiohttp.ClientTimeout(total=0.2)
             ) as resp:
                 await resp.read()
-        for _ in range(50):  # the hung handler is cancelled when the client goes away
-            if sim.stats.concurrent == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert sim.stats.concurrent == 0
+        # The hung handler is cancelled when the client goes away (long before its 30 s).
+        assert await poll(lambda: sim.stats.concurrent == 0, 10), sim.stats.concurrent
         assert sim.stats.by_status == {}
     finally:
         start = time.monotonic()
         await sim.close()
-    assert time.monotonic() - start < 2.0
+    # Quick: shutdown_timeout_s is 0.5 s, so well under 10 s even on a loaded machine (a close
+    # held up by the hung handler would take its 30 s).
+    assert time.monotonic() - start < 10.0
 
 
 async def test_api_key_never_recorded(sim: LastInfoSecSim, session: aiohttp.ClientSession) -> None:
@@ -530,4 +540,4 @@ def test_cli_main_serves() -> None:
         assert asyncio.run(fetch()) == 200
     finally:
         proc.terminate()
-        proc.wait(timeout=5)
+        proc.wait(timeout=30)

@@ -1,0 +1,232 @@
+"""Helpers shared by the test files: constants, polling, the in-process and out-of-process worker
+harness, broker inspection.
+
+Test files import from here (never from another test file or from a conftest); the conftest
+files hold only pytest fixtures and hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from lis_async.app import App
+from lis_async.config import load_settings
+from lis_async.sim.lastinfosec import LisSimConfig
+from lis_async.sim.opencti import PlatformSimConfig
+from lis_async.sim.world import SimWorld
+
+# ------------------------------------------------------------------------------------------
+# fixture files
+
+FIXTURES: Final = Path(__file__).resolve().parent / "fixtures"
+
+
+def job_body(name: str) -> bytes:
+    """A listen-queue body from ``tests/fixtures/jobs``."""
+    return (FIXTURES / "jobs" / name).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------
+# settings for the end-to-end worker
+
+#: Worker settings for tests: short back-offs and deadlines, no fixed health port.
+FAST_ENV: Final[dict[str, str]] = {
+    "CONNECTOR_LOG_LEVEL": "info",
+    "CONNECTOR_HEALTH_PORT": "0",
+    "CONNECTOR_JOBS_IN_FLIGHT": "32",
+    "LASTINFOSEC_CONCURRENCY": "32",
+    "LASTINFOSEC_RATE_PER_S": "1000",
+    "LASTINFOSEC_BACKOFF_BASE_S": "0.05",
+    "LASTINFOSEC_BACKOFF_MAX_S": "0.5",
+    "CONNECTOR_PLATFORM_RETRY_MAX_S": "1",
+    "CONNECTOR_SHUTDOWN_TIMEOUT_S": "10",
+}
+#: Job producer options: only plain enrichment jobs that are looked up (no TLP:RED, no
+#: playbooks, no file without a hash).
+QUIET_PRODUCER: Final[dict[str, Any]] = {
+    "red_share": 0.0,
+    "playbook_share": 0.0,
+    "no_hash_share": 0.0,
+}
+#: The OpenCTI worker emulation runs in the test process; without stix2 validation it costs
+#: little CPU (for tests about volume, not about the content of the bundles).
+LIGHT_WORKER: Final[dict[str, Any]] = {"validate": False}
+
+
+# ------------------------------------------------------------------------------------------
+# waiting
+
+
+async def poll(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float,  # noqa: ASYNC109
+    every: float = 0.05,
+) -> bool:
+    """True once ``predicate()`` holds (sync or async); False at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(every)
+
+
+def work_ids(jobs: Iterable[Any]) -> list[str]:
+    """The work ids of produced jobs (playbook jobs have none)."""
+    return [j.work_id for j in jobs if j.work_id]
+
+
+# ------------------------------------------------------------------------------------------
+# the worker in-process
+
+
+@dataclass
+class Running:
+    """A started worker App in a simulated world."""
+
+    world: SimWorld
+    app: App
+    task: asyncio.Task[int]
+
+    async def stop(self) -> int:
+        self.app.request_stop()
+        return await asyncio.wait_for(self.task, 60)
+
+
+@contextlib.asynccontextmanager
+async def app_only(world: SimWorld, env: Mapping[str, str] | None = None) -> AsyncIterator[Running]:
+    """The real worker App in-process, WITHOUT starting the OpenCTI worker emulation."""
+    app = App(load_settings(env=world.env() | FAST_ENV | dict(env or {})))
+    task = await app.start_in_background(timeout_s=30)
+    try:
+        yield Running(world, app, task)
+    finally:
+        if not task.done():
+            app.request_stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 60)
+
+
+@contextlib.asynccontextmanager
+async def world_with_worker(
+    env: Mapping[str, str] | None = None,
+    lis: LisSimConfig | None = None,
+    platform: PlatformSimConfig | None = None,
+    **world_kw: Any,
+) -> AsyncIterator[Running]:
+    """A simulated world with the real worker App in-process and the OpenCTI worker emulation."""
+    async with (
+        SimWorld(lis_config=lis, platform_config=platform, **world_kw) as world,
+        app_only(world, env) as run,
+    ):
+        await world.start_worker_emulation()
+        yield run
+
+
+# ------------------------------------------------------------------------------------------
+# the worker as a real process (kill and signal tests)
+
+
+class WorkerProcess(subprocess.Popen[bytes]):
+    """``lis-async run`` as a child process; its output goes to ``log_path``."""
+
+    log_path: Path
+
+
+def start_worker_process(env: Mapping[str, str], log_path: Path | None = None) -> WorkerProcess:
+    """``lis-async run`` as a real process. Its output goes to a file (a pipe nobody reads
+    would block the worker once full)."""
+    full = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENCTI_", "CONNECTOR_", "LASTINFOSEC_"))
+    }
+    full |= dict(env)
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix="lis-worker-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    with log_path.open("ab") as out:
+        proc = WorkerProcess(
+            [sys.executable, "-m", "lis_async.cli", "run"],
+            env=full,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    proc.log_path = log_path
+    return proc
+
+
+def worker_log(proc: WorkerProcess) -> str:
+    """Everything the worker process wrote so far."""
+    return proc.log_path.read_text(errors="replace")
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30
+) -> int:
+    """Send ``sig`` (if still running) and wait up to ``timeout``; SIGKILL after that."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(10)
+
+
+async def stop_async(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    """``stop_process`` off the event loop: the simulated platform and LastInfoSec API run on
+    this loop, and a worker finishing its jobs needs them to answer while we wait for it."""
+    return await asyncio.to_thread(stop_process, proc, sig)
+
+
+# ------------------------------------------------------------------------------------------
+# broker inspection
+
+
+async def ready_count(world: SimWorld, key: str = "listen") -> int:
+    """Messages ready (not delivered to a consumer) in the connector's listen or push queue."""
+    async with world.admin_channel() as channel:
+        queue = await channel.declare_queue(world.names()[key], passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+def rabbitmqctl(*args: str) -> str:
+    """``rabbitmqctl -q <args>``; its standard output."""
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=30, check=True
+    )
+    return out.stdout
+
+
+async def queue_depth(name: str) -> tuple[int, int]:
+    """(ready, unacknowledged) of a queue, as the broker counts them."""
+    text = await asyncio.to_thread(
+        rabbitmqctl,
+        "list_queues",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+        "--no-table-headers",
+    )
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[0] == name:
+            return int(parts[1]), int(parts[2])
+    raise LookupError(name)
