@@ -358,6 +358,66 @@ async def test_push_queue_max_length_rejects_publish(
     assert args["x-max-length"] == 1 and args["x-overflow"] == "reject-publish"
 
 
+async def test_older_schema_missing_field_fails_validation(
+    sim: PlatformSim, http: aiohttp.ClientSession, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    """A platform whose schema lacks ``Connector.jwks`` refuses a registration selecting it
+    the way OpenCTI's GraphQL validation does, before authentication, and registers nothing."""
+    sim.config.missing_fields = frozenset({"Connector.jwks"})
+    cid = str(uuid.uuid4())
+    expected = {
+        "errors": [
+            {
+                "message": 'Cannot query field "jwks" on type "Connector".',
+                "locations": [{"line": 4, "column": 24}],
+                "extensions": {"code": "GRAPHQL_VALIDATION_FAILED"},
+            }
+        ]
+    }
+    assert REGISTER.splitlines()[3].index("jwks") == 23
+    for token in (None, "wrong"):  # validation comes before the token check
+        status, body = await gql(http, sim, REGISTER, register_input(cid), token=token)
+        assert (status, body) == (200, expected)  # OpenCTI answers 200 when there are errors
+    sim.config.validation_error_status = 400  # Apollo Server alone, OpenCTI 3.x
+    status, body = await gql(http, sim, REGISTER, register_input(cid))
+    assert (status, body) == (400, expected)
+
+    # nothing was done: no connector, no queue; each request is recorded as refused
+    assert cid not in sim.connectors
+    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+        await (await amqp.channel()).declare_queue(f"listen_{cid}", passive=True)
+    assert sim.calls["RegisterConnector"] == 3
+    assert [r.outcome for r in sim.requests] == ["GRAPHQL_VALIDATION_FAILED"] * 3
+
+    # the same registration without jwks goes through, and the answer has no jwks
+    status, body = await gql(http, sim, REGISTER.replace(" jwks", ""), register_input(cid))
+    assert status == 200 and "errors" not in body, body
+    assert body["data"]["registerConnector"]["id"] == cid
+    assert "jwks" not in body["data"]["registerConnector"]
+    assert sim.connectors[cid].register_count == 1
+
+    # pycti reads the (default) HTTP 200 answer as a ValueError named after the code
+    from pycti import OpenCTIApiClient
+    from pycti.connector.opencti_connector import OpenCTIConnector
+
+    sim.config.validation_error_status = 200
+    api = await asyncio.to_thread(OpenCTIApiClient, sim.base_url, sim.config.token, "error")
+    connector = OpenCTIConnector(
+        connector_id=str(uuid.uuid4()),
+        connector_name="old platform",
+        connector_type="INTERNAL_ENRICHMENT",
+        scope="Domain-Name",
+        auto=False,
+        only_contextual=False,
+        playbook_compatible=False,
+        auto_update=False,
+        enrichment_resolution="none",
+    )
+    with pytest.raises(ValueError, match="GRAPHQL_VALIDATION_FAILED") as exc:
+        await asyncio.to_thread(api.connector.register, connector)
+    assert 'Cannot query field "jwks" on type "Connector".' in str(exc.value)
+
+
 # ------------------------------------------------------------------------------------- works
 
 
