@@ -1,4 +1,4 @@
-"""Emulation of OpenCTI's worker on a connector's push queue (protocol §5.3, §10.2).
+"""Emulation of OpenCTI's worker on a connector's push queue (docs/protocol.md §5.3, §10.2).
 
 Consumes ``push_<id>`` by name (never declares it), decodes every message the way
 ``opencti-worker/src/push_handler.py`` does and, instead of importing, reports expectations to the

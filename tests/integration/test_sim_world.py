@@ -89,7 +89,7 @@ async def registered(world: SimWorld) -> SimWorld:
 
 
 def push_envelope(bundle: dict[str, Any], work_id: str | None, **overrides: Any) -> bytes:
-    """pycti's push envelope (§5.1), keys in pycti's order."""
+    """pycti's push envelope (docs/protocol.md §5.1), keys in pycti's order."""
     env: dict[str, Any] = {
         "bundle_type": "QUEUE_BUNDLE",
         "applicant_id": "1f2e3d4c-5b6a-4798-8a7b-6c5d4e3f2a1b",
