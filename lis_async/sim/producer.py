@@ -1,7 +1,7 @@
 """Enrichment-job producer: publishes listen-queue messages exactly as the OpenCTI platform does.
 
-Wire format (docs/protocol.md §1.4, §3): UTF-8 JSON body (``JSON.stringify`` style: compact, non-ASCII
-kept), AMQP properties ``delivery_mode=2`` and nothing else, published to the registration's listen
+Wire format (docs/protocol.md §1.4, §3): UTF-8 JSON body (``JSON.stringify`` style: compact,
+non-ASCII kept), AMQP properties ``delivery_mode=2`` and nothing else, published to the registration's listen
 exchange with the listen routing key over a publisher-confirm channel.
 
 For every job that carries a work, the work is created in the :class:`PlatformSim` first and the
@@ -641,7 +641,8 @@ class JobProducer:
                         "previous_step_id": _rand_uuid(rng),
                     },
                     "applicant_id": AUTOMATION_USER_ID,
-                    # "create" because the base object carries an OCTI-extension id (docs/protocol.md §3.1)
+                    # "create" because the base object carries an OCTI-extension id
+                    # (docs/protocol.md §3.1)
                     "trigger": "create",
                     "mode": "auto",
                 },
@@ -668,7 +669,8 @@ class JobProducer:
         hashes: dict[str, str] | None = None,
         pad_bytes: int = 0,
     ) -> _Entity:
-        """The platform converter's STIX 2.1 + extensions view of an observable (docs/protocol.md §3.3)."""
+        """The platform converter's STIX 2.1 + extensions view of an observable
+        (docs/protocol.md §3.3)."""
         rng = self._rng(i, "entity")
         draws = self._draw_common(rng)
         stix_type = STIX_TYPES.get(entity_type, entity_type.lower())
@@ -733,7 +735,8 @@ class JobProducer:
         if stix_type in ("hostname", "url") and draws.score is not None:
             obj["score"] = draws.score
         if stix_type == "hostname":
-            # a custom SCO: labels and author at the top level, not in the extension (docs/protocol.md §3.3)
+            # a custom SCO: labels and author at the top level, not in the extension
+            # (docs/protocol.md §3.3)
             if draws.labels:
                 obj["labels"] = draws.labels
             if draws.author:
