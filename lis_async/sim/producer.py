@@ -1,8 +1,8 @@
 """Enrichment-job producer: publishes listen-queue messages exactly as the OpenCTI platform does.
 
 Wire format (docs/protocol.md §1.4, §3): UTF-8 JSON body (``JSON.stringify`` style: compact,
-non-ASCII kept), AMQP properties ``delivery_mode=2`` and nothing else, published to the registration's listen
-exchange with the listen routing key over a publisher-confirm channel.
+non-ASCII kept), AMQP properties ``delivery_mode=2`` and nothing else, published to the
+registration's listen exchange with the listen routing key over a publisher-confirm channel.
 
 For every job that carries a work, the work is created in the :class:`PlatformSim` first and the
 entity is stored there (``put_entity``) so the connector's GraphQL reads succeed. Playbook jobs get
