@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lis_async.config import Settings
 from lis_async.consumer import Consumer
@@ -26,7 +26,16 @@ from lis_async.platform import Platform, Registration
 from lis_async.publisher import Publisher
 from lis_async.redact import redact
 from lis_async.retry import Backoff
-from lis_async.telemetry import GaugeCallback, HealthServer, LisStatsCollector, Metrics
+from lis_async.telemetry import (
+    ClusterCollector,
+    GaugeCallback,
+    HealthServer,
+    LisStatsCollector,
+    Metrics,
+)
+
+if TYPE_CHECKING:
+    from lis_async.cluster.link import RedisLink
 
 log = logging.getLogger("lis_async.app")
 
@@ -57,6 +66,7 @@ class App:
         self.consumer: Consumer | None = None
         self.pipeline: Pipeline | None = None
         self.registration: Registration | None = None
+        self.redis: RedisLink | None = None  # cluster mode (redis.url set)
         self._servers: list[HealthServer] = []
         self.health_server: HealthServer | None = None  # /healthz, /readyz
         self.metrics_server: HealthServer | None = None  # /metrics (+ health), when exposed
@@ -137,7 +147,7 @@ class App:
             reg.amqp.port,
         )
         self._spawn(self.platform.heartbeat(), "heartbeat")
-        self.lis = LastInfoSecClient(s.lastinfosec, proxy=s.lastinfosec_proxy)
+        self.lis = self._lastinfosec_client()
         await self.lis.start()
         retry_backoff = Backoff(max_s=s.connector.platform_retry_max_s)
         self.publisher = Publisher(
@@ -171,6 +181,37 @@ class App:
             s.lastinfosec.rate_per_s,
         )
 
+    def _lastinfosec_client(self) -> LastInfoSecClient:
+        """The client, with cluster mode's shared limiter and cache when Redis is set."""
+        s = self.settings
+        if s.redis.url is None:
+            return LastInfoSecClient(s.lastinfosec, proxy=s.lastinfosec_proxy)
+        # Imported here: a worker without Redis never loads the Redis client.
+        from lis_async.cluster.cache import SharedAnswerCache
+        from lis_async.cluster.limiter import ClusterLimiter
+        from lis_async.cluster.link import RedisLink
+
+        self.redis = link = RedisLink(s)
+        lis, r = s.lastinfosec, s.redis
+        limiter = ClusterLimiter(link, lis.rate_per_s, lis.rate_burst, r.fallback_rate_share)
+        shared = SharedAnswerCache(link, r.lease_s, r.coalesce_wait_s)
+        self._spawn(link.maintain(), "redis")
+        self.metrics.add_collector(ClusterCollector(link, limiter, shared))
+        log.info("cluster mode: quota and cache shared through Redis %s", link.where)
+        return LastInfoSecClient(
+            lis, proxy=s.lastinfosec_proxy, limiter=limiter, shared_cache=shared
+        )
+
+    def details(self) -> dict[str, Any]:
+        """The ``details`` of ``/readyz``: what an operator wants to see beside the checks."""
+        link = self.redis
+        if link is None:
+            return {"redis": "off"}
+        return {
+            "redis": "shared" if link.shared else "fallback",
+            "replicas_seen": link.stats.replicas_seen,
+        }
+
     async def _start_servers(self) -> None:
         s = self.settings.connector
         m = self.metrics
@@ -190,10 +231,14 @@ class App:
             )
         )
         if s.health_port:
-            self.health_server = HealthServer(self.checks, None, port=s.health_port)
+            self.health_server = HealthServer(
+                self.checks, None, port=s.health_port, details=self.details
+            )
             self._servers.append(self.health_server)
         if s.expose_metrics:
-            self.metrics_server = HealthServer(self.checks, m, port=s.metrics_port)
+            self.metrics_server = HealthServer(
+                self.checks, m, port=s.metrics_port, details=self.details
+            )
             self._servers.append(self.metrics_server)
         for server in self._servers:
             await server.start()
@@ -226,6 +271,8 @@ class App:
             closers.append(self.publisher.close)
         if self.lis is not None:
             closers.append(self.lis.close)
+        if self.redis is not None:
+            closers.append(self.redis.close)
         closers.append(self.platform.close)
         for close in closers:
             with contextlib.suppress(Exception):

@@ -30,6 +30,8 @@ async def run_check(settings: Settings, out: Callable[[str], None] = print) -> i
     reg = await _check_opencti(settings, report)
     await _check_rabbitmq(reg, report)
     await _check_lastinfosec(settings, report)
+    if settings.redis.url is not None:
+        await _check_redis(settings, report)
     return 0 if failures == 0 else 1
 
 
@@ -92,3 +94,16 @@ async def _check_lastinfosec(settings: Settings, report: Report) -> None:
         report(False, "lastinfosec", f"{base}: {exc}")
     finally:
         await client.close()
+
+
+async def _check_redis(settings: Settings, report: Report) -> None:
+    from lis_async.cluster.link import RedisLink
+
+    link = RedisLink(settings)
+    try:
+        version = await link.check()
+        report(True, "redis", f"{link.where} (version {version}), key prefix {link.prefix}")
+    except RuntimeError as exc:
+        report(False, "redis", f"{link.where}: {exc}")
+    finally:
+        await link.close()

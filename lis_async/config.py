@@ -218,11 +218,50 @@ class MqSettings(_Section):
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
 
+class RedisSettings(_Section):
+    """Cluster mode: replicas on one connector id share the LastInfoSec quota and the answer
+    cache through Redis (docs/architecture.md, "Cluster mode"). Unset ``url``: every replica
+    keeps its own limiter and cache, as without Redis."""
+
+    # redis://[user:password@]host:port/db, rediss:// for TLS, unix:///path?db=N. May hold a
+    # password: kept out of repr, masked in the summary and in every message.
+    url: OptStr = Field(None, repr=False)
+    # Keys are "<prefix>:..."; by default derived from the connector id, so two connectors never
+    # share a quota by accident.
+    key_prefix: OptStr = None
+    timeout_s: float = Field(0.25, gt=0, le=30, description="per Redis command")
+    connect_timeout_s: float = Field(1.0, gt=0, le=60)
+    # Share of LASTINFOSEC_RATE_PER_S one replica may use while Redis is unreachable; unset =
+    # 1 / the number of replicas seen while Redis was up (never more than the cluster rate).
+    fallback_rate_share: float | None = Field(None, gt=0, le=1)
+    # Cross-replica coalescing: the replica looking a value up holds a lease this long; the
+    # others wait for its answer at most coalesce_wait_s, then ask LastInfoSec themselves.
+    lease_s: float = Field(10.0, gt=0, le=600)
+    coalesce_wait_s: float = Field(5.0, ge=0, le=600)
+    probe_interval_s: float = Field(2.0, gt=0, le=60, description="while Redis is down")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = v.strip()
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+
 class Settings(_Section):
     opencti: OpenCTISettings
     connector: ConnectorSettings
     lastinfosec: LastInfoSecSettings
     mq: MqSettings = MqSettings()
+    redis: RedisSettings = RedisSettings()
+
+    @property
+    def redis_key_prefix(self) -> str:
+        """The prefix of every Redis key: ``REDIS_KEY_PREFIX``, else one per connector id."""
+        return self.redis.key_prefix or f"lis-async:{self.connector.id}"
 
     @property
     def lastinfosec_proxy(self) -> str | None:
@@ -233,7 +272,7 @@ class Settings(_Section):
     def summary(self) -> dict[str, Any]:
         """Effective settings for the start-up log line; secrets masked."""
         out: dict[str, Any] = {}
-        for section in ("opencti", "connector", "lastinfosec", "mq"):
+        for section in _SECTIONS:
             model: BaseModel = getattr(self, section)
             for key, val in model.model_dump(by_alias=True).items():
                 if isinstance(val, SecretStr):
@@ -250,6 +289,7 @@ _SECTIONS: Final[Mapping[str, type[_Section]]] = {
     "connector": ConnectorSettings,
     "lastinfosec": LastInfoSecSettings,
     "mq": MqSettings,
+    "redis": RedisSettings,
 }
 
 

@@ -104,18 +104,56 @@ class LisStatsCollector(Collector):
         for status, n in sorted(getattr(s, "responses_by_status", {}).items()):
             req.add_metric([str(status)], n)
         yield req
+        hits = CounterMetricFamily(
+            "lis_cache_hits", "Lookups answered from a cache, by level", labels=["level"]
+        )
+        hits.add_metric(["local"], float(getattr(s, "cache_hits", 0)))
+        hits.add_metric(["shared"], float(getattr(s, "shared_cache_hits", 0)))
+        yield hits
         for name, attr, doc in (
             ("lis_api_retries", "retries", "LastInfoSec retries"),
             ("lis_api_throttled", "throttled", "LastInfoSec 429 answers"),
             ("lis_api_timeouts", "timeouts", "LastInfoSec timeouts"),
             ("lis_api_connection_errors", "connection_errors", "LastInfoSec connection errors"),
-            ("lis_cache_hits", "cache_hits", "Lookups answered from the cache"),
-            ("lis_cache_misses", "cache_misses", "Lookups not in the cache"),
+            ("lis_cache_misses", "cache_misses", "Lookups not in the in-process cache"),
             ("lis_coalesced", "coalesced", "Lookups served by an identical lookup in flight"),
         ):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(getattr(s, attr, 0)))
             yield c
+
+
+class ClusterCollector(Collector):
+    """Cluster mode's state (``lis_async.cluster``), read at scrape time."""
+
+    def __init__(self, link: Any, limiter: Any, cache: Any) -> None:
+        self._link, self._limiter, self._cache = link, limiter, cache
+
+    def collect(self) -> Iterable[Any]:
+        link, cache = self._link, self._cache
+        state = GaugeMetricFamily(
+            "lis_redis_shared", "1 while Redis answers (shared mode), 0 in fallback mode"
+        )
+        state.add_metric([], 1.0 if link.shared else 0.0)
+        yield state
+        for name, value, doc in (
+            ("lis_redis_errors", link.stats.errors, "Redis commands that failed or timed out"),
+            ("lis_redis_transitions", link.stats.transitions, "Shared/fallback switches"),
+            ("lis_cluster_granted", self._limiter.granted_shared, "Requests granted by Redis"),
+            ("lis_coalesced_waits", cache.stats.waits, "Waits for another replica's lookup"),
+            ("lis_coalesced_waits_answered", cache.stats.waits_answered, "... that got it"),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(value))
+            yield c
+        for name, value, doc in (
+            ("lis_cluster_replicas", link.stats.replicas_seen, "Replicas seen on this quota"),
+            ("lis_redis_fallback_share", self._limiter.fallback_share, "Rate share if Redis fails"),
+            ("lis_cluster_quota_used", self._limiter.last_window, "Requests in the last window"),
+        ):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(value))
+            yield g
 
 
 class GaugeCallback(Collector):
@@ -137,8 +175,10 @@ class HealthServer:
         metrics: Metrics | None,
         host: str = "0.0.0.0",
         port: int = 9096,
+        details: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._checks = checks
+        self._details = details
         self._metrics = metrics
         self._host, self._port = host, port
         self._runner: web.AppRunner | None = None
@@ -170,9 +210,10 @@ class HealthServer:
     async def _readyz(self, _: web.Request) -> web.Response:
         checks = self._checks()
         ok = all(checks.values())
-        return web.json_response(
-            {"status": "ready" if ok else "not ready", "checks": checks}, status=200 if ok else 503
-        )
+        body: dict[str, Any] = {"status": "ready" if ok else "not ready", "checks": checks}
+        if self._details is not None:
+            body["details"] = self._details()
+        return web.json_response(body, status=200 if ok else 503)
 
     async def _metrics_view(self, _: web.Request) -> web.Response:
         assert self._metrics is not None

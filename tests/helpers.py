@@ -230,3 +230,85 @@ async def queue_depth(name: str) -> tuple[int, int]:
         if len(parts) == 3 and parts[0] == name:
             return int(parts[1]), int(parts[2])
     raise LookupError(name)
+
+
+# ------------------------------------------------------------------------------------------
+# Redis (cluster mode)
+
+#: The machine's Redis (CI starts one when none answers); tests use unique key prefixes.
+REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free loopback port, so a test can stop, freeze or
+    restart it (or give it a password) without touching the machine's Redis."""
+
+    def __init__(self, password: str | None = None) -> None:
+        self.port = free_port()
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                import socket
+
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("the private redis-server did not start")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait(10)
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open, nothing answers (a hung Redis)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def __enter__(self) -> PrivateRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
+        self.stop()
+
+
+def busiest_window(times: Iterable[float], width_s: float = 1.0) -> int:
+    """The most events in any window of ``width_s`` (sliding, half-open [t, t + width))."""
+    ordered = sorted(times)
+    best, start = 0, 0
+    for end, t in enumerate(ordered):
+        while ordered[start] <= t - width_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best

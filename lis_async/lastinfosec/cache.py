@@ -6,6 +6,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 
@@ -35,6 +36,25 @@ class CachedAnswer:
     def result(self) -> LookupResult:
         bundles = tuple(orjson.loads(zlib.decompress(self.bundles_z)))
         return LookupResult(self.found, bundles, self.query, self.endpoint, True)
+
+
+class SharedCache(Protocol):
+    """A second-level cache shared by every replica, with cross-replica coalescing
+    (:class:`lis_async.cluster.cache.SharedAnswerCache`). Every method is best effort: a failure
+    reads as a miss, and a write that fails is lost."""
+
+    async def get(self, key: CacheKey) -> tuple[CachedAnswer, float] | None:
+        """The answer and the seconds it has left, or None."""
+        ...
+
+    async def claim_or_wait(self, key: CacheKey) -> tuple[CachedAnswer, float] | None:
+        """None: the caller asks LastInfoSec (and then calls ``put`` or ``release``); else the
+        answer another replica was fetching."""
+        ...
+
+    async def put(self, key: CacheKey, answer: CachedAnswer, ttl_s: float) -> None: ...
+
+    async def release(self, key: CacheKey) -> None: ...
 
 
 class AnswerCache:

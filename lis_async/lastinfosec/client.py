@@ -1,8 +1,9 @@
 """The LastInfoSec HTTP client: one pooled session, the lookup order, retries, redaction.
 
-A lookup goes through, in this order: the answer cache -> coalescing of identical in-flight
-lookups -> the client-wide 429 pause -> the sliding-window rate limiter -> the concurrency
-semaphore -> HTTP (with bounded retries and back-off, :class:`lis_async.retry.Backoff`).
+A lookup goes through, in this order: the in-process answer cache -> coalescing of identical
+in-flight lookups -> (cluster mode) the shared cache and cross-replica coalescing -> the
+client-wide 429 pause -> the rate limiter (local, or the cluster's) -> the concurrency semaphore
+-> HTTP (with bounded retries and back-off, :class:`lis_async.retry.Backoff`).
 
 The API key travels in the query string (``api_key=...``), so every URL is a secret. Nothing this
 module logs, raises or returns carries it: texts go through :func:`lis_async.redact.redact`, and
@@ -34,8 +35,8 @@ from lis_async.errors import (
     NothingToLookUp,
 )
 from lis_async.job import Observable
-from lis_async.lastinfosec.cache import AnswerCache, CachedAnswer, CacheKey
-from lis_async.lastinfosec.limiter import SlidingWindowLimiter
+from lis_async.lastinfosec.cache import AnswerCache, CachedAnswer, CacheKey, SharedCache
+from lis_async.lastinfosec.limiter import RateLimiter, SlidingWindowLimiter
 from lis_async.lastinfosec.wire import (
     ENDPOINTS,
     error_detail,
@@ -65,8 +66,9 @@ class LisStats:
     throttled: int = 0  # 429 answers
     timeouts: int = 0
     connection_errors: int = 0  # connection and payload errors
-    cache_hits: int = 0
+    cache_hits: int = 0  # in-process cache
     cache_misses: int = 0
+    shared_cache_hits: int = 0  # cluster mode: answered from Redis (waits for a replica included)
     coalesced: int = 0  # lookups that joined an identical in-flight lookup
     bad_answers: int = 0
     in_flight: int = 0  # HTTP requests open now (gauge)
@@ -114,9 +116,13 @@ class LastInfoSecClient:
         trust_env: bool = True,
         user_agent: str = "lis-async",
         clock: Callable[[], float] = time.monotonic,
+        limiter: RateLimiter | None = None,
+        shared_cache: SharedCache | None = None,
     ) -> None:
         """``proxy``: explicit proxy URL (``PROXY_HTTP(S)``); with ``trust_env``, else the
-        environment's ``HTTP(S)_PROXY`` / ``NO_PROXY``. ``clock``: the cache's expiry clock."""
+        environment's ``HTTP(S)_PROXY`` / ``NO_PROXY``. ``clock``: the cache's expiry clock.
+        ``limiter`` / ``shared_cache``: cluster mode's (default: a local sliding window, no
+        shared cache)."""
         self._settings = s = settings
         self.stats = LisStats()
         key = s.api_key_cti.get_secret_value()
@@ -135,7 +141,10 @@ class LastInfoSecClient:
         self._proxy: str | None = proxy
         self._proxy_auth: aiohttp.BasicAuth | None = None
         self._sem = asyncio.Semaphore(s.concurrency)
-        self._limiter = SlidingWindowLimiter.per_second(s.rate_per_s, s.rate_burst)
+        self._limiter: RateLimiter = limiter or SlidingWindowLimiter.per_second(
+            s.rate_per_s, s.rate_burst
+        )
+        self._shared = shared_cache
         cache_on = s.cache_size > 0 and (s.cache_ttl_s > 0 or s.cache_negative_ttl_s > 0)
         self._cache = AnswerCache(s.cache_size, clock) if cache_on else None
         self._inflight: dict[CacheKey, asyncio.Task[LookupResult]] = {}
@@ -250,13 +259,31 @@ class LastInfoSecClient:
             task.exception()  # mark retrieved: every waiter may have been cancelled
 
     async def _fetch(self, endpoint: str, value: str, key: CacheKey) -> LookupResult:
-        result = await self._request(endpoint, value)
-        cache = self._cache
-        if cache is not None:
-            s = self._settings
-            ttl = s.cache_ttl_s if result.found else s.cache_negative_ttl_s
-            if ttl > 0:
-                cache.put(key, CachedAnswer.of(result), ttl)
+        shared = self._shared
+        if shared is not None:
+            hit = await shared.get(key) or await shared.claim_or_wait(key)
+            if hit is not None:
+                answer, ttl_s = hit
+                self.stats.shared_cache_hits += 1
+                if self._cache is not None and ttl_s > 0:
+                    self._cache.put(key, answer, ttl_s)
+                return answer.result()
+        try:
+            result = await self._request(endpoint, value)
+        except BaseException:
+            if shared is not None:  # waiting replicas stop waiting (shielded: may be cancelled)
+                await asyncio.shield(shared.release(key))
+            raise
+        s = self._settings
+        ttl = s.cache_ttl_s if result.found else s.cache_negative_ttl_s
+        if ttl > 0 and (self._cache is not None or shared is not None):
+            answer = CachedAnswer.of(result)
+            if self._cache is not None:
+                self._cache.put(key, answer, ttl)
+            if shared is not None:
+                await shared.put(key, answer, ttl)
+        elif shared is not None:
+            await shared.release(key)
         return result
 
     # ---- pauses ------------------------------------------------------------------------
@@ -333,6 +360,7 @@ class LastInfoSecClient:
         )
         if failure.throttled:
             self._pause_client(delay)  # every request waits, not only this one
+            await self._limiter.pause(delay)  # cluster mode: every replica too
         elif delay > 0:
             await asyncio.sleep(delay)
 

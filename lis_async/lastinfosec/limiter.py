@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import Protocol
+
+
+class RateLimiter(Protocol):
+    """What the client needs of a rate limit: the local one below, or the cluster's
+    (:class:`lis_async.cluster.limiter.ClusterLimiter`)."""
+
+    async def acquire(self) -> None:
+        """Return when one more request may start."""
+        ...
+
+    async def pause(self, delay_s: float) -> None:
+        """LastInfoSec answered 429: no request should start for ``delay_s`` seconds."""
+        ...
 
 
 class SlidingWindowLimiter:
@@ -29,6 +43,9 @@ class SlidingWindowLimiter:
         (at least one)."""
         capacity = burst or max(1, round(rate_per_s))
         return cls(capacity, capacity / rate_per_s)
+
+    async def pause(self, delay_s: float) -> None:
+        """Nothing to share: the client pauses its own requests (``LastInfoSecClient``)."""
 
     async def acquire(self) -> None:
         async with self._lock:

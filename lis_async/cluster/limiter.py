@@ -1,0 +1,129 @@
+"""The cluster-wide LastInfoSec rate limit: one exact sliding window in Redis for every replica.
+
+``LASTINFOSEC_RATE_PER_S`` is then the cluster's rate: at most ``burst`` requests in any
+``burst / rate`` seconds (one second's worth by default) over all replicas together, the same
+guarantee as the local :class:`~lis_async.lastinfosec.limiter.SlidingWindowLimiter`. The check
+and the grant are one Lua script (atomic), on Redis's clock (the replicas' clocks do not matter).
+A 429 sets a shared pause-until that the script honours, so every replica waits it out.
+
+Within a replica, waiters queue FIFO behind one lock, so one request per replica polls Redis at
+a time; a refused acquire sleeps until the oldest grant leaves the window (plus jitter, so the
+replicas do not wake in lock step). While Redis is unreachable the replica falls back to a local
+sliding window at ``redis.fallback_rate_share`` of the rate (by default 1 / the replicas seen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from typing import Final
+
+from lis_async.cluster.link import RedisLink
+from lis_async.lastinfosec.limiter import SlidingWindowLimiter
+
+# KEYS[1] the window (a sorted set of grant times, µs), KEYS[2] the pause-until (µs).
+# ARGV[1] capacity, ARGV[2] window (µs), ARGV[3] a unique member for this grant.
+# Returns -n when granted (n: the grants now in the window, this one included), else the µs to
+# wait before asking again.
+ACQUIRE_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
+if pause > now then return pause - now end
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - window))
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000) + 1000)
+  return -redis.call('ZCARD', KEYS[1])
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(1, tonumber(oldest[2]) + window - now + 1)
+"""
+
+# KEYS[1] the pause-until (µs); ARGV[1] the pause (µs). Extends, never shortens, the pause.
+# Returns the µs left.
+PAUSE_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local target = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if target > current then
+  local ttl_ms = math.ceil(tonumber(ARGV[1]) / 1000) + 1
+  redis.call('SET', KEYS[1], string.format('%d', target), 'PX', ttl_ms)
+  return target - now
+end
+return current - now
+"""
+
+_JITTER_S: Final = 0.003
+_MARGIN: Final = 0.02
+
+
+class ClusterLimiter:
+    """The rate limit shared by every replica (see the module docstring)."""
+
+    def __init__(
+        self,
+        link: RedisLink,
+        rate_per_s: float,
+        burst: int | None = None,
+        fallback_share: float | None = None,
+    ) -> None:
+        self._link = link
+        self._rate = rate_per_s
+        self._capacity = burst or max(1, round(rate_per_s))
+        # The window is kept a little longer than burst / rate: a grant reaches LastInfoSec a few
+        # milliseconds after Redis made it (network, event loops), and that jitter must not fit
+        # one request more into a one-second window at the API. It costs 2 % of the rate.
+        self._window_us = round(self._capacity / rate_per_s * 1_000_000 * (1 + _MARGIN))
+        self._fallback_share = fallback_share
+        self._fallback: tuple[float, SlidingWindowLimiter] | None = None
+        self._lock = asyncio.Lock()
+        self._keys = [link.key("rate", "window"), link.key("rate", "pause")]
+        self._serial = itertools.count()
+        self._acquire_script = link.client.register_script(ACQUIRE_LUA)
+        self._pause_script = link.client.register_script(PAUSE_LUA)
+        self.granted_shared = 0  # grants from the Redis window (metrics)
+        self.last_window = 0  # cluster-wide grants in the window at this replica's last grant
+
+    @property
+    def fallback_share(self) -> float:
+        """The share of the rate this replica takes while Redis is down."""
+        return self._fallback_share or 1.0 / max(1, self._link.stats.replicas_seen)
+
+    def _fallback_limiter(self) -> SlidingWindowLimiter:
+        share = self.fallback_share
+        if self._fallback is None or self._fallback[0] != share:
+            rate = self._rate * share
+            burst = max(1, round(self._capacity * share))
+            self._fallback = (share, SlidingWindowLimiter.per_second(rate, burst))
+        return self._fallback[1]
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                if not self._link.shared:
+                    await self._fallback_limiter().acquire()
+                    return
+                wait_us = await self._link.run("rate limit", self._try_acquire)
+                if wait_us is None:
+                    continue  # Redis failed: the link is in fallback mode now
+                if wait_us <= 0:
+                    self.granted_shared += 1
+                    self.last_window = -wait_us
+                    return
+                await asyncio.sleep(wait_us / 1_000_000 + random.uniform(0, _JITTER_S))
+
+    async def _try_acquire(self) -> int:
+        member = f"{self._link.replica_id}:{next(self._serial)}"
+        args: list[int | str] = [self._capacity, self._window_us, member]
+        return int(await self._acquire_script(keys=self._keys, args=args))
+
+    async def pause(self, delay_s: float) -> None:
+        """Every replica waits ``delay_s`` before its next request (a 429 was answered)."""
+        delay_us = max(1, round(delay_s * 1_000_000))
+        await self._link.run(
+            "rate pause", lambda: self._pause_script(keys=self._keys[1:], args=[delay_us])
+        )

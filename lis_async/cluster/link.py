@@ -1,0 +1,177 @@
+"""The Redis connection of one replica: bounded commands, shared / fallback state, replicas.
+
+Every command goes through :meth:`RedisLink.run`, which bounds it by ``redis.timeout_s`` and
+turns any failure into ``None``: the caller then takes its local path. The first failure flips
+the link to *fallback* (one warning); :meth:`RedisLink.maintain` probes Redis every
+``redis.probe_interval_s`` while it is down and flips it back to *shared* (one info line) when it
+answers. While up, the same loop registers this replica, so that every replica knows how many
+share the quota (the default fallback share is 1 / that count).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from lis_async.config import Settings
+from lis_async.redact import mask_url, redact
+
+log = logging.getLogger("lis_async.cluster")
+T = TypeVar("T")
+
+# A replica counts as alive while it refreshed its registry entry within this many seconds.
+REPLICA_TTL_S: Final = 30.0
+REGISTRY_INTERVAL_S: Final = 5.0
+
+
+@dataclass(slots=True)
+class LinkStats:
+    """Counters for metrics (read at scrape time)."""
+
+    errors: int = 0  # commands that failed or timed out
+    transitions: int = 0  # shared <-> fallback
+    replicas_seen: int = 1
+
+
+class RedisLink:
+    """One replica's view of Redis. ``shared`` is True while Redis answers."""
+
+    def __init__(self, settings: Settings, *, replica_id: str | None = None) -> None:
+        r = settings.redis
+        assert r.url is not None, "RedisLink needs redis.url"
+        self.prefix = settings.redis_key_prefix
+        self.replica_id = replica_id or uuid.uuid4().hex
+        self.where = mask_url(r.url)
+        self._secrets = _url_secrets(r.url)
+        self._timeout_s = r.timeout_s
+        self._probe_s = r.probe_interval_s
+        self.stats = LinkStats()
+        self.shared = True  # optimistic: the first failure says otherwise
+        self._down_since: float | None = None
+        # No retries inside redis-py: a slow or dead Redis must cost one bounded timeout, and
+        # the caller has a local path.
+        self.client: aioredis.Redis = aioredis.from_url(
+            r.url,
+            socket_timeout=r.timeout_s,
+            socket_connect_timeout=r.connect_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            client_name="lis-async",
+        )
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+    async def run(self, what: str, op: Callable[[], Awaitable[T]]) -> T | None:
+        """``op()`` bounded by the command timeout; None (and fallback mode) when it fails.
+        While in fallback mode nothing is sent: only the probe tries Redis."""
+        if not self.shared:
+            return None
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await op()
+        except (RedisError, TimeoutError, OSError) as exc:
+            self._failed(what, exc)
+            return None
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.stats.errors += 1
+        if self.shared:
+            self.shared = False
+            self._down_since = time.monotonic()
+            self.stats.transitions += 1
+            detail = self.redact(f"{type(exc).__name__}: {exc}")[:300] or type(exc).__name__
+            log.warning(
+                "Redis %s unreachable (%s failed: %s): falling back to the local rate limit "
+                "and cache until it answers again",
+                self.where,
+                what,
+                detail,
+            )
+
+    async def _probe(self) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout_s * 4):
+                await self.client.ping()
+        except (RedisError, TimeoutError, OSError):
+            self.stats.errors += 1
+            return False
+        down_for = time.monotonic() - (self._down_since or time.monotonic())
+        self.shared = True
+        self._down_since = None
+        self.stats.transitions += 1
+        log.info("Redis %s answers again after %.1f s: shared mode resumed", self.where, down_for)
+        return True
+
+    async def register_replica(self) -> None:
+        """Refresh this replica's entry and count the replicas seen lately."""
+        key = self.key("replicas")
+
+        async def op() -> Any:
+            now = time.time()
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zadd(key, {self.replica_id: now})
+            pipe.zremrangebyscore(key, "-inf", now - REPLICA_TTL_S)
+            pipe.zcard(key)
+            pipe.expire(key, int(REPLICA_TTL_S * 4))
+            return await pipe.execute()
+
+        result = await self.run("replica registry", op)
+        if result is not None:
+            self.stats.replicas_seen = max(1, int(result[2]))
+
+    async def maintain(self) -> None:
+        """Forever: register this replica while Redis is up, probe it while it is down."""
+        last_registry = 0.0
+        while True:
+            if not self.shared:
+                if not await self._probe():
+                    await asyncio.sleep(self._probe_s)
+                    continue
+                last_registry = 0.0
+            if time.monotonic() - last_registry >= REGISTRY_INTERVAL_S:
+                await self.register_replica()
+                last_registry = time.monotonic()
+            await asyncio.sleep(min(self._probe_s, REGISTRY_INTERVAL_S))
+
+    async def check(self) -> str:
+        """One PING for ``lis-async check``; raises a redacted RuntimeError when it fails."""
+        try:
+            async with asyncio.timeout(max(self._timeout_s, 2.0)):
+                await self.client.ping()
+                info = await self.client.info("server")
+        except (RedisError, TimeoutError, OSError) as exc:
+            text = self.redact(f"{type(exc).__name__}: {exc}")[:300]
+            raise RuntimeError(text) from None
+        return str(info.get("redis_version", "?"))
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except (RedisError, OSError) as exc:  # closing a dead connection
+            log.debug("closing Redis: %s", self.redact(str(exc)))
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The password of a Redis URL (``redis://:pw@host`` or ``redis://user:pw@host``), raw and
+    as written, for redaction."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return []
+    return [password, unquote(password)] if password else []

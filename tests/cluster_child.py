@@ -1,0 +1,73 @@
+"""A child process for the cluster-mode tests: one "replica" doing one thing against Redis.
+
+    python -m tests.cluster_child limiter URL PREFIX RATE SECONDS TASKS OUT
+        acquire the cluster rate limit from TASKS tasks for SECONDS; write the grant times
+    python -m tests.cluster_child lookup URL PREFIX LIS_BASE VALUE OUT
+        look VALUE up through a LastInfoSecClient in cluster mode; write the outcome
+
+Run from the repository's root (the tests set cwd); it prints nothing but errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from lis_async.cluster.cache import SharedAnswerCache
+from lis_async.cluster.limiter import ClusterLimiter
+from lis_async.cluster.link import RedisLink
+from lis_async.config import Settings, load_settings
+from lis_async.lastinfosec import LastInfoSecClient
+
+
+def _settings(url: str, prefix: str, **env: str) -> Settings:
+    return load_settings(
+        env={
+            "OPENCTI_URL": "http://127.0.0.1:1",
+            "OPENCTI_TOKEN": "t",
+            "CONNECTOR_ID": str(uuid.uuid4()),
+            "CONFIG_LIS_APIKEY_CTI": "test-lis-key",
+            "REDIS_URL": url,
+            "REDIS_KEY_PREFIX": prefix,
+            **env,
+        }
+    )
+
+
+async def limiter(url: str, prefix: str, rate: str, seconds: str, tasks: str) -> dict[str, Any]:
+    link = RedisLink(_settings(url, prefix))
+    lim = ClusterLimiter(link, float(rate))
+    grants: list[float] = []
+    stop_at = time.time() + float(seconds)
+
+    async def worker() -> None:
+        while time.time() < stop_at:
+            await lim.acquire()
+            grants.append(time.time())
+
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(int(tasks)))), 60)
+    await link.close()
+    return {"grants": grants, "shared": link.shared}
+
+
+async def lookup(url: str, prefix: str, base: str, value: str) -> dict[str, Any]:
+    settings = _settings(url, prefix, LASTINFOSEC_BASE_URL=base, LASTINFOSEC_RATE_PER_S="100")
+    link = RedisLink(settings)
+    shared = SharedAnswerCache(link, settings.redis.lease_s, settings.redis.coalesce_wait_s)
+    client = LastInfoSecClient(settings.lastinfosec, trust_env=False, shared_cache=shared)
+    async with client:
+        result = await client.lookup_value("search_host", value)
+    await link.close()
+    return {"found": result.found, "stats": dataclasses.asdict(shared.stats)}
+
+
+if __name__ == "__main__":
+    command, *args, out = sys.argv[1:]
+    result = asyncio.run({"limiter": limiter, "lookup": lookup}[command](*args))
+    Path(out).write_text(json.dumps(result))

@@ -1,0 +1,230 @@
+"""Cluster mode against real Redis servers: the shared rate limit across processes, the shared
+cache, cross-replica coalescing, fallback and recovery, and the password kept secret."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lis_async.cluster.cache import SharedAnswerCache
+from lis_async.cluster.limiter import ClusterLimiter
+from lis_async.cluster.link import RedisLink
+from lis_async.config import Settings, load_settings
+from lis_async.lastinfosec import LastInfoSecClient
+from lis_async.sim.lastinfosec import LastInfoSecSim, LisSimConfig
+from lis_async.telemetry import ClusterCollector, Metrics
+from tests.helpers import REDIS_URL, PrivateRedis, busiest_window, poll
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def settings(url: str, prefix: str | None = None, **env: str) -> Settings:
+    return load_settings(
+        env={
+            "OPENCTI_URL": "http://127.0.0.1:1",
+            "OPENCTI_TOKEN": "t",
+            "CONNECTOR_ID": str(uuid.uuid4()),
+            "CONFIG_LIS_APIKEY_CTI": "test-lis-key",
+            "REDIS_URL": url,
+            "REDIS_KEY_PREFIX": prefix or f"test-{uuid.uuid4()}",
+            **env,
+        }
+    )
+
+
+def children(command: str, args: list[list[str]], tmp: Path) -> list[dict[str, Any]]:
+    """Run one ``tests.cluster_child`` process per argument list, at once; their results."""
+    outs = [tmp / f"{command}-{i}.json" for i in range(len(args))]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.cluster_child", command, *a, str(out)], cwd=ROOT
+        )
+        for a, out in zip(args, outs, strict=True)
+    ]
+    for proc in procs:
+        assert proc.wait(120) == 0
+    return [json.loads(out.read_text()) for out in outs]
+
+
+# ------------------------------------------------------------------------------------------
+# the cluster-wide rate limit
+
+
+def test_three_processes_share_one_rate(tmp_path: Path) -> None:
+    """Rate 30 over three replicas: never more than 30 in any one-second window (sliding, over
+    every grant of every process), at least 28.5/s sustained, and no replica starves."""
+    prefix = f"test-{uuid.uuid4()}"
+    seconds = 8.0
+    results = children(
+        "limiter", [[REDIS_URL, prefix, "30", str(seconds), "10"] for _ in range(3)], tmp_path
+    )
+    assert all(r["shared"] for r in results)
+    grants = sorted(t for r in results for t in r["grants"])
+    assert busiest_window(grants) <= 30
+    # Sustained from the first grant to the last (the children start within a second or so).
+    span = grants[-1] - grants[0]
+    assert len(grants) / span >= 28.5, (len(grants), span)
+    shares = [len(r["grants"]) / len(grants) for r in results]
+    assert min(shares) >= 0.2, shares  # a fair share is 1/3; none starves
+
+
+async def test_a_429_pause_holds_every_replica() -> None:
+    s = settings(REDIS_URL)
+    one, two = RedisLink(s), RedisLink(s)
+    try:
+        lim_one, lim_two = ClusterLimiter(one, 1000), ClusterLimiter(two, 1000)
+        await lim_one.acquire()
+        await lim_one.pause(1.0)
+        started = time.monotonic()
+        await lim_two.acquire()  # the other replica waits the pause out
+        assert time.monotonic() - started >= 0.9
+    finally:
+        await one.close()
+        await two.close()
+
+
+# ------------------------------------------------------------------------------------------
+# the shared cache and cross-replica coalescing
+
+
+async def test_coalescing_across_two_processes_gives_one_request(tmp_path: Path) -> None:
+    async with LastInfoSecSim(LisSimConfig(latency_s=1.0, known_share=1.0)) as lis:
+        assert lis.base_url is not None
+        prefix = f"test-{uuid.uuid4()}"
+        args = [[REDIS_URL, prefix, lis.base_url, "bad.example.com"] for _ in range(2)]
+        results = await asyncio.to_thread(children, "lookup", args, tmp_path)
+        assert [r["found"] for r in results] == [True, True]
+        assert lis.stats.total == 1
+        # One child asked LastInfoSec; the other waited for its answer.
+        assert sorted(r["stats"]["waits_answered"] for r in results) == [0, 1]
+
+
+async def test_the_shared_cache_survives_a_restart() -> None:
+    config = LisSimConfig(known_share=1.0, unknown_values={"nothing.example.org"})
+    async with LastInfoSecSim(config) as lis:
+        s = settings(REDIS_URL, LASTINFOSEC_BASE_URL=str(lis.base_url))
+        for _replica in range(2):  # the second one starts with an empty in-process cache
+            link = RedisLink(s)
+            shared = SharedAnswerCache(link, s.redis.lease_s, s.redis.coalesce_wait_s)
+            async with LastInfoSecClient(s.lastinfosec, trust_env=False, shared_cache=shared) as c:
+                found = await c.lookup_value("search_host", "bad.example.com")
+                assert found.found and found.bundles
+                not_found = await c.lookup_value("search_host", "nothing.example.org")
+            await link.close()
+            assert lis.stats.total == 2  # one found, one not found: asked once each
+        assert c.stats.shared_cache_hits == 2 and not not_found.found
+
+
+# ------------------------------------------------------------------------------------------
+# degradation, never loss
+
+
+async def test_redis_down_at_start_falls_back_and_recovers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="lis_async.cluster")
+    redis = PrivateRedis()
+    s = settings(redis.url, REDIS_PROBE_INTERVAL_S="0.1", REDIS_FALLBACK_RATE_SHARE="0.5")
+    link = RedisLink(s)
+    limiter = ClusterLimiter(link, 10)
+    maintain = asyncio.create_task(link.maintain())
+    try:
+        started = time.monotonic()
+        for _ in range(5):  # Redis is not running: the local fallback at 5/s serves
+            await limiter.acquire()
+        assert not link.shared and time.monotonic() - started < 2
+        assert limiter.granted_shared == 0
+        redis.start()
+        assert await poll(lambda: link.shared, 20)
+        await limiter.acquire()
+        assert limiter.granted_shared == 1
+    finally:
+        maintain.cancel()
+        await link.close()
+        redis.stop()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    infos = [r for r in caplog.records if "shared mode resumed" in r.getMessage()]
+    assert len(warnings) == 1 and len(infos) == 1  # one line per transition, not per acquire
+
+
+async def test_a_hung_redis_costs_one_bounded_timeout() -> None:
+    with PrivateRedis() as redis:
+        s = settings(redis.url, REDIS_TIMEOUT_S="0.2")
+        link = RedisLink(s)
+        limiter = ClusterLimiter(link, 1000)
+        shared = SharedAnswerCache(link, 10, 5)
+        try:
+            await limiter.acquire()
+            assert link.shared
+            redis.freeze()
+            started = time.monotonic()
+            await limiter.acquire()  # times out once, then the local fallback
+            assert await shared.get(("search_host", "x")) is None  # no call: fallback mode
+            assert await shared.claim_or_wait(("search_host", "x")) is None
+            for _ in range(20):
+                await limiter.acquire()
+            assert time.monotonic() - started < 1.5
+            assert not link.shared and link.stats.errors == 1
+        finally:
+            redis.thaw()
+            await link.close()
+
+
+def test_fallback_share_defaults_to_one_over_the_replicas_seen() -> None:
+    async def scenario() -> tuple[float, float]:
+        s = settings(REDIS_URL)
+        links = [RedisLink(s) for _ in range(4)]
+        try:
+            for link in links:
+                await link.register_replica()
+            await links[0].register_replica()
+            limiter = ClusterLimiter(links[0], 40)
+            explicit = ClusterLimiter(links[1], 40, fallback_share=0.5)
+            return limiter.fallback_share, explicit.fallback_share
+        finally:
+            for link in links:
+                await link.close()
+
+    auto, explicit = asyncio.run(scenario())
+    assert auto == pytest.approx(0.25) and explicit == 0.5
+
+
+# ------------------------------------------------------------------------------------------
+# secrets
+
+
+async def test_the_redis_password_never_shows(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    password = "r3dis-Pa55word"
+    with PrivateRedis(password=password) as redis:
+        good = settings(redis.url)
+        wrong = settings(redis.url.replace(password, password + "-wrong"))
+        assert password not in repr(good) and password not in str(good.summary())
+        link = RedisLink(good)
+        bad = RedisLink(wrong)
+        metrics = Metrics()
+        limiter = ClusterLimiter(bad, 10)
+        metrics.add_collector(ClusterCollector(bad, limiter, SharedAnswerCache(bad, 1, 1)))
+        try:
+            assert await link.check()
+            with pytest.raises(RuntimeError) as info:
+                await bad.check()
+            await limiter.acquire()  # fails over, logging a warning
+            texts = [str(info.value), bad.where, link.where, metrics.render().decode()]
+            texts += [r.getMessage() for r in caplog.records]
+        finally:
+            await link.close()
+            await bad.close()
+    assert not bad.shared
+    assert any("***" in t for t in texts)
+    for text in texts:
+        assert password not in text
