@@ -154,7 +154,7 @@ def start_worker_process(env: Mapping[str, str], log_path: Path | None = None) -
     full = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("OPENCTI_", "CONNECTOR_", "LASTINFOSEC_"))
+        if not k.startswith(("OPENCTI_", "CONNECTOR_", "LASTINFOSEC_", "REDIS_"))
     }
     full |= dict(env)
     if log_path is None:

@@ -98,7 +98,10 @@ class ClusterLimiter:
         if self._fallback is None or self._fallback[0] != share:
             rate = self._rate * share
             burst = max(1, round(self._capacity * share))
-            self._fallback = (share, SlidingWindowLimiter.per_second(rate, burst))
+            # The same margin as the shared window: several replicas' local windows add up at
+            # the API, each with its own jitter.
+            window_s = burst / rate * (1 + _MARGIN)
+            self._fallback = (share, SlidingWindowLimiter(burst, window_s))
         return self._fallback[1]
 
     async def acquire(self) -> None:

@@ -31,7 +31,7 @@ T = TypeVar("T")
 
 # A replica counts as alive while it refreshed its registry entry within this many seconds.
 REPLICA_TTL_S: Final = 30.0
-REGISTRY_INTERVAL_S: Final = 5.0
+REGISTRY_INTERVAL_S: Final = 1.0
 
 
 @dataclass(slots=True)
@@ -85,7 +85,16 @@ class RedisLink:
                 return await op()
         except (RedisError, TimeoutError, OSError) as exc:
             self._failed(what, exc)
+            await self._drop_connections()
             return None
+
+    async def _drop_connections(self) -> None:
+        """Forget every pooled connection: after a failure or a Redis restart they are dead,
+        and redis-py (no retries here) would fail the next command on each of them."""
+        try:
+            await self.client.connection_pool.disconnect()
+        except (RedisError, OSError) as exc:
+            log.debug("dropping Redis connections: %s", self.redact(str(exc)))
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.stats.errors += 1
@@ -110,6 +119,7 @@ class RedisLink:
             self.stats.errors += 1
             return False
         down_for = time.monotonic() - (self._down_since or time.monotonic())
+        await self._drop_connections()  # opened during the outage, maybe to the old server
         self.shared = True
         self._down_since = None
         self.stats.transitions += 1
