@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import threading
 import time
@@ -520,6 +521,240 @@ async def test_work_not_alive(sim: PlatformSim, http: aiohttp.ClientSession) -> 
     assert error_code(body) == "WORK_NOT_ALIVE"
 
 
+# The document the connector sends to follow a work (the double answers a superset).
+WORK_TRACKING = """query WorkTracking($id: ID!) { work(id: $id) {
+  id status tracking { import_expected_number import_processed_number } } }"""
+ISO_Z = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+
+
+async def work_answer(http: aiohttp.ClientSession, sim: PlatformSim, wid: str) -> Any:
+    status, body = await gql(http, sim, WORK_TRACKING, {"id": wid})
+    assert status == 200 and "errors" not in body, body
+    return body["data"]["work"]
+
+
+def tracking(node: dict[str, Any]) -> tuple[Any, Any]:
+    t = node["tracking"]
+    return t["import_expected_number"], t["import_processed_number"]
+
+
+async def test_work_query_follows_the_lifecycle(
+    sim: PlatformSim, http: aiohttp.ClientSession
+) -> None:
+    wid = sim.create_work("c5", "Enrichment (x)")
+    fresh = await work_answer(http, sim, wid)
+    assert fresh["id"] == wid and fresh["status"] == "wait" and fresh["name"] == "Enrichment (x)"
+    # the work's timestamp is the one in its id; running counters nobody wrote read null
+    assert fresh["timestamp"] == wid.removeprefix("work_c5_")
+    assert fresh["received_time"] is None and fresh["processed_time"] is None
+    assert fresh["completed_time"] is None and tracking(fresh) == (None, None)
+    assert fresh["messages"] == [] and fresh["errors"] == []
+    assert fresh["user"]["id"] == sim.config.connector_user_id
+
+    await gql(http, sim, TO_RECEIVED, {"id": wid, "message": "ready"})
+    received = await work_answer(http, sim, wid)
+    assert received["status"] == "progress" and re.fullmatch(ISO_Z, received["received_time"])
+    assert [m["message"] for m in received["messages"]] == ["ready"]
+    assert re.fullmatch(ISO_Z, received["messages"][0]["timestamp"])
+    assert tracking(received) == (None, None)
+
+    await gql(http, sim, ADD_EXPECTATIONS, {"id": wid, "expectations": 2})
+    assert tracking(await work_answer(http, sim, wid)) == (2, None)
+    await gql(http, sim, REPORT_EXPECTATION, {"id": wid, "error": {"error": "e", "source": "s"}})
+    reported = await work_answer(http, sim, wid)
+    assert reported["status"] == "progress" and tracking(reported) == (2, 1)
+    assert re.fullmatch(ISO_Z, reported["tracking"]["import_last_processed"])
+    assert [(e["message"], e["source"]) for e in reported["errors"]] == [("e", "s")]
+
+    await gql(http, sim, TO_PROCESSED, {"id": wid, "message": "done", "inError": False})
+    processed = await work_answer(http, sim, wid)
+    assert processed["status"] == "progress" and processed["processed_time"] is not None
+    assert processed["completed_time"] is None and tracking(processed) == (2, 1)
+
+    await gql(http, sim, REPORT_EXPECTATION, {"id": wid, "error": None})
+    done = await work_answer(http, sim, wid)
+    assert done["status"] == "complete" and re.fullmatch(ISO_Z, done["completed_time"])
+    assert tracking(done) == (2, 2) and done["completed_number"] == 2
+    assert [m["message"] for m in done["messages"]] == ["ready", "done"]
+
+    # a work that completed with nothing expected answers numbers, not nulls
+    wid0 = sim.create_work("c5")
+    sim.to_processed(wid0, "nothing to do")
+    assert tracking(await work_answer(http, sim, wid0)) == (0, 0)
+
+    # recorded like the other operations, under pycti's operation name
+    assert sim.calls["WorkQuery"] == 7
+    last = sim.requests[-1]
+    assert (last.operation, last.operation_name, last.variables) == (
+        "WorkQuery",
+        "WorkTracking",
+        {"id": wid0},
+    )
+
+
+async def test_work_query_unknown_or_killed_is_null(
+    sim: PlatformSim, http: aiohttp.ClientSession
+) -> None:
+    unknown = "work_c6_2025-01-01T00:00:00.000Z"
+    status, body = await gql(http, sim, WORK_TRACKING, {"id": unknown})
+    assert (status, body) == (200, {"data": {"work": None}})
+    wid = sim.create_work("c6")
+    sim.add_expectations(wid, 1)
+    assert (await work_answer(http, sim, wid))["status"] == "wait"
+    sim.kill_work(wid)
+    status, body = await gql(http, sim, WORK_TRACKING, {"id": wid})
+    assert (status, body) == (200, {"data": {"work": None}})  # null, not WORK_NOT_ALIVE
+    assert [r.outcome for r in sim.requests] == ["ok", "ok", "ok"]
+
+
+async def test_work_query_faults(sim: PlatformSim, http: aiohttp.ClientSession) -> None:
+    wid = sim.create_work("c7")
+    sim.config.outage = True
+    status, _ = await gql(http, sim, WORK_TRACKING, {"id": wid})
+    assert status == 503 and sim.requests[-1].outcome == "http_503"
+    sim.config.outage = False
+    sim.config.error_rate = 1.0  # default scope: work mutations only, not this query
+    assert (await work_answer(http, sim, wid))["id"] == wid
+    sim.config.error_scope = "all"
+    status, body = await gql(http, sim, WORK_TRACKING, {"id": wid})
+    assert status == 200 and error_code(body) == "DATABASE_ERROR"
+    assert sim.requests[-1].outcome == "DATABASE_ERROR"
+    assert sim.calls["WorkQuery"] == 3
+
+
+async def test_pycti_get_work(sim: PlatformSim) -> None:
+    """pycti's get_work selection is answered in full; wait_for_work_to_finish returns."""
+    from pycti import OpenCTIApiClient
+
+    api = await asyncio.to_thread(OpenCTIApiClient, sim.base_url, sim.config.token, "error")
+    wid = sim.create_work("c8", "Enrichment")
+    sim.to_received(wid, "ready")
+    sim.add_expectations(wid, 1)
+    work = await asyncio.to_thread(api.work.get_work, wid)
+    assert set(work) >= {
+        "id", "name", "user", "timestamp", "status", "event_source_id", "received_time",
+        "processed_time", "completed_time", "tracking", "messages", "errors",
+    }  # fmt: skip
+    assert work["status"] == "progress" and work["user"]["name"]
+    assert set(work["messages"][0]) >= {"timestamp", "message", "sequence", "source"}
+    sim.report_expectation(wid)
+    assert await asyncio.to_thread(api.work.wait_for_work_to_finish, wid) is None
+    assert sim.requests[-1].operation_name == "WorkQuery"
+    sim.kill_work(wid)
+    assert await asyncio.to_thread(api.work.get_work, wid) is None
+
+
+async def test_completion_rule_without_to_processed(sim: PlatformSim) -> None:
+    """docs/protocol.md §6.2: complete as soon as processed >= expected, on a report too."""
+    wid = sim.create_work("c9")
+    sim.to_received(wid)
+    sim.add_expectations(wid, 2)
+    sim.report_expectation(wid)
+    assert sim.works[wid].status == "progress"
+    sim.report_expectation(wid)
+    w = sim.works[wid]
+    assert w.status == "complete" and w.processed_time is None and w.completed_time is not None
+    # a report before any addExpectations completes the work at once (processed 1 >= 0)
+    early = sim.create_work("c9")
+    sim.to_received(early)
+    sim.report_expectation(early)
+    assert sim.works[early].status == "complete"
+    # a complete work stays complete when more expectations come
+    sim.add_expectations(early, 3)
+    assert sim.works[early].status == "complete"
+
+
+async def test_multipart_work_completes_after_to_processed(
+    sim: PlatformSim, http: aiohttp.ClientSession
+) -> None:
+    _, body = await gql(
+        http,
+        sim,
+        """mutation workAdd($connectorId: String!, $friendlyName: String,
+             $isMultiPartWork: Boolean) { workAdd(connectorId: $connectorId,
+             friendlyName: $friendlyName, isMultiPartWork: $isMultiPartWork) { id } }""",
+        {"connectorId": "c10", "friendlyName": "multi", "isMultiPartWork": True},
+    )
+    wid = body["data"]["workAdd"]["id"]
+    w = sim.works[wid]
+    assert w.multipart and w.name == "multi"
+    sim.add_expectations(wid, 1)
+    sim.report_expectation(wid)
+    assert w.status == "wait"  # all reported, but toProcessed has not come
+    sim.add_expectations(wid, 1)
+    sim.to_processed(wid, "sent")
+    assert w.status == "wait"  # processed 1 < expected 2
+    sim.report_expectation(wid)
+    assert w.status == "complete"
+
+
+async def test_history_and_early_completion(sim: PlatformSim) -> None:
+    # toProcessed with 0 expectations, then the imports: complete before its objects
+    early = sim.create_work("c11")
+    sim.to_received(early, "ready")
+    sim.to_processed(early, "2 bundles sent")
+    sim.report_expectation(early)
+    sim.report_expectation(early)
+    w = sim.works[early]
+    assert [s[1:] for s in w.history] == [
+        ("wait", 0, 0),
+        ("progress", 0, 0),
+        ("complete", 0, 0),
+        ("complete", 0, 1),
+        ("complete", 0, 2),
+    ]
+    assert [s.time for s in w.history] == sorted(s.time for s in w.history)
+
+    # addExpectations before publishing: never complete before the last import
+    proper = sim.create_work("c11")
+    sim.to_received(proper, "ready")
+    sim.add_expectations(proper, 2)
+    sim.report_expectation(proper)
+    sim.report_expectation(proper)
+    sim.to_processed(proper, "2 bundles sent")
+    assert [s[1:] for s in sim.works[proper].history] == [
+        ("wait", 0, 0),
+        ("progress", 0, 0),
+        ("progress", 2, 0),
+        ("progress", 2, 1),
+        ("complete", 2, 2),
+    ]
+
+    [found] = sim.early_completions()
+    assert found.work_id == early and found.imported == 2
+    assert (found.state.status, found.state.expected, found.state.processed) == ("complete", 0, 0)
+    assert found.history == tuple(w.history)
+    text = str(found)
+    assert early in text and "0 expected and 0 processed" in text and "2 object(s)" in text
+    assert "complete 0/0" in text and "complete 2/0" in text  # processed/expected
+    assert sim.early_completions([proper]) == []
+    with pytest.raises(KeyError):
+        sim.early_completions(["work_nope_2025-01-01T00:00:00.000Z"])
+
+
+async def test_early_completion_counts_and_long_history(sim: PlatformSim) -> None:
+    # a re-imported object is a third report: flagged unless the distinct imports are given
+    dup = sim.create_work("c12")
+    sim.add_expectations(dup, 2)
+    for _ in range(3):
+        sim.report_expectation(dup)
+    [flagged] = sim.early_completions([dup])
+    assert (flagged.state.expected, flagged.state.processed, flagged.imported) == (2, 2, 3)
+    assert sim.early_completions([dup], imported={dup: 2}) == []
+    # and a missing addExpectations is found with the worker's count too
+    assert sim.early_completions([dup], imported={dup: 5})[0].imported == 5
+
+    long = sim.create_work("c12")
+    sim.to_processed(long)
+    for _ in range(20):
+        sim.report_expectation(long)
+    [entry] = sim.early_completions([long])
+    assert len(entry.history) == 22
+    assert "... 11 more ..." in entry.trail() and entry.trail().endswith(
+        f"complete 20/0 @+{entry.history[-1].time - entry.history[0].time:.3f}s"
+    )
+
+
 # ------------------------------------------------------------------------------ auth / faults
 
 
@@ -864,6 +1099,7 @@ async def test_pycti_connector_helper_end_to_end(sim: PlatformSim) -> None:
         assert await sim.wait_until(lambda: work.processed_time is not None, timeout=10)
         assert work.expected == 2 and work.processed == 2 and not work.in_error
         assert work.messages == ["Connector ready to process the operation", "2 bundles sent"]
+        assert sim.early_completions([work_id]) == []  # pycti adds expectations first
         assert seen["data"]["enrichment_entity"]["standard_id"] == DOMAIN_ENTITY["id"]
         assert seen["data"]["stix_entity"]["x_opencti_score"] == 50
 

@@ -11,7 +11,9 @@ to (see docs/protocol.md §10):
 * Bearer token check (``AUTH_REQUIRED`` as HTTP 200 GraphQL error, like the platform).
 * Connector registration / heartbeat, with the platform's queue topology really declared on
   RabbitMQ (aio-pika) on every ``registerConnector`` and ``pingConnector``.
-* Works (jobs) with the platform's expectation accounting and ``WORK_NOT_ALIVE``.
+* Works (jobs) with the platform's expectation accounting and ``WORK_NOT_ALIVE``, the ``work``
+  query, and a history of every work's states (``Work.history``,
+  ``PlatformSim.early_completions``).
 * An entity store answering ``stixCyberObservable`` / ``stixCoreObject`` in pycti's shape.
 * ``playbookStepExecution`` recording and validation, ``stixBundlePush`` forwarding.
 * Fault knobs: latency, error rate, outage (HTTP 503), refused connections, and an older
@@ -20,8 +22,8 @@ to (see docs/protocol.md §10):
 Call counters (``PlatformSim.calls``) use *canonical* operation names, i.e. the operation names
 pycti uses (``healthCheck``, ``RegisterConnector``, ``PingConnector``, ``StixCyberObservable``,
 ``workToReceived``, ``addExpectations``, ``reportExpectation``, ``workToProcessed``, ``pingWork``,
-``PlaybookStepExecution`` …) whatever name the client gave its operation, so that pycti and
-lis_async runs can be compared. The name the client sent is kept in
+``WorkQuery``, ``PlaybookStepExecution`` …) whatever name the client gave its operation, so that
+pycti and lis_async runs can be compared. The name the client sent is kept in
 ``RecordedRequest.operation_name``.
 
 Dependencies: aiohttp, aio-pika and orjson always; ``stix2`` when a playbook bundle is checked;
@@ -37,7 +39,7 @@ Modules:
 * ``graphql``: query classification, selected fields, the emulated-schema check, handler types;
 * ``endpoint``: the ``POST /graphql`` pipeline (record, outage, latency, validation, auth,
   injected errors, dispatch);
-* ``works``: work lifecycle, expectations, ``wait_works``;
+* ``works``: work lifecycle, expectations, the ``work`` query, ``wait_works``, early completions;
 * ``connectors``: registration, heartbeat, state, the ``Connector`` answer;
 * ``queues``: queue names and the RabbitMQ declarations with the platform's arguments;
 * ``entities`` / ``nodes``: the entity store and reads / how a STIX entity renders as a node;
@@ -56,6 +58,7 @@ from lis_async.sim.opencti.config import (
     PlatformSimConfig,
     RecordedRequest,
     Work,
+    WorkState,
 )
 from lis_async.sim.opencti.errors import (
     WORK_NOT_ALIVE_MESSAGE,
@@ -67,6 +70,7 @@ from lis_async.sim.opencti.errors import (
 from lis_async.sim.opencti.graphql import WORK_MUTATIONS, classify_query
 from lis_async.sim.opencti.nodes import STIX_EXT_OCTI, STIX_EXT_OCTI_SCO, TLP_MARKINGS
 from lis_async.sim.opencti.server import PlatformSim
+from lis_async.sim.opencti.works import EarlyCompletion
 
 __all__ = [
     "STIX_EXT_OCTI",
@@ -75,6 +79,7 @@ __all__ = [
     "WORK_MUTATIONS",
     "WORK_NOT_ALIVE_MESSAGE",
     "ConnectorRecord",
+    "EarlyCompletion",
     "GraphQLValidationFailed",
     "PlatformSim",
     "PlatformSimConfig",
@@ -83,5 +88,6 @@ __all__ = [
     "SimGraphQLError",
     "Work",
     "WorkNotAlive",
+    "WorkState",
     "classify_query",
 ]

@@ -1,17 +1,17 @@
 """Configuration and data records of the simulated OpenCTI platform.
 
 :class:`PlatformSimConfig` holds the knobs (runtime-mutable: the parts read them on every
-request); :class:`Work`, :class:`ConnectorRecord` and :class:`RecordedRequest` are what the
-simulator stores and what tests assert on.
+request); :class:`Work` (with its :class:`WorkState` history), :class:`ConnectorRecord` and
+:class:`RecordedRequest` are what the simulator stores and what tests assert on.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-__all__ = ["ConnectorRecord", "PlatformSimConfig", "RecordedRequest", "Work"]
+__all__ = ["ConnectorRecord", "PlatformSimConfig", "RecordedRequest", "Work", "WorkState"]
 
 
 @dataclass
@@ -72,6 +72,15 @@ def _is_field_coordinate(text: str) -> bool:
     return bool(dot and type_name.isidentifier() and field_name.isidentifier())
 
 
+class WorkState(NamedTuple):
+    """One entry of :attr:`Work.history`: the work's status and counts from ``time`` on."""
+
+    time: float
+    status: str
+    expected: int
+    processed: int
+
+
 @dataclass
 class Work:
     """A work (job) as the platform tracks it, plus extras for assertions."""
@@ -80,24 +89,45 @@ class Work:
     connector_id: str
     name: str
     status: str = "wait"
+    #: ``import_expected_number``: the sum of every ``addExpectations``
     expected: int = 0
+    #: ``import_processed_number``: one per ``reportExpectation``
     processed: int = 0
     in_error: bool = False
     messages: list[str] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
     received_time: float | None = None
     processed_time: float | None = None
+    #: when the work first became complete
     completed_time: float | None = None
     created_time: float = field(default_factory=time.time)
+    #: ``workAdd(isMultiPartWork: true)``: reports alone never complete it, ``toProcessed`` must
+    #: have come first
+    multipart: bool = False
     # extras (not in the platform's Work type, useful for assertions)
     updated_time: float | None = None
     pings: int = 0
     draft_context: str | None = None
     killed: bool = False
+    #: ``addExpectations`` calls (the worker's splits included)
+    expectation_calls: int = 0
+    #: time of the last ``reportExpectation``
+    last_report_time: float | None = None
+    #: when each entry of ``messages`` was added
+    message_times: list[float] = field(default_factory=list)
+    #: every change of status, expected or processed count, oldest first (the first entry is
+    #: the work's creation)
+    history: list[WorkState] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
         return self.status == "complete"
+
+    def record_state(self, now: float) -> None:
+        """Append the current state to :attr:`history` if it differs from the last entry."""
+        state = WorkState(now, self.status, self.expected, self.processed)
+        if not self.history or self.history[-1][1:] != state[1:]:
+            self.history.append(state)
 
 
 @dataclass

@@ -48,6 +48,7 @@ _ROOT_CANONICAL: dict[str, str] = {
     "playbookStepExecution": "PlaybookStepExecution",
     "workAdd": "workAdd",
     "isWorkAlive": "isWorkAlive",
+    "work": "WorkQuery",
     "stixBundlePush": "StixBundlePush",
 }
 _WORK_CANONICAL: dict[str, str] = {

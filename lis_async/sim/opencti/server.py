@@ -16,7 +16,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -31,7 +31,7 @@ from lis_async.sim.opencti.entities import EntityStore
 from lis_async.sim.opencti.faults import FaultInjector
 from lis_async.sim.opencti.graphql import Handler, RequestContext
 from lis_async.sim.opencti.queues import BrokerQueues
-from lis_async.sim.opencti.works import WorkTracker
+from lis_async.sim.opencti.works import EarlyCompletion, WorkTracker
 
 __all__ = ["HttpListener", "PlatformSim"]
 
@@ -91,7 +91,7 @@ class PlatformSim:
         self._changes = ChangeNotifier()
         self._faults = FaultInjector(cfg)
         self._broker = BrokerQueues(cfg)
-        self._works = WorkTracker(self._changes)
+        self._works = WorkTracker(self._changes, cfg)
         self._connectors = ConnectorRegistry(cfg, self._broker, self._changes)
         self._store = EntityStore()
         self._intake = BundleIntake(cfg, self._connectors, self._works, self._broker, self._changes)
@@ -222,9 +222,11 @@ class PlatformSim:
 
     # ---------------------------------------------------------------- works
 
-    def create_work(self, connector_id: str, name: str = "Enrichment") -> str:
+    def create_work(
+        self, connector_id: str, name: str = "Enrichment", multipart: bool = False
+    ) -> str:
         """Create a work like the platform before publishing a job; return its id."""
-        return self._works.create(connector_id, name)
+        return self._works.create(connector_id, name, multipart)
 
     def add_expectations(self, work_id: str, n: int) -> None:
         self._works.add_expectations(work_id, n)
@@ -247,6 +249,18 @@ class PlatformSim:
 
     def works_by_status(self) -> dict[str, int]:
         return self._works.by_status()
+
+    def early_completions(
+        self, work_ids: Iterable[str] | None = None, imported: Mapping[str, int] | None = None
+    ) -> list[EarlyCompletion]:
+        """Works ever seen complete while they expected fewer objects than were finally imported.
+
+        The "work reads complete before its objects are imported" defect, found in each work's
+        ``history``. ``work_ids`` defaults to every work; ``imported`` (objects finally imported
+        per work, e.g. counted by the worker emulation) defaults to each work's final processed
+        count. ``str()`` of an entry explains it, history included.
+        """
+        return self._works.early_completions(work_ids, imported)
 
     # ---------------------------------------------------------------- connectors and queues
 
