@@ -136,6 +136,12 @@ class App:
     async def start(self) -> None:
         s = self.settings
         log.info("starting lis-async with %s", s.summary())
+        if "retries" in s.lastinfosec.model_fields_set:
+            log.warning(
+                "LASTINFOSEC_RETRIES (lastinfosec.retries) is no longer used: transient "
+                "LastInfoSec failures are retried for LASTINFOSEC_RETRY_BUDGET_S (%g s)",
+                s.lastinfosec.retry_budget_s,
+            )
         self.registration = reg = await self._register()
         log.info(
             "registered connector %s (%s): listen=%s push=%s rabbitmq=%s:%d",

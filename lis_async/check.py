@@ -82,7 +82,7 @@ async def _check_lastinfosec(settings: Settings, report: Report) -> None:
         granted_refs=None,
         stix=MappingProxyType({}),
     )
-    once = settings.lastinfosec.model_copy(update={"retries": 0, "cache_size": 0})
+    once = settings.lastinfosec.model_copy(update={"retry_budget_s": 0, "cache_size": 0})
     client = LastInfoSecClient(once, proxy=settings.lastinfosec_proxy)
     base = settings.lastinfosec.base_url
     try:

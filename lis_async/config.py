@@ -170,7 +170,14 @@ class LastInfoSecSettings(_Section):
     base_url: str = "https://api.client.lastinfosec.com/v2"
     endpoint_style: Literal["search_hash_host", "search"] = "search_hash_host"
     timeout_s: float = Field(30.0, gt=0)
+    # Superseded by retry_budget_s (transient failures are retried by time, not by count):
+    # still read, so existing deployments start, and a start-up warning says it is unused.
     retries: int = Field(5, ge=0, le=100)
+    # How long one job waits out transient LastInfoSec failures (5xx, 429, timeouts, connection
+    # errors), unacknowledged, before its work ends in error. Below RabbitMQ's default 30-minute
+    # consumer_timeout, which a job must never reach.
+    retry_budget_s: float = Field(600.0, ge=0, le=1500)
+    outage_probe_s: float = Field(1.0, gt=0, le=60, description="while LastInfoSec is down")
     backoff_base_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
     concurrency: int = Field(16, ge=1, le=1024)

@@ -37,6 +37,7 @@ from lis_async.errors import (
 from lis_async.job import Observable
 from lis_async.lastinfosec.cache import AnswerCache, CachedAnswer, CacheKey, SharedCache
 from lis_async.lastinfosec.limiter import RateLimiter, SlidingWindowLimiter
+from lis_async.lastinfosec.outage import OutageGate
 from lis_async.lastinfosec.wire import (
     ENDPOINTS,
     error_detail,
@@ -145,6 +146,7 @@ class LastInfoSecClient:
             s.rate_per_s, s.rate_burst
         )
         self._shared = shared_cache
+        self._outage = OutageGate(s.outage_probe_s)
         cache_on = s.cache_size > 0 and (s.cache_ttl_s > 0 or s.cache_negative_ttl_s > 0)
         self._cache = AnswerCache(s.cache_size, clock) if cache_on else None
         self._inflight: dict[CacheKey, asyncio.Task[LookupResult]] = {}
@@ -320,40 +322,89 @@ class LastInfoSecClient:
     # ---- HTTP --------------------------------------------------------------------------
 
     async def _request(self, endpoint: str, value: str) -> LookupResult:
+        """The lookup's HTTP exchanges: transient failures (5xx, 429, timeouts, connection
+        errors) are retried for up to ``retry_budget_s``, waiting an outage out with the whole
+        client (:class:`~lis_async.lastinfosec.outage.OutageGate`); then the job gives up."""
         seg = "" if endpoint == "search" else path_segment(value)
         url = URL(self._prefix[endpoint] + seg + self._qs, encoded=True)
         body = orjson.dumps({"value": value}) if endpoint == "search" else None
-        attempts_allowed = self._settings.retries + 1
+        started = time.monotonic()
+        deadline = started + self._settings.retry_budget_s
+        gate = self._outage
         attempt = 0
         while True:
             attempt += 1
-            await self._wait_pause()
-            await self._limiter.acquire()
+            probe = await self._admit(gate, deadline, endpoint, attempt, started)
             try:
-                async with self._sem:
-                    if self._resume_at > asyncio.get_running_loop().time():
-                        await self._wait_pause()  # a 429 arrived while this one was queued
-                    return await self._attempt(url, body, endpoint, value, seg)
+                result = await self._limited_attempt(url, body, endpoint, value, seg)
             except _Transient as failure:
-                if attempt >= attempts_allowed:
-                    raise LisRetriesExhausted(
-                        f"LastInfoSec {endpoint} lookup failed after {attempt} attempt"
-                        f"{'s' if attempt > 1 else ''}; last cause: {failure.cause}",
-                        attempts=attempt,
-                        status=failure.status,
-                    ) from None
-                await self._before_retry(failure, endpoint, attempt, attempts_allowed)
+                if not failure.throttled:
+                    await gate.failed(failure.cause)
+                else:  # a 429 is an answer: LastInfoSec is up, only busy
+                    gate.last_answer = time.monotonic()
+                    if probe or gate.down:
+                        await gate.answered()
+                if time.monotonic() >= deadline:
+                    raise self._exhausted(endpoint, attempt, started, failure) from None
+                await self._before_retry(failure, endpoint, attempt)
+                continue
+            except LisError:
+                await gate.answered()  # an answer, even a bad one: LastInfoSec is up
+                raise
+            except BaseException:
+                if probe:
+                    await gate.release()
+                raise
+            gate.last_answer = time.monotonic()
+            if probe or gate.down:
+                await gate.answered()
+            return result
 
-    async def _before_retry(
-        self, failure: _Transient, endpoint: str, attempt: int, attempts_allowed: int
-    ) -> None:
+    async def _admit(
+        self, gate: OutageGate, deadline: float, endpoint: str, attempt: int, started: float
+    ) -> bool:
+        """The outage gate, within this lookup's budget."""
+        if not gate.down:
+            return False
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await gate.admit()
+        except TimeoutError:
+            raise self._exhausted(endpoint, attempt - 1, started, None) from None
+
+    async def _limited_attempt(
+        self, url: URL, body: bytes | None, endpoint: str, value: str, seg: str
+    ) -> LookupResult:
+        await self._wait_pause()
+        await self._limiter.acquire()
+        async with self._sem:
+            if self._resume_at > asyncio.get_running_loop().time():
+                await self._wait_pause()  # a 429 arrived while this one was queued
+            return await self._attempt(url, body, endpoint, value, seg)
+
+    def _exhausted(
+        self, endpoint: str, attempts: int, started: float, failure: _Transient | None
+    ) -> LisRetriesExhausted:
+        gate = self._outage
+        cause = failure.cause if failure is not None else gate.cause or "LastInfoSec down"
+        outage = f"; LastInfoSec down for {gate.down_for_s():.0f} s" if gate.down else ""
+        return LisRetriesExhausted(
+            f"LastInfoSec {endpoint} lookup gave up after "
+            f"{time.monotonic() - started:.0f} s (budget {self._settings.retry_budget_s:g} s, "
+            f"{attempts} attempt{'s' if attempts != 1 else ''}{outage}); last cause: {cause}",
+            attempts=attempts,
+            status=failure.status if failure is not None else None,
+        )
+
+    async def _before_retry(self, failure: _Transient, endpoint: str, attempt: int) -> None:
         self.stats.retries += 1
+        if self._outage.down and not failure.throttled:
+            return  # the outage gate spaces the probes; it logged the outage once
         delay = self._retry_delay_s(failure, attempt)
         logger.warning(
-            "LastInfoSec %s attempt %d/%d failed (%s); retrying in %.2f s%s",
+            "LastInfoSec %s attempt %d failed (%s); retrying in %.2f s%s",
             endpoint,
             attempt,
-            attempts_allowed,
             failure.cause,
             delay,
             " (whole client paused)" if failure.throttled else "",

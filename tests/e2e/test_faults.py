@@ -288,7 +288,7 @@ async def test_broker_side_connection_close_mid_run_loses_nothing() -> None:
 # 3. LastInfoSec throttling and errors
 
 LIS_RETRY_ENV = {
-    "LASTINFOSEC_RETRIES": "20",
+    "LASTINFOSEC_RETRY_BUDGET_S": "120",
     "LASTINFOSEC_BACKOFF_BASE_S": "0.1",
     "LASTINFOSEC_BACKOFF_MAX_S": "2",  # >= Retry-After: the header is honoured, not capped
     "LASTINFOSEC_CONCURRENCY": "16",
@@ -351,7 +351,7 @@ async def test_5xx_timeouts_and_refused_connections_are_retried() -> None:
     env = LIS_RETRY_ENV | {
         "LASTINFOSEC_TIMEOUT_S": "0.5",
         "LASTINFOSEC_BACKOFF_MAX_S": "0.5",
-        "LASTINFOSEC_RETRIES": "10",
+        "LASTINFOSEC_RETRY_BUDGET_S": "120",
     }
     lis = LisSimConfig(
         latency_s=0.01,
@@ -396,7 +396,7 @@ LIS_KEY = "lis-KEY-5ec2e7-do-not-log"
 async def test_after_the_retry_budget_the_work_ends_in_error_with_a_redacted_message(
     fault: str,
 ) -> None:
-    env = {"LASTINFOSEC_RETRIES": "2", "LASTINFOSEC_TIMEOUT_S": "0.3"}
+    env = {"LASTINFOSEC_RETRY_BUDGET_S": "1", "LASTINFOSEC_TIMEOUT_S": "0.3"}
     lis = LisSimConfig(
         api_key=LIS_KEY,
         error_rate=1.0 if fault == "http-500" else 0.0,
@@ -423,8 +423,9 @@ async def test_after_the_retry_budget_the_work_ends_in_error_with_a_redacted_mes
                 assert w.in_error, w
                 (error,) = [e["message"] for e in w.errors]
                 assert error.startswith(
-                    "LastInfoSec lookup failed: LastInfoSec search_host lookup failed after 3 attempts; last cause: "
+                    "LastInfoSec lookup failed: LastInfoSec search_host lookup gave up after "
                 ), error
+                assert "(budget 1 s, " in error and "; last cause: " in error, error
                 assert expected_cause in error, error
                 assert LIS_KEY not in error and "api_key=" not in error
             assert run.app.consumer is not None and run.app.consumer.accepting  # not fatal

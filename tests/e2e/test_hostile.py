@@ -240,7 +240,7 @@ async def test_bad_lastinfosec_answers_fail_the_work_cleanly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="lis_async")
-    env = {"LASTINFOSEC_MAX_ANSWER_BYTES": str(CAP), "LASTINFOSEC_RETRIES": "1"}
+    env = {"LASTINFOSEC_MAX_ANSWER_BYTES": str(CAP), "LASTINFOSEC_RETRY_BUDGET_S": "1"}
     lis = LisSimConfig(api_key=LIS_KEY)
     async with world_with_worker(env=env, lis=lis, producer_options=QUIET_PRODUCER) as run:
         world, app = run.world, run.app

@@ -50,7 +50,7 @@ def _with_markings(world: SimWorld, i: int, *tlps: str) -> ProducedJob:
 async def test_secrets_never_leak_and_tlp_policy_holds(caplog: pytest.LogCaptureFixture) -> None:
     for name in LOGGERS:
         caplog.set_level(logging.DEBUG, logger=name or None)
-    env = {"CONNECTOR_LOG_LEVEL": "debug", "LASTINFOSEC_RETRIES": "1"}
+    env = {"CONNECTOR_LOG_LEVEL": "debug", "LASTINFOSEC_RETRY_BUDGET_S": "0"}  # one attempt
     lis = LisSimConfig(api_key=LIS_KEY, known_share=0.8, bundle_size=5, error_rate=0.3, seed=11)
     platform = PlatformSimConfig(token=OPENCTI_TOKEN)
     async with world_with_worker(

@@ -1,0 +1,112 @@
+"""LastInfoSec's health as the whole client sees it: an outage is waited out together.
+
+LastInfoSec is *down* once requests fail transiently (5xx, timeout, connection error) and
+nothing answered for ``outage_after_s`` (so a flaky but living API, say 20 % of 5xx, never
+counts as down: its failures are retried one by one, with back-off). While it is down no
+lookup sends anything but one *probe* at a time, every ``lastinfosec.outage_probe_s``: the
+first waiter takes the probe turn, the others wait. The first answer marks it *up* again and
+every waiter goes at once: an outage costs LastInfoSec one request per probe interval, not one
+per job, and the lookups resume within about one probe interval of its return. One WARNING
+when it goes, one INFO when it is back. Each job bounds its own wait
+(``lastinfosec.retry_budget_s``, in the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Final
+
+log: Final = logging.getLogger("lis_async.lastinfosec")
+
+
+class OutageGate:
+    """Admission to LastInfoSec while it is down (see the module docstring)."""
+
+    def __init__(self, probe_interval_s: float, outage_after_s: float = 1.0) -> None:
+        self._interval = probe_interval_s
+        self._after = outage_after_s
+        self._cond: asyncio.Condition | None = None  # made on first use, in the loop
+        self.last_answer = time.monotonic()  # set by the client on every answer
+        self.down_since: float | None = None
+        self.cause = ""
+        self._probing = False
+        self._next_probe = 0.0
+        self.outages = 0
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    async def admit(self) -> bool:
+        """Return at once while up (False). While down, return when it is this caller's turn
+        to probe (True): it must then call :meth:`failed` or :meth:`answered`."""
+        if self.down_since is None:
+            return False
+        cond = self._condition()
+        async with cond:
+            while self.down_since is not None and self._probing:
+                await cond.wait()
+            if self.down_since is None:
+                return False
+            self._probing = True
+            delay = self._next_probe - time.monotonic()
+        if delay > 0:
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                await self.release()
+                raise
+        return True
+
+    async def failed(self, cause: str) -> None:
+        """A request failed transiently: an outage starts when nothing answered lately."""
+        now = time.monotonic()
+        cond = self._condition()
+        async with cond:
+            if self.down_since is None and now - self.last_answer >= self._after:
+                self.down_since = now
+                self.outages += 1
+                log.warning(
+                    "LastInfoSec unreachable (%s): lookups wait, one probe every %.1f s",
+                    cause,
+                    self._interval,
+                )
+            if self.down_since is not None:
+                self.cause = cause
+                self._next_probe = now + self._interval
+            self._probing = False
+            cond.notify_all()
+
+    async def answered(self) -> None:
+        """LastInfoSec answered (called only while down or after a probe): it is up."""
+        now = time.monotonic()
+        self.last_answer = now
+        cond = self._condition()
+        async with cond:
+            if self.down_since is not None:
+                log.info(
+                    "LastInfoSec answers again after %.1f s of outage (last cause: %s)",
+                    now - self.down_since,
+                    self.cause,
+                )
+                self.down_since = None
+            self._probing = False
+            cond.notify_all()
+
+    async def release(self) -> None:
+        """A probe turn that sent nothing (cancelled): the next waiter takes it."""
+        cond = self._condition()
+        async with cond:
+            self._probing = False
+            cond.notify_all()
+
+    def down_for_s(self) -> float:
+        since = self.down_since
+        return 0.0 if since is None else time.monotonic() - since
