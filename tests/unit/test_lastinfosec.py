@@ -575,7 +575,7 @@ async def test_timeout_retried() -> None:
             res = await client.lookup(domain("evil.example"))
             assert res.found
             m.get(HOST_RE, exception=TimeoutError(), repeat=True)
-            with pytest.raises(LisRetriesExhausted, match="attempts.*; last cause: timeout"):
+            with pytest.raises(LisRetriesExhausted, match=r"attempts.*; last cause: timeout"):
                 await client.lookup(domain("other.example"))
     assert client.stats.timeouts >= 3
 
