@@ -68,6 +68,13 @@ def _blank_to_none(v: Any) -> Any:
     return v
 
 
+def is_set(value: Any) -> bool:
+    """The one rule for both sources: an empty value (``KEY=`` in the environment, ``key:`` or
+    ``key: ''`` in YAML, or only spaces) means "not set", and the next source or the default
+    applies."""
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
 Bool = Annotated[bool, BeforeValidator(_to_bool)]
 OptStr = Annotated[str | None, BeforeValidator(_blank_to_none)]
 
@@ -308,20 +315,20 @@ def _merge(src: _Sources) -> dict[str, dict[str, Any]]:
         block = src.yaml_data.get(section)
         if isinstance(block, Mapping):
             for key, val in block.items():
-                if val is not None:
+                if is_set(val):
                     raw[section][str(key)] = val
     for (lsec, lkey), (sec, key) in LEGACY_YAML.items():
         block = src.yaml_data.get(lsec)
-        if isinstance(block, Mapping) and block.get(lkey) is not None:
+        if isinstance(block, Mapping) and is_set(block.get(lkey)):
             raw[sec].setdefault(key, block[lkey])
-    # Environment wins; the conventional name wins over a legacy alias.
+    # Environment wins; the conventional name wins over a legacy alias. Empty = not set.
     for legacy, (sec, key) in LEGACY_ENV.items():
-        if legacy in src.env:
+        if is_set(src.env.get(legacy)):
             raw[sec][key] = src.env[legacy]
     for section in _SECTIONS:
         for key in _keys(section):
             name = env_name(section, key)
-            if name in src.env:
+            if is_set(src.env.get(name)):
                 raw[section][key] = src.env[name]
     return raw
 
