@@ -126,6 +126,8 @@ class ConnectorSettings(_Section):
     health_port: int = Field(9096, ge=0, le=65535, description="0 disables /healthz")
     heartbeat_interval_s: float = Field(40.0, ge=1, le=240)
     platform_retry_max_s: float = Field(60.0, gt=0)
+    # pycti's CONNECTOR_ENRICHMENT_RESOLUTION: what jobs carry (docs/protocol.md §3.5).
+    enrichment_resolution: Literal["none", "stix_bundle", "deferred"] = "none"
 
     @field_validator("id")
     @classmethod
@@ -162,6 +164,11 @@ class ConnectorSettings(_Section):
         if not out:
             raise ValueError("must name at least one of " + ", ".join(SUPPORTED_TYPES))
         return tuple(out)
+
+    @field_validator("enrichment_resolution", mode="before")
+    @classmethod
+    def _resolution(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -40,12 +40,15 @@ from lis_async.job import PlaybookContext
 log = logging.getLogger("lis_async.platform")
 T = TypeVar("T")
 
+# The oldest OpenCTI whose schema knows every field this connector sends and selects
+# (docs/protocol.md §2.1); pyproject.toml's pycti floor is the same version.
+OPENCTI_FLOOR: Final = "6.8.9"
+
+# Only what the connector reads (docs/protocol.md §2.1): an older schema answers any field it
+# lacks with GRAPHQL_VALIDATION_FAILED, and nothing runs.
 Q_REGISTER: Final = """
     mutation RegisterConnector($input: RegisterConnectorInput) {
         registerConnector(input: $input) {
-            id
-            connector_state
-            jwks
             connector_user_id
             config {
                 connection { host vhost use_ssl port user pass }
@@ -117,6 +120,11 @@ CONNECTOR_INFO: Final = {
     "last_run_datetime": None,
 }
 _FATAL_CODES: Final = frozenset({"AUTH_FAILURE", "AUTH_REQUIRED", "FORBIDDEN_ACCESS"})
+# The document or its variables do not fit the platform's schema: the same request can never
+# succeed, so it is not retried (docs/protocol.md §8.4).
+_SCHEMA_CODES: Final = frozenset(
+    {"GRAPHQL_VALIDATION_FAILED", "GRAPHQL_PARSE_FAILED", "BAD_USER_INPUT"}
+)
 
 
 class _Session(Protocol):
@@ -165,6 +173,8 @@ def _error_from(body: Mapping[str, Any]) -> PlatformError:
         return WorkNotAlive(text)
     if code in _FATAL_CODES:
         return PlatformAuthError(text, code=code)
+    if code in _SCHEMA_CODES:
+        return PlatformError(text, code=code, retriable=False)
     # Anything else (lock, database, validation hiccups): retried with back-off, never dropped.
     return PlatformError(text, code=code, retriable=True)
 
@@ -280,6 +290,9 @@ class Platform:
             text = content[:200].decode("utf-8", "replace").replace("\n", " ")
             if "WORK_NOT_ALIVE" in text:
                 raise WorkNotAlive()
+            schema_error = Platform._schema_error(content)
+            if schema_error is not None:  # Apollo alone answers validation errors with 400
+                raise schema_error
             raise PlatformError(f"OpenCTI answered HTTP {status}: {text}")
         try:
             body = orjson.loads(content)
@@ -290,6 +303,17 @@ class Platform:
         if body.get("errors"):
             raise _error_from(body)
         return body.get("data")
+
+    @staticmethod
+    def _schema_error(content: bytes) -> PlatformError | None:
+        try:
+            body = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(body, Mapping) or not isinstance(body.get("errors"), list):
+            return None
+        err = _error_from(body)
+        return err if err.code in _SCHEMA_CODES else None
 
     def _post(self, query: str, variables: Mapping[str, Any], draft_id: str | None) -> Any:
         """Through pycti's ``requests`` session (run in the thread pool)."""
@@ -352,9 +376,20 @@ class Platform:
             "auto_update": c.auto_update,
             "only_contextual": False,
             "playbook_compatible": True,
-            "enrichment_resolution": "none",
+            "enrichment_resolution": c.enrichment_resolution,
         }
-        data = await self.query(Q_REGISTER, {"input": connector_input})
+        try:
+            data = await self.query(Q_REGISTER, {"input": connector_input})
+        except PlatformError as exc:
+            if exc.code in _SCHEMA_CODES:
+                raise PlatformError(
+                    f"OpenCTI rejected the registration ({exc}): its schema lacks a field "
+                    f"lis-async sends or reads; supported platforms are OpenCTI {OPENCTI_FLOOR} "
+                    "and newer",
+                    code=exc.code,
+                    retriable=False,
+                ) from None
+            raise
         reg = (data or {}).get("registerConnector")
         if not isinstance(reg, Mapping) or not isinstance(reg.get("config"), Mapping):
             raise PlatformError("registerConnector returned no configuration", retriable=False)

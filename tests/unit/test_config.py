@@ -120,6 +120,10 @@ def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
         ({"CONFIG_LIS_APIKEY_CTI": ""}, "CONFIG_LIS_APIKEY_CTI (lastinfosec.api_key_cti)"),
         ({"OPENCTI_URL": "ftp://x"}, "OPENCTI_URL (opencti.url): must be an http"),
         (
+            {"CONNECTOR_ENRICHMENT_RESOLUTION": "full"},
+            "CONNECTOR_ENRICHMENT_RESOLUTION (connector.enrichment_resolution): Input should be",
+        ),
+        (
             {"CONNECTOR_JOBS_IN_FLIGHT": "zero"},
             "CONNECTOR_JOBS_IN_FLIGHT (connector.jobs_in_flight)",
         ),
