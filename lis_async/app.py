@@ -51,7 +51,8 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.platform = Platform(settings)
-        self.metrics = Metrics()
+        c = settings.connector
+        self.metrics = Metrics(c.metrics_namespace or "", c.metrics_subsystem or "")
         self.lis: LastInfoSecClient | None = None
         self.publisher: Publisher | None = None
         self.consumer: Consumer | None = None
@@ -126,6 +127,12 @@ class App:
     async def start(self) -> None:
         s = self.settings
         log.info("starting lis-async with %s", s.summary())
+        if "queue_threshold" in s.connector.model_fields_set:
+            log.warning(
+                "CONNECTOR_QUEUE_THRESHOLD (connector.queue_threshold) = %g MB is reported to "
+                "OpenCTI but not applied yet: lis-async does not pause on a full push queue",
+                s.connector.queue_threshold,
+            )
         self.registration = reg = await self._register()
         log.info(
             "registered connector %s (%s): listen=%s push=%s rabbitmq=%s:%d",
@@ -176,15 +183,15 @@ class App:
         m = self.metrics
         consumer, lis = self.consumer, self.lis
         assert consumer is not None and lis is not None
-        m.add_collector(LisStatsCollector(lis.stats))
+        m.add_collector(LisStatsCollector(lis.stats, m.name))
         lis.stats.latency_observer = m.lis_latency.observe
         self._spawn(self._sample_queue_depth(), "queue-depth")
         m.add_collector(
-            GaugeCallback("lis_jobs_running", "Jobs in flight", lambda: consumer.in_flight)
+            GaugeCallback(m.name("lis_jobs_running"), "Jobs in flight", lambda: consumer.in_flight)
         )
         m.add_collector(
             GaugeCallback(
-                "lis_heartbeat_age",
+                m.name("lis_heartbeat_age"),
                 "Seconds since the last successful connector ping",
                 lambda: time.monotonic() - (self.platform.last_heartbeat or 0.0),
             )

@@ -111,6 +111,7 @@ Q_READ_OBSERVABLE: Final = """
         }
     }
 """
+# pycti's ConnectorInfo of a connector that never buffers; queue_threshold is the setting's.
 CONNECTOR_INFO: Final = {
     "run_and_terminate": False,
     "buffering": False,
@@ -147,7 +148,6 @@ class PyctiClient(Protocol):
     ssl_verify: bool | str
     cert: str | tuple[str, str] | None
     proxies: dict[str, str] | None
-    session_requests_timeout: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,14 +224,16 @@ class Platform:
         o = self._settings.opencti
         level = self._settings.connector.log_level
         try:
+            # Only arguments every supported pycti has (6.8.9 has no requests_timeout: the
+            # timeout goes with each request instead).
             api = OpenCTIApiClient(
                 o.url,
                 o.token.get_secret_value(),
                 log_level="warning" if level == "debug" else level,
                 ssl_verify=o.ssl_verify,
                 json_logging=o.json_logging,
+                custom_headers=o.custom_headers.get_secret_value() if o.custom_headers else None,
                 perform_health_check=False,
-                requests_timeout=int(o.timeout_s),
             )
         except Exception as exc:
             raise PlatformError(f"cannot create the OpenCTI client: {type(exc).__name__}") from None
@@ -327,7 +329,7 @@ class Platform:
                 verify=api.ssl_verify,
                 cert=api.cert,
                 proxies=api.proxies,
-                timeout=api.session_requests_timeout,
+                timeout=self._settings.opencti.timeout_s,
             )
         except Exception as exc:  # requests' errors: transport, retriable
             raise PlatformError(f"OpenCTI unreachable: {type(exc).__name__}") from None
@@ -403,6 +405,7 @@ class Platform:
             use_ssl=mq.use_ssl if mq.use_ssl is not None else bool(conn.get("use_ssl", False)),
             user=mq.user or str(conn.get("user", "guest")),
             password=(mq.password.get_secret_value() if mq.password else str(conn.get("pass", ""))),
+            tls=mq.tls,
         )
         try:
             return Registration(
@@ -421,9 +424,9 @@ class Platform:
             ) from None
 
     async def ping_connector(self) -> None:
+        info = CONNECTOR_INFO | {"queue_threshold": self._settings.connector.queue_threshold}
         await self.query(
-            Q_PING,
-            {"id": self._settings.connector.id, "state": "null", "connectorInfo": CONNECTOR_INFO},
+            Q_PING, {"id": self._settings.connector.id, "state": "null", "connectorInfo": info}
         )
         self.last_heartbeat = time.monotonic()
 

@@ -51,31 +51,61 @@ def setup_logging(level: str, json_lines: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def metric_name(name: str, namespace: str = "", subsystem: str = "") -> str:
+    """prometheus_client's full name: ``namespace_subsystem_name``, empty parts left out (what
+    pycti's ``CONNECTOR_METRICS_NAMESPACE`` / ``_SUBSYSTEM`` do to its metrics)."""
+    return "_".join(part for part in (namespace, subsystem, name) if part)
+
+
 class Metrics:
     """Prometheus metrics in their own registry. Hot-path updates are plain counter bumps;
-    LastInfoSec client counters are read at scrape time (no cost per request)."""
+    LastInfoSec client counters are read at scrape time (no cost per request). ``namespace`` and
+    ``subsystem`` prefix every name, the collectors' too (:meth:`name`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, namespace: str = "", subsystem: str = "") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.jobs = Counter("lis_jobs", "Jobs by outcome", ["outcome"], registry=r)
+        self.namespace, self.subsystem = namespace, subsystem
+        ns, sub, r = namespace, subsystem, self.registry
+        self.jobs = Counter(
+            "lis_jobs", "Jobs by outcome", ["outcome"], namespace=ns, subsystem=sub, registry=r
+        )
         self.job_seconds = Histogram(
             "lis_job_duration_seconds",
             "Job duration, received to processed",
-            registry=r,
             buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
         )
-        self.objects = Counter("lis_objects_published", "STIX objects published", registry=r)
-        self.publishes = Counter("lis_push_messages", "Push messages confirmed", registry=r)
+        self.objects = Counter(
+            "lis_objects_published",
+            "STIX objects published",
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.publishes = Counter(
+            "lis_push_messages", "Push messages confirmed", namespace=ns, subsystem=sub, registry=r
+        )
         self.lis_latency = Histogram(
             "lis_api_latency_seconds",
             "LastInfoSec answer time per HTTP attempt",
-            registry=r,
             buckets=(0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30),
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
         )
         self.queue_depth = Gauge(
-            "lis_listen_queue_messages", "Jobs waiting in the listen queue (sampled)", registry=r
+            "lis_listen_queue_messages",
+            "Jobs waiting in the listen queue (sampled)",
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
         )
+
+    def name(self, name: str) -> str:
+        """A collector's metric name with this registry's prefix."""
+        return metric_name(name, self.namespace, self.subsystem)
 
     def observe_job(self, outcome: str, seconds: float, objects: int, bundles: int) -> None:
         self.jobs.labels(outcome).inc()
@@ -95,12 +125,15 @@ class Metrics:
 class LisStatsCollector(Collector):
     """Exports the LastInfoSec client's counters (``LisStats``) at scrape time."""
 
-    def __init__(self, stats: Any) -> None:
+    def __init__(self, stats: Any, name: Callable[[str], str] = str) -> None:
         self._stats = stats
+        self._name = name
 
     def collect(self) -> Iterable[Any]:
         s = self._stats
-        req = CounterMetricFamily("lis_api_requests", "LastInfoSec HTTP answers", labels=["status"])
+        req = CounterMetricFamily(
+            self._name("lis_api_requests"), "LastInfoSec HTTP answers", labels=["status"]
+        )
         for status, n in sorted(getattr(s, "responses_by_status", {}).items()):
             req.add_metric([str(status)], n)
         yield req
@@ -113,7 +146,7 @@ class LisStatsCollector(Collector):
             ("lis_cache_misses", "cache_misses", "Lookups not in the cache"),
             ("lis_coalesced", "coalesced", "Lookups served by an identical lookup in flight"),
         ):
-            c = CounterMetricFamily(name, doc)
+            c = CounterMetricFamily(self._name(name), doc)
             c.add_metric([], float(getattr(s, attr, 0)))
             yield c
 

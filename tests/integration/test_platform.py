@@ -354,3 +354,50 @@ async def test_enrichment_resolution_goes_into_the_registration(
         assert sim.connectors[settings.connector.id].input["enrichment_resolution"] == sent
     finally:
         await platform.close()
+
+
+async def test_custom_headers_reach_both_transports() -> None:
+    """OPENCTI_CUSTOM_HEADERS (pycti's format) goes on pycti's session (``about``,
+    registration, ...) and on the aiohttp work reports alike, with pycti's own headers."""
+    from aiohttp import web
+
+    seen: list[dict[str, str]] = []
+
+    async def graphql(request: web.Request) -> web.Response:
+        await request.read()
+        seen.append(dict(request.headers))
+        data = {"about": {"version": "6.8.9"}, "workEdit": {"toReceived": "ok"}}
+        return web.json_response({"data": data})
+
+    app = web.Application()
+    app.router.add_post("/graphql", graphql)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        settings = load_settings(
+            env={
+                "OPENCTI_URL": f"http://127.0.0.1:{port}",
+                "OPENCTI_TOKEN": "octi-token-secret-1",
+                "CONNECTOR_ID": str(uuid.uuid4()),
+                "CONFIG_LIS_APIKEY_CTI": "k",
+                "OPENCTI_CUSTOM_HEADERS": "X-Tenant: blue;X-Proxy-Key:k1:k2;",
+            }
+        )
+        platform = Platform(settings)
+        await platform.start()
+        try:
+            assert await platform.about() == "6.8.9"  # pycti's requests session
+            await platform.work_received("work_1", "draft-1")  # aiohttp
+        finally:
+            await platform.close()
+    finally:
+        await runner.cleanup()
+    assert len(seen) == 2
+    for headers in seen:
+        assert headers["X-Tenant"] == "blue" and headers["X-Proxy-Key"] == "k1:k2"
+        assert headers["Authorization"] == "Bearer octi-token-secret-1"
+        assert headers["User-Agent"].startswith("pycti/")
+    assert seen[1]["opencti-draft-id"] == "draft-1"
