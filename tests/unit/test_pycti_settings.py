@@ -254,3 +254,27 @@ def test_bad_mq_tls_material_is_one_clear_line(
     (line,) = problems(env)
     assert expected in line
     assert "s3cr3t" not in line
+
+
+def test_lis_async_run_exits_2_with_one_line_per_refused_setting() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENCTI_", "CONNECTOR_"))}
+    env |= BASE_ENV | {"CONNECTOR_LISTEN_PROTOCOL": "API", "CONNECTOR_SEND_TO_DIRECTORY": "true"}
+    res = subprocess.run(
+        [sys.executable, "-m", "lis_async.cli", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines[0] == "lis-async: invalid settings:"
+    assert [line.split()[0] for line in lines[1:]] == [
+        "CONNECTOR_LISTEN_PROTOCOL",
+        "CONNECTOR_SEND_TO_DIRECTORY",
+    ]
