@@ -7,6 +7,11 @@
 #   docker run -v $PWD/config.yml:/opt/opencti-connector-lastinfosec-enrichment/config.yml:ro \
 #       lis-async:latest                                          # or with a mounted config.yml
 #   docker run lis-async:latest check                             # validate settings + reachability
+#   docker build --build-arg PYCTI_VERSION=6.8.9 -t lis-async:6.8.9 .  # the pycti of your OpenCTI
+#
+# Every package comes from a pinned set: constraints.txt (the default pycti), or
+# constraints/pycti-$PYCTI_VERSION.txt (`bash .ci/pin <version>` writes one). The build fails
+# when there is no pinned set for the requested pycti.
 
 # --- builder: wheels of the project and of every dependency ------------------------------------
 FROM python:3.12-slim AS builder
@@ -14,15 +19,24 @@ FROM python:3.12-slim AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Empty: the pycti pinned in constraints.txt. Else a version with constraints/pycti-<it>.txt.
+ARG PYCTI_VERSION=
+
 WORKDIR /src
 # README.md is needed: pyproject's `readme` points at it.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
+COPY constraints ./constraints
 COPY lis_async ./lis_async
 # Every runtime dependency ships manylinux wheels for CPython 3.12 (amd64 and arm64), so no
-# compiler is needed here either; `pip wheel` resolves them once and the final stage installs
-# offline from /wheels.
+# compiler is needed here either; `pip wheel` takes the pinned versions (PIP_CONSTRAINT also
+# pins setuptools and wheel in the isolated build of lis-async's own wheel) and the final stage
+# installs offline from /wheels, with the same constraints.
 # The demo extra's wheels too, for the `demo` stage only (bind-mounted, never in a layer).
-RUN pip wheel --wheel-dir /wheels '.[demo]'
+RUN pins=constraints.txt \
+    && if [ -n "$PYCTI_VERSION" ]; then pins="constraints/pycti-$PYCTI_VERSION.txt"; fi \
+    && if [ ! -f "$pins" ]; then echo "no pinned set for pycti $PYCTI_VERSION: run bash .ci/pin $PYCTI_VERSION" >&2; exit 1; fi \
+    && PIP_CONSTRAINT="$pins" pip wheel --wheel-dir /wheels -c "$pins" '.[demo]' \
+    && cp "$pins" /wheels/constraints.txt
 
 # --- demo: `docker build --target demo` (compose profile "demo"); never the default ------------
 FROM python:3.12-slim AS demo
@@ -33,7 +47,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels 'lis-async[demo]' \
+    pip install --no-index --find-links=/wheels -c /wheels/constraints.txt 'lis-async[demo]' \
     && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin connector
 USER 10001:10001
 ENTRYPOINT ["lis-async"]
@@ -53,7 +67,7 @@ ENV CONNECTOR_TYPE=INTERNAL_ENRICHMENT \
 # (lis_async/sim, lis_async/bench: tools for the demo, the tests and `lis-async bench`) are
 # removed from the installed package; `run` and `check` never import them.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels lis-async \
+    pip install --no-index --find-links=/wheels -c /wheels/constraints.txt lis-async \
     && site=$(python -c "import lis_async, os; print(os.path.dirname(lis_async.__file__))") \
     && rm -rf "$site/sim" "$site/bench" \
     && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin connector

@@ -1,16 +1,24 @@
 """RabbitMQ connection parameters and connections (shared by the consumer and the publisher).
 
 The parameters come from the platform's registration answer, overridden by pycti's ``MQ_*``
-settings (docs/protocol.md §2.1); the connector never computes them.
+settings (docs/protocol.md §1.6, §2.1); the connector never computes them. With ``use_ssl`` the
+TLS context follows pycti's ``MQ_USE_SSL_*`` settings (:mod:`lis_async.tls`).
 """
 
 from __future__ import annotations
 
-import ssl
+import functools
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
+
+from lis_async.tls import AmqpTls, mq_context
+
+log = logging.getLogger("lis_async.amqp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,13 +31,14 @@ class AmqpParams:
     use_ssl: bool
     user: str
     password: str = field(repr=False)
+    tls: AmqpTls = field(default_factory=AmqpTls)
 
 
 async def connect(
     params: AmqpParams, name: str, timeout_s: float = 30.0
 ) -> AbstractRobustConnection:
-    """A robust (self-reconnecting) connection; TLS with certificate checks when ``use_ssl``."""
-    context = ssl.create_default_context() if params.use_ssl else None
+    """A robust (self-reconnecting) connection; TLS as ``params.tls`` says when ``use_ssl``."""
+    context = mq_context(params.tls) if params.use_ssl else None
     return await aio_pika.connect_robust(
         host=params.host,
         port=params.port,
@@ -41,3 +50,59 @@ async def connect(
         timeout=timeout_s,
         client_properties={"connection_name": name},
     )
+
+
+class BrokerWatch:
+    """One WARNING when a broker connection is lost, one INFO when every one is back (with how
+    long it took and how many jobs in flight the broker redelivers), instead of the libraries'
+    per-connection errors and tracebacks (:func:`lis_async.telemetry.setup_logging` quiets
+    those)."""
+
+    def __init__(self, in_flight: Callable[[], int] = lambda: 0) -> None:
+        self._in_flight = in_flight
+        self._down: set[str] = set()
+        self._since = 0.0
+        self._jobs = 0
+        self.outages = 0
+
+    @property
+    def down(self) -> bool:
+        """True while a watched connection is being restored."""
+        return bool(self._down)
+
+    def watch(self, conn: AbstractRobustConnection, name: str) -> None:
+        conn.close_callbacks.add(functools.partial(self._closed, name))
+        conn.reconnect_callbacks.add(functools.partial(self._reconnected, name))
+
+    def _closed(self, name: str, sender: object, exc: BaseException | None = None) -> None:
+        if exc is None or getattr(sender, "close_called", False):
+            return  # our own close (shutdown)
+        if not self._down:
+            self._since = time.monotonic()
+            self._jobs = self._in_flight()
+            self.outages += 1
+            log.warning(
+                "broker connection lost (%s: %s): reconnecting; %d job(s) in flight will be "
+                "redelivered",
+                name,
+                _reason(exc),
+                self._jobs,
+            )
+        self._down.add(name)
+
+    def _reconnected(self, name: str, sender: object) -> None:
+        if name not in self._down:
+            return
+        self._down.discard(name)
+        if not self._down:
+            log.info(
+                "broker connection back after %.1f s; %d job(s) that were in flight are "
+                "redelivered",
+                time.monotonic() - self._since,
+                self._jobs,
+            )
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."

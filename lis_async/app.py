@@ -17,12 +17,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from lis_async.amqp import BrokerWatch
 from lis_async.config import Settings
 from lis_async.consumer import Consumer
 from lis_async.errors import PlatformAuthError, PlatformError
 from lis_async.lastinfosec import LastInfoSecClient
 from lis_async.pipeline import Pipeline, Policy, Result
 from lis_async.platform import Platform, Registration
+from lis_async.platform_health import PlatformHealth
 from lis_async.publisher import Publisher
 from lis_async.redact import redact
 from lis_async.retry import Backoff
@@ -49,6 +51,22 @@ _REGISTER_BACKOFF = Backoff(base_s=2.0, max_s=30.0, floor=1.0)
 _REGISTER_ATTEMPTS = 6
 
 
+def _warn_unused_settings(s: Settings) -> None:
+    """One start-up warning per setting that is read but has no effect (none is silent)."""
+    if "queue_threshold" in s.connector.model_fields_set:
+        log.warning(
+            "CONNECTOR_QUEUE_THRESHOLD (connector.queue_threshold) = %g MB is reported to "
+            "OpenCTI but not applied yet: lis-async does not pause on a full push queue",
+            s.connector.queue_threshold,
+        )
+    if "retries" in s.lastinfosec.model_fields_set:
+        log.warning(
+            "LASTINFOSEC_RETRIES (lastinfosec.retries) is no longer used: transient "
+            "LastInfoSec failures are retried for LASTINFOSEC_RETRY_BUDGET_S (%g s)",
+            s.lastinfosec.retry_budget_s,
+        )
+
+
 class App:
     """The worker: builds every part from the settings, starts them in order, runs until a stop
     signal or a fatal error, then stops them in reverse order (see the module docstring).
@@ -60,13 +78,15 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.platform = Platform(settings)
-        self.metrics = Metrics()
+        c = settings.connector
+        self.metrics = Metrics(c.metrics_namespace or "", c.metrics_subsystem or "")
         self.lis: LastInfoSecClient | None = None
         self.publisher: Publisher | None = None
         self.consumer: Consumer | None = None
         self.pipeline: Pipeline | None = None
         self.registration: Registration | None = None
         self.redis: RedisLink | None = None  # cluster mode (redis.url set)
+        self.health: PlatformHealth | None = None
         self._servers: list[HealthServer] = []
         self.health_server: HealthServer | None = None  # /healthz, /readyz
         self.metrics_server: HealthServer | None = None  # /metrics (+ health), when exposed
@@ -105,6 +125,7 @@ class App:
             "publisher": bool(self.publisher and self.publisher.connected),
             "heartbeat": hb is not None and time.monotonic() - hb < max_age,
             "accepting": bool(self.consumer and self.consumer.accepting),
+            "platform": self.health is None or self.health.up,
         }
 
     # -- run ---------------------------------------------------------------------------------
@@ -136,12 +157,7 @@ class App:
     async def start(self) -> None:
         s = self.settings
         log.info("starting lis-async with %s", s.summary())
-        if "retries" in s.lastinfosec.model_fields_set:
-            log.warning(
-                "LASTINFOSEC_RETRIES (lastinfosec.retries) is no longer used: transient "
-                "LastInfoSec failures are retried for LASTINFOSEC_RETRY_BUDGET_S (%g s)",
-                s.lastinfosec.retry_budget_s,
-            )
+        _warn_unused_settings(s)
         self.registration = reg = await self._register()
         log.info(
             "registered connector %s (%s): listen=%s push=%s rabbitmq=%s:%d",
@@ -152,12 +168,14 @@ class App:
             reg.amqp.host,
             reg.amqp.port,
         )
-        self._spawn(self.platform.heartbeat(), "heartbeat")
+        self.health = health = PlatformHealth(self.platform.probe, s.connector.platform_probe_s)
+        self._spawn(self.platform.heartbeat(health), "heartbeat")
         self.lis = self._lastinfosec_client()
         await self.lis.start()
         retry_backoff = Backoff(max_s=s.connector.platform_retry_max_s)
+        watch = BrokerWatch(lambda: self.consumer.in_flight if self.consumer else 0)
         self.publisher = Publisher(
-            reg.amqp, reg.push_exchange, reg.push_routing, backoff=retry_backoff
+            reg.amqp, reg.push_exchange, reg.push_routing, backoff=retry_backoff, watch=watch
         )
         await self.publisher.start()
         self.pipeline = Pipeline(
@@ -171,11 +189,18 @@ class App:
                 connector_user_id=reg.connector_user_id,
             ),
             backoff=retry_backoff,
+            health=health,
         )
         self._spawn(self.pipeline.ping_long_works(), "work-ping")
         self.consumer = Consumer(
-            reg.amqp, reg.listen, s.connector.jobs_in_flight, self._handle, self._on_fatal
+            reg.amqp,
+            reg.listen,
+            s.connector.jobs_in_flight,
+            self._handle,
+            self._on_fatal,
+            watch=watch,
         )
+        health.add_listener(self.consumer.set_intake)
         await self._start_servers()
         await self.consumer.start()
         self.ready.set()
@@ -223,15 +248,15 @@ class App:
         m = self.metrics
         consumer, lis = self.consumer, self.lis
         assert consumer is not None and lis is not None
-        m.add_collector(LisStatsCollector(lis.stats))
+        m.add_collector(LisStatsCollector(lis.stats, m.name))
         lis.stats.latency_observer = m.lis_latency.observe
         self._spawn(self._sample_queue_depth(), "queue-depth")
         m.add_collector(
-            GaugeCallback("lis_jobs_running", "Jobs in flight", lambda: consumer.in_flight)
+            GaugeCallback(m.name("lis_jobs_running"), "Jobs in flight", lambda: consumer.in_flight)
         )
         m.add_collector(
             GaugeCallback(
-                "lis_heartbeat_age",
+                m.name("lis_heartbeat_age"),
                 "Seconds since the last successful connector ping",
                 lambda: time.monotonic() - (self.platform.last_heartbeat or 0.0),
             )
@@ -279,6 +304,8 @@ class App:
             closers.append(self.lis.close)
         if self.redis is not None:
             closers.append(self.redis.close)
+        if self.health is not None:
+            closers.append(self.health.close)
         closers.append(self.platform.close)
         for close in closers:
             with contextlib.suppress(Exception):

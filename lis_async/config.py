@@ -11,6 +11,8 @@ that names the environment variable and the YAML key, never the value of a secre
 from __future__ import annotations
 
 import os
+import re
+import ssl
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,11 +28,14 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
+from lis_async import unsupported
 from lis_async.errors import SettingsError
 from lis_async.job import SUPPORTED_TYPES, normalise_tlp
 from lis_async.redact import mask_url
+from lis_async.tls import AmqpTls, is_pem, mq_context
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
 
@@ -68,8 +73,34 @@ def _blank_to_none(v: Any) -> Any:
     return v
 
 
+def is_set(value: Any) -> bool:
+    """The one rule for both sources: an empty value (``KEY=`` in the environment, ``key:`` or
+    ``key: ''`` in YAML, or only spaces) means "not set", and the next source or the default
+    applies."""
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
 Bool = Annotated[bool, BeforeValidator(_to_bool)]
 OptStr = Annotated[str | None, BeforeValidator(_blank_to_none)]
+_METRIC_NAME_RE: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_HEADER_NAME_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token
+
+
+def parse_custom_headers(text: str) -> dict[str, str]:
+    """pycti's ``OPENCTI_CUSTOM_HEADERS``: ``Name1:value1;Name2:value2``, names and values
+    stripped, empty pairs skipped. pycti logs and skips a malformed pair; here it is an error
+    (the message never repeats the text, which may hold a credential)."""
+    headers: dict[str, str] = {}
+    for number, pair in enumerate(text.strip().split(";"), start=1):
+        if not pair.strip():
+            continue
+        name, colon, value = pair.partition(":")
+        if not colon or not _HEADER_NAME_RE.fullmatch(name.strip()):
+            raise ValueError(
+                f"pair {number} is not Name:value (format: 'Name1:value1;Name2:value2')"
+            )
+        headers[name.strip()] = value.strip()
+    return headers
 
 
 class _Section(BaseModel):
@@ -86,6 +117,15 @@ class OpenCTISettings(_Section):
     proxy_https: OptStr = Field(None, repr=False)
     threads: int = Field(8, ge=1, le=256, description="threads for pycti calls")
     timeout_s: float = Field(60.0, gt=0)
+    # pycti's OPENCTI_CUSTOM_HEADERS, "Name1:value1;Name2:value2", on every GraphQL request.
+    custom_headers: SecretStr | None = None
+
+    @field_validator("custom_headers")
+    @classmethod
+    def _custom_headers(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            parse_custom_headers(v.get_secret_value())
+        return v
 
     @field_validator("url")
     @classmethod
@@ -119,6 +159,23 @@ class ConnectorSettings(_Section):
     health_port: int = Field(9096, ge=0, le=65535, description="0 disables /healthz")
     heartbeat_interval_s: float = Field(40.0, ge=1, le=240)
     platform_retry_max_s: float = Field(60.0, gt=0)
+    # While OpenCTI is unavailable: seconds between the probes of the health gate (jobs wait,
+    # intake is paused; every waiting job goes on within about this long of its return).
+    platform_probe_s: float = Field(1.0, gt=0, le=60)
+    # pycti's CONNECTOR_ENRICHMENT_RESOLUTION: what jobs carry (docs/protocol.md §3.5).
+    enrichment_resolution: Literal["none", "stix_bundle", "deferred"] = "none"
+    # pycti's CONNECTOR_QUEUE_THRESHOLD, megabytes (10^6 bytes) of push queue; not applied yet.
+    queue_threshold: float = Field(500.0, gt=0)
+    # pycti's CONNECTOR_METRICS_NAMESPACE / _SUBSYSTEM: prometheus_client's name prefixes.
+    metrics_namespace: OptStr = None
+    metrics_subsystem: OptStr = None
+
+    @field_validator("metrics_namespace", "metrics_subsystem")
+    @classmethod
+    def _metric_prefix(cls, v: str | None) -> str | None:
+        if v is not None and not _METRIC_NAME_RE.fullmatch(v.strip()):
+            raise ValueError("must be a Prometheus name: letters, digits, '_' and ':'")
+        return v.strip() if v is not None else None
 
     @field_validator("id")
     @classmethod
@@ -155,6 +212,11 @@ class ConnectorSettings(_Section):
         if not out:
             raise ValueError("must name at least one of " + ", ".join(SUPPORTED_TYPES))
         return tuple(out)
+
+    @field_validator("enrichment_resolution", mode="before")
+    @classmethod
+    def _resolution(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -221,8 +283,64 @@ class MqSettings(_Section):
     user: OptStr = None
     # ``pass`` is a keyword: the YAML key and env name stay mq.pass / MQ_PASS.
     password: SecretStr | None = Field(None, alias="pass")
+    # pycti's AMQPS client settings (lis_async.tls): paths or PEM texts.
+    use_ssl_ca: OptStr = None
+    use_ssl_cert: OptStr = None
+    use_ssl_key: SecretStr | None = None
+    use_ssl_passphrase: SecretStr | None = None
+    use_ssl_reject_unauthorized: Bool = True
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    @field_validator("use_ssl_ca", "use_ssl_cert")
+    @classmethod
+    def _pem_or_file(cls, v: str | None) -> str | None:
+        if v is not None and not is_pem(v) and not Path(v).is_file():
+            raise ValueError(f"file not found: {v} (a path, or the PEM text itself)")
+        return v
+
+    @field_validator("use_ssl_key")
+    @classmethod
+    def _key_pem_or_file(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            text = v.get_secret_value()
+            if not is_pem(text) and not Path(text).is_file():
+                raise ValueError("file not found (a path, or the PEM text itself)")
+        return v
+
+    @property
+    def tls(self) -> AmqpTls:
+        return AmqpTls(
+            verify=self.use_ssl_reject_unauthorized,
+            ca=self.use_ssl_ca,
+            cert=self.use_ssl_cert,
+            key=self.use_ssl_key.get_secret_value() if self.use_ssl_key else None,
+            passphrase=(
+                self.use_ssl_passphrase.get_secret_value() if self.use_ssl_passphrase else None
+            ),
+        )
+
+    @model_validator(mode="after")
+    def _loads(self) -> MqSettings:
+        """The CA, certificate and key load (a wrong passphrase or a key that does not match
+        the certificate stops the start, not the first connection)."""
+        if self.use_ssl_cert is None and (self.use_ssl_key or self.use_ssl_passphrase):
+            raise ValueError(
+                "MQ_USE_SSL_KEY / MQ_USE_SSL_PASSPHRASE (mq.use_ssl_key / mq.use_ssl_passphrase):"
+                " need MQ_USE_SSL_CERT (mq.use_ssl_cert), the client certificate"
+            )
+        if self.use_ssl_ca is None and self.use_ssl_cert is None:
+            return self
+        try:
+            mq_context(self.tls)
+        except (OSError, ssl.SSLError) as exc:
+            detail = (exc.reason if isinstance(exc, ssl.SSLError) else exc.strerror) or "error"
+            raise ValueError(
+                "MQ_USE_SSL_CA / MQ_USE_SSL_CERT / MQ_USE_SSL_KEY (mq.use_ssl_*): cannot load the "
+                f"TLS material ({detail}): not PEM, a wrong MQ_USE_SSL_PASSPHRASE, or a key that "
+                "does not match the certificate"
+            ) from None
+        return self
 
 
 class RedisSettings(_Section):
@@ -284,6 +402,8 @@ class Settings(_Section):
             for key, val in model.model_dump(by_alias=True).items():
                 if isinstance(val, SecretStr):
                     val = "***" if val.get_secret_value() else ""
+                elif isinstance(val, str) and is_pem(val):
+                    val = "(PEM text)"
                 elif key in ("proxy_http", "proxy_https", "url", "base_url") and val:
                     val = mask_url(str(val))
                 out[f"{section}.{key}"] = val
@@ -310,8 +430,9 @@ def env_name(section: str, key: str) -> str:
 
 
 def all_env_names() -> list[str]:
+    """Every variable the loader reads, refused pycti settings included."""
     names = [env_name(s, k) for s in _SECTIONS for k in _keys(s)]
-    return names + list(LEGACY_ENV)
+    return names + list(LEGACY_ENV) + unsupported.env_names()
 
 
 def _where(section: str, key: str) -> str:
@@ -355,20 +476,20 @@ def _merge(src: _Sources) -> dict[str, dict[str, Any]]:
         block = src.yaml_data.get(section)
         if isinstance(block, Mapping):
             for key, val in block.items():
-                if val is not None:
+                if is_set(val):
                     raw[section][str(key)] = val
     for (lsec, lkey), (sec, key) in LEGACY_YAML.items():
         block = src.yaml_data.get(lsec)
-        if isinstance(block, Mapping) and block.get(lkey) is not None:
+        if isinstance(block, Mapping) and is_set(block.get(lkey)):
             raw[sec].setdefault(key, block[lkey])
-    # Environment wins; the conventional name wins over a legacy alias.
+    # Environment wins; the conventional name wins over a legacy alias. Empty = not set.
     for legacy, (sec, key) in LEGACY_ENV.items():
-        if legacy in src.env:
+        if is_set(src.env.get(legacy)):
             raw[sec][key] = src.env[legacy]
     for section in _SECTIONS:
         for key in _keys(section):
             name = env_name(section, key)
-            if name in src.env:
+            if is_set(src.env.get(name)):
                 raw[section][key] = src.env[name]
     return raw
 
@@ -376,12 +497,13 @@ def _merge(src: _Sources) -> dict[str, dict[str, Any]]:
 def _problem(err: Mapping[str, Any]) -> str:
     loc = [str(p) for p in err.get("loc", ())]
     section = loc[0] if loc else "?"
-    key = loc[1] if len(loc) > 1 else "?"
     msg = str(err.get("msg", "invalid value"))
     if err.get("type") == "missing":
         msg = "is required"
     msg = msg.removeprefix("Value error, ")
-    return f"{_where(section, key)}: {msg}"
+    if len(loc) < 2:  # a check across a section's keys: its message names them
+        return msg
+    return f"{_where(section, loc[1])}: {msg}"
 
 
 def load_settings(
@@ -390,10 +512,15 @@ def load_settings(
 ) -> Settings:
     """Read config.yml (``--config``, ./config.yml, the upstream path) and the environment."""
     path = find_config_file(config_path)
-    raw = _merge(_Sources(_read_yaml(path), os.environ if env is None else env))
+    sources = _Sources(_read_yaml(path), os.environ if env is None else env)
+    # pycti settings lis-async does not implement, set to another value than what it does.
+    refused = unsupported.problems(sources.yaml_data, sources.env, is_set)
     try:
-        return Settings.model_validate(raw)
+        settings = Settings.model_validate(_merge(sources))
     except ValidationError as exc:
         # include_input=False: pydantic must not echo a secret's value back.
         problems = [_problem(e) for e in exc.errors(include_url=False, include_input=False)]
-        raise SettingsError(problems) from None
+        raise SettingsError(refused + problems) from None
+    if refused:
+        raise SettingsError(refused)
+    return settings

@@ -23,7 +23,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from lis_async.amqp import AmqpParams, connect
+from lis_async.amqp import AmqpParams, BrokerWatch, connect
 from lis_async.errors import FatalError
 
 log = logging.getLogger("lis_async.consumer")
@@ -43,7 +43,10 @@ class Consumer:
         prefetch: int,
         handler: Handler,
         on_fatal: Callable[[str], None],
+        *,
+        watch: BrokerWatch | None = None,
     ) -> None:
+        self._watch = watch
         self._params = params
         self._queue_name = queue_name
         self._prefetch = prefetch
@@ -57,6 +60,7 @@ class Consumer:
         self._idle = asyncio.Event()
         self._idle.set()
         self.accepting = False
+        self.paused = False  # intake paused while the platform is down (set_intake)
 
     @property
     def in_flight(self) -> int:
@@ -89,6 +93,8 @@ class Consumer:
 
     async def start(self) -> None:
         self._conn = await connect(self._params, "lis-async consumer")
+        if self._watch is not None:
+            self._watch.watch(self._conn, "consumer")
         channel = await self._conn.channel(publisher_confirms=False)
         self._channel = channel  # type: ignore[assignment]
         await channel.set_qos(prefetch_count=self._prefetch)
@@ -141,7 +147,28 @@ class Consumer:
         try:
             await op
         except Exception as exc:  # channel gone: the broker redelivers the message itself
-            log.info("could not settle a message (%s); the broker will redeliver it", exc)
+            # Debug only: the lost connection was logged once, with the jobs it redelivers.
+            log.debug(
+                "could not settle a message (%s); the broker will redeliver it",
+                str(exc) or type(exc).__name__,
+            )
+
+    async def set_intake(self, up: bool) -> None:
+        """Platform health listener: stop taking deliveries while the platform is down (jobs
+        in flight go on), take them again when it is back."""
+        queue = self._queue
+        if queue is None:
+            return
+        if not up and self._tag is not None:
+            tag, self._tag = self._tag, None
+            self.paused = True
+            try:
+                await queue.cancel(tag)
+            except Exception as exc:  # the channel is gone: nothing is delivered anyway
+                log.info("pausing intake failed: %s", exc)
+        elif up and self.paused and self.accepting:
+            self.paused = False
+            self._tag = await queue.consume(self._on_message, no_ack=False)
 
     async def stop_intake(self) -> None:
         """Stop taking jobs at once; jobs in flight go on."""

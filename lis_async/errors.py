@@ -16,6 +16,7 @@ already redacted when it is built (:mod:`lis_async.redact`).
     │   ├── LisBadAnswer         not JSON, too large, wrongly shaped
     │   └── NothingToLookUp      the observable gives nothing to send
     ├── PlatformError            a GraphQL call to OpenCTI failed
+    │   ├── PlatformUnavailable  no answer, or not a GraphQL one (HTTP 5xx...): it is down
     │   ├── WorkNotAlive         the platform deleted the work
     │   └── PlatformAuthError    the token is refused: the worker stops
     ├── PublishError             push messages not confirmed by the broker
@@ -39,6 +40,7 @@ __all__ = [
     "NothingToLookUp",
     "PlatformAuthError",
     "PlatformError",
+    "PlatformUnavailable",
     "PublishError",
     "SettingsError",
     "WorkNotAlive",
@@ -109,6 +111,12 @@ class PlatformError(LisAsyncError):
         super().__init__(message)
         self.code = code
         self.retriable = retriable
+
+
+class PlatformUnavailable(PlatformError):
+    """OpenCTI did not answer the call (unreachable, timeout, HTTP 5xx or another non-GraphQL
+    answer): the platform, not this call, is the problem. The pipeline waits for it on the
+    platform health gate instead of retrying on its own."""
 
 
 class WorkNotAlive(PlatformError):

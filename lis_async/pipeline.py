@@ -32,10 +32,17 @@ from lis_async.errors import (
     NothingToLookUp,
     PlatformAuthError,
     PlatformError,
+    PlatformUnavailable,
     WorkNotAlive,
 )
 from lis_async.job import Job, Observable, parse_job, parse_observable, tlp_rank
-from lis_async.ports import Lookup, LookupResult, PlatformPort, PublisherPort
+from lis_async.ports import (
+    Lookup,
+    LookupResult,
+    PlatformHealthPort,
+    PlatformPort,
+    PublisherPort,
+)
 from lis_async.retry import Backoff
 
 log = logging.getLogger("lis_async.pipeline")
@@ -108,8 +115,10 @@ class Pipeline:
         publisher: PublisherPort,
         policy: Policy,
         backoff: Backoff | None = None,
+        health: PlatformHealthPort | None = None,
     ) -> None:
         self._lookup = lookup
+        self._health = health
         self._platform = platform
         self._publisher = publisher
         self._policy = policy
@@ -289,17 +298,23 @@ class Pipeline:
     async def _deliver(self, run: _Run, delivery: Delivery) -> None:
         job = run.job
         assert job.work_id is not None
-        work_id = job.work_id
-        # A redelivered job may already have added its expectations before the crash; adding
-        # them again could leave the work waiting forever (expected > processed), so a
-        # redelivery publishes without adding: the work still completes (processed >= expected).
-        if not run.redelivered and not run.expectations_added:
-            await self._retry(
-                "addExpectations",
-                lambda: self._platform.add_expectations(
-                    work_id, len(delivery.bodies), job.draft_id
-                ),
-            )
+        work_id, draft_id = job.work_id, job.draft_id
+        if not run.expectations_added:
+            n = len(delivery.bodies)
+            if run.redelivered:
+                # The first attempt may have recorded its expectations before it was lost:
+                # adding them again would leave the work waiting for ever, not adding them
+                # would let it read "complete" before the objects are imported. Ask the work.
+                recorded = await self._retry(
+                    "read work tracking",
+                    lambda: self._platform.work_expectations(work_id, draft_id),
+                )
+                n = max(0, n - recorded)
+            if n:
+                await self._retry(
+                    "addExpectations",
+                    lambda: self._platform.add_expectations(work_id, n, draft_id),
+                )
             run.expectations_added = True
         await self._publisher.publish(delivery)
 
@@ -342,20 +357,33 @@ class Pipeline:
     # -- shared ------------------------------------------------------------------------------
     async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Retry a platform call until it goes through. WorkNotAlive is final; so is an auth
-        failure (a configuration error: the worker stops and the job returns to the queue)."""
+        failure (a configuration error: the worker stops and the job returns to the queue).
+        An unavailable platform is waited for on the health gate (one probe for the whole
+        worker); an error the platform answered is retried with back-off."""
         attempt = 0
+        health = self._health
         while True:
+            if health is not None:
+                await health.wait_up()
             try:
                 return await call()
             except WorkNotAlive:
                 raise
             except PlatformAuthError as exc:
                 raise FatalError(f"OpenCTI refused the connector's token: {exc}") from None
-            except PlatformError as exc:
+            except PlatformUnavailable as exc:
+                if health is None:
+                    await self._back_off(what, exc, attempt := attempt + 1)
+                else:  # the whole worker waits for the platform, on one probe
+                    health.unavailable(what, exc)
+            except PlatformError as exc:  # it answered with an error: retry this call alone
                 attempt += 1
-                delay = self._backoff.delay(attempt)
-                log.warning("%s failed (%s); retry %d in %.1fs", what, exc, attempt, delay)
-                await asyncio.sleep(delay)
+                await self._back_off(what, exc, attempt)
+
+    async def _back_off(self, what: str, exc: PlatformError, attempt: int) -> None:
+        delay = self._backoff.delay(attempt)
+        log.warning("%s failed (%s); retry %d in %.1fs", what, exc, attempt, delay)
+        await asyncio.sleep(delay)
 
     async def ping_long_works(
         self, every_s: float = 60.0, older_than_s: float = WORK_PING_INTERVAL_S

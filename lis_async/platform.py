@@ -34,18 +34,22 @@ import orjson
 
 from lis_async.amqp import AmqpParams
 from lis_async.config import Settings
-from lis_async.errors import PlatformAuthError, PlatformError, WorkNotAlive
+from lis_async.errors import PlatformAuthError, PlatformError, PlatformUnavailable, WorkNotAlive
 from lis_async.job import PlaybookContext
+from lis_async.ports import PlatformHealthPort
 
 log = logging.getLogger("lis_async.platform")
 T = TypeVar("T")
 
+# The oldest OpenCTI whose schema knows every field this connector sends and selects
+# (docs/protocol.md §2.1); pyproject.toml's pycti floor is the same version.
+OPENCTI_FLOOR: Final = "6.8.9"
+
+# Only what the connector reads (docs/protocol.md §2.1): an older schema answers any field it
+# lacks with GRAPHQL_VALIDATION_FAILED, and nothing runs.
 Q_REGISTER: Final = """
     mutation RegisterConnector($input: RegisterConnectorInput) {
         registerConnector(input: $input) {
-            id
-            connector_state
-            jwks
             connector_user_id
             config {
                 connection { host vhost use_ssl port user pass }
@@ -82,6 +86,11 @@ Q_TO_PROCESSED: Final = """
         workEdit(id: $id) { toProcessed (message: $message, inError: $inError) }
     }
 """
+Q_WORK_TRACKING: Final = """
+    query WorkTracking($id: ID!) {
+        work(id: $id) { id status tracking { import_expected_number import_processed_number } }
+    }
+"""
 Q_PING_WORK: Final = """
     mutation pingWork($id: ID!) { workEdit(id: $id) { ping } }
 """
@@ -108,6 +117,7 @@ Q_READ_OBSERVABLE: Final = """
         }
     }
 """
+# pycti's ConnectorInfo of a connector that never buffers; queue_threshold is the setting's.
 CONNECTOR_INFO: Final = {
     "run_and_terminate": False,
     "buffering": False,
@@ -117,6 +127,11 @@ CONNECTOR_INFO: Final = {
     "last_run_datetime": None,
 }
 _FATAL_CODES: Final = frozenset({"AUTH_FAILURE", "AUTH_REQUIRED", "FORBIDDEN_ACCESS"})
+# The document or its variables do not fit the platform's schema: the same request can never
+# succeed, so it is not retried (docs/protocol.md §8.4).
+_SCHEMA_CODES: Final = frozenset(
+    {"GRAPHQL_VALIDATION_FAILED", "GRAPHQL_PARSE_FAILED", "BAD_USER_INPUT"}
+)
 
 
 class _Session(Protocol):
@@ -139,7 +154,6 @@ class PyctiClient(Protocol):
     ssl_verify: bool | str
     cert: str | tuple[str, str] | None
     proxies: dict[str, str] | None
-    session_requests_timeout: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +179,8 @@ def _error_from(body: Mapping[str, Any]) -> PlatformError:
         return WorkNotAlive(text)
     if code in _FATAL_CODES:
         return PlatformAuthError(text, code=code)
+    if code in _SCHEMA_CODES:
+        return PlatformError(text, code=code, retriable=False)
     # Anything else (lock, database, validation hiccups): retried with back-off, never dropped.
     return PlatformError(text, code=code, retriable=True)
 
@@ -214,14 +230,16 @@ class Platform:
         o = self._settings.opencti
         level = self._settings.connector.log_level
         try:
+            # Only arguments every supported pycti has (6.8.9 has no requests_timeout: the
+            # timeout goes with each request instead).
             api = OpenCTIApiClient(
                 o.url,
                 o.token.get_secret_value(),
                 log_level="warning" if level == "debug" else level,
                 ssl_verify=o.ssl_verify,
                 json_logging=o.json_logging,
+                custom_headers=o.custom_headers.get_secret_value() if o.custom_headers else None,
                 perform_health_check=False,
-                requests_timeout=int(o.timeout_s),
             )
         except Exception as exc:
             raise PlatformError(f"cannot create the OpenCTI client: {type(exc).__name__}") from None
@@ -280,7 +298,10 @@ class Platform:
             text = content[:200].decode("utf-8", "replace").replace("\n", " ")
             if "WORK_NOT_ALIVE" in text:
                 raise WorkNotAlive()
-            raise PlatformError(f"OpenCTI answered HTTP {status}: {text}")
+            schema_error = Platform._schema_error(content)
+            if schema_error is not None:  # Apollo alone answers validation errors with 400
+                raise schema_error
+            raise PlatformUnavailable(f"OpenCTI answered HTTP {status}: {text}")
         try:
             body = orjson.loads(content)
         except orjson.JSONDecodeError:
@@ -290,6 +311,17 @@ class Platform:
         if body.get("errors"):
             raise _error_from(body)
         return body.get("data")
+
+    @staticmethod
+    def _schema_error(content: bytes) -> PlatformError | None:
+        try:
+            body = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(body, Mapping) or not isinstance(body.get("errors"), list):
+            return None
+        err = _error_from(body)
+        return err if err.code in _SCHEMA_CODES else None
 
     def _post(self, query: str, variables: Mapping[str, Any], draft_id: str | None) -> Any:
         """Through pycti's ``requests`` session (run in the thread pool)."""
@@ -303,10 +335,10 @@ class Platform:
                 verify=api.ssl_verify,
                 cert=api.cert,
                 proxies=api.proxies,
-                timeout=api.session_requests_timeout,
+                timeout=self._settings.opencti.timeout_s,
             )
         except Exception as exc:  # requests' errors: transport, retriable
-            raise PlatformError(f"OpenCTI unreachable: {type(exc).__name__}") from None
+            raise PlatformUnavailable(f"OpenCTI unreachable: {type(exc).__name__}") from None
         return self._decode(resp.status_code, resp.content)
 
     async def _post_async(
@@ -326,7 +358,7 @@ class Platform:
             ) as resp:
                 status, content = resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise PlatformError(f"OpenCTI unreachable: {type(exc).__name__}") from None
+            raise PlatformUnavailable(f"OpenCTI unreachable: {type(exc).__name__}") from None
         return self._decode(status, content)
 
     async def query(
@@ -335,6 +367,10 @@ class Platform:
         return await self._run(self._post, query, variables, draft_id)
 
     # -- connector -------------------------------------------------------------------------
+    async def probe(self) -> None:
+        """The cheapest call that shows the platform answers (the health gate's probe)."""
+        await self._post_async("query { about { version } }", {}, None)
+
     async def about(self) -> str:
         data = await self.query("query { about { version } }", {})
         return str(((data or {}).get("about") or {}).get("version", "?"))
@@ -352,9 +388,20 @@ class Platform:
             "auto_update": c.auto_update,
             "only_contextual": False,
             "playbook_compatible": True,
-            "enrichment_resolution": "none",
+            "enrichment_resolution": c.enrichment_resolution,
         }
-        data = await self.query(Q_REGISTER, {"input": connector_input})
+        try:
+            data = await self.query(Q_REGISTER, {"input": connector_input})
+        except PlatformError as exc:
+            if exc.code in _SCHEMA_CODES:
+                raise PlatformError(
+                    f"OpenCTI rejected the registration ({exc}): its schema lacks a field "
+                    f"lis-async sends or reads; supported platforms are OpenCTI {OPENCTI_FLOOR} "
+                    "and newer",
+                    code=exc.code,
+                    retriable=False,
+                ) from None
+            raise
         reg = (data or {}).get("registerConnector")
         if not isinstance(reg, Mapping) or not isinstance(reg.get("config"), Mapping):
             raise PlatformError("registerConnector returned no configuration", retriable=False)
@@ -368,6 +415,7 @@ class Platform:
             use_ssl=mq.use_ssl if mq.use_ssl is not None else bool(conn.get("use_ssl", False)),
             user=mq.user or str(conn.get("user", "guest")),
             password=(mq.password.get_secret_value() if mq.password else str(conn.get("pass", ""))),
+            tls=mq.tls,
         )
         try:
             return Registration(
@@ -386,21 +434,24 @@ class Platform:
             ) from None
 
     async def ping_connector(self) -> None:
+        info = CONNECTOR_INFO | {"queue_threshold": self._settings.connector.queue_threshold}
         await self.query(
-            Q_PING,
-            {"id": self._settings.connector.id, "state": "null", "connectorInfo": CONNECTOR_INFO},
+            Q_PING, {"id": self._settings.connector.id, "state": "null", "connectorInfo": info}
         )
         self.last_heartbeat = time.monotonic()
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self, health: PlatformHealthPort | None = None) -> None:
         """Ping forever: first at once, then every ``connector.heartbeat_interval_s``
-        (auto-enrichment only reaches connectors that pinged lately, docs/protocol.md §2.2)."""
+        (auto-enrichment only reaches connectors that pinged lately, docs/protocol.md §2.2).
+        A ping that finds the platform unavailable closes the health gate too."""
         interval_s = self._settings.connector.heartbeat_interval_s
         while True:
             try:
                 await self.ping_connector()
             except PlatformError as exc:
                 log.warning("connector heartbeat failed: %s", exc)
+                if health is not None and isinstance(exc, PlatformUnavailable):
+                    health.unavailable("heartbeat", exc)
             await asyncio.sleep(interval_s)
 
     # -- works -----------------------------------------------------------------------------
@@ -420,6 +471,18 @@ class Platform:
         await self._post_async(
             Q_TO_PROCESSED, {"id": work_id, "message": message, "inError": in_error}, draft_id
         )
+
+    async def work_expectations(self, work_id: str, draft_id: str | None) -> int:
+        """The expectations the work has recorded (its tracking's ``import_expected_number``;
+        null until the first ``addExpectations``: 0). A work the platform no longer has is
+        :class:`~lis_async.errors.WorkNotAlive`."""
+        data = await self._post_async(Q_WORK_TRACKING, {"id": work_id}, draft_id)
+        work = (data or {}).get("work")
+        if not isinstance(work, Mapping):
+            raise WorkNotAlive()
+        tracking = work.get("tracking")
+        expected = tracking.get("import_expected_number") if isinstance(tracking, Mapping) else 0
+        return int(expected) if isinstance(expected, int | float) else 0
 
     async def ping_work(self, work_id: str, draft_id: str | None) -> None:
         await self._post_async(Q_PING_WORK, {"id": work_id}, draft_id)

@@ -18,7 +18,14 @@ from typing import Any, Protocol
 from lis_async.delivery import Delivery
 from lis_async.job import Observable, PlaybookContext
 
-__all__ = ["Delivery", "Lookup", "LookupResult", "PlatformPort", "PublisherPort"]
+__all__ = [
+    "Delivery",
+    "Lookup",
+    "LookupResult",
+    "PlatformHealthPort",
+    "PlatformPort",
+    "PublisherPort",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +64,10 @@ class PlatformPort(Protocol):
     async def work_processed(
         self, work_id: str, message: str, in_error: bool, draft_id: str | None
     ) -> None: ...
+    async def work_expectations(self, work_id: str, draft_id: str | None) -> int:
+        """The expectations the work recorded so far (0 when none)."""
+        ...
+
     async def ping_work(self, work_id: str, draft_id: str | None) -> None: ...
     async def playbook_step(
         self, ctx: PlaybookContext, execution_start: str, bundle_json: str
@@ -66,6 +77,18 @@ class PlatformPort(Protocol):
     ) -> Mapping[str, Any] | None:
         """The platform's GraphQL ``stixCyberObservable`` record, or None when it cannot be
         read. Turning it into STIX is :func:`lis_async.stix.observable_from_platform`'s job."""
+        ...
+
+
+class PlatformHealthPort(Protocol):
+    """The shared view of "the platform is down" (:mod:`lis_async.platform_health`)."""
+
+    async def wait_up(self) -> None:
+        """Return when the platform is (believed) up."""
+        ...
+
+    def unavailable(self, what: str, exc: BaseException) -> None:
+        """A call found the platform unavailable."""
         ...
 
 

@@ -15,7 +15,7 @@ import aiormq.abc
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pamqp import commands as spec
 
-from lis_async.amqp import AmqpParams, connect
+from lis_async.amqp import AmqpParams, BrokerWatch, connect
 from lis_async.delivery import Delivery
 from lis_async.errors import PublishError
 from lis_async.retry import Backoff
@@ -41,7 +41,9 @@ class Publisher:
         *,
         confirm_timeout_s: float = 60.0,
         backoff: Backoff | None = None,
+        watch: BrokerWatch | None = None,
     ) -> None:
+        self._watch = watch
         self._params = params
         self._exchange_name = exchange
         self._routing_key = routing_key
@@ -54,6 +56,8 @@ class Publisher:
         if self._conn is not None:
             return
         self._conn = await connect(self._params, "lis-async publisher")
+        if self._watch is not None:
+            self._watch.watch(self._conn, "publisher")
         channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel  # type: ignore[assignment]
 
@@ -84,7 +88,10 @@ class Publisher:
                 pending = exc.unconfirmed
                 attempt += 1
                 delay = self._backoff.delay(attempt)
-                log.warning(
+                # While the broker connection is down BrokerWatch said so once: no line per job.
+                quiet = self._watch is not None and self._watch.down
+                log.log(
+                    logging.DEBUG if quiet else logging.WARNING,
                     "work %s: %s; retrying %d message(s) in %.1fs",
                     delivery.work_id,
                     exc,

@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
@@ -35,8 +35,48 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
+class ExpectedReconnection(logging.Filter):
+    """Drops what aiormq and aio-pika log about a broker connection that closed and is being
+    restored (``Unexpected connection close``, the reader's traceback, a robust channel's close
+    callback, reconnection attempts): :class:`lis_async.amqp.BrokerWatch` logs one WARNING and
+    one INFO per outage instead. Anything else those libraries log, a real bug included, passes.
+    """
+
+    _LIBRARIES: Final = ("aiormq", "aio_pika")
+    _MESSAGES: Final = (
+        "Unexpected connection close from remote",
+        "reader exited abnormally",
+        "RobustChannel._on_close",
+        "Connection attempt to",
+        "Reconnect attempt failed",
+        "Connection to ",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._LIBRARIES):
+            return True
+        if record.exc_info and record.exc_info[1] is not None:
+            if _is_connection_loss(record.exc_info[1]):
+                return False
+        message = record.getMessage()
+        return not any(m in message for m in self._MESSAGES)
+
+
+def _is_connection_loss(exc: BaseException) -> bool:
+    import aiormq.exceptions
+
+    expected = (
+        aiormq.exceptions.ConnectionClosed,
+        aiormq.exceptions.ChannelInvalidStateError,
+        aiormq.exceptions.AMQPConnectionError,
+        ConnectionError,
+    )
+    return isinstance(exc, expected)
+
+
 def setup_logging(level: str, json_lines: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ExpectedReconnection())
     handler.setFormatter(
         _JsonFormatter()
         if json_lines
@@ -51,31 +91,61 @@ def setup_logging(level: str, json_lines: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def metric_name(name: str, namespace: str = "", subsystem: str = "") -> str:
+    """prometheus_client's full name: ``namespace_subsystem_name``, empty parts left out (what
+    pycti's ``CONNECTOR_METRICS_NAMESPACE`` / ``_SUBSYSTEM`` do to its metrics)."""
+    return "_".join(part for part in (namespace, subsystem, name) if part)
+
+
 class Metrics:
     """Prometheus metrics in their own registry. Hot-path updates are plain counter bumps;
-    LastInfoSec client counters are read at scrape time (no cost per request)."""
+    LastInfoSec client counters are read at scrape time (no cost per request). ``namespace`` and
+    ``subsystem`` prefix every name, the collectors' too (:meth:`name`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, namespace: str = "", subsystem: str = "") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.jobs = Counter("lis_jobs", "Jobs by outcome", ["outcome"], registry=r)
+        self.namespace, self.subsystem = namespace, subsystem
+        ns, sub, r = namespace, subsystem, self.registry
+        self.jobs = Counter(
+            "lis_jobs", "Jobs by outcome", ["outcome"], namespace=ns, subsystem=sub, registry=r
+        )
         self.job_seconds = Histogram(
             "lis_job_duration_seconds",
             "Job duration, received to processed",
-            registry=r,
             buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
         )
-        self.objects = Counter("lis_objects_published", "STIX objects published", registry=r)
-        self.publishes = Counter("lis_push_messages", "Push messages confirmed", registry=r)
+        self.objects = Counter(
+            "lis_objects_published",
+            "STIX objects published",
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.publishes = Counter(
+            "lis_push_messages", "Push messages confirmed", namespace=ns, subsystem=sub, registry=r
+        )
         self.lis_latency = Histogram(
             "lis_api_latency_seconds",
             "LastInfoSec answer time per HTTP attempt",
-            registry=r,
             buckets=(0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30),
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
         )
         self.queue_depth = Gauge(
-            "lis_listen_queue_messages", "Jobs waiting in the listen queue (sampled)", registry=r
+            "lis_listen_queue_messages",
+            "Jobs waiting in the listen queue (sampled)",
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
         )
+
+    def name(self, name: str) -> str:
+        """A collector's metric name with this registry's prefix."""
+        return metric_name(name, self.namespace, self.subsystem)
 
     def observe_job(self, outcome: str, seconds: float, objects: int, bundles: int) -> None:
         self.jobs.labels(outcome).inc()
@@ -95,12 +165,15 @@ class Metrics:
 class LisStatsCollector(Collector):
     """Exports the LastInfoSec client's counters (``LisStats``) at scrape time."""
 
-    def __init__(self, stats: Any) -> None:
+    def __init__(self, stats: Any, name: Callable[[str], str] = str) -> None:
         self._stats = stats
+        self._name = name
 
     def collect(self) -> Iterable[Any]:
         s = self._stats
-        req = CounterMetricFamily("lis_api_requests", "LastInfoSec HTTP answers", labels=["status"])
+        req = CounterMetricFamily(
+            self._name("lis_api_requests"), "LastInfoSec HTTP answers", labels=["status"]
+        )
         for status, n in sorted(getattr(s, "responses_by_status", {}).items()):
             req.add_metric([str(status)], n)
         yield req
@@ -118,7 +191,7 @@ class LisStatsCollector(Collector):
             ("lis_cache_misses", "cache_misses", "Lookups not in the in-process cache"),
             ("lis_coalesced", "coalesced", "Lookups served by an identical lookup in flight"),
         ):
-            c = CounterMetricFamily(name, doc)
+            c = CounterMetricFamily(self._name(name), doc)
             c.add_metric([], float(getattr(s, attr, 0)))
             yield c
 

@@ -148,9 +148,11 @@ class WorkerProcess(subprocess.Popen[bytes]):
     log_path: Path
 
 
-def start_worker_process(env: Mapping[str, str], log_path: Path | None = None) -> WorkerProcess:
-    """``lis-async run`` as a real process. Its output goes to a file (a pipe nobody reads
-    would block the worker once full)."""
+def start_worker_process(
+    env: Mapping[str, str], log_path: Path | None = None, python: str = sys.executable
+) -> WorkerProcess:
+    """``lis-async run`` as a real process (``python``: another interpreter, e.g. the pycti
+    floor's venv). Its output goes to a file (a pipe nobody reads would block the worker)."""
     full = {
         k: v
         for k, v in os.environ.items()
@@ -163,7 +165,7 @@ def start_worker_process(env: Mapping[str, str], log_path: Path | None = None) -
         log_path = Path(name)
     with log_path.open("ab") as out:
         proc = WorkerProcess(
-            [sys.executable, "-m", "lis_async.cli", "run"],
+            [python, "-m", "lis_async.cli", "run"],
             env=full,
             stdout=out,
             stderr=subprocess.STDOUT,

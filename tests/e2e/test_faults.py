@@ -204,6 +204,13 @@ async def test_sigkill_mid_run_duplicates_only_jobs_in_flight() -> None:
         # ...and each of them published its messages at most twice.
         for wid, extra in dups.items():
             assert extra <= len({o["id"] for o in world.worker.objects_by_work[wid]}), wid
+        # No work ever read "complete" while it expected fewer objects than it finally imported
+        # (a redelivered job asks its work whether the first attempt added its expectations).
+        distinct = {
+            w: len({o["id"] for o in world.worker.objects_by_work.get(w, [])}) for w in works
+        }
+        early = world.platform.early_completions(works, imported=distinct)
+        assert early == [], "\n".join(str(e) for e in early[:5])
 
 
 async def _unacked_zero(queue: str) -> bool:
@@ -445,10 +452,11 @@ def _failed_calls(world: SimWorld, operation: str, since: float) -> int:
 
 @pytest.mark.slow
 async def test_opencti_outage_jobs_wait_unacked_and_complete_when_it_returns() -> None:
-    """The outage lasts until the test has seen the jobs and the heartbeat wait through it (a
-    few seconds, to keep the suite fast); the product waits out any length: platform calls are
-    retried with capped back-off for as long as it takes, the heartbeat loop never gives up."""
+    """A 15 s platform outage: jobs wait unacked on one health gate (one probe a second, not
+    one retry loop per job), intake pauses, readiness says why, and when the platform is back
+    every job completes within 3 s; the heartbeat waits it out too."""
     prefetch = 16
+    outage_s = 15.0
     lis = LisSimConfig(latency_s=0.01, known_share=1.0, bundle_size=5)
     # The app's own heartbeat loop, at the shortest interval the setting allows (1 s; 40 s by
     # default). Readiness counts the last successful ping as fresh for three intervals.
@@ -464,38 +472,41 @@ async def test_opencti_outage_jobs_wait_unacked_and_complete_when_it_returns() -
         assert await poll(lambda: len(rec.pings) >= 2, 30)
         assert await poll(lambda: app.checks()["heartbeat"], 30)
 
-        # Down until every check below is done, however long they take on a loaded machine.
         world.platform.config.outage = True
         down_at = time.time()
         jobs = await world.producer.publish_many(40, kind="manual")
         works = work_ids(jobs)
 
-        # While down: jobs in flight keep retrying, prefetch-bounded, and none is acked.
-        assert await poll(
-            lambda: _failed_calls(world, "workToReceived", down_at) >= 3 * prefetch, 60
-        )
+        # While down: the jobs in flight wait unacked, intake is paused, one probe a second.
         assert await poll(lambda: consumer.in_flight == prefetch, 30), consumer.in_flight
+        assert await poll(lambda: consumer.paused and not app.checks()["platform"], 30)
+        assert await poll(lambda: _failed_calls(world, "healthCheck", down_at) >= 3, 30)
         ready, unacked = await queue_depth(world.names()["listen"])
         assert (ready, unacked) == (len(works) - prefetch, prefetch)
         assert completed(world, works) == 0
-        # The heartbeat keeps trying. Pings go one at a time, so once a failed one reached the
-        # platform no successful one is still on its way: last_heartbeat is final until the
-        # platform is back. Failed pings do not count, and readiness drops once the last good
-        # one is three intervals old.
+        # Each job tried its first report once at most; then it waited on the gate.
+        assert _failed_calls(world, "workToReceived", down_at) <= prefetch
+        # The heartbeat keeps trying; failed pings do not count, and readiness drops once the
+        # last good one is three intervals old.
         assert await poll(lambda: _failed_calls(world, "PingConnector", down_at) >= 1, 30)
         hb_before = app.platform.last_heartbeat
         assert hb_before is not None
-        assert await poll(lambda: _failed_calls(world, "PingConnector", down_at) >= 3, 30)
         assert await poll(lambda: not app.checks()["heartbeat"], 30)
+        await asyncio.sleep(max(0.0, down_at + outage_s - time.time()))
         assert app.platform.last_heartbeat == hb_before
         assert completed(world, works) == 0 and world.platform.in_outage
+        assert _failed_calls(world, "workToReceived", down_at) <= prefetch  # still no retry loops
 
-        # Back up: every job completes, nothing was published twice, the heartbeat resumes.
+        # Back up: every job completes within 3 s, nothing was published twice, the heartbeat
+        # and intake resume.
         world.platform.config.outage = False
         up_at = time.time()
         assert await world.platform.wait_works(works, timeout=60)
+        last_done = max(t for w in works if (t := world.platform.works[w].completed_time))
+        assert last_done - up_at <= 3.0, last_done - up_at
         assert await world.worker.wait_idle(timeout=30)
         assert_nothing_lost(world, works)
+        assert not consumer.paused and app.checks()["platform"]
         assert await poll(lambda: any(t >= up_at for t in rec.pings), 30)
         assert await poll(
             lambda: (hb := app.platform.last_heartbeat) is not None and hb > hb_before, 30
@@ -722,3 +733,37 @@ async def test_full_push_queue_slows_the_worker_down_and_drops_nothing(
 
 async def _push_full(queue: str, max_length: int) -> bool:
     return (await queue_depth(queue))[0] == max_length
+
+
+@pytest.mark.slow
+async def test_broker_connection_closed_twice_logs_two_quiet_pairs() -> None:
+    """On-call engineers read tracebacks as incidents: an expected reconnection logs one
+    WARNING when the connections go and one INFO when they are back, nothing else."""
+    needs_rabbitmqctl()
+    lis = LisSimConfig(latency_s=0.3, known_share=1.0, bundle_size=5)
+    async with SimWorld(
+        lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+    ) as world:
+        proc = start_worker_process(world.env() | FAST_ENV)
+        try:
+            assert await world.wait_registration(timeout=30)
+            await world.start_worker_emulation()
+            jobs = await world.producer.publish_many(400, kind="manual")
+            works = work_ids(jobs)
+            for cut in (1, 2):
+                assert await poll(lambda c=cut: completed(world, works) >= 40 * c, 60)
+                names = ["lis-async consumer", "lis-async publisher"]
+                connections = await find_worker_connections(proc.pid, names)
+                assert len(connections) == 2, connections
+                await close_connections(connections)
+                assert await poll(
+                    lambda c=cut: worker_log(proc).count("broker connection back after") >= c, 60
+                ), worker_log(proc)[-3000:]
+            assert await world.platform.wait_works(works, timeout=120)
+        finally:
+            await stop_async(proc)
+        log = worker_log(proc)
+    assert log.count("WARNING lis_async.amqp: broker connection lost") == 2, log[-4000:]
+    assert log.count("INFO    lis_async.amqp: broker connection back after") == 2, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+    assert " ERROR " not in log, log[-4000:]

@@ -12,7 +12,7 @@ from lis_async.check import run_check
 from lis_async.config import load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.world import SimWorld
-from tests.helpers import poll, world_with_worker
+from tests.helpers import app_only, poll, world_with_worker
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -139,3 +139,35 @@ async def test_demo_explains_how_to_start_rabbitmq(capsys: pytest.CaptureFixture
 
     assert await run_demo(jobs=1, amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/") == 1
     assert "rabbitmq-server -detached" in capsys.readouterr().err
+
+
+async def test_pycti_metrics_prefix_and_queue_threshold_in_a_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """CONNECTOR_METRICS_NAMESPACE / _SUBSYSTEM prefix every metric, collectors included;
+    CONNECTOR_QUEUE_THRESHOLD is reported in the heartbeat and warned about once, as not applied;
+    unset, no warning."""
+    env = {
+        "CONNECTOR_METRICS_NAMESPACE": "octi",
+        "CONNECTOR_METRICS_SUBSYSTEM": "lis",
+        "CONNECTOR_QUEUE_THRESHOLD": "123",
+    }
+    caplog.set_level("WARNING", logger="lis_async")
+    async with SimWorld() as world:
+        async with app_only(world, env) as run:
+            text = run.app.metrics.render().decode()
+            names = re.findall(r"^# HELP (\S+)", text, re.M)
+            assert (
+                "octi_lis_lis_jobs_running" in names and "octi_lis_lis_api_retries_total" in names
+            )
+            assert all(n.startswith("octi_lis_lis_") for n in names), names
+            connector = world.platform.connectors[run.app.settings.connector.id]
+            assert await poll(lambda: connector.connector_info is not None, 10)
+            assert connector.connector_info is not None
+            assert connector.connector_info["queue_threshold"] == 123.0
+        warned = [r for r in caplog.records if "CONNECTOR_QUEUE_THRESHOLD" in r.getMessage()]
+        assert len(warned) == 1 and "not applied yet" in warned[0].getMessage()
+        caplog.clear()
+        async with app_only(world) as run:
+            assert "\n# HELP lis_jobs_running " in run.app.metrics.render().decode()
+        assert not [r for r in caplog.records if "CONNECTOR_QUEUE_THRESHOLD" in r.getMessage()]

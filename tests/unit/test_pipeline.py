@@ -56,6 +56,7 @@ class FakePlatform:
         self.calls: list[tuple[Any, ...]] = []
         self.fail: dict[str, list[Exception]] = {}
         self.entity: dict[str, Any] | None = None
+        self.recorded = 0  # expectations the work already has (work_expectations)
 
     def _maybe_fail(self, name: str) -> None:
         errors = self.fail.get(name)
@@ -78,6 +79,11 @@ class FakePlatform:
 
     async def ping_work(self, work_id: str, draft_id: str | None) -> None:
         self.calls.append(("ping", work_id))
+
+    async def work_expectations(self, work_id: str, draft_id: str | None) -> int:
+        self._maybe_fail("tracking")
+        self.calls.append(("tracking", work_id))
+        return self.recorded
 
     async def playbook_step(self, ctx: Any, execution_start: str, bundle_json: str) -> None:
         self._maybe_fail("playbook")
@@ -267,11 +273,26 @@ async def test_one_delivery_per_job_after_its_expectations() -> None:
     assert ("expectations", WORK, result.bundles) in platform.calls
 
 
-async def test_redelivered_job_does_not_add_expectations_again() -> None:
+async def test_redelivered_job_does_not_add_expectations_the_work_already_has() -> None:
     pipeline, platform, publisher = make(FakeLookup(ANSWER))
+    platform.recorded = 100  # the first attempt added them before it was lost
     result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"), redelivered=True)
     assert result.outcome is Outcome.ENRICHED and publisher.published
-    assert platform.names() == ["received", "processed"]
+    assert platform.names() == ["received", "tracking", "processed"]
+
+
+async def test_redelivered_job_adds_the_expectations_the_first_attempt_did_not() -> None:
+    pipeline, platform, publisher = make(FakeLookup(ANSWER))
+    platform.fail = {"tracking": [PlatformError("DATABASE_ERROR")]}  # retried like any report
+    result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"), redelivered=True)
+    assert result.outcome is Outcome.ENRICHED
+    assert platform.names() == ["received", "tracking", "expectations", "processed"]
+    assert ("expectations", WORK, len(publisher.published)) in platform.calls
+    # Partly recorded (a different answer the first time): only the difference is added.
+    pipeline, platform, publisher = make(FakeLookup(ANSWER))
+    platform.recorded = 2
+    await pipeline.handle(job_body("manual_stixfile_amber_shared.json"), redelivered=True)
+    assert ("expectations", WORK, len(publisher.published) - 2) in platform.calls
 
 
 async def test_same_job_twice_gives_the_same_ids() -> None:

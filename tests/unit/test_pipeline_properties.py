@@ -202,6 +202,7 @@ class Platform:
     entity: Any = None
     dead: bool = False
     flaky: int = 0
+    recorded: int = 0  # expectations a redelivered job's work already has
     calls: list[str] = field(default_factory=list)
     failed: dict[str, int] = field(default_factory=dict)
 
@@ -229,6 +230,11 @@ class Platform:
 
     async def ping_work(self, work_id: str, draft_id: str | None) -> None:
         self.calls.append("ping")
+
+    async def work_expectations(self, work_id: str, draft_id: str | None) -> int:
+        self._outage("tracking")
+        self.calls.append("tracking")
+        return self.recorded
 
     async def playbook_step(self, ctx: Any, execution_start: str, bundle_json: str) -> None:
         assert isinstance(orjson.loads(bundle_json).get("objects"), list)
@@ -351,6 +357,8 @@ def test_handle_returns_a_result_or_raises_fatal_only(
         assert platform.calls.count("processed") == 1 and platform.calls[-1] == "processed"
         if result.outcome is Outcome.ENRICHED:
             assert publisher.published == result.bundles > 0
-            assert ("expectations" in platform.calls) is not redelivered
+            # A redelivery asks the work first: here it recorded nothing, so they are added.
+            assert "expectations" in platform.calls
+            assert ("tracking" in platform.calls) is redelivered
         else:
             assert publisher.published == 0

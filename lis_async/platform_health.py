@@ -1,0 +1,104 @@
+"""One shared view of "OpenCTI is down", instead of every job backing off on its own.
+
+The first call that finds the platform unavailable (:class:`~lis_async.errors.PlatformUnavailable`:
+unreachable, timeout, HTTP 5xx) closes the gate, with one WARNING. While it is closed every job
+waits on it, intake is paused (the listeners: the consumer stops taking deliveries, so the
+prefetch does not fill with jobs that cannot report), and a single probe asks the platform every
+``connector.platform_probe_s``. The probe's first success opens the gate (one INFO line with the
+outage's length): every waiting job goes on at once and intake resumes. GraphQL errors (the
+platform answered) never close it: those calls are retried one by one with back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from lis_async.errors import PlatformAuthError, PlatformError
+
+log: Final = logging.getLogger("lis_async.platform")
+
+Listener = Callable[[bool], Awaitable[None]]  # called with True when up, False when down
+
+
+class PlatformHealth:
+    """The gate (see the module docstring). ``probe`` is a cheap call that raises
+    :class:`~lis_async.errors.PlatformError` while the platform is down."""
+
+    def __init__(self, probe: Callable[[], Awaitable[object]], probe_interval_s: float) -> None:
+        self._probe = probe
+        self._interval = probe_interval_s
+        self._up: asyncio.Event | None = None
+        self._down_since: float | None = None
+        self._prober: asyncio.Task[None] | None = None
+        self._listeners: list[Listener] = []
+        self.outages = 0
+
+    @property
+    def up(self) -> bool:
+        return self._down_since is None
+
+    def _event(self) -> asyncio.Event:
+        if self._up is None:
+            self._up = asyncio.Event()
+            self._up.set()
+        return self._up
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    async def wait_up(self) -> None:
+        """Return at once while up; while down, when the platform is back."""
+        if self._down_since is not None:
+            await self._event().wait()
+
+    def unavailable(self, what: str, exc: BaseException) -> None:
+        """``what`` found the platform unavailable: close the gate (once) and start probing."""
+        if self._down_since is not None:
+            return
+        self._down_since = time.monotonic()
+        self.outages += 1
+        self._event().clear()
+        log.warning(
+            "OpenCTI unavailable (%s: %s): jobs wait, intake paused, one probe every %.1f s",
+            what,
+            exc,
+            self._interval,
+        )
+        self._prober = asyncio.get_running_loop().create_task(self._probe_until_up())
+        self._prober.set_name("platform-probe")
+
+    async def _probe_until_up(self) -> None:
+        await self._notify(False)
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self._probe()
+            except PlatformAuthError:
+                break  # it answers: the pipeline will meet the refusal and stop the worker
+            except PlatformError:
+                continue
+            break
+        down_for = time.monotonic() - (self._down_since or time.monotonic())
+        self._down_since = None
+        self._event().set()
+        log.info("OpenCTI answers again after %.1f s: jobs resume, intake resumed", down_for)
+        await self._notify(True)
+
+    async def _notify(self, up: bool) -> None:
+        for listener in self._listeners:
+            try:
+                await listener(up)
+            except Exception:  # a listener must never stop the probe
+                log.exception("platform health listener failed")
+
+    async def close(self) -> None:
+        prober, self._prober = self._prober, None
+        if prober is not None:
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prober
