@@ -339,7 +339,7 @@ class LastInfoSecClient:
                 result = await self._limited_attempt(url, body, endpoint, value, seg)
             except _Transient as failure:
                 if not failure.throttled:
-                    await gate.failed(failure.cause)
+                    await gate.failed(failure.cause, probe)
                 else:  # a 429 is an answer: LastInfoSec is up, only busy
                     gate.last_answer = time.monotonic()
                     if probe or gate.down:

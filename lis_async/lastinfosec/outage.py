@@ -65,8 +65,10 @@ class OutageGate:
                 raise
         return True
 
-    async def failed(self, cause: str) -> None:
-        """A request failed transiently: an outage starts when nothing answered lately."""
+    async def failed(self, cause: str, probe: bool) -> None:
+        """A request failed transiently: an outage starts when nothing answered lately.
+        ``probe``: it was the probe (its turn ends); a request sent before the outage was seen
+        leaves the probe turn alone."""
         now = time.monotonic()
         cond = self._condition()
         async with cond:
@@ -80,9 +82,11 @@ class OutageGate:
                 )
             if self.down_since is not None:
                 self.cause = cause
-                self._next_probe = now + self._interval
-            self._probing = False
-            cond.notify_all()
+                if probe or not self._probing:
+                    self._next_probe = now + self._interval
+            if probe:
+                self._probing = False
+                cond.notify_all()
 
     async def answered(self) -> None:
         """LastInfoSec answered (called only while down or after a probe): it is up."""

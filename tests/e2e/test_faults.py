@@ -767,3 +767,54 @@ async def test_broker_connection_closed_twice_logs_two_quiet_pairs() -> None:
     assert log.count("INFO    lis_async.amqp: broker connection back after") == 2, log[-4000:]
     assert "Traceback" not in log, log[-4000:]
     assert " ERROR " not in log, log[-4000:]
+
+
+@pytest.mark.slow
+async def test_a_20_s_lastinfosec_outage_is_waited_out_by_one_probe_a_second() -> None:
+    lis = LisSimConfig(latency_s=0.05, known_share=1.0, bundle_size=5)
+    async with world_with_worker(
+        lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+    ) as run:
+        world = run.world
+        jobs = await world.producer.publish_many(300, kind="manual")
+        works = work_ids(jobs)
+        assert await world.platform.wait_until(lambda: completed(world, works) >= 20, 60)
+        world.lis.config.error_rate = 1.0  # every request answered 500
+        down_at = time.time()
+        await asyncio.sleep(20)
+        world.lis.config.error_rate = 0.0
+        up_at = time.time()
+        assert await world.platform.wait_works(works, timeout=120)
+        assert in_error(world, works) == []  # nothing failed: the outage was waited out
+    requests = list(world.lis.stats.requests)
+    during = [r for r in requests if down_at + 2 <= r.time < up_at]
+    # Once the outage is seen (about a second), one probe a second for the whole worker, not
+    # one retry loop per job (32 lookups at a time would send hundreds).
+    assert len(during) <= 1.5 * (up_at - down_at - 2) + 5, len(during)
+    resumed = min(r.time for r in requests if r.time >= up_at and r.status == 200)
+    assert resumed - up_at <= 2.0, resumed - up_at
+
+
+@pytest.mark.slow
+async def test_an_outage_longer_than_the_budget_ends_the_works_in_error_and_stops() -> None:
+    env = {"LASTINFOSEC_RETRY_BUDGET_S": "3"}
+    lis = LisSimConfig(latency_s=0.01, known_share=1.0, error_rate=1.0, api_key=LIS_KEY)
+    async with world_with_worker(
+        env=env, lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+    ) as run:
+        world = run.world
+        jobs = await world.producer.publish_many(10, kind="manual", entity_type="Domain-Name")
+        works = work_ids(jobs)
+        assert await world.platform.wait_works(works, timeout=60)
+        for wid in works:
+            w = world.platform.works[wid]
+            assert w.in_error, w
+            (error,) = [e["message"] for e in w.errors]
+            assert "gave up after 3 s (budget 3 s, " in error, error
+            assert "LastInfoSec down for" in error and "last cause: HTTP 500" in error, error
+            assert LIS_KEY not in error
+        # Nothing loops: with no job waiting, nothing is sent any more.
+        sent = world.lis.stats.total
+        await asyncio.sleep(3)
+        assert world.lis.stats.total == sent
+        assert run.app.consumer is not None and run.app.consumer.accepting

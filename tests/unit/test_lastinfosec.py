@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
 import re
 import time
@@ -944,3 +945,38 @@ async def test_sliding_window_limiter_never_exceeds_capacity_in_any_window() -> 
         assert times[i + 10] - times[i] >= 0.2 - 1e-6
     # ... and the limiter sustains its rate: 35 acquisitions in just over three windows.
     assert times[-1] - times[0] < 1.5  # one at a time per window would take 7 s
+
+
+async def test_outage_gate_lets_one_probe_through_per_interval() -> None:
+    """While LastInfoSec is down, ten lookups retrying send one probe per interval between
+    them, not ten; the first answer releases every waiter at once."""
+    from lis_async.lastinfosec.outage import OutageGate
+
+    gate = OutageGate(probe_interval_s=0.2, outage_after_s=0.0)
+    sent: list[tuple[float, bool]] = []
+    up = asyncio.Event()
+    t0 = time.monotonic()
+
+    async def lookup() -> float:
+        while True:
+            probe = await gate.admit()
+            sent.append((time.monotonic() - t0, probe))
+            await asyncio.sleep(0.01)  # the request
+            if up.is_set():
+                gate.last_answer = time.monotonic()
+                await gate.answered()
+                return time.monotonic()
+            await gate.failed("HTTP 503", probe)
+
+    tasks = [asyncio.create_task(lookup()) for _ in range(10)]
+    await asyncio.sleep(1.0)
+    up.set()
+    up_at = time.monotonic() - t0
+    done = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    before = [(t, probe) for t, probe in sent if t < up_at]
+    assert sum(1 for _, probe in before if not probe) == 10  # the first round, before it was seen
+    probes = [t for t, probe in before if probe]
+    assert 3 <= len(probes) <= 6  # ~1 s / 0.2 s, one at a time
+    assert all(b - a >= 0.15 for a, b in itertools.pairwise(probes))
+    assert max(done) - min(done) < 0.5  # everyone goes on together once it answers
+    assert not gate.down and gate.outages == 1
