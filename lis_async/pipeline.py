@@ -211,7 +211,8 @@ class Pipeline:
         if isinstance(found, Result):
             return found
         try:
-            bundle = stix.build_bundle(job, found.bundles, confidence=self._policy.confidence)
+            built = stix.build(job, found.bundles, confidence=self._policy.confidence)
+            bundle = built.bundle
             delivery = prepare(
                 bundle,
                 applicant_id=job.applicant_id or self._policy.connector_user_id,
@@ -238,7 +239,8 @@ class Pipeline:
         await self._deliver(run, delivery)
         return Result(
             Outcome.ENRICHED,
-            f"Sent {delivery.objects} object(s) in {len(delivery.bodies)} bundle(s)",
+            f"Sent {delivery.objects} object(s) in {len(delivery.bodies)} bundle(s)"
+            + built.left_out(),
             objects=delivery.objects,
             bundles=len(delivery.bodies),
         )
@@ -329,14 +331,15 @@ class Pipeline:
         if isinstance(found, Result):
             return found, stix.playbook_passthrough(job)
         try:
-            bundle = stix.build_bundle(job, found.bundles, confidence=self._policy.confidence)
+            built = stix.build(job, found.bundles, confidence=self._policy.confidence)
         except Exception as exc:
             return Result(
                 Outcome.FAILED, f"Cannot build a STIX bundle: {exc}"[:500]
             ), stix.playbook_passthrough(job)
+        bundle = built.bundle
         n = len(bundle.get("objects", []))
         return Result(
-            Outcome.ENRICHED, f"Returned {n} object(s) to the playbook"
+            Outcome.ENRICHED, f"Returned {n} object(s) to the playbook" + built.left_out()
         ), bundle  # objects/bundles stay 0: nothing is published for a playbook
 
     # -- shared ------------------------------------------------------------------------------
