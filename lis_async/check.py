@@ -75,7 +75,6 @@ async def _check_lastinfosec(settings: Settings, report: Report) -> None:
         stix_id="file--probe",
         value=None,
         hashes=MappingProxyType({"SHA-256": PROBE_HASH}),
-        tlp="TLP:CLEAR",
         marking_refs=(),
         granted_refs=None,
         stix=MappingProxyType({}),

@@ -68,6 +68,12 @@ class PlatformPort(Protocol):
         read. Turning it into STIX is :func:`lis_async.stix.observable_from_platform`'s job."""
         ...
 
+    async def read_marking(self, marking_id: str) -> Mapping[str, Any] | None:
+        """The platform's ``markingDefinition`` node (``standard_id``, ``definition_type``,
+        ``definition``, ``x_opencti_order``), or None when the platform does not know it (or
+        hides it from the connector). Markings are global: no draft header."""
+        ...
+
 
 class PublisherPort(Protocol):
     """The connector's push queue.

@@ -85,7 +85,6 @@ def obs(entity_type: str, value: str | None = None, **hashes: str) -> Observable
         stix_id=f"{stix_type}--00000000-0000-4000-8000-000000000000",
         value=value,
         hashes=MappingProxyType({k.replace("_", "-"): v for k, v in hashes.items()}),
-        tlp="TLP:CLEAR",
         marking_refs=(),
         granted_refs=None,
         stix=MappingProxyType({}),

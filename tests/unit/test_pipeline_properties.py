@@ -239,6 +239,10 @@ class Platform:
         self.calls.append("read")
         return self.entity
 
+    async def read_marking(self, marking_id: str) -> dict[str, Any] | None:
+        self.calls.append("marking")
+        return None
+
 
 class Publisher:
     def __init__(self) -> None:
@@ -253,10 +257,12 @@ class Publisher:
 
 
 def _expected_work(body: bytes) -> tuple[str | None, bool]:
-    """(work id the pipeline must report to, is it a playbook job)."""
+    """(work id the pipeline must report to, is it a playbook step it must answer)."""
     try:
         job = parse_job(body)
     except JobError as exc:
+        if exc.playbook is not None:  # a playbook step whose ids could be read is answered
+            return None, True
         return exc.work_id, False
     return (None, True) if job.playbook is not None else (job.work_id, False)
 
