@@ -153,6 +153,7 @@ class App:
                 max_tlp=s.lastinfosec.max_tlp,
                 confidence=s.connector.confidence_level,
                 connector_user_id=reg.connector_user_id,
+                max_pap=s.lastinfosec.max_pap,
             ),
             backoff=retry_backoff,
         )
@@ -190,10 +191,14 @@ class App:
             )
         )
         if s.health_port:
-            self.health_server = HealthServer(self.checks, None, port=s.health_port)
+            self.health_server = HealthServer(
+                self.checks, None, host=s.health_host, port=s.health_port
+            )
             self._servers.append(self.health_server)
         if s.expose_metrics:
-            self.metrics_server = HealthServer(self.checks, m, port=s.metrics_port)
+            self.metrics_server = HealthServer(
+                self.checks, m, host=s.health_host, port=s.metrics_port
+            )
             self._servers.append(self.metrics_server)
         for server in self._servers:
             await server.start()

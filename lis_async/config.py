@@ -25,11 +25,13 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
 from lis_async.errors import SettingsError
 from lis_async.job import SUPPORTED_TYPES, normalise_tlp
+from lis_async.markings import normalise_pap
 from lis_async.redact import mask_url
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
@@ -77,7 +79,7 @@ class _Section(BaseModel):
 
 
 class OpenCTISettings(_Section):
-    url: str
+    url: str = Field(repr=False)  # may carry credentials: masked in the summary
     token: SecretStr
     ssl_verify: Bool = True
     json_logging: Bool = False
@@ -117,6 +119,8 @@ class ConnectorSettings(_Section):
     expose_metrics: Bool = False
     metrics_port: int = Field(9095, ge=0, le=65535)
     health_port: int = Field(9096, ge=0, le=65535, description="0 disables /healthz")
+    # Address of the /healthz, /readyz and /metrics servers; 0.0.0.0 is what works in a container.
+    health_host: str = "0.0.0.0"
     heartbeat_interval_s: float = Field(40.0, ge=1, le=240)
     platform_retry_max_s: float = Field(60.0, gt=0)
 
@@ -127,6 +131,14 @@ class ConnectorSettings(_Section):
             return str(uuid.UUID(v.strip()))
         except ValueError:
             raise ValueError("must be a UUID (e.g. generated with uuidgen)") from None
+
+    @field_validator("health_host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        v = v.strip()
+        if not v or any(c.isspace() or c in "/@?#" for c in v):
+            raise ValueError("must be an IP address or a host name (e.g. 127.0.0.1)")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -167,7 +179,10 @@ class ConnectorSettings(_Section):
 
 class LastInfoSecSettings(_Section):
     api_key_cti: SecretStr
-    base_url: str = "https://api.client.lastinfosec.com/v2"
+    # Before base_url: its validator reads it. The key travels in the query string, so plain
+    # http is refused unless asked for (the simulators on loopback).
+    allow_http: Bool = False
+    base_url: str = Field("https://api.client.lastinfosec.com/v2", repr=False)  # like url
     endpoint_style: Literal["search_hash_host", "search"] = "search_hash_host"
     timeout_s: float = Field(30.0, gt=0)
     retries: int = Field(5, ge=0, le=100)
@@ -177,11 +192,14 @@ class LastInfoSecSettings(_Section):
     rate_per_s: float = Field(10.0, gt=0)
     rate_burst: int | None = Field(None, ge=1)
     max_tlp: str = "TLP:AMBER"
+    max_pap: OptStr = None  # None: no PAP gate
     cache_ttl_s: float = Field(3600.0, ge=0)
     cache_negative_ttl_s: float = Field(300.0, ge=0)
     cache_size: int = Field(10_000, ge=0)
+    cache_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
     ssl_verify: Bool = True
-    max_answer_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_answer_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_answer_objects: int = Field(5000, ge=1)
 
     @field_validator("api_key_cti")
     @classmethod
@@ -192,16 +210,26 @@ class LastInfoSecSettings(_Section):
 
     @field_validator("base_url")
     @classmethod
-    def _base(cls, v: str) -> str:
+    def _base(cls, v: str, info: ValidationInfo) -> str:
         v = v.strip().rstrip("/")
         if not v.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        if v.startswith("http://") and not info.data.get("allow_http"):
+            raise ValueError(
+                "is plain http: the API key would travel unencrypted (set "
+                "LASTINFOSEC_ALLOW_HTTP=true to allow it)"
+            )
         return v
 
     @field_validator("max_tlp")
     @classmethod
     def _tlp(cls, v: str) -> str:
         return normalise_tlp(v)
+
+    @field_validator("max_pap")
+    @classmethod
+    def _pap(cls, v: str | None) -> str | None:
+        return None if v is None else normalise_pap(v)
 
 
 class MqSettings(_Section):

@@ -178,3 +178,84 @@ def test_tls_verification_is_on_by_default_and_off_only_explicitly() -> None:
     assert s.opencti.ssl_verify is True and s.lastinfosec.ssl_verify is True
     s = load_settings(env=BASE_ENV | {"OPENCTI_SSL_VERIFY": "false"})
     assert s.opencti.ssl_verify is False and s.lastinfosec.ssl_verify is True
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #15: gates, caps, exposure, secrets from files
+
+
+def test_new_defaults() -> None:
+    s = load_settings(env=BASE_ENV)
+    assert s.lastinfosec.max_pap is None  # no PAP gate unless asked
+    assert s.lastinfosec.max_answer_bytes == 4 * 1024 * 1024
+    assert s.lastinfosec.max_answer_objects == 5000
+    assert s.lastinfosec.cache_max_bytes == 64 * 1024 * 1024
+    assert s.lastinfosec.allow_http is False
+    assert s.connector.health_host == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("pap:amber", "PAP:AMBER"), ("PAP:WHITE", "PAP:CLEAR"), ("red", "PAP:RED")],
+)
+def test_max_pap(value: str, expected: str) -> None:
+    assert (
+        load_settings(env=BASE_ENV | {"LASTINFOSEC_MAX_PAP": value}).lastinfosec.max_pap == expected
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"LASTINFOSEC_MAX_PAP": "PAP:PURPLE"},
+            "LASTINFOSEC_MAX_PAP (lastinfosec.max_pap): unknown PAP",
+        ),
+        (
+            {"LASTINFOSEC_BASE_URL": "http://lis.internal/v2"},
+            "LASTINFOSEC_BASE_URL (lastinfosec.base_url): is plain http: the API key would travel "
+            "unencrypted (set LASTINFOSEC_ALLOW_HTTP=true to allow it)",
+        ),
+        (
+            {"LASTINFOSEC_MAX_ANSWER_OBJECTS": "0"},
+            "LASTINFOSEC_MAX_ANSWER_OBJECTS (lastinfosec.max_answer_objects)",
+        ),
+        ({"CONNECTOR_HEALTH_HOST": "0.0.0.0/0"}, "CONNECTOR_HEALTH_HOST (connector.health_host)"),
+    ],
+)
+def test_new_settings_name_the_variable(env: dict[str, str], expected: str) -> None:
+    problems = errors_for(BASE_ENV | env)
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_plain_http_lastinfosec_only_when_allowed() -> None:
+    env = BASE_ENV | {
+        "LASTINFOSEC_BASE_URL": "http://127.0.0.1:8089/v2",
+        "LASTINFOSEC_ALLOW_HTTP": "true",
+    }
+    assert load_settings(env=env).lastinfosec.base_url == "http://127.0.0.1:8089/v2"
+    # OpenCTI itself often is plain http inside a deployment: no such rule there.
+    assert load_settings(env=BASE_ENV).opencti.url == "http://opencti:8080"
+
+
+def test_health_host() -> None:
+    assert (
+        load_settings(env=BASE_ENV | {"CONNECTOR_HEALTH_HOST": " 127.0.0.1 "}).connector.health_host
+        == "127.0.0.1"
+    )
+
+
+def test_credentials_in_urls_are_masked_in_the_summary() -> None:
+    s = load_settings(
+        env=BASE_ENV
+        | {
+            "OPENCTI_URL": "https://octi-user:octi-pass@opencti.example",
+            "LASTINFOSEC_BASE_URL": "https://lis-user:lis-pass@lis.example/v2",
+        }
+    )
+    summary = s.summary()
+    assert summary["opencti.url"] == "https://***@opencti.example"
+    assert summary["lastinfosec.base_url"] == "https://***@lis.example/v2"
+    text = str(summary) + repr(s) + str(s)
+    for secret in ("octi-pass", "lis-pass", "octi-user", "lis-user"):
+        assert secret not in text, secret
