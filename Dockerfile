@@ -51,12 +51,14 @@ ENV CONNECTOR_TYPE=INTERNAL_ENRICHMENT \
 # The wheels are bind-mounted from the builder, not copied: they never land in an image layer.
 # Only what `run` and `check` need: no extras, and the simulators and the benchmark
 # (lis_async/sim, lis_async/bench: tools for the demo, the tests and `lis-async bench`) are
-# removed from the installed package; `run` and `check` never import them.
+# removed from the installed package; `run` and `check` never import them. Last, the installer
+# goes too: nothing in the running container can fetch and install code.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels lis-async \
     && site=$(python -c "import lis_async, os; print(os.path.dirname(lis_async.__file__))") \
     && rm -rf "$site/sim" "$site/bench" \
-    && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin connector
+    && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin connector \
+    && pip uninstall -y pip setuptools wheel
 
 # The upstream path: `lis-async run` reads ./config.yml, i.e.
 # /opt/opencti-connector-lastinfosec-enrichment/config.yml when it is mounted.

@@ -292,7 +292,49 @@ def env_name(section: str, key: str) -> str:
 
 def all_env_names() -> list[str]:
     names = [env_name(s, k) for s in _SECTIONS for k in _keys(s)]
-    return names + list(LEGACY_ENV)
+    return names + list(LEGACY_ENV) + [f"{n}_FILE" for n in _secret_names()]
+
+
+# Secrets that may also be given as a file (Docker and Kubernetes secrets): NAME_FILE holds its
+# path, the file its value (one trailing newline stripped).
+SECRET_FILE_SETTINGS: Final = (("opencti", "token"), ("lastinfosec", "api_key_cti"))
+
+
+def _secret_names() -> list[str]:
+    names = [env_name(s, k) for s, k in SECRET_FILE_SETTINGS]
+    return names + [e for e, target in LEGACY_ENV.items() if target in SECRET_FILE_SETTINGS]
+
+
+def _read_secret(name: str, path: str, problems: list[str]) -> str | None:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:  # the message names the path, never the content
+        problems.append(f"{name}_FILE: cannot read {path!r} ({type(exc).__name__})")
+        return None
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _secret_files(env: Mapping[str, str]) -> dict[str, str]:
+    """``NAME`` -> the content of the file ``NAME_FILE`` points at, for the secrets that may
+    come from a file; a SettingsError naming the variable when a file cannot be read or when both
+    forms are set."""
+    out: dict[str, str] = {}
+    problems: list[str] = []
+    for name in _secret_names():
+        path = env.get(f"{name}_FILE")
+        if path is None:
+            continue
+        if env.get(name, "").strip():  # an empty value means "not set"
+            problems.append(f"{name} and {name}_FILE are both set: set only one of them")
+            continue
+        value = _read_secret(name, path, problems)
+        if value is not None:
+            out[name] = value
+    if problems:
+        raise SettingsError(problems)
+    return out
 
 
 def _where(section: str, key: str) -> str:
@@ -371,7 +413,9 @@ def load_settings(
 ) -> Settings:
     """Read config.yml (``--config``, ./config.yml, the upstream path) and the environment."""
     path = find_config_file(config_path)
-    raw = _merge(_Sources(_read_yaml(path), os.environ if env is None else env))
+    environ = os.environ if env is None else env
+    environ = {**environ, **_secret_files(environ)}
+    raw = _merge(_Sources(_read_yaml(path), environ))
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:

@@ -259,3 +259,52 @@ def test_credentials_in_urls_are_masked_in_the_summary() -> None:
     text = str(summary) + repr(s) + str(s)
     for secret in ("octi-pass", "lis-pass", "octi-user", "lis-user"):
         assert secret not in text, secret
+
+
+def test_secrets_from_files(tmp_path: Path) -> None:
+    token, key = tmp_path / "token", tmp_path / "key"
+    token.write_text("token-from-file\n")
+    key.write_text("key-from-file\r\n")
+    env = {k: v for k, v in BASE_ENV.items() if k not in ("OPENCTI_TOKEN", "CONFIG_LIS_APIKEY_CTI")}
+    s = load_settings(
+        env=env | {"OPENCTI_TOKEN_FILE": str(token), "LASTINFOSEC_API_KEY_CTI_FILE": str(key)}
+    )
+    assert s.opencti.token.get_secret_value() == "token-from-file"
+    assert s.lastinfosec.api_key_cti.get_secret_value() == "key-from-file"
+    # the upstream name has its _FILE form too; only one trailing newline goes
+    key.write_text("key\n\n")
+    s = load_settings(
+        env=env | {"OPENCTI_TOKEN_FILE": str(token), "CONFIG_LIS_APIKEY_CTI_FILE": str(key)}
+    )
+    assert s.lastinfosec.api_key_cti.get_secret_value() == "key\n"
+    assert "token-from-file" not in str(s.summary()) + repr(s)
+
+
+def test_unreadable_secret_file_names_the_variable_never_the_content(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    problems = errors_for(BASE_ENV | {"OPENCTI_TOKEN_FILE": str(missing)})
+    assert problems == ["OPENCTI_TOKEN and OPENCTI_TOKEN_FILE are both set: set only one of them"]
+    env = BASE_ENV | {"OPENCTI_TOKEN": ""}  # empty: not set
+    problems = errors_for(env | {"OPENCTI_TOKEN_FILE": str(missing)})
+    assert problems == [f"OPENCTI_TOKEN_FILE: cannot read {str(missing)!r} (FileNotFoundError)"]
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe-secret-bytes")
+    problems = errors_for(env | {"OPENCTI_TOKEN_FILE": str(binary)})
+    assert problems == [f"OPENCTI_TOKEN_FILE: cannot read {str(binary)!r} (UnicodeDecodeError)"]
+    assert "secret-bytes" not in "".join(problems)
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    assert (
+        "OPENCTI_TOKEN (opencti.token): must be set"
+        in errors_for(env | {"OPENCTI_TOKEN_FILE": str(empty)})[0]
+    )
+
+
+def test_file_variants_are_known_names() -> None:
+    names = all_env_names()
+    for name in (
+        "OPENCTI_TOKEN_FILE",
+        "LASTINFOSEC_API_KEY_CTI_FILE",
+        "CONFIG_LIS_APIKEY_CTI_FILE",
+    ):
+        assert name in names

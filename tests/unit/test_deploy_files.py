@@ -137,6 +137,15 @@ def test_compose_connector_service_as_the_seed() -> None:
     assert set(env) >= TUNING_ENV
 
 
+def test_compose_connector_service_is_hardened() -> None:
+    svc = compose()["services"][SERVICE]
+    assert svc["read_only"] is True
+    assert svc["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in svc["security_opt"]
+    assert svc["ulimits"] == {"core": 0}  # a core dump would hold the key and the token
+    assert any(str(t).split(":")[0] == "/tmp" for t in svc["tmpfs"])
+
+
 def test_compose_sets_only_known_setting_names() -> None:
     known = set(all_env_names()) | EXTRA_ENV | {n.lower() for n in EXTRA_ENV}
     for name, svc in compose()["services"].items():
@@ -254,6 +263,21 @@ def test_dockerfile_product_image_carries_no_tools() -> None:
     runs = " ".join(instruction(final_stage(), "RUN"))
     assert "lis-async[" not in runs.replace("'", "")
     assert '"$site/sim"' in runs and '"$site/bench"' in runs
+
+
+def test_dockerfile_product_image_drops_the_installer() -> None:
+    """Nothing in the running container can fetch and install code: pip goes last."""
+    runs = instruction(final_stage(), "RUN")
+    assert runs[-1].rstrip().endswith("pip uninstall -y pip setuptools wheel"), runs[-1]
+
+
+def test_dependency_floors_carry_the_security_fixes() -> None:
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    floors = {d.split(">=")[0].strip(): d for d in deps["dependencies"]}
+    assert floors["aiohttp"].startswith("aiohttp>=3.13.4")
+    assert floors["orjson"].startswith("orjson>=3.11.6")
 
 
 def test_dockerfile_runtime_contract() -> None:
