@@ -5,8 +5,9 @@ The pipeline (:mod:`lis_async.pipeline`) depends only on these Protocols, the da
 :mod:`lis_async.publisher`) implement them, and :mod:`lis_async.app` wires one to the other.
 Unit tests give the pipeline in-memory fakes of the same shape.
 
-Each port documents the errors it may raise; anything else escaping a port is a bug, which the
-consumer's ack policy handles (requeued once, then rejected: docs/architecture.md).
+Each port documents the errors it may raise; anything else escaping a port is a bug, which
+``Pipeline.run`` contains: the work ends in error with a generic message and the traceback goes to
+the log, a playbook step is still answered (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -336,10 +336,12 @@ def _healthcheck_argv() -> list[str]:
     return [sys.executable, *argv[1:]]
 
 
-async def _run_healthcheck(port: int | None) -> int:
-    env = {k: v for k, v in os.environ.items() if k != "CONNECTOR_HEALTH_PORT"}
+async def _run_healthcheck(port: int | None, host: str | None = None) -> int:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONNECTOR_HEALTH_")}
     if port is not None:
         env["CONNECTOR_HEALTH_PORT"] = str(port)
+    if host is not None:
+        env["CONNECTOR_HEALTH_HOST"] = host
     proc = await asyncio.create_subprocess_exec(
         *_healthcheck_argv(),
         env=env,
@@ -361,3 +363,20 @@ async def test_healthcheck_command_against_the_health_server() -> None:
     assert await _run_healthcheck(server.port) != 0
     # CONNECTOR_HEALTH_PORT=0 disables the server: nothing to check.
     assert await _run_healthcheck(0) == 0
+
+
+async def test_healthcheck_command_follows_the_health_host() -> None:
+    server = HealthServer(lambda: {"ok": True}, None, host="127.0.0.2", port=0)
+    await server.start()
+    try:
+        assert server.port
+        assert await _run_healthcheck(server.port, "127.0.0.2") == 0
+        assert await _run_healthcheck(server.port) != 0  # nothing on 127.0.0.1
+    finally:
+        await server.close()
+    wildcard = HealthServer(lambda: {"ok": True}, None, host="0.0.0.0", port=0)
+    await wildcard.start()
+    try:
+        assert await _run_healthcheck(wildcard.port, "0.0.0.0") == 0  # asked on 127.0.0.1
+    finally:
+        await wildcard.close()
