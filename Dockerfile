@@ -65,12 +65,14 @@ ENV CONNECTOR_TYPE=INTERNAL_ENRICHMENT \
 # The wheels are bind-mounted from the builder, not copied: they never land in an image layer.
 # Only what `run` and `check` need: no extras, and the simulators and the benchmark
 # (lis_async/sim, lis_async/bench: tools for the demo, the tests and `lis-async bench`) are
-# removed from the installed package; `run` and `check` never import them.
+# removed from the installed package; `run` and `check` never import them. Last, the installer
+# goes too: nothing in the running container can fetch and install code.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels -c /wheels/constraints.txt lis-async \
     && site=$(python -c "import lis_async, os; print(os.path.dirname(lis_async.__file__))") \
     && rm -rf "$site/sim" "$site/bench" \
-    && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin connector
+    && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin connector \
+    && pip uninstall -y pip setuptools wheel
 
 # The upstream path: `lis-async run` reads ./config.yml, i.e.
 # /opt/opencti-connector-lastinfosec-enrichment/config.yml when it is mounted.
@@ -83,10 +85,11 @@ USER 10001:10001
 EXPOSE 9095 9096
 
 # The health server starts once the connector is registered: give it a start period. Follows
-# CONNECTOR_HEALTH_PORT when set in the environment (0 = disabled = always healthy); a port
-# changed only in config.yml is not seen here.
+# CONNECTOR_HEALTH_PORT (0 = disabled = always healthy) and CONNECTOR_HEALTH_HOST (a wildcard
+# address is asked on 127.0.0.1) when set in the environment; values changed only in config.yml
+# are not seen here.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('CONNECTOR_HEALTH_PORT') or '9096'; port == '0' and sys.exit(0); urllib.request.urlopen('http://127.0.0.1:' + port + '/healthz', timeout=3)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('CONNECTOR_HEALTH_PORT') or '9096'; port == '0' and sys.exit(0); host = (os.environ.get('CONNECTOR_HEALTH_HOST') or '').strip(); host = '127.0.0.1' if host in ('', '0.0.0.0', '::') else host; host = '[' + host + ']' if ':' in host else host; urllib.request.urlopen('http://' + host + ':' + port + '/healthz', timeout=3)"]
 
 ENTRYPOINT ["lis-async"]
 CMD ["run"]

@@ -187,6 +187,7 @@ class App:
                 max_tlp=s.lastinfosec.max_tlp,
                 confidence=s.connector.confidence_level,
                 connector_user_id=reg.connector_user_id,
+                max_pap=s.lastinfosec.max_pap,
             ),
             backoff=retry_backoff,
             health=health,
@@ -227,7 +228,7 @@ class App:
         limiter = ClusterLimiter(link, lis.rate_per_s, lis.rate_burst, r.fallback_rate_share)
         shared = SharedAnswerCache(link, r.lease_s, r.coalesce_wait_s)
         self._spawn(link.maintain(), "redis")
-        self.metrics.add_collector(ClusterCollector(link, limiter, shared))
+        self.metrics.add_collector(ClusterCollector(link, limiter, shared, self.metrics.name))
         log.info("cluster mode: quota and cache shared through Redis %s", link.where)
         return LastInfoSecClient(
             lis, proxy=s.lastinfosec_proxy, limiter=limiter, shared_cache=shared
@@ -263,12 +264,12 @@ class App:
         )
         if s.health_port:
             self.health_server = HealthServer(
-                self.checks, None, port=s.health_port, details=self.details
+                self.checks, None, host=s.health_host, port=s.health_port, details=self.details
             )
             self._servers.append(self.health_server)
         if s.expose_metrics:
             self.metrics_server = HealthServer(
-                self.checks, m, port=s.metrics_port, details=self.details
+                self.checks, m, host=s.health_host, port=s.metrics_port, details=self.details
             )
             self._servers.append(self.metrics_server)
         for server in self._servers:

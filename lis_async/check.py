@@ -11,7 +11,7 @@ from lis_async.errors import LisError, PlatformError
 from lis_async.job import Observable
 from lis_async.lastinfosec import LastInfoSecClient
 from lis_async.platform import Platform, Registration
-from lis_async.redact import redact
+from lis_async.redact import mask_url, redact
 
 # A value LastInfoSec is asked about: the EICAR test file's SHA-256 (harmless, well known).
 PROBE_HASH = "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f"
@@ -37,14 +37,15 @@ async def run_check(settings: Settings, out: Callable[[str], None] = print) -> i
 
 async def _check_opencti(settings: Settings, report: Report) -> Registration | None:
     platform = Platform(settings)
+    url = mask_url(settings.opencti.url)  # it may carry credentials
     try:
         await platform.start()
         version = await platform.about()
         reg = await platform.register()
-        report(True, "opencti", f"{settings.opencti.url} (version {version}), connector registered")
+        report(True, "opencti", f"{url} (version {version}), connector registered")
         return reg
     except PlatformError as exc:
-        report(False, "opencti", f"{settings.opencti.url}: {exc}")
+        report(False, "opencti", f"{url}: {exc}")
         return None
     finally:
         await platform.close()
@@ -77,14 +78,13 @@ async def _check_lastinfosec(settings: Settings, report: Report) -> None:
         stix_id="file--probe",
         value=None,
         hashes=MappingProxyType({"SHA-256": PROBE_HASH}),
-        tlp="TLP:CLEAR",
         marking_refs=(),
         granted_refs=None,
         stix=MappingProxyType({}),
     )
     once = settings.lastinfosec.model_copy(update={"retry_budget_s": 0, "cache_size": 0})
     client = LastInfoSecClient(once, proxy=settings.lastinfosec_proxy)
-    base = settings.lastinfosec.base_url
+    base = mask_url(settings.lastinfosec.base_url)
     try:
         await client.start()
         result = await client.lookup(probe)

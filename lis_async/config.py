@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -34,6 +35,7 @@ from pydantic import (
 from lis_async import unsupported
 from lis_async.errors import SettingsError
 from lis_async.job import SUPPORTED_TYPES, normalise_tlp
+from lis_async.markings import normalise_pap
 from lis_async.redact import mask_url
 from lis_async.tls import AmqpTls, is_pem, mq_context
 
@@ -108,7 +110,7 @@ class _Section(BaseModel):
 
 
 class OpenCTISettings(_Section):
-    url: str
+    url: str = Field(repr=False)  # may carry credentials: masked in the summary
     token: SecretStr
     ssl_verify: Bool = True
     json_logging: Bool = False
@@ -157,6 +159,8 @@ class ConnectorSettings(_Section):
     expose_metrics: Bool = False
     metrics_port: int = Field(9095, ge=0, le=65535)
     health_port: int = Field(9096, ge=0, le=65535, description="0 disables /healthz")
+    # Address of the /healthz, /readyz and /metrics servers; 0.0.0.0 is what works in a container.
+    health_host: str = "0.0.0.0"
     heartbeat_interval_s: float = Field(40.0, ge=1, le=240)
     platform_retry_max_s: float = Field(60.0, gt=0)
     # While OpenCTI is unavailable: seconds between the probes of the health gate (jobs wait,
@@ -184,6 +188,14 @@ class ConnectorSettings(_Section):
             return str(uuid.UUID(v.strip()))
         except ValueError:
             raise ValueError("must be a UUID (e.g. generated with uuidgen)") from None
+
+    @field_validator("health_host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        v = v.strip()
+        if not v or any(c.isspace() or c in "/@?#" for c in v):
+            raise ValueError("must be an IP address or a host name (e.g. 127.0.0.1)")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -229,7 +241,10 @@ class ConnectorSettings(_Section):
 
 class LastInfoSecSettings(_Section):
     api_key_cti: SecretStr
-    base_url: str = "https://api.client.lastinfosec.com/v2"
+    # Before base_url: its validator reads it. The key travels in the query string, so plain
+    # http is refused unless asked for (the simulators on loopback).
+    allow_http: Bool = False
+    base_url: str = Field("https://api.client.lastinfosec.com/v2", repr=False)  # like url
     endpoint_style: Literal["search_hash_host", "search"] = "search_hash_host"
     timeout_s: float = Field(30.0, gt=0)
     # Superseded by retry_budget_s (transient failures are retried by time, not by count):
@@ -246,11 +261,14 @@ class LastInfoSecSettings(_Section):
     rate_per_s: float = Field(10.0, gt=0)
     rate_burst: int | None = Field(None, ge=1)
     max_tlp: str = "TLP:AMBER"
+    max_pap: OptStr = None  # None: no PAP gate
     cache_ttl_s: float = Field(3600.0, ge=0)
     cache_negative_ttl_s: float = Field(300.0, ge=0)
     cache_size: int = Field(10_000, ge=0)
+    cache_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
     ssl_verify: Bool = True
-    max_answer_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_answer_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_answer_objects: int = Field(5000, ge=1)
 
     @field_validator("api_key_cti")
     @classmethod
@@ -261,16 +279,26 @@ class LastInfoSecSettings(_Section):
 
     @field_validator("base_url")
     @classmethod
-    def _base(cls, v: str) -> str:
+    def _base(cls, v: str, info: ValidationInfo) -> str:
         v = v.strip().rstrip("/")
         if not v.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        if v.startswith("http://") and not info.data.get("allow_http"):
+            raise ValueError(
+                "is plain http: the API key would travel unencrypted (set "
+                "LASTINFOSEC_ALLOW_HTTP=true to allow it)"
+            )
         return v
 
     @field_validator("max_tlp")
     @classmethod
     def _tlp(cls, v: str) -> str:
         return normalise_tlp(v)
+
+    @field_validator("max_pap")
+    @classmethod
+    def _pap(cls, v: str | None) -> str | None:
+        return None if v is None else normalise_pap(v)
 
 
 class MqSettings(_Section):
@@ -432,7 +460,51 @@ def env_name(section: str, key: str) -> str:
 def all_env_names() -> list[str]:
     """Every variable the loader reads, refused pycti settings included."""
     names = [env_name(s, k) for s in _SECTIONS for k in _keys(s)]
-    return names + list(LEGACY_ENV) + unsupported.env_names()
+    return (
+        names + list(LEGACY_ENV) + unsupported.env_names() + [f"{n}_FILE" for n in _secret_names()]
+    )
+
+
+# Secrets that may also be given as a file (Docker and Kubernetes secrets): NAME_FILE holds its
+# path, the file its value (one trailing newline stripped).
+SECRET_FILE_SETTINGS: Final = (("opencti", "token"), ("lastinfosec", "api_key_cti"))
+
+
+def _secret_names() -> list[str]:
+    names = [env_name(s, k) for s, k in SECRET_FILE_SETTINGS]
+    return names + [e for e, target in LEGACY_ENV.items() if target in SECRET_FILE_SETTINGS]
+
+
+def _read_secret(name: str, path: str, problems: list[str]) -> str | None:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:  # the message names the path, never the content
+        problems.append(f"{name}_FILE: cannot read {path!r} ({type(exc).__name__})")
+        return None
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _secret_files(env: Mapping[str, str]) -> dict[str, str]:
+    """``NAME`` -> the content of the file ``NAME_FILE`` points at, for the secrets that may
+    come from a file; a SettingsError naming the variable when a file cannot be read or when both
+    forms are set."""
+    out: dict[str, str] = {}
+    problems: list[str] = []
+    for name in _secret_names():
+        path = env.get(f"{name}_FILE")
+        if path is None:
+            continue
+        if env.get(name, "").strip():  # an empty value means "not set"
+            problems.append(f"{name} and {name}_FILE are both set: set only one of them")
+            continue
+        value = _read_secret(name, path, problems)
+        if value is not None:
+            out[name] = value
+    if problems:
+        raise SettingsError(problems)
+    return out
 
 
 def _where(section: str, key: str) -> str:
@@ -512,7 +584,9 @@ def load_settings(
 ) -> Settings:
     """Read config.yml (``--config``, ./config.yml, the upstream path) and the environment."""
     path = find_config_file(config_path)
-    sources = _Sources(_read_yaml(path), os.environ if env is None else env)
+    environ = os.environ if env is None else env
+    environ = {**environ, **_secret_files(environ)}
+    sources = _Sources(_read_yaml(path), environ)
     # pycti settings lis-async does not implement, set to another value than what it does.
     refused = unsupported.problems(sources.yaml_data, sources.env, is_set)
     try:

@@ -7,6 +7,7 @@ the one list of observable types the connector enriches (:data:`OBSERVABLE_TYPES
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -15,28 +16,36 @@ from typing import Any, Final, Literal
 import orjson
 
 from lis_async.errors import JobError
-
-STIX_EXT_OCTI: Final = "extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba"
-STIX_EXT_OCTI_SCO: Final = "extension-definition--f93e2c80-4231-4f9a-af8b-95c9bd566a82"
-
-# TLP marking standard ids (docs/protocol.md §0), in increasing order of restriction.
-TLP_MARKINGS: Final[Mapping[str, str]] = MappingProxyType(
-    {
-        "marking-definition--613f2e26-407d-48c7-9eca-b8e91df99dc9": "TLP:CLEAR",
-        "marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da": "TLP:GREEN",
-        "marking-definition--f88d31f6-486f-44da-b317-01333bde0b82": "TLP:AMBER",
-        "marking-definition--826578e1-40ad-459f-bc73-ede076f81f37": "TLP:AMBER+STRICT",
-        "marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed": "TLP:RED",
-    }
+from lis_async.markings import (
+    STIX_EXT_OCTI,
+    STIX_EXT_OCTI_SCO,
+    TLP_ORDER,
+    MarkingDef,
+    collect,
+    normalise_tlp,
 )
-TLP_ORDER: Final[tuple[str, ...]] = (
-    "TLP:CLEAR",
-    "TLP:GREEN",
-    "TLP:AMBER",
-    "TLP:AMBER+STRICT",
-    "TLP:RED",
-)
-TLP_ALIASES: Final[Mapping[str, str]] = MappingProxyType({"TLP:WHITE": "TLP:CLEAR"})
+from lis_async.nesting import MAX_DEPTH, too_deep
+
+__all__ = [
+    "BY_ENTITY_TYPE",
+    "HASH_KEYS",
+    "LEGACY_HOSTNAME",
+    "MAX_BODY_BYTES",
+    "MAX_VALUE_CHARS",
+    "OBSERVABLE_TYPES",
+    "STIX_EXT_OCTI",
+    "STIX_EXT_OCTI_SCO",
+    "STIX_TO_ENTITY",
+    "SUPPORTED_TYPES",
+    "TLP_ORDER",
+    "Job",
+    "Observable",
+    "ObservableType",
+    "PlaybookContext",
+    "normalise_tlp",
+    "parse_job",
+    "parse_observable",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,20 +91,23 @@ HASH_KEYS: Final[Mapping[str, str]] = MappingProxyType(
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 MAX_VALUE_CHARS: Final = 8192
 
-
-def normalise_tlp(name: str) -> str:
-    """``tlp:amber`` / ``TLP:WHITE`` -> ``TLP:AMBER`` / ``TLP:CLEAR``; ValueError if unknown."""
-    up = name.strip().upper()
-    if not up.startswith("TLP:"):
-        up = "TLP:" + up
-    up = TLP_ALIASES.get(up, up)
-    if up not in TLP_ORDER:
-        raise ValueError(f"unknown TLP {name!r} (expected one of {', '.join(TLP_ORDER)})")
-    return up
-
-
-def tlp_rank(tlp: str) -> int:
-    return TLP_ORDER.index(tlp)
+# Identifiers as OpenCTI writes them (docs/protocol.md §3.1): work ids `work_<uuid>_<ISO time>`,
+# user, draft and playbook ids (UUIDs, stream ids), STIX ids. They end up in HTTP headers (the
+# draft id here, the applicant and work ids in the OpenCTI worker's requests) and in log lines, so
+# anything else (spaces, CR/LF, controls, 10 KB ids) is refused when the job is read.
+MAX_ID_CHARS: Final = 256
+_TOKEN_ID: Final = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:+\-]{{0,{MAX_ID_CHARS - 1}}}")
+_UUID: Final = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_ENTITY_ID: Final = re.compile(rf"(?:[a-z][a-z0-9-]{{0,63}}--)?{_UUID}")
+_TYPE_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+_PLAYBOOK_KEYS: Final = (
+    "event_id",
+    "execution_id",
+    "playbook_id",
+    "data_instance_id",
+    "step_id",
+    "previous_step_id",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +119,14 @@ class Observable:
     stix_id: str
     value: str | None  # domain/hostname/url value; the file name for files
     hashes: Mapping[str, str]  # canonical keys MD5, SHA-1, SHA-256, SHA-512; values lower-case
-    tlp: str  # most restrictive TLP among the markings; TLP:CLEAR when none
+    # Every marking id the entity carries, wherever it stands (lis_async.markings.collect);
+    # the gate (lis_async.gate) judges them, bundles carry them on what the connector creates.
     marking_refs: tuple[str, ...]
     granted_refs: tuple[str, ...] | None  # organisations the entity is shared with; None = unshared
     stix: Mapping[str, Any] = field(repr=False, compare=False)  # the entity as received
+    # What the entity itself says some markings are (GraphQL objectMarking), by lower-case id.
+    marking_defs: Mapping[str, MarkingDef] = field(default_factory=dict, compare=False)
+    unreadable_markings: int = 0  # marking entries that are not an id: the gate refuses them
 
     @property
     def supported(self) -> bool:
@@ -169,13 +185,21 @@ def _req_str(obj: Mapping[str, Any], key: str, what: str, work_id: str | None) -
     raise JobError(f"{what}.{key} must be a non-empty string, got {type(val).__name__}", work_id)
 
 
-def _marking_tlp(refs: tuple[str, ...]) -> str:
-    best = 0
-    for ref in refs:
-        name = TLP_MARKINGS.get(ref)
-        if name is not None:
-            best = max(best, TLP_ORDER.index(name))
-    return TLP_ORDER[best]
+def _checked(value: str, shape: re.Pattern[str], name: str, work_id: str | None) -> str:
+    """``value`` if it has the expected shape; else a JobError that does not repeat it (it may be
+    10 KB of control characters)."""
+    if shape.fullmatch(value):
+        return value
+    raise JobError(
+        f"{name} is not a valid identifier ({len(value)} characters; expected at most "
+        f"{MAX_ID_CHARS} letters, digits and _.:+-)",
+        work_id,
+    )
+
+
+def _opt_id(obj: Mapping[str, Any], key: str, what: str, work_id: str | None) -> str | None:
+    val = _opt_str(obj, key, what, work_id)
+    return None if val is None else _checked(val, _TOKEN_ID, f"{what}.{key}", work_id)
 
 
 def _granted_refs(entity: Mapping[str, Any]) -> tuple[str, ...] | None:
@@ -251,10 +275,10 @@ def parse_observable(
 
     hashes = _hashes(entity.get("hashes"))
 
-    raw_refs = entity.get("object_marking_refs") or []
-    if not isinstance(raw_refs, list):
+    raw_refs = entity.get("object_marking_refs")
+    if raw_refs and not isinstance(raw_refs, list):
         raise JobError("stix_entity.object_marking_refs must be a list", work_id)
-    refs = tuple(r for r in raw_refs if isinstance(r, str))
+    markings = collect(entity)
 
     return Observable(
         entity_type=entity_type,
@@ -262,48 +286,75 @@ def parse_observable(
         stix_id=stix_id,
         value=value,
         hashes=MappingProxyType(hashes),
-        tlp=_marking_tlp(refs),
-        marking_refs=refs,
+        marking_refs=markings.refs,
         granted_refs=_granted_refs(entity),
         stix=MappingProxyType(dict(entity)),
+        marking_defs=markings.definitions,
+        unreadable_markings=markings.unreadable,
     )
 
 
 def _loads(data: bytes | str, what: str, work_id: str | None) -> Any:
     try:
-        return orjson.loads(data)
+        doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise JobError(f"{what} is not valid JSON: {exc.msg}", work_id) from None
+    if too_deep(doc):
+        raise JobError(f"{what} nests deeper than {MAX_DEPTH} levels", work_id)
+    return doc
 
 
 def _read_work_id(internal: Any) -> str | None:
+    """The body's work id when it is one (a string of the right shape), else None."""
     if isinstance(internal, Mapping):
         wid = internal.get("work_id")
-        if isinstance(wid, str) and wid:
+        if isinstance(wid, str) and _TOKEN_ID.fullmatch(wid):
             return wid
     return None
 
 
-def _parse_playbook(raw: Any, event: Mapping[str, Any], work_id: str | None) -> PlaybookContext:
+def _empty_bundle(received: Any) -> dict[str, Any]:
+    """What a playbook gets back when its bundle cannot be: the same id, no objects."""
+    bundle_id = received.get("id") if isinstance(received, Mapping) else None
+    if not isinstance(bundle_id, str) or not _TOKEN_ID.fullmatch(bundle_id):
+        bundle_id = "bundle--00000000-0000-4000-8000-000000000000"
+    return {"type": "bundle", "id": bundle_id, "objects": []}
+
+
+def _playbook_bundle(event: Any, work_id: str | None) -> tuple[dict[str, Any], str | None]:
+    """``event.bundle`` (a JSON object or string) and, when it is not a usable STIX bundle, why
+    not (with an empty bundle in its place: the playbook must still be answered)."""
+    raw = event.get("bundle") if isinstance(event, Mapping) else None
+    if isinstance(raw, str):
+        try:
+            raw = _loads(raw, "event.bundle", work_id)
+        except JobError as exc:
+            return _empty_bundle(None), str(exc)
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("objects"), list):
+        return _empty_bundle(raw), "event.bundle must be a STIX bundle with an objects list"
+    if too_deep(raw):
+        return _empty_bundle(raw), f"event.bundle nests deeper than {MAX_DEPTH} levels"
+    return dict(raw), None
+
+
+def _parse_playbook(
+    raw: Any, event: Any, work_id: str | None
+) -> tuple[PlaybookContext, str | None]:
+    """The playbook step's context, and what is wrong with its bundle (None: nothing). Raises
+    JobError only when the six ids cannot be read: then the step cannot be answered at all."""
     if not isinstance(raw, Mapping):
         raise JobError("internal.playbook must be an object", work_id)
     fields = {
-        key: _req_str(raw, key, "internal.playbook", work_id)
-        for key in (
-            "event_id",
-            "execution_id",
-            "playbook_id",
-            "data_instance_id",
-            "step_id",
-            "previous_step_id",
+        key: _checked(
+            _req_str(raw, key, "internal.playbook", work_id),
+            _TOKEN_ID,
+            f"internal.playbook.{key}",
+            work_id,
         )
+        for key in _PLAYBOOK_KEYS
     }
-    bundle = event.get("bundle")
-    if isinstance(bundle, str):
-        bundle = _loads(bundle, "event.bundle", work_id)
-    if not isinstance(bundle, Mapping) or not isinstance(bundle.get("objects"), list):
-        raise JobError("event.bundle must be a STIX bundle with an objects list", work_id)
-    return PlaybookContext(bundle=MappingProxyType(dict(bundle)), **fields)
+    bundle, problem = _playbook_bundle(event, work_id)
+    return PlaybookContext(bundle=MappingProxyType(bundle), **fields), problem
 
 
 def _job_entity(
@@ -334,7 +385,9 @@ def _job_entity(
 
 
 def parse_job(body: bytes) -> Job:
-    """Parse one listen-queue body. Raises :class:`JobError` and nothing else."""
+    """Parse one listen-queue body. Raises :class:`JobError` and nothing else; a JobError of a
+    playbook step whose ids could be read carries its context (``playbook``): the step must still
+    be answered."""
     try:
         return _parse_job(body)
     except JobError:
@@ -343,39 +396,70 @@ def parse_job(body: bytes) -> Job:
         raise JobError(f"unreadable job body ({type(exc).__name__})") from None
 
 
-def _parse_job(body: bytes) -> Job:
+def _document(body: bytes) -> Mapping[str, Any]:
     if len(body) > MAX_BODY_BYTES:
         raise JobError(f"job body is {len(body)} bytes (limit {MAX_BODY_BYTES})")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise JobError("job body is not UTF-8") from None
-    data = _loads(text, "job body", None)
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise JobError(f"job body is not valid JSON: {exc.msg}") from None
     if not isinstance(data, Mapping):
         raise JobError(f"job body must be a JSON object, got {type(data).__name__}")
-    internal = data.get("internal")
+    return data
+
+
+def _check_work_id(internal: Mapping[str, Any]) -> None:
+    raw = internal.get("work_id")
+    if isinstance(raw, str) and raw:
+        _checked(raw, _TOKEN_ID, "internal.work_id", None)
+    if raw is not None:
+        raise JobError("internal.work_id must be a non-empty string or null")
+
+
+def _parse_job(body: bytes) -> Job:
+    data = _document(body)
+    internal, event = data.get("internal"), data.get("event")
     work_id = _read_work_id(internal)
     if not isinstance(internal, Mapping):
         raise JobError("internal is missing or not an object", work_id)
-    if internal.get("work_id") is not None and work_id is None:
-        raise JobError("internal.work_id must be a non-empty string or null")
-    event = data.get("event")
-    if not isinstance(event, Mapping):
-        raise JobError("event is missing or not an object", work_id)
-
-    applicant_id = _opt_str(internal, "applicant_id", "internal", work_id)
-    draft_id = _opt_str(internal, "draft_id", "internal", work_id)
-    mode = _opt_str(internal, "mode", "internal", work_id)
-    trigger = _opt_str(internal, "trigger", "internal", work_id)
-    entity_id = _req_str(event, "entity_id", "event", work_id)
-    entity_type = _opt_str(event, "entity_type", "event", work_id)
-
+    if work_id is None:
+        _check_work_id(internal)
     playbook: PlaybookContext | None = None
+    problem: str | None = None
     if "playbook" in internal:
-        playbook = _parse_playbook(internal["playbook"], event, work_id)
+        playbook, problem = _parse_playbook(internal["playbook"], event, work_id)
     elif work_id is None:
         raise JobError("internal.work_id is missing and the job is not a playbook step")
+    try:
+        if problem is not None:
+            raise JobError(problem, work_id)
+        if too_deep(data):
+            raise JobError(f"job body nests deeper than {MAX_DEPTH} levels", work_id)
+        return _job(internal, event, work_id, playbook)
+    except JobError as exc:
+        exc.playbook = playbook
+        raise
 
+
+def _job(
+    internal: Mapping[str, Any], event: Any, work_id: str | None, playbook: PlaybookContext | None
+) -> Job:
+    if not isinstance(event, Mapping):
+        raise JobError("event is missing or not an object", work_id)
+    applicant_id = _opt_id(internal, "applicant_id", "internal", work_id)
+    draft_id = _opt_id(internal, "draft_id", "internal", work_id)
+    mode = _opt_str(internal, "mode", "internal", work_id)
+    trigger = _opt_str(internal, "trigger", "internal", work_id)
+    entity_id = _checked(
+        _req_str(event, "entity_id", "event", work_id), _ENTITY_ID, "event.entity_id", work_id
+    )
+    entity_type = _opt_str(event, "entity_type", "event", work_id)
+    if entity_type is not None:
+        entity_type = _checked(entity_type, _TYPE_NAME, "event.entity_type", work_id)
     entity = _job_entity(event, entity_id, playbook, work_id)
     observable = parse_observable(entity, entity_type, work_id) if entity is not None else None
     return Job(

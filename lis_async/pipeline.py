@@ -1,11 +1,15 @@
 """One job, from received to processed. Knows no transport: it talks to the ports.
 
-    received -> policy (scope, type, max TLP) -> lookup -> bundle -> deliver -> processed
+    received -> policy (scope, max TLP/PAP gate) -> lookup -> bundle -> deliver -> processed
 
 :meth:`Pipeline.run` returns a :class:`Result` for every job the consumer may ack. It raises only
 :class:`~lis_async.errors.FatalError` (the worker must stop: the job goes back to the queue) and
 cancellation. Platform reports and publishes that fail are retried with back-off for as long as
 it takes: a job is never acknowledged before its work is processed (docs/architecture.md).
+
+Anything else going wrong inside a job (a bug, an input nobody foresaw) is contained: the work
+ends in error with :data:`INTERNAL_ERROR`, the detail goes to the log, and a playbook step is
+always answered, so that no work stays "in progress" and no playbook waits for ever.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -35,7 +39,8 @@ from lis_async.errors import (
     PlatformUnavailable,
     WorkNotAlive,
 )
-from lis_async.job import Job, Observable, parse_job, parse_observable, tlp_rank
+from lis_async.gate import MarkingGate
+from lis_async.job import Job, Observable, PlaybookContext, parse_job, parse_observable
 from lis_async.ports import (
     Lookup,
     LookupResult,
@@ -51,6 +56,10 @@ T = TypeVar("T")
 # pycti pings a work every 5 minutes while its job runs (docs/protocol.md §4.3): the platform
 # only bumps the work's updated_at, which keeps long jobs from looking stuck.
 WORK_PING_INTERVAL_S: Final = 300.0
+#: The work message of a job that failed for a reason the connector did not foresee.
+INTERNAL_ERROR: Final = "internal error, see the connector log"
+# What can end a job early and must not be contained: the worker stops, or the work is gone.
+_NOT_CONTAINED: Final = (FatalError, WorkNotAlive)
 
 
 def _printable(text: str) -> str:
@@ -59,6 +68,26 @@ def _printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _execution_start() -> str:
+    """A playbook step's start, in pycti's format (docs/protocol.md §7)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
+
+
+def _dumps(bundle: Mapping[str, Any]) -> str:
+    return orjson.dumps(bundle).decode()
+
+
+def _passthrough_json(job: Job) -> str:
+    """The playbook bundle as received (organisations propagated), as JSON; an empty bundle
+    with the same id if even that cannot be written (parsing bounds the nesting, so it can)."""
+    try:
+        return _dumps(stix.playbook_passthrough(job))
+    except Exception:
+        log.exception("cannot write the playbook bundle back: answering an empty bundle")
+        bundle_id = job.playbook.bundle.get("id") if job.playbook is not None else None
+        return _dumps({"type": "bundle", "id": str(bundle_id), "objects": []})
 
 
 class Outcome(StrEnum):
@@ -84,6 +113,7 @@ class Policy:
     max_tlp: str
     confidence: int
     connector_user_id: str | None = None
+    max_pap: str | None = None  # None: no PAP gate
 
 
 @dataclass(slots=True)
@@ -123,6 +153,7 @@ class Pipeline:
         self._publisher = publisher
         self._policy = policy
         self._backoff = backoff or Backoff()
+        self._gate = MarkingGate(policy.max_tlp, policy.max_pap)
         # work id -> (start time, draft id) of jobs in flight, for the 5-minute work ping.
         self.in_flight: dict[str, tuple[float, str | None]] = {}
 
@@ -138,7 +169,7 @@ class Pipeline:
                 exc.work_id,
                 result.outcome,
                 (time.monotonic() - started) * 1000,
-                exc,
+                _printable(str(exc)),
             )
             return result
         result = await self.run(job, redelivered)
@@ -146,7 +177,7 @@ class Pipeline:
             log.info(
                 "job work=%s entity=%s outcome=%s elapsed_ms=%d: %s",
                 job.work_id or "playbook",
-                job.entity_type,
+                _printable(str(job.entity_type)),
                 result.outcome,
                 (time.monotonic() - started) * 1000,
                 _printable(result.message),
@@ -154,19 +185,38 @@ class Pipeline:
         return result
 
     async def _reject(self, exc: JobError) -> Result:
-        """An unreadable body is acked at once; its work (if its id could be read) ends in error.
-        A few attempts only: the body must never hold a slot for long."""
+        """An unreadable body is acked at once; its work (if its id could be read) ends in error,
+        its playbook step (if its ids could be read) gets the bundle back as received. A few
+        attempts only: the body must never hold a slot for long."""
         result = Result(Outcome.INVALID, f"Invalid enrichment job: {exc}"[:1000])
-        if exc.work_id is not None:
-            for attempt in range(3):
-                try:
-                    await self._platform.work_processed(exc.work_id, result.message, True, None)
-                    break
-                except PlatformError as perr:
-                    if isinstance(perr, WorkNotAlive):
-                        break
-                    await asyncio.sleep(self._backoff.delay(attempt + 1))
+        if isinstance(exc.playbook, PlaybookContext):
+            ctx = exc.playbook
+            start = _execution_start()
+            await self._few_attempts(
+                "playbookStepExecution",
+                lambda: self._platform.playbook_step(ctx, start, _dumps(dict(ctx.bundle))),
+            )
+        elif exc.work_id is not None:
+            work_id = exc.work_id
+            await self._few_attempts(
+                "toProcessed",
+                lambda: self._platform.work_processed(work_id, result.message, True, None),
+            )
         return result
+
+    async def _few_attempts(self, what: str, call: Callable[[], Awaitable[None]]) -> None:
+        for attempt in range(3):
+            try:
+                await call()
+                return
+            except WorkNotAlive:
+                return
+            except PlatformError as perr:
+                log.warning("%s for an invalid job failed (%s)", what, perr)
+                await asyncio.sleep(self._backoff.delay(attempt + 1))
+            except Exception:
+                log.exception("%s for an invalid job failed", what)
+                return
 
     async def run(self, job: Job, redelivered: bool = False) -> Result:
         run = _Run(job, redelivered)
@@ -183,6 +233,21 @@ class Pipeline:
         finally:
             self.in_flight.pop(job.work_id, None)
 
+    async def _contained(self, job: Job, step: Awaitable[T]) -> T | Result:
+        """``step``'s value, or the failed Result of an exception nobody foresaw (logged with
+        its traceback). FatalError, WorkNotAlive and cancellation go through."""
+        try:
+            return await step
+        except _NOT_CONTAINED:
+            raise
+        except Exception:
+            log.exception(
+                "internal error in job work=%s entity=%s",
+                job.work_id or "playbook",
+                _printable(job.entity_id),
+            )
+            return Result(Outcome.FAILED, INTERNAL_ERROR)
+
     # -- jobs with a work --------------------------------------------------------------------
     async def _run_work(self, run: _Run, work_id: str) -> Result:
         job = run.job
@@ -192,18 +257,29 @@ class Pipeline:
             self._retry("toReceived", lambda: self._platform.work_received(work_id, job.draft_id))
         )
         try:
-            result = await self._enrich(run)
-            await received
+            result = await self._contained(job, self._enrich_received(run, received))
         finally:
             if not received.done():
                 received.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await received
+            elif not received.cancelled():
+                received.exception()  # retrieved: a contained failure may have skipped it
         in_error = result.outcome is Outcome.FAILED
-        await self._retry(
-            "toProcessed",
-            lambda: self._platform.work_processed(work_id, result.message, in_error, job.draft_id),
+        await self._contained(
+            job,
+            self._retry(
+                "toProcessed",
+                lambda: self._platform.work_processed(
+                    work_id, result.message, in_error, job.draft_id
+                ),
+            ),
         )
+        return result
+
+    async def _enrich_received(self, run: _Run, received: asyncio.Future[None]) -> Result:
+        result = await self._enrich(run)
+        await received
         return result
 
     async def _enrich(self, run: _Run) -> Result:
@@ -213,14 +289,15 @@ class Pipeline:
             return obs
         if job.observable is None:  # read from the platform: the job now carries it
             job = replace(job, observable=obs)
-        skip = self._policy_check(job, obs)
+        skip = await self._policy_check(job, obs)
         if skip is not None:
             return skip
         found = await self._look_up(obs)
         if isinstance(found, Result):
             return found
         try:
-            bundle = stix.build_bundle(job, found.bundles, confidence=self._policy.confidence)
+            built = stix.build(job, found.bundles, confidence=self._policy.confidence)
+            bundle = built.bundle
             delivery = prepare(
                 bundle,
                 applicant_id=job.applicant_id or self._policy.connector_user_id,
@@ -228,9 +305,10 @@ class Pipeline:
                 work_id=job.work_id,
             )
         except Exception as exc:  # a LastInfoSec answer we cannot turn into STIX
-            log.warning("cannot build a bundle for %s: %s", _printable(obs.display), exc)
+            text = _printable(str(exc))
+            log.warning("cannot build a bundle for %s: %s", _printable(obs.display), text)
             return Result(
-                Outcome.FAILED, f"Cannot build a STIX bundle from the answer: {exc}"[:500]
+                Outcome.FAILED, f"Cannot build a STIX bundle from the answer: {text}"[:500]
             )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -247,7 +325,8 @@ class Pipeline:
         await self._deliver(run, delivery)
         return Result(
             Outcome.ENRICHED,
-            f"Sent {delivery.objects} object(s) in {len(delivery.bodies)} bundle(s)",
+            f"Sent {delivery.objects} object(s) in {len(delivery.bodies)} bundle(s)"
+            + built.left_out(),
             objects=delivery.objects,
             bundles=len(delivery.bodies),
         )
@@ -270,17 +349,21 @@ class Pipeline:
         except JobError as exc:
             return Result(Outcome.FAILED, f"Unreadable entity: {exc}")
 
-    def _policy_check(self, job: Job, obs: Observable) -> Result | None:
+    async def _policy_check(self, job: Job, obs: Observable) -> Result | None:
+        """Scope, then the max-TLP / max-PAP gate (lis_async.gate): before any call out."""
         if obs.entity_type not in self._policy.scope:
             return Result(
                 Outcome.SKIPPED, f"{obs.entity_type} is not in this connector's scope, skipped"
             )
-        if tlp_rank(obs.tlp) > tlp_rank(self._policy.max_tlp):
-            return Result(
-                Outcome.SKIPPED,
-                f"{obs.tlp} is above the max TLP {self._policy.max_tlp}: not sent to LastInfoSec",
-            )
+        refusal = await self._gate.refusal(job, obs, self._read_marking)
+        if refusal is not None:
+            return Result(Outcome.SKIPPED, refusal)
         return None
+
+    async def _read_marking(self, marking_id: str) -> Mapping[str, Any] | None:
+        return await self._retry(
+            "read marking definition", lambda: self._platform.read_marking(marking_id)
+        )
 
     async def _look_up(self, obs: Observable) -> LookupResult | Result:
         try:
@@ -320,39 +403,46 @@ class Pipeline:
 
     # -- playbook jobs -----------------------------------------------------------------------
     async def _run_playbook(self, run: _Run) -> Result:
+        """One playbookStepExecution, whatever happens: the platform waits for it."""
         job, ctx = run.job, run.job.playbook
         assert ctx is not None
-        execution_start = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
-        result, bundle = await self._playbook_bundle(job)
-        bundle_json = orjson.dumps(bundle).decode()
-        await self._retry(
-            "playbookStepExecution",
-            lambda: self._platform.playbook_step(ctx, execution_start, bundle_json),
+        execution_start = _execution_start()
+        built = await self._contained(job, self._playbook_bundle(job))
+        if isinstance(built, Result):  # contained: the bundle goes back as received
+            result, bundle_json = built, _passthrough_json(job)
+        else:
+            result, bundle_json = built
+        await self._contained(
+            job,
+            self._retry(
+                "playbookStepExecution",
+                lambda: self._platform.playbook_step(ctx, execution_start, bundle_json),
+            ),
         )
         return result
 
-    async def _playbook_bundle(self, job: Job) -> tuple[Result, dict[str, Any]]:
+    async def _playbook_bundle(self, job: Job) -> tuple[Result, str]:
         """Playbooks always get the whole bundle back, even when nothing was added."""
         obs = job.observable
         if obs is None:
-            return Result(
-                Outcome.FAILED, "playbook bundle holds no entity"
-            ), stix.playbook_passthrough(job)
-        found: LookupResult | Result | None = self._policy_check(job, obs)
+            return Result(Outcome.FAILED, "playbook bundle holds no entity"), _passthrough_json(job)
+        found: LookupResult | Result | None = await self._policy_check(job, obs)
         if found is None:
             found = await self._look_up(obs)
         if isinstance(found, Result):
-            return found, stix.playbook_passthrough(job)
+            return found, _passthrough_json(job)
         try:
-            bundle = stix.build_bundle(job, found.bundles, confidence=self._policy.confidence)
+            built = stix.build(job, found.bundles, confidence=self._policy.confidence)
+            bundle_json = _dumps(built.bundle)
         except Exception as exc:
+            text = _printable(str(exc))
             return Result(
-                Outcome.FAILED, f"Cannot build a STIX bundle: {exc}"[:500]
-            ), stix.playbook_passthrough(job)
-        n = len(bundle.get("objects", []))
+                Outcome.FAILED, f"Cannot build a STIX bundle: {text}"[:500]
+            ), _passthrough_json(job)
+        n = len(built.bundle.get("objects", []))
         return Result(
-            Outcome.ENRICHED, f"Returned {n} object(s) to the playbook"
-        ), bundle  # objects/bundles stay 0: nothing is published for a playbook
+            Outcome.ENRICHED, f"Returned {n} object(s) to the playbook" + built.left_out()
+        ), bundle_json  # objects/bundles stay 0: nothing is published for a playbook
 
     # -- shared ------------------------------------------------------------------------------
     async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:

@@ -108,12 +108,20 @@ Q_READ_OBSERVABLE: Final = """
     query StixCyberObservable($id: String!) {
         stixCyberObservable(id: $id) {
             id standard_id entity_type observable_value
-            objectMarking { standard_id definition_type definition }
+            objectMarking { standard_id definition_type definition x_opencti_order }
             objectOrganization { standard_id }
             ... on DomainName { value }
             ... on Hostname { value }
             ... on Url { value }
             ... on StixFile { name hashes { algorithm hash } }
+        }
+    }
+"""
+# pycti's MarkingDefinition.read document, with the fields the gate needs (docs/protocol.md §8.6).
+Q_READ_MARKING: Final = """
+    query MarkingDefinition($id: String!) {
+        markingDefinition(id: $id) {
+            id standard_id definition_type definition x_opencti_order
         }
     }
 """
@@ -512,3 +520,16 @@ class Platform:
         data = await self.query(Q_READ_OBSERVABLE, {"id": entity_id}, draft_id)
         obs = (data or {}).get("stixCyberObservable")
         return obs if isinstance(obs, Mapping) else None
+
+    async def read_marking(self, marking_id: str) -> Mapping[str, Any] | None:
+        """The platform's ``markingDefinition`` node (standard or internal id), or None when it
+        does not know it or the connector's user may not see it (``FORBIDDEN_ACCESS`` here is
+        about this marking, not the token: the gate then refuses the observable)."""
+        try:
+            data = await self.query(Q_READ_MARKING, {"id": marking_id})
+        except PlatformAuthError as exc:
+            if exc.code != "FORBIDDEN_ACCESS":
+                raise
+            return None
+        node = (data or {}).get("markingDefinition")
+        return node if isinstance(node, Mapping) else None

@@ -5,8 +5,9 @@ The pipeline (:mod:`lis_async.pipeline`) depends only on these Protocols, the da
 :mod:`lis_async.publisher`) implement them, and :mod:`lis_async.app` wires one to the other.
 Unit tests give the pipeline in-memory fakes of the same shape.
 
-Each port documents the errors it may raise; anything else escaping a port is a bug, which the
-consumer's ack policy handles (requeued once, then rejected: docs/architecture.md).
+Each port documents the errors it may raise; anything else escaping a port is a bug, which
+``Pipeline.run`` contains: the work ends in error with a generic message and the traceback goes to
+the log, a playbook step is still answered (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ class PlatformPort(Protocol):
     ) -> Mapping[str, Any] | None:
         """The platform's GraphQL ``stixCyberObservable`` record, or None when it cannot be
         read. Turning it into STIX is :func:`lis_async.stix.observable_from_platform`'s job."""
+        ...
+
+    async def read_marking(self, marking_id: str) -> Mapping[str, Any] | None:
+        """The platform's ``markingDefinition`` node (``standard_id``, ``definition_type``,
+        ``definition``, ``x_opencti_order``), or None when the platform does not know it (or
+        hides it from the connector). Markings are global: no draft header."""
         ...
 
 

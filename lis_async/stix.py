@@ -10,10 +10,10 @@ mutate the result freely.
 from __future__ import annotations
 
 import copy
-import json
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -28,9 +28,13 @@ from lis_async.job import (
     Job,
     Observable,
 )
+from lis_async.stixids import relationship_id
+from lis_async.vetting import AUTHOR, AUTHOR_ID, summary, vet
 
 __all__ = [
     "EXTERNAL_REFERENCE",
+    "Built",
+    "build",
     "build_bundle",
     "playbook_passthrough",
     "propagate_organisations",
@@ -47,23 +51,17 @@ EXTERNAL_REFERENCE: Final[Mapping[str, str]] = MappingProxyType(
     }
 )
 
-# pycti's namespace for relationship ids (pycti/entities/opencti_stix_core_relationship.py,
-# StixCoreRelationship.generate_id). Reimplemented here so that this pure module does not import
-# pycti (1 s of imports; only platform/publisher may import it); tests pin equality with pycti.
-_RELATIONSHIP_NS: Final = uuid.UUID("00abedb4-aa42-466c-9c01-fed23315a9b7")
 # Our own namespace for deterministic bundle ids.
 _BUNDLE_NS: Final = uuid.UUID("105dcb5e-2b4e-49b4-b8b9-f5c806d5aeb2")
 
 _LEGACY_HOSTNAME: Final = LEGACY_HOSTNAME
 _LEGACY_HOSTNAME_PREFIX: Final = _LEGACY_HOSTNAME + "--"
-_LEGACY_HOSTNAME_PREFIX_BYTES: Final = _LEGACY_HOSTNAME_PREFIX.encode()
 
 # Returned knowledge the observable is tied to with a `related-to` relationship.
 _RELATED_TYPES: Final = frozenset({"malware", "intrusion-set", "threat-actor", "tool"})
 _HOST_TYPES: Final = frozenset(
     {t.stix_type for t in OBSERVABLE_TYPES if t.lookup == "host"} | {_LEGACY_HOSTNAME}
 )
-_EDGE_REFS: Final = ("source_ref", "target_ref", "sighting_of_ref")
 
 # Fields of the OpenCTI extension kept on the enriched observable outside playbooks. The others are
 # the platform's internal bookkeeping (internal id, timestamps, creator/assignee/participant ids,
@@ -72,8 +70,16 @@ _EDGE_REFS: Final = ("source_ref", "target_ref", "sighting_of_ref")
 _OCTI_EXT_KEEP: Final = frozenset({"extension_type", "type", "granted_refs"})
 # Flat (pycti-regenerated) shape: internal id and downloaded files (re-uploading them would add
 # file versions on every enrichment).
+# The GraphQL marking nodes of a deferred read (kept on the entity for the gate) go too.
 _FLAT_DROP: Final = frozenset(
-    {"x_opencti_id", "x_opencti_files", "x_opencti_is_inferred", "nb_deps"}
+    {
+        "x_opencti_id",
+        "x_opencti_files",
+        "x_opencti_is_inferred",
+        "nb_deps",
+        "objectMarking",
+        "objectMarkingIds",
+    }
 )
 
 # One comparison of a STIX pattern: `<object-type>:<path> = '<string literal>'`.
@@ -85,26 +91,6 @@ _UNESCAPE: Final = re.compile(r"\\(.)")
 
 # --------------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def relationship_id(relationship_type: str, source_ref: str, target_ref: str) -> str:
-    """Same value as pycti's ``StixCoreRelationship.generate_id(type, source, target)``.
-
-    pycti hashes the RFC 8785 (JCS) canonical JSON of the three fields; for an object of three
-    string values with ASCII keys that is exactly ``json.dumps(sort_keys, compact, no ascii
-    escaping)``.
-    """
-    data = json.dumps(
-        {
-            "relationship_type": relationship_type,
-            "source_ref": source_ref,
-            "target_ref": target_ref,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-    return "relationship--" + str(uuid.uuid5(_RELATIONSHIP_NS, data))
 
 
 def _clone(value: Any) -> Any:
@@ -126,45 +112,8 @@ def _plain(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-_STIX_ID = re.compile(
-    r"([a-z0-9][a-z0-9-]*)--[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
-
-
-def _is_object(item: Any) -> bool:
-    """A STIX object OpenCTI can import: ``<type>--<uuid>`` id matching its type, and refs that
-    are ids (a non-string ``*_ref`` makes pycti's splitter fail, a malformed id fails the import
-    of that object on the platform's side). Anything else LastInfoSec sends is dropped."""
-    if not isinstance(item, dict):
-        return False
-    ident, stype = item.get("id"), item.get("type")
-    if not isinstance(ident, str) or not isinstance(stype, str):
-        return False
-    m = _STIX_ID.fullmatch(ident)
-    if m is None or m.group(1) != stype:
-        return False
-    for key, val in item.items():
-        if key.endswith("_ref"):
-            if val is not None and not isinstance(val, str):
-                return False
-        elif key.endswith("_refs") and (
-            not isinstance(val, list) or not all(isinstance(v, str) for v in val)
-        ):
-            return False
-    return True
-
-
 def _norm_host(value: str) -> str:
     return value.strip().rstrip(".").casefold()
-
-
-def _is_lastinfosec_identity(obj: Mapping[str, Any]) -> bool:
-    if obj.get("type") != "identity":
-        return False
-    name = obj.get("name")
-    if not isinstance(name, str):
-        return False
-    return re.sub(r"[\s_\-]", "", name).casefold() == "lastinfosec"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,6 +166,9 @@ def observable_from_platform(record: Mapping[str, Any], entity_id: str) -> dict[
         "x_opencti_type": etype,
         "object_marking_refs": _standard_ids(record.get("objectMarking")),
     }
+    nodes = record.get("objectMarking")
+    if isinstance(nodes, list):  # what each marking is, for the gate (dropped from the output)
+        entity["objectMarking"] = [dict(m) for m in nodes if isinstance(m, Mapping)]
     for key in ("value", "name"):
         if record.get(key) is not None:
             entity[key] = record[key]
@@ -371,84 +323,6 @@ class _Matcher:
 
 
 # --------------------------------------------------------------------------------------------------
-# LastInfoSec objects
-
-
-def _iter_lis_objects(lis_bundles: Sequence[Mapping[str, Any]]) -> Iterable[dict[str, Any]]:
-    for bundle in lis_bundles:
-        if not isinstance(bundle, Mapping):
-            continue
-        objects = bundle.get("objects")
-        if not isinstance(objects, list):
-            continue
-        for item in objects:
-            if _is_object(item):
-                yield item
-
-
-def _dropped_ref(ref: Any, dropped: set[str]) -> bool:
-    return isinstance(ref, str) and (ref in dropped or ref.startswith(_LEGACY_HOSTNAME_PREFIX))
-
-
-def _select_lis_objects(
-    lis_bundles: Sequence[Mapping[str, Any]], seen: set[str]
-) -> list[dict[str, Any]]:
-    """Valid, deduplicated (first wins, ids in ``seen`` excluded) LastInfoSec objects, as copies.
-
-    ``x-opencti-hostname`` objects are dropped (pycti's splitter silently drops them and every
-    relationship to them), with the relationships/sightings that point at them, and refs to them
-    are pruned from the ``*_refs`` lists of the objects kept. Nothing is converted.
-    """
-    selected: list[dict[str, Any]] = []
-    dropped: set[str] = set()
-    local_seen = set(seen)
-    for item in _iter_lis_objects(lis_bundles):
-        ident = item["id"]
-        if ident in local_seen:
-            continue
-        local_seen.add(ident)
-        if item["type"] == _LEGACY_HOSTNAME or ident.startswith(_LEGACY_HOSTNAME_PREFIX):
-            dropped.add(ident)
-            continue
-        selected.append(item)
-    raw: bytes | None
-    try:
-        raw = orjson.dumps(selected)
-    except TypeError:  # not plain JSON (big ints, Mapping proxies...): slow path
-        raw = None
-        objects: list[dict[str, Any]] = _plain(selected)
-    else:
-        objects = orjson.loads(raw)
-    if not dropped and raw is not None and _LEGACY_HOSTNAME_PREFIX_BYTES not in raw:
-        return objects
-    return _prune_dropped(objects, dropped)
-
-
-def _prune_dropped(objects: list[dict[str, Any]], dropped: set[str]) -> list[dict[str, Any]]:
-    """The rare path: drop what points at a dropped object (a relationship to a dropped
-    relationship...) until stable, then prune refs to dropped objects from the rest."""
-    changed = True
-    while changed:
-        changed = False
-        kept: list[dict[str, Any]] = []
-        for obj in objects:
-            if any(_dropped_ref(obj.get(k), dropped) for k in _EDGE_REFS):
-                dropped.add(obj["id"])
-                changed = True
-            else:
-                kept.append(obj)
-        objects = kept
-    for obj in objects:
-        for key in list(obj):
-            val = obj[key]
-            if key.endswith("_refs") and isinstance(val, list):
-                obj[key] = [r for r in val if not _dropped_ref(r, dropped)]
-            elif key.endswith("_ref") and _dropped_ref(val, dropped):
-                del obj[key]
-    return objects
-
-
-# --------------------------------------------------------------------------------------------------
 # Relationships
 
 
@@ -549,24 +423,29 @@ def _bundle_id(entity_id: str, object_ids: Iterable[str]) -> str:
     return "bundle--" + str(uuid.uuid5(_BUNDLE_NS, name))
 
 
-def build_bundle(
-    job: Job,
-    lis_bundles: Sequence[Mapping[str, Any]],
-    *,
-    confidence: int,
-    author: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A bundle, and what of the LastInfoSec answer was left out of it (by reason,
+    :data:`lis_async.vetting.REASONS`)."""
+
+    bundle: dict[str, Any]
+    dropped: Mapping[str, int]
+
+    def left_out(self) -> str:
+        """For the work message: ``"; left out of the LastInfoSec answer: ..."`` or ``""``."""
+        return summary(self.dropped)
+
+
+def build(job: Job, lis_bundles: Sequence[Mapping[str, Any]], *, confidence: int) -> Built:
     """One STIX 2.1 bundle for ``job`` from every LastInfoSec bundle of the answer.
 
     Objects: (playbook jobs: the incoming playbook objects first, the entity replaced in place) the
-    enriched observable, every valid LastInfoSec object deduplicated by id, then ``based-on``
-    (matching indicator -> observable) and ``related-to`` (observable -> malware / intrusion-set /
-    threat-actor / tool) relationships with pycti-compatible deterministic ids. Organisation sharing
-    is propagated to every object (docs/protocol.md §4.6).
-
-    ``author``: an identity object used as ``created_by_ref`` of the added relationships when the
-    answer holds no LastInfoSec identity (the answer's identity wins: it is the source of the
-    knowledge); it is then added to the bundle. Without either, no author is invented.
+    enriched observable, what the answer may bring (:func:`lis_async.vetting.vet`: allowed types,
+    ids derived from content, ends and references inside the bundle, OpenCTI properties stripped,
+    at least the observable's markings), the one LastInfoSec identity that authors them, then
+    ``based-on`` (matching indicator -> observable) and ``related-to`` (observable -> malware /
+    intrusion-set / threat-actor / tool) relationships with pycti-compatible deterministic ids.
+    Organisation sharing is propagated to every object (docs/protocol.md §4.6).
 
     Raises ``ValueError`` when the job has no observable (deferred resolution: resolve it first).
     """
@@ -577,18 +456,13 @@ def build_bundle(
     enriched = _enriched_observable(observable, strip_internal=job.playbook is None)
     objects, seen = _leading_objects(job, enriched, (obs_id, observable.stix_id))
 
-    lis_objects = _select_lis_objects(lis_bundles, seen)
+    vetted = vet(lis_bundles, observable, seen)
+    lis_objects = vetted.objects
     objects.extend(lis_objects)
     seen.update(o["id"] for o in lis_objects)
-
-    created_by_ref: str | None = next(
-        (o["id"] for o in lis_objects if _is_lastinfosec_identity(o)), None
-    )
-    if created_by_ref is None and author is not None and isinstance(author.get("id"), str):
-        created_by_ref = str(author["id"])
-        if created_by_ref not in seen:
-            seen.add(created_by_ref)
-            objects.append(_clone(dict(author)))
+    if lis_objects and AUTHOR_ID not in seen:
+        seen.add(AUTHOR_ID)
+        objects.append(dict(AUTHOR))
 
     objects.extend(
         _relationships(
@@ -597,11 +471,18 @@ def build_bundle(
             lis_objects,
             seen=seen,
             confidence=confidence,
-            created_by_ref=created_by_ref,
+            created_by_ref=AUTHOR_ID,
         )
     )
     propagate_organisations(objects, observable.granted_refs)
-    return _bundle_of(job, objects)
+    return Built(_bundle_of(job, objects), MappingProxyType(dict(vetted.dropped)))
+
+
+def build_bundle(
+    job: Job, lis_bundles: Sequence[Mapping[str, Any]], *, confidence: int
+) -> dict[str, Any]:
+    """:func:`build`'s bundle alone."""
+    return build(job, lis_bundles, confidence=confidence).bundle
 
 
 def _leading_objects(

@@ -178,7 +178,9 @@ class LisStatsCollector(Collector):
             req.add_metric([str(status)], n)
         yield req
         hits = CounterMetricFamily(
-            "lis_cache_hits", "Lookups answered from a cache, by level", labels=["level"]
+            self._name("lis_cache_hits"),
+            "Lookups answered from a cache, by level",
+            labels=["level"],
         )
         hits.add_metric(["local"], float(getattr(s, "cache_hits", 0)))
         hits.add_metric(["shared"], float(getattr(s, "shared_cache_hits", 0)))
@@ -199,13 +201,16 @@ class LisStatsCollector(Collector):
 class ClusterCollector(Collector):
     """Cluster mode's state (``lis_async.cluster``), read at scrape time."""
 
-    def __init__(self, link: Any, limiter: Any, cache: Any) -> None:
+    def __init__(
+        self, link: Any, limiter: Any, cache: Any, name: Callable[[str], str] = str
+    ) -> None:
         self._link, self._limiter, self._cache = link, limiter, cache
+        self._name = name
 
     def collect(self) -> Iterable[Any]:
         link, cache = self._link, self._cache
         state = GaugeMetricFamily(
-            "lis_redis_shared", "1 while Redis answers (shared mode), 0 in fallback mode"
+            self._name("lis_redis_shared"), "1 while Redis answers (shared mode), 0 in fallback"
         )
         state.add_metric([], 1.0 if link.shared else 0.0)
         yield state
@@ -216,7 +221,7 @@ class ClusterCollector(Collector):
             ("lis_coalesced_waits", cache.stats.waits, "Waits for another replica's lookup"),
             ("lis_coalesced_waits_answered", cache.stats.waits_answered, "... that got it"),
         ):
-            c = CounterMetricFamily(name, doc)
+            c = CounterMetricFamily(self._name(name), doc)
             c.add_metric([], float(value))
             yield c
         for name, value, doc in (
@@ -224,7 +229,7 @@ class ClusterCollector(Collector):
             ("lis_redis_fallback_share", self._limiter.fallback_share, "Rate share if Redis fails"),
             ("lis_cluster_quota_used", self._limiter.last_window, "Requests in the last window"),
         ):
-            g = GaugeMetricFamily(name, doc)
+            g = GaugeMetricFamily(self._name(name), doc)
             g.add_metric([], float(value))
             yield g
 

@@ -35,6 +35,7 @@ def _settings(url: str, prefix: str, **env: str) -> Settings:
             "CONFIG_LIS_APIKEY_CTI": "test-lis-key",
             "REDIS_URL": url,
             "REDIS_KEY_PREFIX": prefix,
+            "LASTINFOSEC_ALLOW_HTTP": "true",  # the LastInfoSec double serves http on loopback
             **env,
         }
     )

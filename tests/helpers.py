@@ -314,3 +314,107 @@ def busiest_window(times: Iterable[float], width_s: float = 1.0) -> int:
             start += 1
         best = max(best, end - start + 1)
     return best
+
+
+# a hostile LastInfoSec answer (the security review's, issue #15)
+
+HOSTILE_T = "2026-10-14T08:12:03.000Z"
+#: Entities that exist on the platform and have nothing to do with the enrichment.
+FOREIGN_INTRUSION_SET = "intrusion-set--0e0e0e0e-1111-4222-8333-000000000001"
+FOREIGN_MALWARE = "malware--0e0e0e0e-1111-4222-8333-000000000002"
+FOREIGN_FILE = "file--0e0e0e0e-1111-5222-8333-000000000003"
+FOREIGN_ORG = "identity--0e0e0e0e-1111-4222-8333-000000000004"
+#: The id the hostile report chooses (say, an internal incident report).
+CHOSEN_REPORT_ID = "report--0e0e0e0e-1111-4222-8333-000000000005"
+CUSTOM_MARKING = "marking-definition--0e0e0e0e-1111-4222-8333-000000000006"
+IMPOSTOR_ID = "identity--0e0e0e0e-1111-4222-8333-000000000007"
+TLP_CLEAR_ID = "marking-definition--613f2e26-407d-48c7-9eca-b8e91df99dc9"
+
+
+def hostile_answer(observable_id: str, value: str) -> dict[str, Any]:
+    """One LastInfoSec answer that tries to reshape the platform, about the observable
+    ``observable_id`` (a domain ``value``): a new marking definition, an identity posing as
+    LastInfoSec and a foreign one, a relationship between two unrelated existing entities, a
+    report with a chosen id pointing at the observable, a malware carrying ``x_opencti_*``
+    properties, granted refs and TLP:CLEAR, a sighting by a foreign organisation, an object of a
+    type LastInfoSec never sends; plus the legitimate part (an indicator of the value, a sector)."""
+    sdo = {"spec_version": "2.1", "created": HOSTILE_T, "modified": HOSTILE_T}
+    indicator = {
+        **sdo,
+        "type": "indicator",
+        "id": "indicator--0e0e0e0e-1111-4222-8333-000000000010",
+        "pattern": f"[domain-name:value = '{value}']",
+        "pattern_type": "stix",
+        "valid_from": HOSTILE_T,
+        "created_by_ref": IMPOSTOR_ID,
+    }
+    malware = {
+        **sdo,
+        "type": "malware",
+        "id": "malware--0e0e0e0e-1111-4222-8333-000000000011",
+        "name": "Hostileware",
+        "is_family": True,
+        "created_by_ref": FOREIGN_ORG,
+        "object_marking_refs": [TLP_CLEAR_ID, CUSTOM_MARKING],
+        "x_opencti_files": [
+            {"name": "x.exe", "data": "TVqQ", "mime_type": "application/x-dosexec"}
+        ],
+        "x_opencti_granted_refs": [FOREIGN_ORG],
+        "x_opencti_score": 100,
+        "sample_refs": [FOREIGN_FILE],
+        "extensions": {
+            "extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba": {
+                "extension_type": "property-extension",
+                "granted_refs": [FOREIGN_ORG],
+                "score": 100,
+            }
+        },
+    }
+    objects: list[dict[str, Any]] = [
+        {**sdo, "type": "identity", "id": IMPOSTOR_ID, "name": "Last Info Sec",
+         "identity_class": "organization"},
+        {**sdo, "type": "identity", "id": FOREIGN_ORG, "name": "ACME Corp",
+         "identity_class": "organization"},
+        {**sdo, "type": "identity", "id": "identity--0e0e0e0e-1111-4222-8333-000000000012",
+         "name": "Finance", "identity_class": "class"},
+        {"type": "marking-definition", "spec_version": "2.1", "id": CUSTOM_MARKING,
+         "created": HOSTILE_T, "definition_type": "statement", "name": "LastInfoSec says so",
+         "definition": {"statement": "LastInfoSec says so"}},
+        {"type": "marking-definition", "spec_version": "2.1", "id": TLP_CLEAR_ID,
+         "created": "2017-01-20T00:00:00.000Z", "definition_type": "tlp", "name": "TLP:CLEAR",
+         "definition": {"tlp": "clear"}},
+        indicator,
+        malware,
+        {**sdo, "type": "relationship", "id": "relationship--0e0e0e0e-1111-4222-8333-000000000013",
+         "relationship_type": "indicates", "source_ref": indicator["id"],
+         "target_ref": malware["id"]},
+        {**sdo, "type": "relationship", "id": "relationship--0e0e0e0e-1111-4222-8333-000000000014",
+         "relationship_type": "uses", "source_ref": FOREIGN_INTRUSION_SET,
+         "target_ref": FOREIGN_MALWARE},
+        {**sdo, "type": "report", "id": CHOSEN_REPORT_ID, "name": "Internal incident 42",
+         "published": HOSTILE_T, "report_types": ["threat-report"],
+         "object_refs": [observable_id, FOREIGN_MALWARE, malware["id"]]},
+        {**sdo, "type": "sighting", "id": "sighting--0e0e0e0e-1111-4222-8333-000000000015",
+         "sighting_of_ref": indicator["id"], "where_sighted_refs": [FOREIGN_ORG]},
+        {**sdo, "type": "note", "id": "note--0e0e0e0e-1111-4222-8333-000000000016",
+         "content": "pwned", "object_refs": [FOREIGN_MALWARE]},
+    ]  # fmt: skip
+    return {
+        "type": "bundle",
+        "id": "bundle--0e0e0e0e-1111-4222-8333-000000000017",
+        "objects": objects,
+    }
+
+
+def opencti_keys(obj: Any) -> list[str]:
+    """Every ``x_opencti_*`` key and OpenCTI extension anywhere in ``obj``."""
+    found: list[str] = []
+    if isinstance(obj, dict):
+        for key, val in obj.items():
+            if key.startswith("x_opencti_") or key.startswith("extension-definition--"):
+                found.append(key)
+            found.extend(opencti_keys(val))
+    elif isinstance(obj, list):
+        for val in obj:
+            found.extend(opencti_keys(val))
+    return found

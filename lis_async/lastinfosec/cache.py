@@ -1,4 +1,5 @@
-"""The in-process cache of LastInfoSec answers: bounded, with separate found / not-found TTLs."""
+"""The in-process cache of LastInfoSec answers: bounded in entries and in bytes, with separate
+found / not-found TTLs."""
 
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ class CachedAnswer:
         bundles = tuple(orjson.loads(zlib.decompress(self.bundles_z)))
         return LookupResult(self.found, bundles, self.query, self.endpoint, True)
 
+    @property
+    def nbytes(self) -> int:
+        """What the entry costs, roughly: its compressed bundles, its strings and the objects
+        around them (about 300 bytes)."""
+        return len(self.bundles_z) + len(self.query) + len(self.endpoint) + _ENTRY_OVERHEAD
+
+
+_ENTRY_OVERHEAD = 300
+
 
 class SharedCache(Protocol):
     """A second-level cache shared by every replica, with cross-replica coalescing
@@ -58,36 +68,58 @@ class SharedCache(Protocol):
 
 
 class AnswerCache:
-    """An LRU bounded by size with a per-entry expiry.
+    """An LRU bounded by entries (``size``) and by bytes (``max_bytes``, :attr:`CachedAnswer.
+    nbytes` summed; None: no byte bound) with a per-entry expiry.
 
     Hand-written because found and not-found answers need different lifetimes, and
     ``cachetools.TTLCache`` has a single TTL for all its entries. Expired entries are dropped
-    when met (and pushed out by the LRU bound otherwise).
+    when met (and pushed out by the LRU bounds otherwise). An answer larger than ``max_bytes``
+    on its own is not kept.
     """
 
-    __slots__ = ("_data", "_size", "_time")
+    __slots__ = ("_bytes", "_data", "_max_bytes", "_size", "_time")
 
-    def __init__(self, size: int, time_fn: Callable[[], float]) -> None:
+    def __init__(
+        self, size: int, time_fn: Callable[[], float], max_bytes: int | None = None
+    ) -> None:
         self._data: OrderedDict[CacheKey, tuple[float, CachedAnswer]] = OrderedDict()
         self._size = size
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._time = time_fn
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the entries account for now."""
+        return self._bytes
 
     def get(self, key: CacheKey) -> CachedAnswer | None:
         entry = self._data.get(key)
         if entry is None:
             return None
         if entry[0] <= self._time():
-            del self._data[key]
+            self._drop(key)
             return None
         self._data.move_to_end(key)
         return entry[1]
 
     def put(self, key: CacheKey, value: CachedAnswer, ttl_s: float) -> None:
         data = self._data
+        self._drop(key)
+        if self._max_bytes is not None and value.nbytes > self._max_bytes:
+            return
         data[key] = (self._time() + ttl_s, value)
-        data.move_to_end(key)
-        while len(data) > self._size:
-            data.popitem(last=False)
+        self._bytes += value.nbytes
+        while len(data) > self._size or (
+            self._max_bytes is not None and self._bytes > self._max_bytes
+        ):
+            _, (_, old) = data.popitem(last=False)
+            self._bytes -= old.nbytes
+
+    def _drop(self, key: CacheKey) -> None:
+        entry = self._data.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[1].nbytes
 
     def __len__(self) -> int:
         return len(self._data)

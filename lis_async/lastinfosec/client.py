@@ -44,10 +44,11 @@ from lis_async.lastinfosec.wire import (
     parse_answer,
     path_segment,
     query_for,
+    redirect_target,
     retry_after_s,
 )
 from lis_async.ports import LookupResult
-from lis_async.redact import redact
+from lis_async.redact import mask_url, redact
 from lis_async.retry import Backoff
 
 logger: Final = logging.getLogger("lis_async.lastinfosec")
@@ -102,6 +103,7 @@ class _Response:
     data: bytes = b""
     retry_after: str | None = None
     too_big: bool = False
+    location: str | None = None  # a redirect's target
 
 
 class LastInfoSecClient:
@@ -148,7 +150,8 @@ class LastInfoSecClient:
         self._shared = shared_cache
         self._outage = OutageGate(s.outage_probe_s)
         cache_on = s.cache_size > 0 and (s.cache_ttl_s > 0 or s.cache_negative_ttl_s > 0)
-        self._cache = AnswerCache(s.cache_size, clock) if cache_on else None
+        cache_on = cache_on and s.cache_max_bytes > 0
+        self._cache = AnswerCache(s.cache_size, clock, s.cache_max_bytes) if cache_on else None
         self._inflight: dict[CacheKey, asyncio.Task[LookupResult]] = {}
         self._resume_at = 0.0  # loop time before which no request may start (429 pause)
         self._throttle_level = 0  # 429 pauses in a row without Retry-After; 0 after an answer
@@ -265,11 +268,11 @@ class LastInfoSecClient:
         if shared is not None:
             hit = await shared.get(key) or await shared.claim_or_wait(key)
             if hit is not None:
-                answer, ttl_s = hit
+                shared_answer, ttl_s = hit
                 self.stats.shared_cache_hits += 1
                 if self._cache is not None and ttl_s > 0:
-                    self._cache.put(key, answer, ttl_s)
-                return answer.result()
+                    self._cache.put(key, shared_answer, ttl_s)
+                return shared_answer.result()
         try:
             result = await self._request(endpoint, value)
         except BaseException:
@@ -278,8 +281,13 @@ class LastInfoSecClient:
             raise
         s = self._settings
         ttl = s.cache_ttl_s if result.found else s.cache_negative_ttl_s
+        answer: CachedAnswer | None = None
         if ttl > 0 and (self._cache is not None or shared is not None):
-            answer = CachedAnswer.of(result)
+            try:
+                answer = CachedAnswer.of(result)
+            except (TypeError, ValueError) as exc:  # not serialisable: used, not kept
+                logger.warning("LastInfoSec answer not cached: %s", type(exc).__name__)
+        if answer is not None:
             if self._cache is not None:
                 self._cache.put(key, answer, ttl)
             if shared is not None:
@@ -424,7 +432,7 @@ class LastInfoSecClient:
             logger.debug(
                 "LastInfoSec request %s %s",
                 "GET" if body is None else "POST",
-                self._prefix[endpoint] + seg + self._qs_redacted,
+                mask_url(self._prefix[endpoint]) + seg + self._qs_redacted,
             )
         t0 = time.perf_counter()
         response = await self._exchange(url, body, endpoint)
@@ -477,6 +485,9 @@ class LastInfoSecClient:
             headers=_POST_HEADERS if body is not None else None,
             proxy=self._proxy,
             proxy_auth=self._proxy_auth,
+            # A redirect would carry the API key (it is in the query string) to wherever the
+            # Location points: it is an error, never followed.
+            allow_redirects=False,
         ) as resp:
             status = resp.status
             if status == 200:
@@ -486,6 +497,8 @@ class LastInfoSecClient:
                 return _Response(200, data)
             if status == 429:
                 return _Response(429, retry_after=resp.headers.get("Retry-After"))
+            if 300 <= status < 400:
+                return _Response(status, location=resp.headers.get("Location"))
             if status not in (404, 422) and status < 500:
                 return _Response(status, await resp.content.read(_DETAIL_BYTES))
             return _Response(status)
@@ -511,7 +524,13 @@ class LastInfoSecClient:
                         f"{self._settings.max_answer_bytes} bytes",
                         status=200,
                     )
-                return parse_answer(response.data, endpoint, value, self.redact)
+                return parse_answer(
+                    response.data,
+                    endpoint,
+                    value,
+                    self.redact,
+                    self._settings.max_answer_objects,
+                )
             except LisBadAnswer:
                 self.stats.bad_answers += 1
                 raise
@@ -523,6 +542,13 @@ class LastInfoSecClient:
             raise _Transient("HTTP 429 (rate limited)", 429, wait, throttled=True)
         if status >= 500:
             raise _Transient(f"HTTP {status}", status)
+        if 300 <= status < 400:
+            raise LisError(
+                f"LastInfoSec {endpoint} answered HTTP {status}, a redirect"
+                f"{redirect_target(response.location, self.redact)}: not followed (it would "
+                "carry the API key); check LASTINFOSEC_BASE_URL",
+                status=status,
+            )
         detail = self.redact(error_detail(response.data))
         if status in (401, 403):
             raise LisFatalError(

@@ -14,6 +14,7 @@ from yarl import URL
 
 from lis_async.errors import LisBadAnswer, LisFatalError, NothingToLookUp
 from lis_async.job import BY_ENTITY_TYPE, Observable
+from lis_async.nesting import MAX_DEPTH, too_deep
 from lis_async.ports import LookupResult
 
 Endpoint = Literal["search_hash", "search_host", "search"]
@@ -102,6 +103,20 @@ def retry_after_s(header: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+def redirect_target(location: str | None, redact: Callable[[str], str]) -> str:
+    """`` to https://host`` for a redirect's ``Location`` (scheme and host only: its path and
+    query may echo the key), or ``""``."""
+    if not location:
+        return ""
+    try:
+        parts = urlsplit(location.strip())
+    except ValueError:
+        return ""
+    if not parts.scheme or not parts.hostname:
+        return " within the same host"
+    return redact(f" to {parts.scheme}://{parts.hostname}")[:DETAIL_CHARS]
+
+
 def error_detail(data: bytes) -> str:
     """A short text out of an error body (``{"detail": {"details": [{"error": ...}]}}`` or any)."""
     if not data:
@@ -130,11 +145,17 @@ def error_detail(data: bytes) -> str:
 
 
 def parse_answer(
-    data: bytes, endpoint: str, value: str, redact: Callable[[str], str]
+    data: bytes,
+    endpoint: str,
+    value: str,
+    redact: Callable[[str], str],
+    max_objects: int | None = None,
 ) -> LookupResult:
     """A 200 answer: a list of bundles, ``{"message": [bundles]}``, one bundle, or ``{"message":
     "text"}`` (an invalid key says so in a 200). Raises :class:`LisBadAnswer` or
-    :class:`LisFatalError`."""
+    :class:`LisFatalError`, also for an answer of more than ``max_objects`` objects in all, or
+    nested deeper than :data:`lis_async.nesting.MAX_DEPTH` levels (before anything is built from
+    it: such an answer must not become thousands of push messages, nor break a serialiser)."""
     doc: Any = None
     bad_json = False
     try:
@@ -152,6 +173,18 @@ def parse_answer(
     if not bundles:
         raise LisBadAnswer(
             f"LastInfoSec {endpoint} answer holds {len(items)} item(s) but no STIX bundle",
+            status=200,
+        )
+    count = sum(len(b["objects"]) for b in bundles)
+    if max_objects is not None and count > max_objects:
+        raise LisBadAnswer(
+            f"LastInfoSec {endpoint} answer holds {count} objects, more than "
+            f"LASTINFOSEC_MAX_ANSWER_OBJECTS ({max_objects}): nothing imported",
+            status=200,
+        )
+    if too_deep(bundles, MAX_DEPTH):
+        raise LisBadAnswer(
+            f"LastInfoSec {endpoint} answer nests deeper than {MAX_DEPTH} levels: nothing imported",
             status=200,
         )
     return LookupResult(True, bundles, value, endpoint)

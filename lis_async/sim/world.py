@@ -118,6 +118,8 @@ class SimWorld:
             "CONNECTOR_SCOPE": self.scope,
             "CONFIG_LIS_APIKEY_CTI": self.lis_api_key,
             "LASTINFOSEC_BASE_URL": self.lis_base_url,
+            # The LastInfoSec double serves plain http on loopback.
+            "LASTINFOSEC_ALLOW_HTTP": "true",
         }
 
     # ------------------------------------------------------------------ lifecycle

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+from pycti import Malware
 
 from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.producer import HOSTILE_KINDS
@@ -271,7 +272,8 @@ async def test_bad_lastinfosec_answers_fail_the_work_cleanly(
             isinstance(o.get("id"), str) and isinstance(o.get("type"), str) for o in pushed
         )
         ids = {o["id"] for o in pushed}
-        assert GOOD_MALWARE["id"] in ids and NO_TYPE["id"] not in ids and CUSTOM["id"] not in ids
+        good_id = Malware.generate_id(GOOD_MALWARE["name"])  # ids derived from content
+        assert good_id in ids and NO_TYPE["id"] not in ids and CUSTOM["id"] not in ids
         assert not any(o.get("name") in ("No id", "Bad id") for o in pushed)
         assert all(isinstance(o.get("created_by_ref", ""), str) for o in pushed)
         assert LIS_KEY not in caplog.text

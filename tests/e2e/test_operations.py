@@ -58,6 +58,7 @@ async def test_metrics_and_health_endpoints_in_a_run() -> None:
                     "publisher": True,
                     "heartbeat": True,
                     "accepting": True,
+                    "platform": True,
                 }
             async with http.get(f"http://127.0.0.1:{health}/metrics") as resp:
                 assert resp.status == 404  # metrics only on the metrics port

@@ -36,6 +36,7 @@ def settings(url: str, prefix: str | None = None, **env: str) -> Settings:
             "CONFIG_LIS_APIKEY_CTI": "test-lis-key",
             "REDIS_URL": url,
             "REDIS_KEY_PREFIX": prefix or f"test-{uuid.uuid4()}",
+            "LASTINFOSEC_ALLOW_HTTP": "true",  # the LastInfoSec double serves http on loopback
             **env,
         }
     )

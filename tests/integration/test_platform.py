@@ -11,6 +11,7 @@ import pytest
 
 from lis_async.config import load_settings
 from lis_async.errors import PlatformAuthError, PlatformError, WorkNotAlive
+from lis_async.markings import MarkingDef
 from lis_async.platform import Platform
 from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
 
@@ -154,11 +155,10 @@ async def test_deferred_entity_read(sim: PlatformSim) -> None:
         read = await platform.read_observable(entity["id"], None)
         assert read is not None
         obs = parse_observable(observable_from_platform(read, entity["id"]))
-        assert (obs.value, obs.tlp, obs.entity_type) == (
-            "bad.example.com",
-            "TLP:RED",
-            "Domain-Name",
-        )
+        assert (obs.value, obs.entity_type) == ("bad.example.com", "Domain-Name")
+        red = "marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed"
+        assert obs.marking_refs == (red,)
+        assert obs.marking_defs[red] == MarkingDef("TLP", "TLP:RED")  # read with the entity
         assert obs.granted_refs == ("identity--7b1c2d3e-4f5a-5b6c-9d7e-8f9a0b1c2d3e",)
         assert (
             await platform.read_observable(
@@ -401,3 +401,29 @@ async def test_custom_headers_reach_both_transports() -> None:
         assert headers["Authorization"] == "Bearer octi-token-secret-1"
         assert headers["User-Agent"].startswith("pycti/")
     assert seen[1]["opencti-draft-id"] == "draft-1"
+
+
+async def test_marking_definitions_are_read_by_id(sim: PlatformSim) -> None:
+    """The gate's platform read (markingDefinition, docs/protocol.md §8.6): built-in TLP and PAP,
+    an organisation's own marking, and null for an id the platform does not know."""
+    custom = "marking-definition--c0c0c0c0-1111-4222-8333-444455556666"
+    sim.put_marking(custom, "TLP", "TLP:RED", order=4)
+    platform = Platform(settings_for(sim))
+    await platform.start()
+    try:
+        node = await platform.read_marking(custom)
+        assert node is not None
+        assert (node["standard_id"], node["definition_type"], node["definition"]) == (
+            custom,
+            "TLP",
+            "TLP:RED",
+        )
+        pap = await platform.read_marking(
+            "marking-definition--4e4e3b84-de45-53df-9d9b-b21207699fd8"
+        )
+        assert pap is not None and (pap["definition_type"], pap["definition"]) == ("PAP", "PAP:RED")
+        unknown = "marking-definition--deadbeef-0000-4000-8000-000000000000"
+        assert await platform.read_marking(unknown) is None
+        assert sim.calls["MarkingDefinition"] == 3
+    finally:
+        await platform.close()

@@ -263,3 +263,133 @@ def test_an_empty_legacy_variable_does_not_hide_the_yaml_secret(tmp_path: Path) 
     cfg = _yaml(tmp_path, "lastinfosec: {api_key_cti: 'yaml-key'}\n")
     env = BASE_ENV | {"CONFIG_LIS_APIKEY_CTI": "", "LASTINFOSEC_API_KEY_CTI": ""}
     assert load_settings(cfg, env=env).lastinfosec.api_key_cti.get_secret_value() == "yaml-key"
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #15: gates, caps, exposure, secrets from files
+
+
+def test_new_defaults() -> None:
+    s = load_settings(env=BASE_ENV)
+    assert s.lastinfosec.max_pap is None  # no PAP gate unless asked
+    assert s.lastinfosec.max_answer_bytes == 4 * 1024 * 1024
+    assert s.lastinfosec.max_answer_objects == 5000
+    assert s.lastinfosec.cache_max_bytes == 64 * 1024 * 1024
+    assert s.lastinfosec.allow_http is False
+    assert s.connector.health_host == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("pap:amber", "PAP:AMBER"), ("PAP:WHITE", "PAP:CLEAR"), ("red", "PAP:RED")],
+)
+def test_max_pap(value: str, expected: str) -> None:
+    assert (
+        load_settings(env=BASE_ENV | {"LASTINFOSEC_MAX_PAP": value}).lastinfosec.max_pap == expected
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"LASTINFOSEC_MAX_PAP": "PAP:PURPLE"},
+            "LASTINFOSEC_MAX_PAP (lastinfosec.max_pap): unknown PAP",
+        ),
+        (
+            {"LASTINFOSEC_BASE_URL": "http://lis.internal/v2"},
+            "LASTINFOSEC_BASE_URL (lastinfosec.base_url): is plain http: the API key would travel "
+            "unencrypted (set LASTINFOSEC_ALLOW_HTTP=true to allow it)",
+        ),
+        (
+            {"LASTINFOSEC_MAX_ANSWER_OBJECTS": "0"},
+            "LASTINFOSEC_MAX_ANSWER_OBJECTS (lastinfosec.max_answer_objects)",
+        ),
+        ({"CONNECTOR_HEALTH_HOST": "0.0.0.0/0"}, "CONNECTOR_HEALTH_HOST (connector.health_host)"),
+    ],
+)
+def test_new_settings_name_the_variable(env: dict[str, str], expected: str) -> None:
+    problems = errors_for(BASE_ENV | env)
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_plain_http_lastinfosec_only_when_allowed() -> None:
+    env = BASE_ENV | {
+        "LASTINFOSEC_BASE_URL": "http://127.0.0.1:8089/v2",
+        "LASTINFOSEC_ALLOW_HTTP": "true",
+    }
+    assert load_settings(env=env).lastinfosec.base_url == "http://127.0.0.1:8089/v2"
+    # OpenCTI itself often is plain http inside a deployment: no such rule there.
+    assert load_settings(env=BASE_ENV).opencti.url == "http://opencti:8080"
+
+
+def test_health_host() -> None:
+    assert (
+        load_settings(env=BASE_ENV | {"CONNECTOR_HEALTH_HOST": " 127.0.0.1 "}).connector.health_host
+        == "127.0.0.1"
+    )
+
+
+def test_credentials_in_urls_are_masked_in_the_summary() -> None:
+    s = load_settings(
+        env=BASE_ENV
+        | {
+            "OPENCTI_URL": "https://octi-user:octi-pass@opencti.example",
+            "LASTINFOSEC_BASE_URL": "https://lis-user:lis-pass@lis.example/v2",
+        }
+    )
+    summary = s.summary()
+    assert summary["opencti.url"] == "https://***@opencti.example"
+    assert summary["lastinfosec.base_url"] == "https://***@lis.example/v2"
+    text = str(summary) + repr(s) + str(s)
+    for secret in ("octi-pass", "lis-pass", "octi-user", "lis-user"):
+        assert secret not in text, secret
+
+
+def test_secrets_from_files(tmp_path: Path) -> None:
+    token, key = tmp_path / "token", tmp_path / "key"
+    token.write_text("token-from-file\n")
+    key.write_text("key-from-file\r\n")
+    env = {k: v for k, v in BASE_ENV.items() if k not in ("OPENCTI_TOKEN", "CONFIG_LIS_APIKEY_CTI")}
+    s = load_settings(
+        env=env | {"OPENCTI_TOKEN_FILE": str(token), "LASTINFOSEC_API_KEY_CTI_FILE": str(key)}
+    )
+    assert s.opencti.token.get_secret_value() == "token-from-file"
+    assert s.lastinfosec.api_key_cti.get_secret_value() == "key-from-file"
+    # the upstream name has its _FILE form too; only one trailing newline goes
+    key.write_text("key\n\n")
+    s = load_settings(
+        env=env | {"OPENCTI_TOKEN_FILE": str(token), "CONFIG_LIS_APIKEY_CTI_FILE": str(key)}
+    )
+    assert s.lastinfosec.api_key_cti.get_secret_value() == "key\n"
+    assert "token-from-file" not in str(s.summary()) + repr(s)
+
+
+def test_unreadable_secret_file_names_the_variable_never_the_content(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    problems = errors_for(BASE_ENV | {"OPENCTI_TOKEN_FILE": str(missing)})
+    assert problems == ["OPENCTI_TOKEN and OPENCTI_TOKEN_FILE are both set: set only one of them"]
+    env = BASE_ENV | {"OPENCTI_TOKEN": ""}  # empty: not set
+    problems = errors_for(env | {"OPENCTI_TOKEN_FILE": str(missing)})
+    assert problems == [f"OPENCTI_TOKEN_FILE: cannot read {str(missing)!r} (FileNotFoundError)"]
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe-secret-bytes")
+    problems = errors_for(env | {"OPENCTI_TOKEN_FILE": str(binary)})
+    assert problems == [f"OPENCTI_TOKEN_FILE: cannot read {str(binary)!r} (UnicodeDecodeError)"]
+    assert "secret-bytes" not in "".join(problems)
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    assert (
+        "OPENCTI_TOKEN (opencti.token): is required"
+        in errors_for(env | {"OPENCTI_TOKEN_FILE": str(empty)})[0]
+    )
+
+
+def test_file_variants_are_known_names() -> None:
+    names = all_env_names()
+    for name in (
+        "OPENCTI_TOKEN_FILE",
+        "LASTINFOSEC_API_KEY_CTI_FILE",
+        "CONFIG_LIS_APIKEY_CTI_FILE",
+    ):
+        assert name in names

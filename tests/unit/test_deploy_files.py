@@ -137,6 +137,15 @@ def test_compose_connector_service_as_the_seed() -> None:
     assert set(env) >= TUNING_ENV
 
 
+def test_compose_connector_service_is_hardened() -> None:
+    svc = compose()["services"][SERVICE]
+    assert svc["read_only"] is True
+    assert svc["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in svc["security_opt"]
+    assert svc["ulimits"] == {"core": 0}  # a core dump would hold the key and the token
+    assert any(str(t).split(":")[0] == "/tmp" for t in svc["tmpfs"])
+
+
 def test_compose_sets_only_known_setting_names() -> None:
     known = set(all_env_names()) | EXTRA_ENV | {n.lower() for n in EXTRA_ENV}
     for name, svc in compose()["services"].items():
@@ -298,6 +307,21 @@ def test_dockerfile_product_image_carries_no_tools() -> None:
     assert '"$site/sim"' in runs and '"$site/bench"' in runs
 
 
+def test_dockerfile_product_image_drops_the_installer() -> None:
+    """Nothing in the running container can fetch and install code: pip goes last."""
+    runs = instruction(final_stage(), "RUN")
+    assert runs[-1].rstrip().endswith("pip uninstall -y pip setuptools wheel"), runs[-1]
+
+
+def test_dependency_floors_carry_the_security_fixes() -> None:
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    floors = {d.split(">=")[0].strip(): d for d in deps["dependencies"]}
+    assert floors["aiohttp"].startswith("aiohttp>=3.13.4")
+    assert floors["orjson"].startswith("orjson>=3.11.6")
+
+
 def test_dockerfile_runtime_contract() -> None:
     final = final_stage()
     users = instruction(final, "USER")
@@ -354,10 +378,12 @@ def _healthcheck_argv() -> list[str]:
     return [sys.executable, *argv[1:]]
 
 
-async def _run_healthcheck(port: int | None) -> int:
-    env = {k: v for k, v in os.environ.items() if k != "CONNECTOR_HEALTH_PORT"}
+async def _run_healthcheck(port: int | None, host: str | None = None) -> int:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONNECTOR_HEALTH_")}
     if port is not None:
         env["CONNECTOR_HEALTH_PORT"] = str(port)
+    if host is not None:
+        env["CONNECTOR_HEALTH_HOST"] = host
     proc = await asyncio.create_subprocess_exec(
         *_healthcheck_argv(),
         env=env,
@@ -483,3 +509,20 @@ def test_dockerfile_installs_only_from_the_pinned_set() -> None:
     for run in runs:
         if "pip install" in run:
             assert "--no-index" in run and "-c /wheels/constraints.txt" in run
+
+
+async def test_healthcheck_command_follows_the_health_host() -> None:
+    server = HealthServer(lambda: {"ok": True}, None, host="127.0.0.2", port=0)
+    await server.start()
+    try:
+        assert server.port
+        assert await _run_healthcheck(server.port, "127.0.0.2") == 0
+        assert await _run_healthcheck(server.port) != 0  # nothing on 127.0.0.1
+    finally:
+        await server.close()
+    wildcard = HealthServer(lambda: {"ok": True}, None, host="0.0.0.0", port=0)
+    await wildcard.start()
+    try:
+        assert await _run_healthcheck(wildcard.port, "0.0.0.0") == 0  # asked on 127.0.0.1
+    finally:
+        await wildcard.close()

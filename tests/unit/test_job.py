@@ -7,11 +7,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lis_async.job import Job, JobError, normalise_tlp, parse_job, parse_observable
+from lis_async.job import Job, JobError, PlaybookContext, normalise_tlp, parse_job, parse_observable
+from lis_async.markings import MarkingDef
 from tests.helpers import FIXTURES, job_body
 
 WORK = "work_6f0e1b2c-3d4e-4f50-8a6b-7c8d9e0f1a2b_2026-11-20T10:00:02.415Z"
 ORG = "identity--7b1c2d3e-4f5a-5b6c-9d7e-8f9a0b1c2d3e"
+GREEN = "marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da"
+AMBER = "marking-definition--f88d31f6-486f-44da-b317-01333bde0b82"
+RED = "marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed"
 
 
 def test_manual_stixfile_amber_shared() -> None:
@@ -27,7 +31,7 @@ def test_manual_stixfile_amber_shared() -> None:
         "SHA-1",
         "SHA-256",
     }
-    assert obs.tlp == "TLP:AMBER"
+    assert obs.marking_refs == (AMBER,)
     assert obs.granted_refs == (ORG,)
     assert not job.is_playbook
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -39,7 +43,7 @@ def test_auto_create_domain_green_unshared() -> None:
     assert job.observable is not None
     assert (job.mode, job.trigger) == ("auto", "create")
     assert job.observable.value == "bad.example.com"
-    assert job.observable.tlp == "TLP:GREEN"
+    assert job.observable.marking_refs == (GREEN,)
     assert job.observable.granted_refs is None
 
 
@@ -48,7 +52,7 @@ def test_auto_update_hostname_red_in_draft() -> None:
     assert job.draft_id == "e1f2a3b4-c5d6-4e7f-8a9b-0c1d2e3f4a5b"
     assert job.observable is not None
     assert job.observable.stix_type == "hostname" and job.observable.entity_type == "Hostname"
-    assert job.observable.tlp == "TLP:RED"
+    assert job.observable.marking_refs == (RED,)
 
 
 def test_deferred_resolution_has_no_observable() -> None:
@@ -134,7 +138,7 @@ def test_bad_stix_entity_carries_work_id() -> None:
     assert info.value.work_id == "w1"
 
 
-def test_most_restrictive_tlp_and_flat_shape() -> None:
+def test_every_marking_and_flat_shape() -> None:
     obs = parse_observable(
         {
             "id": "domain-name--1",
@@ -142,15 +146,149 @@ def test_most_restrictive_tlp_and_flat_shape() -> None:
             "value": "a.example",
             "x_opencti_type": "Domain-Name",
             "x_opencti_granted_refs": ["identity--o"],
-            "object_marking_refs": [
-                "marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da",
-                "marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed",
-                "marking-definition--f88d31f6-486f-44da-b317-01333bde0b82",
-            ],
+            "object_marking_refs": [GREEN, RED, AMBER],
         }
     )
-    assert obs.tlp == "TLP:RED" and obs.granted_refs == ("identity--o",)
-    assert parse_observable({"id": "url--1", "type": "url", "value": "x"}).tlp == "TLP:CLEAR"
+    assert obs.marking_refs == (GREEN, RED, AMBER) and obs.granted_refs == ("identity--o",)
+    assert parse_observable({"id": "url--1", "type": "url", "value": "x"}).marking_refs == ()
+
+
+def test_markings_are_read_wherever_they_stand() -> None:
+    """The gate sees every marking: top level, both OpenCTI extensions, granular markings, pycti's
+    and GraphQL's objectMarking shapes, objectMarkingIds; ids compared case-insensitively."""
+    ext, sco = (
+        "extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba",
+        "extension-definition--f93e2c80-4231-4f9a-af8b-95c9bd566a82",
+    )
+    custom = "marking-definition--0a0a0a0a-0a0a-4a0a-8a0a-0a0a0a0a0a0a"
+    obs = parse_observable(
+        {
+            "id": "url--1",
+            "type": "url",
+            "value": "x",
+            "object_marking_refs": [GREEN.upper()],
+            "granular_markings": [{"marking_ref": AMBER, "selectors": ["value"]}, {"lang": "fr"}],
+            "objectMarking": {
+                "edges": [
+                    {
+                        "node": {
+                            "standard_id": custom,
+                            "definition_type": "TLP",
+                            "definition": "TLP:RED",
+                        }
+                    }
+                ]
+            },
+            "extensions": {
+                ext: {"object_marking_refs": [RED, GREEN]},
+                sco: {"objectMarkingIds": ["5b7d0a57-1d8c-4f5e-9c1a-3f2e1d0c9b8a"]},
+            },
+        }
+    )
+    assert obs.marking_refs == (
+        GREEN.upper(),
+        AMBER,
+        custom,
+        RED,
+        "5b7d0a57-1d8c-4f5e-9c1a-3f2e1d0c9b8a",
+    )
+    assert obs.marking_defs == {custom: MarkingDef("TLP", "TLP:RED")}
+    assert obs.unreadable_markings == 0
+    odd = parse_observable(
+        {
+            "id": "url--1",
+            "type": "url",
+            "object_marking_refs": [GREEN, {"id": RED}, 7],
+            "extensions": {ext: {"object_marking_refs": "not a list"}},
+        }
+    )
+    assert odd.marking_refs == (GREEN,) and odd.unreadable_markings == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Identifiers and nesting: refused at parse time, the work (or playbook) still reachable
+
+
+def _body(**internal: object) -> dict[str, object]:
+    body = json.loads(job_body("auto_create_domain_green.json"))
+    body["internal"].update(internal)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("draft_id", "e1f2a3b4\r\nX-Injected: 1"),
+        ("draft_id", "draft id with spaces"),
+        ("draft_id", "d" * 300),
+        ("applicant_id", "c49fe040\n"),
+        ("applicant_id", "\x1b[31mred"),
+    ],
+)
+def test_hostile_ids_fail_the_job_on_its_work(field: str, value: str) -> None:
+    with pytest.raises(JobError) as info:
+        parse_job(json.dumps(_body(**{field: value})).encode())
+    assert info.value.work_id == WORK  # the work can still be ended in error
+    assert f"internal.{field} is not a valid identifier" in str(info.value)
+    assert value not in str(info.value)  # the message does not repeat the hostile text
+
+
+def test_hostile_entity_id_and_work_id() -> None:
+    body = _body()
+    body["event"]["entity_id"] = "domain-name--3e9b2c71\r\n"
+    with pytest.raises(JobError) as info:
+        parse_job(json.dumps(body).encode())
+    assert info.value.work_id == WORK and "event.entity_id" in str(info.value)
+    with pytest.raises(JobError) as info:
+        parse_job(json.dumps(_body(work_id=WORK + "\r\nX: 1")).encode())
+    assert info.value.work_id is None  # not a work id: nothing to report to
+
+
+def test_rejected_playbook_job_carries_its_context() -> None:
+    """A playbook step that cannot run must still be answered: the error carries what is needed."""
+    body = json.loads(job_body("playbook_url.json"))
+    body["event"]["entity_id"] = "url--00000000-0000-4000-8000-000000000000"  # not in the bundle
+    with pytest.raises(JobError) as info:
+        parse_job(json.dumps(body).encode())
+    ctx = info.value.playbook
+    assert (
+        isinstance(ctx, PlaybookContext) and ctx.step_id == body["internal"]["playbook"]["step_id"]
+    )
+    assert ctx.bundle["id"] == body["event"]["bundle"]["id"]
+    body["internal"]["playbook"]["step_id"] = "step\r\n"  # unreadable ids: nothing to answer
+    with pytest.raises(JobError) as info:
+        parse_job(json.dumps(body).encode())
+    assert info.value.playbook is None
+
+
+def _nested(depth: int) -> object:
+    value: object = "leaf"
+    for _ in range(depth):
+        value = {"x": [value]}
+    return value
+
+
+def test_deep_nesting_is_refused_where_it_comes_in() -> None:
+    # 255-1023 levels parse with orjson but break its serialiser (and Python's recursion).
+    body = _body()
+    entity = json.loads(body["event"]["stix_entity"])
+    entity["x_deep"] = _nested(200)
+    body["event"]["stix_entity"] = json.dumps(entity)
+    with pytest.raises(JobError) as info:
+        parse_job(json.dumps(body).encode())
+    assert info.value.work_id == WORK and "nests deeper than 64 levels" in str(info.value)
+
+    playbook = json.loads(job_body("playbook_url.json"))
+    playbook["event"]["bundle"]["objects"][0]["x_deep"] = _nested(200)
+    with pytest.raises(JobError) as info:
+        parse_job(json.dumps(playbook).encode())
+    ctx = info.value.playbook
+    assert isinstance(ctx, PlaybookContext)  # answered, with an empty bundle of the same id
+    assert dict(ctx.bundle) == {
+        "type": "bundle",
+        "id": playbook["event"]["bundle"]["id"],
+        "objects": [],
+    }
 
 
 def test_graphql_hash_list_shape() -> None:

@@ -86,7 +86,6 @@ def obs(entity_type: str, value: str | None = None, **hashes: str) -> Observable
         stix_id=f"{stix_type}--00000000-0000-4000-8000-000000000000",
         value=value,
         hashes=MappingProxyType({k.replace("_", "-"): v for k, v in hashes.items()}),
-        tlp="TLP:CLEAR",
         marking_refs=(),
         granted_refs=None,
         stix=MappingProxyType({}),
@@ -112,6 +111,8 @@ def settings(**kw: Any) -> LastInfoSecSettings:
         rate_per_s=1e6,
     )
     base.update(kw)
+    if str(base["base_url"]).startswith("http://"):  # the loopback test servers: plain http
+        base.setdefault("allow_http", True)
     unknown = set(base) - set(LastInfoSecSettings.model_fields)
     assert not unknown, f"not a LastInfoSec setting: {unknown}"  # the model ignores extras
     return LastInfoSecSettings(**base)
@@ -980,3 +981,114 @@ async def test_outage_gate_lets_one_probe_through_per_interval() -> None:
     assert all(b - a >= 0.15 for a, b in itertools.pairwise(probes))
     assert max(done) - min(done) < 0.5  # everyone goes on together once it answers
     assert not gate.down and gate.outages == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# bounded answers and cache; redirects (issue #15)
+# ---------------------------------------------------------------------------------------------
+
+
+def many_objects(n: int) -> bytes:
+    item = {
+        "type": "indicator",
+        "spec_version": "2.1",
+        "id": "indicator--0c7b5b88-8ff7-4a4d-aa9d-feb398cd0061",
+        "pattern": "[domain-name:value = 'a.example']",
+    }
+    return orjson.dumps({"message": [{"type": "bundle", "id": "bundle--1", "objects": [item] * n}]})
+
+
+async def test_answer_over_the_object_cap_fails_and_is_not_cached() -> None:
+    hits = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal hits
+        hits += 1
+        return web.Response(body=many_objects(101), content_type="application/json")
+
+    async with serve(handler) as base, make_client(base_url=base, max_answer_objects=100) as client:
+        for _ in range(2):
+            with pytest.raises(LisBadAnswer) as info:
+                await client.lookup(domain("a.example"))
+            assert str(info.value) == (
+                "LastInfoSec search_host answer holds 101 objects, more than "
+                "LASTINFOSEC_MAX_ANSWER_OBJECTS (100): nothing imported"
+            )
+        assert hits == 2 and client.stats.bad_answers == 2
+    async with serve(handler) as base, make_client(base_url=base, max_answer_objects=101) as client:
+        assert (await client.lookup(domain("a.example"))).found
+
+
+@pytest.mark.parametrize("depth", [65, 300, 1000])
+async def test_deeply_nested_answer_is_a_bad_answer(depth: int) -> None:
+    """255-1023 levels parse, then broke the cache's orjson.dumps with a TypeError that nothing
+    caught; now the answer is refused as it comes in, with the cache on."""
+    deep = b"[" * depth + b"]" * depth
+    body = b'{"message":[{"type":"bundle","objects":[{"type":"malware","x":' + deep + b"}]}]}"
+    with aioresponses() as m:
+        m.get(HOST_RE, body=body, content_type="application/json")
+        async with make_client() as client:
+            with pytest.raises(LisBadAnswer, match="nests deeper than 64 levels"):
+                await client.lookup(domain("a.example"))
+
+
+async def test_redirect_is_an_error_never_followed_with_the_key() -> None:
+    elsewhere: list[str] = []
+
+    async def other(request: web.Request) -> web.Response:
+        elsewhere.append(request.path_qs)
+        return web.Response(body=fixture("search_hash_200"), content_type="application/json")
+
+    async with serve(other) as target:
+
+        async def handler(request: web.Request) -> web.Response:
+            raise web.HTTPFound(target + "/stix21/search_host/a.example?" + request.query_string)
+
+        async with serve(handler) as base, make_client(base_url=base, retries=3) as client:
+            with pytest.raises(LisError) as info:
+                await client.lookup(domain("a.example"))
+    text = str(info.value)
+    assert text == (
+        "LastInfoSec search_host answered HTTP 302, a redirect to http://127.0.0.1: not followed "
+        "(it would carry the API key); check LASTINFOSEC_BASE_URL"
+    )
+    assert elsewhere == [] and KEY not in text
+    assert not isinstance(info.value, LisRetriesExhausted)  # not retried either
+
+
+async def test_answer_cache_is_bounded_in_bytes() -> None:
+    from lis_async.lastinfosec.cache import AnswerCache, CachedAnswer
+
+    def answer(n: int) -> CachedAnswer:
+        bundles = (
+            {"type": "bundle", "objects": [{"n": i, "pad": os_random(64)} for i in range(n)]},
+        )
+        return CachedAnswer.of(LookupResult(True, bundles, f"v{n}", "search_host"))
+
+    small, big = answer(10), answer(400)
+    cache = AnswerCache(1000, time.monotonic, max_bytes=3 * small.nbytes + 10)
+    for i in range(5):
+        cache.put(("search_host", f"v{i}"), small, 60)
+    assert len(cache) == 3 and cache.nbytes <= 3 * small.nbytes + 10
+    assert cache.get(("search_host", "v0")) is None and cache.get(("search_host", "v4")) is small
+    cache.put(("search_host", "big"), big, 60)  # larger than the whole cache: not kept
+    assert cache.get(("search_host", "big")) is None and len(cache) == 3
+    cache.put(("search_host", "v4"), small, 60)  # replacing an entry does not count it twice
+    assert cache.nbytes == 3 * small.nbytes
+
+
+def os_random(n: int) -> str:
+    import os
+
+    return os.urandom(n).hex()
+
+
+async def test_client_cache_keeps_only_what_fits_in_its_bytes() -> None:
+    async with make_client(cache_max_bytes=2000) as client:
+        with aioresponses() as m:
+            m.get(HOST_RE, body=fixture("search_host_200_large"), repeat=True)  # ~10 KB packed
+            m.get(HASH_RE, body=fixture("search_hash_200"), repeat=True)  # ~1.3 KB packed
+            for _ in range(2):
+                await client.lookup(domain("a.example"))
+                await client.lookup(obs("StixFile", SHA_256=SHA256))
+            assert n_requests(m) == 3  # the small answer was served from the cache once

@@ -57,6 +57,7 @@ class FakePlatform:
         self.fail: dict[str, list[Exception]] = {}
         self.entity: dict[str, Any] | None = None
         self.recorded = 0  # expectations the work already has (work_expectations)
+        self.markings: dict[str, dict[str, Any]] = {}
 
     def _maybe_fail(self, name: str) -> None:
         errors = self.fail.get(name)
@@ -93,6 +94,10 @@ class FakePlatform:
         self.calls.append(("read", entity_id))
         return self.entity
 
+    async def read_marking(self, marking_id: str) -> dict[str, Any] | None:
+        self.calls.append(("marking", marking_id))
+        return self.markings.get(marking_id)
+
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
 
@@ -108,7 +113,7 @@ class FakePublisher:
 
 
 def make(
-    lookup: FakeLookup, max_tlp: str = "TLP:AMBER"
+    lookup: FakeLookup, max_tlp: str = "TLP:AMBER", max_pap: str | None = None
 ) -> tuple[Pipeline, FakePlatform, FakePublisher]:
     platform, publisher = FakePlatform(), FakePublisher()
     pipeline = Pipeline(
@@ -120,6 +125,7 @@ def make(
             max_tlp=max_tlp,
             confidence=70,
             connector_user_id="connector-user",
+            max_pap=max_pap,
         ),
         backoff=Backoff(base_s=0.001, max_s=0.01),
     )
@@ -363,3 +369,160 @@ async def test_unreadable_deferred_entity_fails_the_work() -> None:
     pipeline, platform, _ = make(FakeLookup(HOST_ANSWER))
     result = await pipeline.handle(job_body("auto_create_domain_deferred_resolution.json"))
     assert result.outcome is Outcome.FAILED and platform.calls[-1][3] is True
+
+
+# ------------------------------------------------------------------------------------------
+# The gate in the pipeline, and what LastInfoSec's answer may not do
+
+CUSTOM_RED = "marking-definition--c0c0c0c0-1111-4222-8333-444455556666"
+
+
+def with_entity(name: str, **changes: Any) -> bytes:
+    body = orjson.loads(job_body(name))
+    entity = orjson.loads(body["event"]["stix_entity"])
+    entity.update(changes)
+    body["event"]["stix_entity"] = orjson.dumps(entity).decode()
+    return orjson.dumps(body)
+
+
+async def test_custom_red_marking_is_resolved_and_never_looked_up() -> None:
+    lookup = FakeLookup(HOST_ANSWER)
+    pipeline, platform, publisher = make(lookup)
+    platform.markings[CUSTOM_RED] = {"definition_type": "TLP", "definition": "TLP:RED"}
+    body = with_entity("auto_create_domain_green.json", object_marking_refs=[CUSTOM_RED])
+    result = await pipeline.handle(body)
+    assert result.outcome is Outcome.SKIPPED and lookup.seen == [] and publisher.published == []
+    assert ("marking", CUSTOM_RED) in platform.calls
+    assert platform.calls[-1] == (
+        "processed",
+        WORK,
+        "TLP:RED is above the max TLP TLP:AMBER: not sent to LastInfoSec",
+        False,
+    )
+
+
+async def test_pap_gate_in_the_pipeline() -> None:
+    pap_red = "marking-definition--4e4e3b84-de45-53df-9d9b-b21207699fd8"
+    body = with_entity("auto_create_domain_green.json", object_marking_refs=[pap_red])
+    lookup = FakeLookup(())
+    pipeline, _, _ = make(lookup)  # no PAP gate by default: looked up
+    assert (await pipeline.handle(body)).outcome is Outcome.NOT_FOUND and lookup.seen
+    lookup = FakeLookup(())
+    pipeline, platform, _ = make(lookup, max_pap="PAP:AMBER")
+    assert (await pipeline.handle(body)).outcome is Outcome.SKIPPED and lookup.seen == []
+    assert "PAP:RED is above the max PAP PAP:AMBER" in platform.calls[-1][2]
+
+
+async def test_playbook_above_the_max_gets_its_bundle_back_unsent() -> None:
+    body = orjson.loads(job_body("playbook_url.json"))
+    body["event"]["bundle"]["objects"][0]["object_marking_refs"] = [CUSTOM_RED]
+    lookup = FakeLookup(HOST_ANSWER)
+    pipeline, platform, _ = make(lookup)  # the platform does not know CUSTOM_RED: refused
+    result = await pipeline.handle(orjson.dumps(body))
+    assert result.outcome is Outcome.SKIPPED and lookup.seen == []
+    assert "cannot be resolved" in result.message
+    (call,) = [c for c in platform.calls if c[0] == "playbook"]
+    assert [o["id"] for o in call[2]["objects"]] == [
+        o["id"] for o in body["event"]["bundle"]["objects"]
+    ]
+
+
+async def test_work_message_says_what_was_left_out_of_the_answer() -> None:
+    from tests.helpers import hostile_answer
+
+    answer = [
+        hostile_answer("domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b", "bad.example.com")
+    ]
+    pipeline, platform, publisher = make(FakeLookup(answer))
+    result = await pipeline.handle(job_body("auto_create_domain_green.json"))
+    assert result.outcome is Outcome.ENRICHED and publisher.published
+    message = platform.calls[-1][2]
+    assert message.startswith(f"Sent {result.objects} object(s) in {result.bundles} bundle(s)")
+    assert "; left out of the LastInfoSec answer: " in message
+    assert "marking definitions 1" in message and "identities other than LastInfoSec 1" in message
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing escapes unreported
+
+
+class Boom(FakeLookup):
+    """A lookup failing the way nobody foresaw (say, the cache's serialiser on a deep answer)."""
+
+    async def lookup(self, obs: Observable) -> LookupResult:
+        self.seen.append(obs)
+        raise TypeError("Recursion limit reached")
+
+
+async def test_unexpected_error_ends_the_work_in_error_with_a_generic_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pipeline, platform, publisher = make(Boom())
+    result = await pipeline.handle(job_body("auto_create_domain_green.json"))
+    assert result.outcome is Outcome.FAILED and publisher.published == []
+    assert platform.calls[-1] == ("processed", WORK, "internal error, see the connector log", True)
+    assert [c[0] for c in platform.calls].count("processed") == 1
+    assert pipeline.in_flight == {}
+    assert any(
+        r.exc_info and "Recursion limit reached" in str(r.exc_info[1]) for r in caplog.records
+    )
+
+
+async def test_unexpected_error_in_a_playbook_still_answers_it() -> None:
+    pipeline, platform, _ = make(Boom())
+    body = orjson.loads(job_body("playbook_url.json"))
+    result = await pipeline.handle(job_body("playbook_url.json"))
+    assert (
+        result.outcome is Outcome.FAILED
+        and result.message == "internal error, see the connector log"
+    )
+    (call,) = platform.calls
+    assert call[0] == "playbook"
+    assert [o["id"] for o in call[2]["objects"]] == [
+        o["id"] for o in body["event"]["bundle"]["objects"]
+    ]
+
+
+async def test_unexpected_error_from_a_work_report_is_contained() -> None:
+    pipeline, platform, _ = make(FakeLookup(()))
+    platform.fail = {"received": [ValueError("Newline or carriage return detected in headers")]}
+    result = await pipeline.handle(job_body("auto_create_domain_green.json"))
+    assert result.outcome is Outcome.FAILED
+    assert platform.calls == [("processed", WORK, "internal error, see the connector log", True)]
+
+
+async def test_crlf_draft_id_fails_the_work_without_the_header() -> None:
+    body = orjson.loads(job_body("auto_create_domain_green.json"))
+    body["internal"]["draft_id"] = "e1f2a3b4\r\nX-Injected: 1"
+    pipeline, platform, _ = make(FakeLookup(()))
+    result = await pipeline.handle(orjson.dumps(body))
+    assert result.outcome is Outcome.INVALID
+    assert platform.calls == [("processed", WORK, result.message, True)]
+    assert "internal.draft_id is not a valid identifier" in result.message
+
+
+async def test_rejected_playbook_body_is_answered_with_its_bundle() -> None:
+    body = orjson.loads(job_body("playbook_url.json"))
+    body["event"]["entity_id"] = "url--00000000-0000-4000-8000-000000000000"  # not in the bundle
+    pipeline, platform, _ = make(FakeLookup(()))
+    result = await pipeline.handle(orjson.dumps(body))
+    assert result.outcome is Outcome.INVALID
+    (call,) = platform.calls
+    assert call[0] == "playbook" and call[2] == body["event"]["bundle"]
+
+
+async def test_entity_type_cannot_forge_log_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """The entity type comes from the entity's OpenCTI extension, unchecked: the job's log line
+    escapes it."""
+    caplog.set_level("INFO", logger="lis_async")
+    ext = "extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba"
+    body = orjson.loads(
+        with_entity("auto_create_domain_green.json", extensions={ext: {"type": "X\r\nFAKE LINE"}})
+    )
+    body["event"]["entity_type"] = None
+    pipeline, _, _ = make(FakeLookup(()))
+    result = await pipeline.handle(orjson.dumps(body))
+    assert result.outcome is Outcome.SKIPPED
+    lines = [r.getMessage() for r in caplog.records if r.name == "lis_async.pipeline"]
+    assert any("X\\r\\nFAKE LINE" in line for line in lines), lines
+    assert not any("\n" in line or "\r" in line for line in lines)

@@ -1,11 +1,17 @@
 """Property-based: whatever the body and whatever LastInfoSec answers, ``Pipeline.handle`` enriches,
-skips or fails the work cleanly. It returns a Result (toProcessed reported once when a work id
-exists), and never raises anything but FatalError."""
+skips or fails the work cleanly. It returns a Result, never raises anything but FatalError, and
+no input leaves a work unreported: toProcessed is sent exactly once for a job with a work id, and
+a playbook step whose ids can be read is answered exactly once.
+
+Hostile bodies (CR/LF and oversized ids, nesting past every serialiser's limit, broken playbook
+steps) and hostile answers (nested 255-1023 levels, more objects than allowed, the review's
+answer that tries to reshape the platform, lookups failing in ways nobody foresaw) included."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,11 +31,12 @@ from lis_async.errors import (
     WorkNotAlive,
 )
 from lis_async.job import Observable, parse_job
+from lis_async.lastinfosec.cache import CachedAnswer
 from lis_async.lastinfosec.wire import parse_answer, query_for
-from lis_async.pipeline import Outcome, Pipeline, Policy, Result
+from lis_async.pipeline import INTERNAL_ERROR, Outcome, Pipeline, Policy, Result
 from lis_async.ports import LookupResult
 from lis_async.retry import Backoff
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, hostile_answer
 
 FIXTURE_BODIES = [p.read_bytes() for p in sorted((FIXTURES / "jobs").iterdir())]
 FIXTURE_DOCS = [orjson.loads(p.read_bytes()) for p in sorted((FIXTURES / "jobs").glob("*.json"))]
@@ -114,13 +121,44 @@ answer_docs = st.one_of(
     st.builds(lambda m: {"message": m}, json_values),
     json_values,
 )
+MAX_OBJECTS = 50
+
+
+def _deep(depth: int, inside_object: bool) -> bytes:
+    """An answer nested ``depth`` levels: parses (orjson reads 1024), breaks orjson.dumps (255)."""
+    deep = b"[" * depth + b"]" * depth
+    item = (
+        b'{"type":"malware","id":"malware--0c7b5b88-8ff7-4a4d-aa9d-feb398cd0061","x":' + deep + b"}"
+    )
+    return b'{"message":[{"type":"bundle","objects":[' + (item if inside_object else deep) + b"]}]}"
+
+
+def _many(n: int) -> bytes:
+    item = b'{"type":"x-weird","id":"x-weird--0c7b5b88-8ff7-4a4d-aa9d-feb398cd0061"}'
+    return b'{"message":[{"type":"bundle","objects":[' + b",".join([item] * n) + b"]}]}"
+
+
+hostile_answers = st.one_of(
+    st.builds(_deep, st.integers(255, 1020), st.booleans()),
+    st.integers(MAX_OBJECTS + 1, 3 * MAX_OBJECTS).map(_many),
+    st.sampled_from(
+        [
+            "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",
+            "url--5f1e2d3c-4b5a-5968-8776-a5b4c3d2e1f0",
+        ]
+    ).map(lambda ident: orjson.dumps({"message": [hostile_answer(ident, "bad.example.com")]})),
+)
 answer_bytes = st.one_of(
     answer_docs.map(orjson.dumps),
     answer_docs.map(orjson.dumps).map(lambda b: b[: max(0, len(b) - 3)]),  # truncated
     st.binary(max_size=40),
+    hostile_answers,
 )
 lookup_errors = st.sampled_from(
     [
+        TypeError("Recursion limit reached"),  # what the cache's orjson.dumps used to raise
+        ValueError("nobody saw this coming"),
+        RuntimeError("a bug"),
         LisRetriesExhausted(
             "LastInfoSec search_host lookup failed after 6 attempts; last cause: HTTP 503",
             attempts=6,
@@ -164,11 +202,64 @@ def mutated_fixture(draw: st.DrawFn) -> bytes:
     return orjson.dumps(doc)
 
 
+HOSTILE_IDS = st.sampled_from(
+    ["e1f2a3b4\r\nX-Injected: 1", "a b", "\x1b[31m", "x" * 300, "", "\n", "work_\u2028"]
+)
+
+
+@st.composite
+def hostile_ids(draw: st.DrawFn) -> bytes:
+    """A sample body with one identifier made hostile (ids end up in HTTP headers)."""
+    doc: Any = copy.deepcopy(draw(st.sampled_from(FIXTURE_DOCS)))
+    internal, event = doc.get("internal"), doc.get("event")
+    if not isinstance(internal, dict) or not isinstance(event, dict):
+        return orjson.dumps(doc)
+    spots: list[tuple[dict[str, Any], str]] = [
+        (internal, "work_id"),
+        (internal, "draft_id"),
+        (internal, "applicant_id"),
+        (event, "entity_id"),
+    ]
+    if isinstance(internal.get("playbook"), dict):
+        spots += [(internal["playbook"], k) for k in sorted(internal["playbook"])]
+    holder, key = draw(st.sampled_from(spots))
+    holder[key] = draw(HOSTILE_IDS)
+    return orjson.dumps(doc)
+
+
+def _object_text(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and isinstance(orjson.loads(value), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
+@st.composite
+def deep_bodies(draw: st.DrawFn) -> bytes:
+    """A sample body with something nested 65-1000 levels deep somewhere."""
+    doc: Any = copy.deepcopy(draw(st.sampled_from(FIXTURE_DOCS)))
+    deep: Any = "leaf"
+    for _ in range(draw(st.integers(65, 1000))):
+        deep = [deep]
+    event = doc.get("event")
+    if isinstance(event, dict) and isinstance(event.get("bundle"), dict) and draw(st.booleans()):
+        event["bundle"]["objects"].append({"type": "note", "x": deep})
+    elif isinstance(event, dict) and _object_text(event.get("stix_entity")) and draw(st.booleans()):
+        entity = orjson.loads(event["stix_entity"])
+        entity["x_deep"] = deep
+        event["stix_entity"] = json.dumps(entity)  # orjson would refuse to write it
+    else:
+        doc["x_deep"] = deep
+    return json.dumps(doc).encode()
+
+
 bodies = st.one_of(
     mutated_fixture(),
     st.sampled_from(FIXTURE_BODIES),
     json_values.map(orjson.dumps),
     st.binary(max_size=60),
+    hostile_ids(),
+    deep_bodies(),
 )
 
 # ------------------------------------------------------------------------------------------
@@ -178,21 +269,26 @@ bodies = st.one_of(
 @dataclass
 class Answer:
     raw: bytes | None = None
-    error: LisError | None = None
+    error: Exception | None = None
 
 
 class ParsingLookup:
-    """The real client's query building and answer parsing (lastinfosec.wire), without HTTP."""
+    """The real client's query building, answer parsing (lastinfosec.wire, with an objects cap)
+    and answer cache entry (CachedAnswer: where a deep answer used to raise TypeError), without
+    HTTP."""
 
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
+        self.called = False
 
     async def lookup(self, obs: Observable) -> LookupResult:
         endpoint, value = query_for(obs, "search_hash_host")
+        self.called = True
         if self.answer.error is not None:
             raise self.answer.error
         assert self.answer.raw is not None
-        return parse_answer(self.answer.raw, endpoint, value, lambda text: text)
+        result = parse_answer(self.answer.raw, endpoint, value, lambda text: text, MAX_OBJECTS)
+        return CachedAnswer.of(result).result()
 
 
 @dataclass
@@ -203,29 +299,32 @@ class Platform:
     dead: bool = False
     flaky: int = 0
     recorded: int = 0  # expectations a redelivered job's work already has
+    markings: dict[str, Any] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
     failed: dict[str, int] = field(default_factory=dict)
 
-    def _outage(self, name: str) -> None:
+    def _outage(self, name: str, draft_id: str | None = None) -> None:
+        if draft_id is not None and not draft_id.isprintable():  # what aiohttp does
+            raise ValueError("Newline or carriage return detected in headers")
         if self.failed.get(name, 0) < self.flaky:
             self.failed[name] = self.failed.get(name, 0) + 1
             raise PlatformError("OpenCTI answered HTTP 503: outage")
 
     async def work_received(self, work_id: str, draft_id: str | None) -> None:
-        self._outage("received")
+        self._outage("received", draft_id)
         if self.dead:
             raise WorkNotAlive()
         self.calls.append("received")
 
     async def add_expectations(self, work_id: str, n: int, draft_id: str | None) -> None:
-        self._outage("expectations")
+        self._outage("expectations", draft_id)
         self.calls.append("expectations")
 
     async def work_processed(
         self, work_id: str, message: str, in_error: bool, draft_id: str | None
     ) -> None:
         assert isinstance(message, str) and message
-        self._outage("processed")
+        self._outage("processed", draft_id)
         self.calls.append("processed")
 
     async def ping_work(self, work_id: str, draft_id: str | None) -> None:
@@ -242,8 +341,14 @@ class Platform:
         self.calls.append("playbook")
 
     async def read_observable(self, entity_id: str, draft_id: str | None) -> dict[str, Any] | None:
+        self._outage("read", draft_id)
         self.calls.append("read")
         return self.entity
+
+    async def read_marking(self, marking_id: str) -> dict[str, Any] | None:
+        self._outage("marking")
+        self.calls.append("marking")
+        return self.markings.get(marking_id.lower())
 
 
 class Publisher:
@@ -259,10 +364,12 @@ class Publisher:
 
 
 def _expected_work(body: bytes) -> tuple[str | None, bool]:
-    """(work id the pipeline must report to, is it a playbook job)."""
+    """(work id the pipeline must report to, is it a playbook step it must answer)."""
     try:
         job = parse_job(body)
     except JobError as exc:
+        if exc.playbook is not None:
+            return None, True
         return exc.work_id, False
     return (None, True) if job.playbook is not None else (job.work_id, False)
 
@@ -312,6 +419,17 @@ def _expected_work(body: bytes) -> tuple[str | None, bool]:
     dead=st.booleans(),
     flaky=st.integers(0, 2),  # an unreadable body gets 3 attempts at reporting its error
     redelivered=st.booleans(),
+    markings=st.sampled_from(
+        [
+            {},
+            {  # a custom TLP:RED and a statement, as markingDefinition(id) answers them
+                "marking-definition--c0c0c0c0-1111-4222-8333-444455556666": {
+                    "definition_type": "TLP",
+                    "definition": "TLP:RED",
+                },
+            },
+        ]
+    ),
 )
 @example(  # found by this test: no work id and no playbook context used to raise AssertionError
     body=b'{"internal":{},"event":{"entity_id":"domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",'
@@ -321,13 +439,51 @@ def _expected_work(body: bytes) -> tuple[str | None, bool]:
     dead=False,
     flaky=0,
     redelivered=False,
+    markings={},
+)
+@example(  # the review's: a deep answer broke the cache, the work stayed "in progress"
+    body=(FIXTURES / "jobs" / "auto_create_domain_green.json").read_bytes(),
+    answer=Answer(raw=_deep(300, True)),
+    entity=None,
+    dead=False,
+    flaky=0,
+    redelivered=False,
+    markings={},
+)
+@example(  # the review's: a CR/LF draft id made aiohttp raise, the work stayed "in progress"
+    body=(FIXTURES / "jobs" / "auto_update_hostname_red_draft.json")
+    .read_bytes()
+    .replace(b"e1f2a3b4-c5d6", b"e1f2a3b4\\r\\nX: 1"),
+    answer=Answer(raw=b'{"message":[]}'),
+    entity=None,
+    dead=False,
+    flaky=0,
+    redelivered=False,
+    markings={},
+)
+@example(  # a playbook whose lookup fails in a way nobody foresaw is still answered
+    body=(FIXTURES / "jobs" / "playbook_url.json").read_bytes(),
+    answer=Answer(error=TypeError("Recursion limit reached")),
+    entity=None,
+    dead=False,
+    flaky=0,
+    redelivered=False,
+    markings={},
 )
 def test_handle_returns_a_result_or_raises_fatal_only(
-    body: bytes, answer: Answer, entity: Any, dead: bool, flaky: int, redelivered: bool
+    body: bytes,
+    answer: Answer,
+    entity: Any,
+    dead: bool,
+    flaky: int,
+    redelivered: bool,
+    markings: dict[str, Any],
 ) -> None:
-    platform, publisher = Platform(entity=entity, dead=dead, flaky=flaky), Publisher()
+    platform = Platform(entity=entity, dead=dead, flaky=flaky, markings=markings)
+    publisher = Publisher()
+    lookup = ParsingLookup(answer)
     pipeline = Pipeline(
-        lookup=ParsingLookup(answer),
+        lookup=lookup,
         platform=platform,
         publisher=publisher,
         policy=Policy(
@@ -346,6 +502,10 @@ def test_handle_returns_a_result_or_raises_fatal_only(
         return
     assert isinstance(result, Result) and isinstance(result.outcome, Outcome) and result.message
     assert pipeline.in_flight == {}
+    if lookup.called and answer.error is not None and not isinstance(answer.error, LisError):
+        assert result.outcome in (Outcome.FAILED, Outcome.INVALID, Outcome.SKIPPED, Outcome.DROPPED)
+        if result.outcome is Outcome.FAILED:
+            assert result.message == INTERNAL_ERROR
     if playbook:
         assert platform.calls.count("playbook") == 1 and "processed" not in platform.calls
         assert publisher.published == 0

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 import stix2
+from pycti import AttackPattern, Identity, Indicator, IntrusionSet, Malware, ThreatActorGroup, Tool
 
 from lis_async.job import STIX_EXT_OCTI, STIX_EXT_OCTI_SCO, Job, parse_job, parse_observable
 from lis_async.stix import (
@@ -33,20 +34,24 @@ GOLDEN = FIXTURES / "golden"
 UPDATE_GOLDEN = os.environ.get("UPDATE_GOLDEN") == "1"
 
 ORG = "identity--7b1c2d3e-4f5a-5b6c-9d7e-8f9a0b1c2d3e"
-LIS_IDENTITY = "identity--191b26a0-a0fb-5de1-97f2-10f2b575298f"
+# The one LastInfoSec identity (pycti's id of the Organization "LastInfoSec"), whatever the
+# answer's identity says.
+LIS_IDENTITY = Identity.generate_id("LastInfoSec", "organization")
 TLP_GREEN = "marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da"
 TLP_AMBER = "marking-definition--f88d31f6-486f-44da-b317-01333bde0b82"
-MALWARE = "malware--d5e0e0fa-b5d1-550f-a619-a3d8016cc902"
-INTRUSION_SET = "intrusion-set--9c3310bc-f832-599d-adf4-8dfda3b9df68"
-ATTACK_PATTERN = "attack-pattern--0fb5ea38-a2f1-5b60-aeaf-6d1df64633d8"
+# The answer's objects go out under the ids OpenCTI derives from their content (pycti's
+# generate_id is the oracle here), not under the ids the answer chose.
+MALWARE = Malware.generate_id("Emotet")
+INTRUSION_SET = IntrusionSet.generate_id("TA542")
+ATTACK_PATTERN = AttackPattern.generate_id("Spearphishing Attachment")
 FILE_ID = "file--9d8c7b6a-5f4e-5d3c-8b2a-1f0e9d8c7b6a"
 DOMAIN_ID = "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b"
 URL_ID = "url--5f1e2d3c-4b5a-5968-8776-a5b4c3d2e1f0"
 HOSTNAME_ID = "hostname--01a98dfa-fdb3-5da1-be9a-ed06c3f8e940"
-HASH_INDICATOR = "indicator--53339a04-d05d-5513-a2ed-5daa8e01eb89"
-DOMAIN_INDICATOR = "indicator--c73c43fe-c3c8-5f60-a8b6-2756d9c7dd9e"
-URL_INDICATOR = "indicator--aeefdb80-c646-5107-b807-f5f34a642e9d"
 SHA256 = "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f"
+HASH_INDICATOR = Indicator.generate_id(f"[file:hashes.'SHA-256' = '{SHA256}']")
+DOMAIN_INDICATOR = Indicator.generate_id("[domain-name:value = 'bad.example.com']")
+URL_INDICATOR = Indicator.generate_id("[url:value = 'http://bad.example.com/gate.php']")
 MD5 = "44d88612fea8a8f36de82e1278abb02f"
 
 
@@ -73,10 +78,12 @@ def rels(bundle: dict[str, Any], rel_type: str) -> list[dict[str, Any]]:
     ]
 
 
-def added_rels(bundle: dict[str, Any], rel_type: str, answer: list[dict[str, Any]]) -> list[Any]:
-    """Relationships of ``rel_type`` this module added (not those LastInfoSec sent)."""
-    lis_ids = {o["id"] for b in answer for o in b["objects"]}
-    return [r for r in rels(bundle, rel_type) if r["id"] not in lis_ids]
+def added_rels(bundle: dict[str, Any], rel_type: str, job: Job) -> list[Any]:
+    """Relationships of ``rel_type`` this module added: those with the enriched observable at
+    one end (LastInfoSec's own tie its objects to its copy of the observable)."""
+    assert job.observable is not None
+    obs_id = job.observable.stix_id.replace("x-opencti-hostname--", "hostname--")
+    return [r for r in rels(bundle, rel_type) if obs_id in (r["source_ref"], r["target_ref"])]
 
 
 def roundtrip(bundle: dict[str, Any]) -> None:
@@ -198,8 +205,8 @@ def test_relationship_id_matches_pycti(rel_type: str, src: str, dst: str) -> Non
 
 
 def test_based_on_from_matching_hash_indicator_only() -> None:
-    _, answer, bundle = build_case("stixfile_hash")
-    based_on = added_rels(bundle, "based-on", answer)
+    job, _, bundle = build_case("stixfile_hash")
+    based_on = added_rels(bundle, "based-on", job)
     assert [(r["source_ref"], r["target_ref"]) for r in based_on] == [(HASH_INDICATOR, FILE_ID)]
     rel = based_on[0]
     assert rel["id"] == relationship_id("based-on", HASH_INDICATOR, FILE_ID)
@@ -209,21 +216,21 @@ def test_based_on_from_matching_hash_indicator_only() -> None:
 
 
 def test_based_on_domain_only_exact_value() -> None:
-    _, answer, bundle = build_case("domain_two_bundles")
-    based_on = added_rels(bundle, "based-on", answer)
+    job, _, bundle = build_case("domain_two_bundles")
+    based_on = added_rels(bundle, "based-on", job)
     # bad.example.com matches; c2-N.bad.example.com and the url indicator do not.
     assert [(r["source_ref"], r["target_ref"]) for r in based_on] == [(DOMAIN_INDICATOR, DOMAIN_ID)]
 
 
 def test_based_on_url_exact_value_not_host() -> None:
-    _, answer, bundle = build_case("playbook_url")
-    based_on = added_rels(bundle, "based-on", answer)
+    job, _, bundle = build_case("playbook_url")
+    based_on = added_rels(bundle, "based-on", job)
     assert [(r["source_ref"], r["target_ref"]) for r in based_on] == [(URL_INDICATOR, URL_ID)]
 
 
 def test_no_based_on_for_hostname_without_matching_indicator() -> None:
-    _, answer, bundle = build_case("hostname_red_draft")
-    assert added_rels(bundle, "based-on", answer) == []
+    job, _, bundle = build_case("hostname_red_draft")
+    assert added_rels(bundle, "based-on", job) == []
 
 
 @pytest.mark.parametrize(
@@ -280,12 +287,14 @@ def test_url_pattern_with_escaped_quote() -> None:
     ok = indicator("indicator--11111111-1111-4111-8111-111111111111", f"[url:value = '{escaped}']")
     ko = indicator("indicator--22222222-2222-4222-8222-222222222222", f"[url:value = '{escaped}x']")
     bundle = build_bundle(job, [lis_bundle(ok, ko)], confidence=50)
-    assert [r["source_ref"] for r in rels(bundle, "based-on")] == [ok["id"]]
+    assert [r["source_ref"] for r in rels(bundle, "based-on")] == [
+        Indicator.generate_id(ok["pattern"])
+    ]
 
 
 def test_related_to_malware_and_intrusion_set() -> None:
-    _, answer, bundle = build_case("stixfile_hash")
-    related = added_rels(bundle, "related-to", answer)
+    job, _, bundle = build_case("stixfile_hash")
+    related = added_rels(bundle, "related-to", job)
     assert {(r["source_ref"], r["target_ref"]) for r in related} == {
         (FILE_ID, MALWARE),
         (FILE_ID, INTRUSION_SET),
@@ -298,12 +307,11 @@ def test_related_to_malware_and_intrusion_set() -> None:
 
 
 def test_related_to_tool_and_threat_actor_and_dedup_across_bundles() -> None:
-    _, answer, bundle = build_case("domain_two_bundles")
+    job, _, bundle = build_case("domain_two_bundles")
     # Malware and intrusion set are in both bundles: one relationship each.
-    assert sorted(r["target_ref"] for r in added_rels(bundle, "related-to", answer)) == [
-        INTRUSION_SET,
-        MALWARE,
-    ]
+    assert sorted(r["target_ref"] for r in added_rels(bundle, "related-to", job)) == sorted(
+        [INTRUSION_SET, MALWARE]
+    )
     job = load_job("auto_create_domain_green")
     tool = {
         "type": "tool",
@@ -324,28 +332,22 @@ def test_related_to_tool_and_threat_actor_and_dedup_across_bundles() -> None:
     }
     bundle = build_bundle(job, [lis_bundle(tool, actor)], confidence=10)
     related = rels(bundle, "related-to")
-    assert {r["target_ref"] for r in related} == {tool["id"], actor["id"]}
+    tool_id, actor_id = Tool.generate_id("x"), ThreatActorGroup.generate_id("y")
+    assert {r["target_ref"] for r in related} == {tool_id, actor_id}
     for rel in related:
-        assert "created_by_ref" not in rel  # no LastInfoSec identity in the answer: none invented
+        assert rel["created_by_ref"] == LIS_IDENTITY  # no identity in the answer: the fixed one
         assert rel["confidence"] == 10
-    tool_rel = next(r for r in related if r["target_ref"] == tool["id"])
+    tool_rel = next(r for r in related if r["target_ref"] == tool_id)
     assert (tool_rel["created"], tool_rel["modified"]) == (tool["created"], tool["modified"])
-    actor_rel = next(r for r in related if r["target_ref"] == actor["id"])
+    actor_rel = next(r for r in related if r["target_ref"] == actor_id)
     assert actor_rel["object_marking_refs"] == [TLP_GREEN, TLP_AMBER]
     assert tool_rel["object_marking_refs"] == [TLP_GREEN]
     roundtrip(bundle)
 
 
-def test_author_fallback_only_without_lastinfosec_identity() -> None:
-    author = {
-        "type": "identity",
-        "spec_version": "2.1",
-        "id": "identity--33333333-3333-4333-8333-333333333333",
-        "name": "Me",
-        "identity_class": "organization",
-        "created": "2026-01-01T00:00:00.000Z",
-        "modified": "2026-01-01T00:00:00.000Z",
-    }
+def test_one_fixed_lastinfosec_identity_authors_everything() -> None:
+    """Whatever identity the answer sends (a LastInfoSec one under any id, or none), the one fixed
+    identity authors the relationships and the answer's objects, and is sent once."""
     job = load_job("auto_create_domain_green")
     malware = {
         "type": "malware",
@@ -356,15 +358,28 @@ def test_author_fallback_only_without_lastinfosec_identity() -> None:
         "created": "2026-01-01T00:00:00.000Z",
         "modified": "2026-01-01T00:00:00.000Z",
     }
-    bundle = build_bundle(job, [lis_bundle(malware)], confidence=50, author=author)
-    assert by_id(bundle)[author["id"]] == author
-    assert rels(bundle, "related-to")[0]["created_by_ref"] == author["id"]
-    roundtrip(bundle)
-    bundle = build_bundle(
-        job, load_answer("search_host_200_two_bundles"), confidence=50, author=author
-    )
-    assert author["id"] not in by_id(bundle)
-    assert all(r["created_by_ref"] == LIS_IDENTITY for r in rels(bundle, "related-to"))
+    impostor = {
+        "type": "identity",
+        "spec_version": "2.1",
+        "id": "identity--33333333-3333-4333-8333-333333333333",
+        "name": "Last Info Sec",
+        "identity_class": "organization",
+        "created": "2026-01-01T00:00:00.000Z",
+        "modified": "2026-01-01T00:00:00.000Z",
+    }
+    for answer in (
+        [lis_bundle(malware)],
+        [lis_bundle(impostor, malware | {"created_by_ref": impostor["id"]})],
+    ):
+        bundle = build_bundle(job, answer, confidence=50)
+        identities = [o for o in bundle["objects"] if o["type"] == "identity"]
+        assert [i["id"] for i in identities] == [LIS_IDENTITY]
+        assert identities[0]["name"] == "LastInfoSec"
+        assert rels(bundle, "related-to")[0]["created_by_ref"] == LIS_IDENTITY
+        assert by_id(bundle)[Malware.generate_id("m")]["created_by_ref"] == LIS_IDENTITY
+        roundtrip(bundle)
+    # Nothing from LastInfoSec: no author either.
+    assert [o["type"] for o in build_bundle(job, [], confidence=50)["objects"]] == ["domain-name"]
 
 
 def test_relationship_already_in_answer_is_not_duplicated() -> None:
@@ -525,9 +540,11 @@ def test_hostname_job_never_emits_x_opencti_hostname() -> None:
     objects = by_id(bundle)
     assert objects[HOSTNAME_ID]["type"] == "hostname"
     assert objects[HOSTNAME_ID]["external_references"] == [dict(EXTERNAL_REFERENCE)]
-    assert rel_to_legacy["id"] not in objects and rel_to_rel["id"] not in objects
-    assert objects[report["id"]]["object_refs"] == [MALWARE]
-    assert rels(bundle, "related-to")[0]["source_ref"] == HOSTNAME_ID
+    malware_id = Malware.generate_id("m")
+    (report_out,) = (o for o in bundle["objects"] if o["type"] == "report")
+    assert report_out["object_refs"] == [malware_id]
+    (related,) = rels(bundle, "related-to")  # the two relationships via the legacy object went
+    assert (related["source_ref"], related["target_ref"]) == (HOSTNAME_ID, malware_id)
     roundtrip(bundle)
 
 
@@ -718,11 +735,13 @@ def test_garbage_items_are_skipped_and_first_duplicate_wins() -> None:
         lis_bundle(second),
     ]
     bundle = build_bundle(job, answer, confidence=50)
+    first_id = Malware.generate_id("first")
     assert [o["id"] for o in bundle["objects"] if o["type"] != "relationship"] == [
         DOMAIN_ID,
-        MALWARE,
+        first_id,
+        LIS_IDENTITY,
     ]
-    assert by_id(bundle)[MALWARE]["name"] == "first"
+    assert by_id(bundle)[first_id]["name"] == "first"
 
 
 def test_job_without_observable_is_rejected() -> None:
@@ -761,10 +780,13 @@ def test_large_answer() -> None:
     entity = json.loads(body["event"]["stix_entity"])
     entity["value"] = "big.example.net"
     answer = load_answer("search_host_200_large")
-    bundle = build_bundle(entity_job(entity), answer, confidence=50)
-    assert len(bundle["objects"]) == 1 + len(answer[0]["objects"]) + 3
-    assert len(added_rels(bundle, "based-on", answer)) == 1
-    assert len(added_rels(bundle, "related-to", answer)) == 2
+    job = entity_job(entity)
+    bundle = build_bundle(job, answer, confidence=50)
+    # The observable, the answer without its identity and its (standard) marking definition,
+    # the one LastInfoSec identity, and three relationships to the observable.
+    assert len(bundle["objects"]) == 1 + len(answer[0]["objects"]) - 2 + 1 + 3
+    assert len(added_rels(bundle, "based-on", job)) == 1
+    assert len(added_rels(bundle, "related-to", job)) == 2
     roundtrip(bundle)
 
 
@@ -860,7 +882,8 @@ def test_objects_opencti_cannot_import_are_dropped() -> None:
         load_job("auto_create_domain_green"), [lis_bundle(good, *bad)], confidence=50
     )
     ids = set(by_id(bundle))
-    assert good["id"] in ids
+    assert Malware.generate_id("Evil") in ids
+    assert [o["type"] for o in bundle["objects"]].count("malware") == 1
     assert not ids & {b["id"] for b in bad}
     roundtrip(bundle)
 
@@ -897,5 +920,6 @@ def test_platform_record_of_a_file_becomes_a_stix_file_with_a_hashes_dict() -> N
     }
     assert "x_opencti_granted_refs" not in entity
     obs = parse_observable(entity)
-    assert obs.entity_type == "StixFile" and obs.tlp == "TLP:AMBER"
+    assert obs.entity_type == "StixFile"
+    assert obs.marking_refs == ("marking-definition--f88d31f6-486f-44da-b317-01333bde0b82",)
     assert obs.hashes["MD5"] == "44d88612fea8a8f36de82e1278abb02f"

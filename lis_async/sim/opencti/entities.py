@@ -4,8 +4,9 @@ Tests and the job producer store platform-style STIX entities (``put_entity``, l
 draft); the store renders each one once (:class:`~lis_async.sim.opencti.nodes.NodeRenderer`)
 and indexes the node by standard id and internal id. ``stixCyberObservable`` /
 ``stixCoreObject`` read the draft store first (``opencti-draft-id`` header), then the live
-one; ``stixNestedRefRelationships`` answers an empty page. File contents served at
-``GET /storage/get/<id>`` are kept here too.
+one; ``stixNestedRefRelationships`` answers an empty page; ``markingDefinition`` answers the
+built-in TLP and PAP markings and the custom ones stored with ``put_marking``. File contents
+served at ``GET /storage/get/<id>`` are kept here too.
 """
 
 from __future__ import annotations
@@ -43,6 +44,22 @@ class EntityStore:
     def put_file(self, file_id: str, content: bytes) -> None:
         self.files[file_id] = content
 
+    def put_marking(
+        self, standard_id: str, definition_type: str, definition: str, order: int = 0
+    ) -> None:
+        """A custom marking definition (an organisation's own "TLP:RED", a statement...)."""
+        self.put_entity(
+            {
+                "type": "marking-definition",
+                "spec_version": "2.1",
+                "id": standard_id,
+                "created": "2024-01-01T00:00:00.000Z",
+                "definition_type": definition_type,
+                "name": definition,
+                "x_opencti_order": order,
+            }
+        )
+
     def get_entity(self, entity_id: str, draft_id: str | None = None) -> dict[str, Any] | None:
         """The GraphQL node for an entity (draft store first, then live), or None."""
         if draft_id:
@@ -58,7 +75,11 @@ class EntityStore:
             "StixCyberObservable": self._op_read,
             "StixCoreObject": self._op_read,
             "StixNestedRefRelationships": self._op_nested_refs,
+            "MarkingDefinition": self._op_marking,
         }
+
+    async def _op_marking(self, ctx: RequestContext, v: dict[str, Any]) -> Any:
+        return {"markingDefinition": self._renderer.known_marking(str(v.get("id") or ""))}
 
     async def _op_read(self, ctx: RequestContext, v: dict[str, Any]) -> Any:
         entity_id = str(v.get("id") or "")

@@ -45,6 +45,7 @@ _ROOT_CANONICAL: dict[str, str] = {
     "stixCyberObservable": "StixCyberObservable",
     "stixCoreObject": "StixCoreObject",
     "stixNestedRefRelationships": "StixNestedRefRelationships",
+    "markingDefinition": "MarkingDefinition",
     "playbookStepExecution": "PlaybookStepExecution",
     "workAdd": "workAdd",
     "isWorkAlive": "isWorkAlive",

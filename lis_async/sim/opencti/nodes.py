@@ -17,7 +17,7 @@ import orjson
 
 from lis_async.sim.opencti.formats import derived_id, iso
 
-__all__ = ["STIX_EXT_OCTI", "STIX_EXT_OCTI_SCO", "TLP_MARKINGS", "NodeRenderer"]
+__all__ = ["PAP_MARKINGS", "STIX_EXT_OCTI", "STIX_EXT_OCTI_SCO", "TLP_MARKINGS", "NodeRenderer"]
 
 STIX_EXT_OCTI = "extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba"
 STIX_EXT_OCTI_SCO = "extension-definition--f93e2c80-4231-4f9a-af8b-95c9bd566a82"
@@ -35,6 +35,15 @@ TLP_MARKINGS: dict[str, tuple[str, str, int, str]] = {
     ),
     "marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed": ("TLP", "TLP:RED", 4, "#c62828"),
 }
+
+# The PAP markings every platform creates (ids derived from {definition_type, definition}).
+PAP_MARKINGS: dict[str, tuple[str, str, int, str]] = {
+    "marking-definition--4cdff7eb-acb8-543f-8573-829eb9fe8b34": ("PAP", "PAP:CLEAR", 1, "#ffffff"),
+    "marking-definition--89484dde-e3d2-547f-a6c6-d14824429eb1": ("PAP", "PAP:GREEN", 2, "#2e7d32"),
+    "marking-definition--a6f20d4d-0360-59b6-ba22-3b48707828b1": ("PAP", "PAP:AMBER", 3, "#d84315"),
+    "marking-definition--4e4e3b84-de45-53df-9d9b-b21207699fd8": ("PAP", "PAP:RED", 4, "#c62828"),
+}
+_BUILT_IN_MARKINGS = TLP_MARKINGS | PAP_MARKINGS
 
 _PARENT_SCO = ["Basic-Object", "Stix-Object", "Stix-Core-Object", "Stix-Cyber-Observable"]
 _PARENT_SDO = ["Basic-Object", "Stix-Object", "Stix-Core-Object", "Stix-Domain-Object"]
@@ -201,16 +210,29 @@ class NodeRenderer:
             "x_opencti_reliability": None,
         }
 
+    def known_marking(self, ref: str) -> dict[str, Any] | None:
+        """What ``markingDefinition(id)`` answers: the node of a built-in TLP or PAP, or of a
+        marking stored with ``put_marking``/``put_entity`` (standard id, or the internal id
+        derived from it); None for an id the platform does not know."""
+        if ref in _BUILT_IN_MARKINGS:
+            return self.marking(ref)
+        for (draft, ident), ent in self._entities.items():
+            if draft is None and ent.get("type") == "marking-definition":
+                if ref in (ident, derived_id(ident)):
+                    return self.marking(ident)
+        return None
+
     def marking(self, ref: str) -> dict[str, Any]:
-        """The marking-definition node of a standard id (TLPs built in, others from the store)."""
-        tlp = TLP_MARKINGS.get(ref)
-        if tlp is not None:
-            dtype, definition, order, color = tlp
+        """The marking-definition node of a standard id (TLPs and PAPs built in, others from the
+        store; an id in neither renders as a statement)."""
+        built_in = _BUILT_IN_MARKINGS.get(ref)
+        if built_in is not None:
+            dtype, definition, order, color = built_in
         else:
             ent = self._live(ref)
             dtype = str(ent.get("definition_type") or "statement").upper()
             definition = str(ent.get("name") or ref)
-            order, color = 0, "#ffffff"
+            order, color = int(ent.get("x_opencti_order") or 0), "#ffffff"
         return {
             "id": derived_id(ref),
             "standard_id": ref,

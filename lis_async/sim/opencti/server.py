@@ -300,6 +300,13 @@ class PlatformSim:
     def put_file(self, file_id: str, content: bytes) -> None:
         self._store.put_file(file_id, content)
 
+    def put_marking(
+        self, standard_id: str, definition_type: str, definition: str, order: int = 0
+    ) -> None:
+        """A custom marking definition, served by ``markingDefinition(id)`` and in entities'
+        ``objectMarking``."""
+        self._store.put_marking(standard_id, definition_type, definition, order)
+
     def get_entity(self, entity_id: str, draft_id: str | None = None) -> dict[str, Any] | None:
         """The GraphQL node for an entity (draft store first, then live), or None."""
         return self._store.get_entity(entity_id, draft_id)
