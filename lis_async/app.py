@@ -255,13 +255,25 @@ class App:
         m.add_collector(
             GaugeCallback(m.name("lis_jobs_running"), "Jobs in flight", lambda: consumer.in_flight)
         )
-        m.add_collector(
-            GaugeCallback(
-                m.name("lis_heartbeat_age"),
+        health = self.health
+        for name, doc, fn in (
+            (
+                "lis_heartbeat_age",
                 "Seconds since the last successful connector ping",
                 lambda: time.monotonic() - (self.platform.last_heartbeat or 0.0),
-            )
-        )
+            ),
+            (
+                "lis_platform_up",
+                "1 while OpenCTI answers, 0 while jobs wait on the platform health gate",
+                lambda: 1.0 if health is None or health.up else 0.0,
+            ),
+            (
+                "lis_lastinfosec_up",
+                "1 while LastInfoSec answers, 0 during an outage (lookups wait on one probe)",
+                lambda: 0.0 if lis.outage_down else 1.0,
+            ),
+        ):
+            m.add_collector(GaugeCallback(m.name(name), doc, fn))
         if s.health_port:
             self.health_server = HealthServer(
                 self.checks, None, host=s.health_host, port=s.health_port, details=self.details

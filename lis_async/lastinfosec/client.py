@@ -160,6 +160,11 @@ class LastInfoSecClient:
         return f"LastInfoSecClient({self._settings!r})"
 
     @property
+    def outage_down(self) -> bool:
+        """True while LastInfoSec is in an outage (lookups wait on the outage gate)."""
+        return self._outage.down
+
+    @property
     def proxy(self) -> str | None:
         """The proxy requests go through (resolved at ``start``); may hold credentials."""
         return self._proxy

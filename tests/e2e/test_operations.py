@@ -78,6 +78,7 @@ async def test_metrics_and_health_endpoints_in_a_run() -> None:
         assert sample(text, "lis_api_requests_total", 'status="200"') > 0
         assert sample(text, "lis_jobs_running") == 0
         assert sample(text, "lis_heartbeat_age") < 60
+        assert sample(text, "lis_platform_up") == 1 and sample(text, "lis_lastinfosec_up") == 1
         for name in (
             "lis_api_retries_total",
             "lis_api_throttled_total",
