@@ -15,34 +15,18 @@ import dataclasses
 import json
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from lis_async.cluster.cache import SharedAnswerCache
 from lis_async.cluster.limiter import ClusterLimiter
 from lis_async.cluster.link import RedisLink
-from lis_async.config import Settings, load_settings
 from lis_async.lastinfosec import LastInfoSecClient
-
-
-def _settings(url: str, prefix: str, **env: str) -> Settings:
-    return load_settings(
-        env={
-            "OPENCTI_URL": "http://127.0.0.1:1",
-            "OPENCTI_TOKEN": "t",
-            "CONNECTOR_ID": str(uuid.uuid4()),
-            "CONFIG_LIS_APIKEY_CTI": "test-lis-key",
-            "REDIS_URL": url,
-            "REDIS_KEY_PREFIX": prefix,
-            "LASTINFOSEC_ALLOW_HTTP": "true",  # the LastInfoSec double serves http on loopback
-            **env,
-        }
-    )
+from tests.helpers import cluster_settings
 
 
 async def limiter(url: str, prefix: str, rate: str, seconds: str, tasks: str) -> dict[str, Any]:
-    link = RedisLink(_settings(url, prefix))
+    link = RedisLink(cluster_settings(url, prefix))
     lim = ClusterLimiter(link, float(rate))
     grants: list[float] = []
     stop_at = time.time() + float(seconds)
@@ -58,7 +42,9 @@ async def limiter(url: str, prefix: str, rate: str, seconds: str, tasks: str) ->
 
 
 async def lookup(url: str, prefix: str, base: str, value: str) -> dict[str, Any]:
-    settings = _settings(url, prefix, LASTINFOSEC_BASE_URL=base, LASTINFOSEC_RATE_PER_S="100")
+    settings = cluster_settings(
+        url, prefix, LASTINFOSEC_BASE_URL=base, LASTINFOSEC_RATE_PER_S="100"
+    )
     link = RedisLink(settings)
     shared = SharedAnswerCache(link, settings.redis.lease_s, settings.redis.coalesce_wait_s)
     client = LastInfoSecClient(settings.lastinfosec, trust_env=False, shared_cache=shared)

@@ -15,13 +15,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from lis_async.app import App
-from lis_async.config import load_settings
+from lis_async.config import Settings, load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.opencti import PlatformSimConfig
 from lis_async.sim.world import SimWorld
@@ -239,6 +240,23 @@ async def queue_depth(name: str) -> tuple[int, int]:
 
 #: The machine's Redis (CI starts one when none answers); tests use unique key prefixes.
 REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+
+
+def cluster_settings(url: str, prefix: str | None = None, **env: str) -> Settings:
+    """Worker settings in cluster mode on ``url`` (a fresh key prefix unless given), for the
+    cluster tests and their child processes."""
+    return load_settings(
+        env={
+            "OPENCTI_URL": "http://127.0.0.1:1",
+            "OPENCTI_TOKEN": "t",
+            "CONNECTOR_ID": str(uuid.uuid4()),
+            "CONFIG_LIS_APIKEY_CTI": "test-lis-key",
+            "REDIS_URL": url,
+            "REDIS_KEY_PREFIX": prefix or f"test-{uuid.uuid4()}",
+            "LASTINFOSEC_ALLOW_HTTP": "true",  # the LastInfoSec double serves http on loopback
+            **env,
+        }
+    )
 
 
 def free_port() -> int:

@@ -18,28 +18,15 @@ import pytest
 from lis_async.cluster.cache import SharedAnswerCache
 from lis_async.cluster.limiter import ClusterLimiter
 from lis_async.cluster.link import RedisLink
-from lis_async.config import Settings, load_settings
 from lis_async.lastinfosec import LastInfoSecClient
 from lis_async.sim.lastinfosec import LastInfoSecSim, LisSimConfig
 from lis_async.telemetry import ClusterCollector, Metrics
-from tests.helpers import REDIS_URL, PrivateRedis, busiest_window, poll
+from tests.helpers import REDIS_URL, PrivateRedis, busiest_window, cluster_settings, poll
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def settings(url: str, prefix: str | None = None, **env: str) -> Settings:
-    return load_settings(
-        env={
-            "OPENCTI_URL": "http://127.0.0.1:1",
-            "OPENCTI_TOKEN": "t",
-            "CONNECTOR_ID": str(uuid.uuid4()),
-            "CONFIG_LIS_APIKEY_CTI": "test-lis-key",
-            "REDIS_URL": url,
-            "REDIS_KEY_PREFIX": prefix or f"test-{uuid.uuid4()}",
-            "LASTINFOSEC_ALLOW_HTTP": "true",  # the LastInfoSec double serves http on loopback
-            **env,
-        }
-    )
+settings = cluster_settings
 
 
 def children(command: str, args: list[list[str]], tmp: Path) -> list[dict[str, Any]]:
