@@ -172,6 +172,8 @@ class App:
         self._spawn(self.platform.heartbeat(health), "heartbeat")
         self.lis = self._lastinfosec_client()
         await self.lis.start()
+        if self.redis is not None:
+            await self.redis.warm_up(min(16, s.lastinfosec.concurrency))
         retry_backoff = Backoff(max_s=s.connector.platform_retry_max_s)
         watch = BrokerWatch(lambda: self.consumer.in_flight if self.consumer else 0)
         self.publisher = Publisher(

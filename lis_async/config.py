@@ -389,8 +389,10 @@ class RedisSettings(_Section):
     fallback_rate_share: float | None = Field(None, gt=0, le=1)
     # Cross-replica coalescing: the replica looking a value up holds a lease this long; the
     # others wait for its answer at most coalesce_wait_s, then ask LastInfoSec themselves.
-    lease_s: float = Field(10.0, gt=0, le=600)
-    coalesce_wait_s: float = Field(5.0, ge=0, le=600)
+    # Both longer than a lookup may queue under a backlog (jobs in flight / rate: 64 jobs at
+    # 10/s wait up to 6.4 s for the rate limit), or the waiting replica gives up and asks too.
+    lease_s: float = Field(30.0, gt=0, le=600)
+    coalesce_wait_s: float = Field(30.0, ge=0, le=600)
     probe_interval_s: float = Field(2.0, gt=0, le=60, description="while Redis is down")
 
     @field_validator("url")

@@ -24,6 +24,16 @@ from lis_async.lastinfosec.cache import CachedAnswer, CacheKey
 
 log = logging.getLogger("lis_async.cluster")
 
+# KEYS[1] the answer, KEYS[2] its lease; ARGV[1] this replica, ARGV[2] the lease (ms).
+# {1, answer, pttl}: cached; {2}: the lease is now ours; {3}: another replica holds it.
+FETCH_LUA: Final = """
+local v = redis.call('GET', KEYS[1])
+if v then return {1, v, redis.call('PTTL', KEYS[1])} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+return {3}
+"""
+_HIT: Final = 1
+_HELD: Final = 3
 _FOUND: Final = b"F"
 _NOT_FOUND: Final = b"N"
 _POLL_FIRST_S: Final = 0.02
@@ -46,6 +56,7 @@ class SharedAnswerCache:
         self._lease_ms = max(1, round(lease_s * 1000))
         self._wait_s = wait_s
         self.stats = SharedCacheStats()
+        self._fetch_script = link.client.register_script(FETCH_LUA)
 
     def _keys(self, key: CacheKey) -> tuple[str, str]:
         endpoint, value = key
@@ -62,23 +73,6 @@ class SharedAnswerCache:
             return None
         endpoint, value = key
         return CachedAnswer(raw[:1] == _FOUND, raw[1:], value, endpoint)
-
-    async def get(self, key: CacheKey) -> tuple[CachedAnswer, float] | None:
-        answer_key, _ = self._keys(key)
-
-        async def op() -> Any:
-            pipe = self._link.client.pipeline(transaction=False)
-            pipe.get(answer_key)
-            pipe.pttl(answer_key)
-            return await pipe.execute()
-
-        got = await self._link.run("cache read", op)
-        hit = self._decode(got[0], key) if got is not None else None
-        if hit is None:
-            self.stats.misses += 1
-            return None
-        self.stats.hits += 1
-        return hit, _ttl_s(got[1] if got is not None else -1)
 
     async def put(self, key: CacheKey, answer: CachedAnswer, ttl_s: float) -> None:
         """Store the answer for ``ttl_s`` and release the lease."""
@@ -98,21 +92,26 @@ class SharedAnswerCache:
         _, lease_key = self._keys(key)
         await self._link.run("lease release", lambda: self._link.client.delete(lease_key))
 
-    async def claim_or_wait(self, key: CacheKey) -> tuple[CachedAnswer, float] | None:
-        """Take the lease and return None (the caller asks LastInfoSec), or return the answer
-        another replica that holds the lease stored meanwhile. None as well when Redis is down,
-        the wait is over or the other replica gave up."""
+    async def fetch(self, key: CacheKey) -> tuple[CachedAnswer, float] | None:
+        """The answer and the seconds it has left: from Redis, or from the replica that holds
+        the lease (after waiting for it). None: the caller asks LastInfoSec (it took the lease,
+        Redis is down, the wait is over or the other replica gave up). One round trip when the
+        answer is there or the lease is free."""
         answer_key, lease_key = self._keys(key)
-        owner = self._link.replica_id
-        lease_ms = self._lease_ms
-
-        async def claim() -> bool:
-            # SET NX answers OK (True) when taken, nil (None) when another replica holds it.
-            return bool(await self._link.client.set(lease_key, owner, nx=True, px=lease_ms))
-
-        claimed = await self._link.run("lease", claim)
-        if claimed is None or claimed:
-            return None  # Redis down (ask LastInfoSec), or the lease is ours
+        args: list[str | int] = [self._link.replica_id, self._lease_ms]
+        got = await self._link.run(
+            "cache read", lambda: self._fetch_script(keys=[answer_key, lease_key], args=args)
+        )
+        if got is None:
+            return None  # Redis down: ask LastInfoSec
+        if got[0] == _HIT:
+            hit = self._decode(got[1], key)
+            if hit is not None:
+                self.stats.hits += 1
+                return hit, _ttl_s(got[2])
+        self.stats.misses += 1
+        if got[0] != _HELD:
+            return None  # the lease is ours
         self.stats.waits += 1
         answer = await self._wait_for(key, answer_key, lease_key)
         if answer is not None:

@@ -54,6 +54,9 @@ class RedisLink:
         self.where = mask_url(r.url)
         self._secrets = _url_secrets(r.url)
         self._timeout_s = r.timeout_s
+        # The bound of one call: the command's own timeout (redis-py's socket_timeout) plus,
+        # when the pool has to open a connection first, the connect timeout.
+        self._bound_s = r.timeout_s + r.connect_timeout_s
         self._probe_s = r.probe_interval_s
         self.stats = LinkStats()
         self.shared = True  # optimistic: the first failure says otherwise
@@ -81,7 +84,7 @@ class RedisLink:
         if not self.shared:
             return None
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(self._bound_s):
                 return await op()
         except (RedisError, TimeoutError, OSError) as exc:
             self._failed(what, exc)
@@ -126,13 +129,29 @@ class RedisLink:
         log.info("Redis %s answers again after %.1f s: shared mode resumed", self.where, down_for)
         return True
 
+    async def warm_up(self, connections: int) -> None:
+        """Before the first job: register (so the fallback share knows the cluster) and open
+        ``connections`` pooled connections. Otherwise the first burst of jobs opens one
+        connection per command at once, on a loop busy starting up, and some of them time out
+        into fallback mode for nothing."""
+        await self.register_replica()
+        if not self.shared:
+            return
+        await asyncio.gather(
+            *(self.run("warm-up", self.client.ping) for _ in range(connections)),
+            return_exceptions=True,
+        )
+
     async def register_replica(self) -> None:
-        """Refresh this replica's entry and count the replicas seen lately."""
-        key = self.key("replicas")
+        """Refresh this replica's entry and count the replicas seen lately. The largest count
+        of the last ten minutes is kept too: a replica that (re)starts alone first still falls
+        back to its share of a cluster it belongs to."""
+        key, peak_key = self.key("replicas"), self.key("replicas", "peak")
 
         async def op() -> Any:
             now = time.time()
             pipe = self.client.pipeline(transaction=False)
+            pipe.get(peak_key)
             pipe.zadd(key, {self.replica_id: now})
             pipe.zremrangebyscore(key, "-inf", now - REPLICA_TTL_S)
             pipe.zcard(key)
@@ -140,8 +159,13 @@ class RedisLink:
             return await pipe.execute()
 
         result = await self.run("replica registry", op)
-        if result is not None:
-            self.stats.replicas_seen = max(1, int(result[2]))
+        if result is None:
+            return
+        seen = max(1, int(result[3]))
+        peak = int(result[0] or 0)
+        if seen > peak:
+            await self.run("replica registry", lambda: self.client.set(peak_key, seen, ex=600))
+        self.stats.replicas_seen = max(seen, peak)
 
     async def maintain(self) -> None:
         """Forever: register this replica while Redis is up, probe it while it is down."""

@@ -53,13 +53,10 @@ class SharedCache(Protocol):
     (:class:`lis_async.cluster.cache.SharedAnswerCache`). Every method is best effort: a failure
     reads as a miss, and a write that fails is lost."""
 
-    async def get(self, key: CacheKey) -> tuple[CachedAnswer, float] | None:
-        """The answer and the seconds it has left, or None."""
-        ...
-
-    async def claim_or_wait(self, key: CacheKey) -> tuple[CachedAnswer, float] | None:
-        """None: the caller asks LastInfoSec (and then calls ``put`` or ``release``); else the
-        answer another replica was fetching."""
+    async def fetch(self, key: CacheKey) -> tuple[CachedAnswer, float] | None:
+        """The answer and the seconds it has left (from the shared cache, or from the replica
+        that was fetching it), or None: the caller asks LastInfoSec, then calls ``put`` or
+        ``release``."""
         ...
 
     async def put(self, key: CacheKey, answer: CachedAnswer, ttl_s: float) -> None: ...

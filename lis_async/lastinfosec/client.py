@@ -271,7 +271,7 @@ class LastInfoSecClient:
     async def _fetch(self, endpoint: str, value: str, key: CacheKey) -> LookupResult:
         shared = self._shared
         if shared is not None:
-            hit = await shared.get(key) or await shared.claim_or_wait(key)
+            hit = await shared.fetch(key)
             if hit is not None:
                 shared_answer, ttl_s = hit
                 self.stats.shared_cache_hits += 1
