@@ -93,11 +93,13 @@ def _replica_targets(
     shared, base = phases.get("replicas"), phases.get("replicas-baseline")
     if not isinstance(shared, ReplicaPhaseResult):
         return
+    switches = sum(r.redis_transitions for r in shared.per_replica)
+    fallback = f"; {switches} switches to/from fallback mode" if switches else ""
     note = f"{shared.lis_requests} requests, {shared.lis_distinct_values} distinct values"
     value = shared.lis_requests_per_distinct
-    _target(out, "replicas_requests_per_distinct", value, 1.01, False, note)
+    _target(out, "replicas_requests_per_distinct", value, 1.01, False, note + fallback)
     if cfg.rate is not None:
-        note = "sliding one-second window over the whole phase"
+        note = "sliding one-second window over the whole phase" + fallback
         busiest = float(shared.lis_busiest_1s)
         _target(out, "replicas_rate_max_per_window", busiest, cfg.rate, False, note)
         note = f"while the backlog lasted ({fmt(shared.backlog_s)} s)"

@@ -252,6 +252,7 @@ def replica_figures(fig: ReplicaFigures, samples: Samples, cpu_s: float, span_s:
     fig.coalesced_waits_answered = int(metric(samples, "lis_coalesced_waits_answered_total"))
     fig.cluster_granted = int(metric(samples, "lis_cluster_granted_total"))
     fig.redis_errors = int(metric(samples, "lis_redis_errors_total"))
+    fig.redis_transitions = int(metric(samples, "lis_redis_transitions_total"))
     shared = samples.get("lis_redis_shared")
     fig.redis_shared = bool(shared[0][1]) if shared else None
 

@@ -94,6 +94,8 @@ class ReplicaFigures:
     #: lis_redis_shared at the end (None: no Redis)
     redis_shared: bool | None = None
     redis_errors: int = 0
+    #: switches between shared and fallback mode (lis_redis_transitions_total)
+    redis_transitions: int = 0
     exit_code: int | None = None
 
 

@@ -140,6 +140,7 @@ def _replica_rows() -> list[tuple[str, ReplicaGetter]]:
         ("waits for another worker", shared(total(lambda r: r.coalesced_waits))),
         ("... answered", shared(total(lambda r: r.coalesced_waits_answered))),
         ("Redis errors", shared(total(lambda r: r.redis_errors))),
+        ("switches to/from fallback mode", shared(total(lambda r: r.redis_transitions))),
         ("Redis CPU / job (ms)", shared(lambda p: fmt(p.per_job(p.redis_cpu_s), 2))),
         ("Redis (cores busy)", shared(busy(lambda p: p.redis_cpu_s))),
         ("bench process CPU / job (ms)", lambda p: fmt(p.per_job(p.bench_cpu_s), 2)),
@@ -170,8 +171,8 @@ def _worker_lines(p: ReplicaPhaseResult) -> list[str]:
             line += (
                 f" / {r.cache_hits_shared} shared, {r.coalesced_waits} waits "
                 f"({r.coalesced_waits_answered} answered), {r.cluster_granted} granted by "
-                f"Redis, {r.redis_errors} Redis errors"
-                + ("" if r.redis_shared else " (in fallback mode at the end)")
+                f"Redis, {r.redis_errors} Redis errors, {r.redis_transitions} switches to/from "
+                "fallback" + ("" if r.redis_shared else " (in fallback mode at the end)")
             )
         lines.append(line + f", exit code {r.exit_code}")
     return lines

@@ -248,7 +248,7 @@ def test_replica_figures_from_a_workers_metrics() -> None:
     stats.coalesced = 1
     m.add_collector(LisStatsCollector(stats))
     link = SimpleNamespace(
-        shared=True, stats=SimpleNamespace(errors=1, transitions=0, replicas_seen=3)
+        shared=True, stats=SimpleNamespace(errors=1, transitions=2, replicas_seen=3)
     )
     limiter = SimpleNamespace(granted_shared=4, fallback_share=1 / 3, last_window=2)
     cache = SimpleNamespace(stats=SimpleNamespace(waits=6, waits_answered=5))
@@ -259,7 +259,8 @@ def test_replica_figures_from_a_workers_metrics() -> None:
     assert (fig.jobs_per_s, fig.cpu_ms_per_job) == (2.0, 10.0)
     assert (fig.lis_requests, fig.cache_hits_local, fig.cache_hits_shared) == (4, 2, 5)
     assert (fig.coalesced_local, fig.coalesced_waits, fig.coalesced_waits_answered) == (1, 6, 5)
-    assert (fig.cluster_granted, fig.redis_errors, fig.redis_shared) == (4, 1, True)
+    assert (fig.cluster_granted, fig.redis_errors, fig.redis_transitions) == (4, 1, 2)
+    assert fig.redis_shared is True
 
 
 def _replica_phase(shared: bool, requests: int, cpu_ms: float) -> ReplicaPhaseResult:
