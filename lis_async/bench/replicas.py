@@ -149,6 +149,9 @@ class ReplicaRunner:
         codes = await asyncio.gather(*(r.child.stop() for r in replicas))
         for r, fig, code in zip(replicas, result.per_replica, codes, strict=True):
             fig.exit_code = code
+            warnings = log_warnings(r.child)
+            fig.log_warnings = len(warnings)
+            fig.first_warning = warnings[0][:300] if warnings else ""
             if r.child.peak_rss:
                 fig.peak_rss_mb = r.child.peak_rss / 2**20
         result.peak_rss_mb = max((f.peak_rss_mb for f in result.per_replica), default=math.nan)
@@ -255,6 +258,17 @@ def replica_figures(fig: ReplicaFigures, samples: Samples, cpu_s: float, span_s:
     fig.redis_transitions = int(metric(samples, "lis_redis_transitions_total"))
     shared = samples.get("lis_redis_shared")
     fig.redis_shared = bool(shared[0][1]) if shared else None
+
+
+def log_warnings(child: Child) -> list[str]:
+    """The warning, error and critical lines of a worker's log (the logs go when a run
+    succeeds; these stay in the record)."""
+    try:
+        text = child.log_path.read_text(errors="replace")
+    except OSError:
+        return []
+    levels = (" WARNING ", " ERROR ", " CRITICAL ")
+    return [line for line in text.splitlines() if any(lv in line for lv in levels)]
 
 
 # -- metrics ---------------------------------------------------------------------------------

@@ -96,6 +96,9 @@ class ReplicaFigures:
     redis_errors: int = 0
     #: switches between shared and fallback mode (lis_redis_transitions_total)
     redis_transitions: int = 0
+    #: warning (or worse) lines in its log, and the first of them
+    log_warnings: int = 0
+    first_warning: str = ""
     exit_code: int | None = None
 
 

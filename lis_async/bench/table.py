@@ -174,7 +174,10 @@ def _worker_lines(p: ReplicaPhaseResult) -> list[str]:
                 f"Redis, {r.redis_errors} Redis errors, {r.redis_transitions} switches to/from "
                 "fallback" + ("" if r.redis_shared else " (in fallback mode at the end)")
             )
-        lines.append(line + f", exit code {r.exit_code}")
+        line += f", exit code {r.exit_code}"
+        if r.log_warnings:
+            line += f"; {r.log_warnings} warning lines, the first: {r.first_warning}"
+        lines.append(line)
     return lines
 
 

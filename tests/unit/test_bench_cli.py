@@ -25,10 +25,15 @@ import redis
 from lis_async.bench.cli import build_parser as bench_parser
 from lis_async.bench.config import BenchConfig
 from lis_async.bench.feed import Jobs
-from lis_async.bench.measure import busiest_window, slope_per_s
+from lis_async.bench.measure import Child, busiest_window, slope_per_s
 from lis_async.bench.processes import connector_env
 from lis_async.bench.record import build_record, write_json
-from lis_async.bench.replicas import cluster_lis_figures, parse_metrics, replica_figures
+from lis_async.bench.replicas import (
+    cluster_lis_figures,
+    log_warnings,
+    parse_metrics,
+    replica_figures,
+)
 from lis_async.bench.results import PhaseResult, ReplicaFigures, ReplicaPhaseResult
 from lis_async.bench.table import format_table
 from lis_async.cli import build_parser, main
@@ -261,6 +266,18 @@ def test_replica_figures_from_a_workers_metrics() -> None:
     assert (fig.coalesced_local, fig.coalesced_waits, fig.coalesced_waits_answered) == (1, 6, 5)
     assert (fig.cluster_granted, fig.redis_errors, fig.redis_transitions) == (4, 1, 2)
     assert fig.redis_shared is True
+
+
+def test_log_warnings(tmp_path: Path) -> None:
+    log = tmp_path / "replicas-1.log"
+    log.write_text(
+        "2026-12-01 19:13:50,001 INFO    lis_async: started\n"
+        "2026-12-01 19:13:50,002 WARNING lis_async.cluster: Redis redis://x unreachable\n"
+        "2026-12-01 19:13:52,003 ERROR   lis_async: boom\n"
+    )
+    child = Child("replica 1", ["true"], {}, log)
+    assert [line.split()[2] for line in log_warnings(child)] == ["WARNING", "ERROR"]
+    assert log_warnings(Child("replica 2", ["true"], {}, tmp_path / "none.log")) == []
 
 
 def _replica_phase(shared: bool, requests: int, cpu_ms: float) -> ReplicaPhaseResult:
