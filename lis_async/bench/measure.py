@@ -56,13 +56,19 @@ def find_listener(name: str, port: int) -> psutil.Process | None:
 def busiest_window(times: Sequence[float], width_s: float = 1.0) -> int:
     """The most events in any window of ``width_s`` seconds: sliding (every half-open
     ``[t, t + width)``), not fixed buckets."""
+    return busiest_window_at(times, width_s)[0]
+
+
+def busiest_window_at(times: Sequence[float], width_s: float = 1.0) -> tuple[int, float]:
+    """:func:`busiest_window`, and the time of the first event of that window (NaN if none)."""
     ordered = sorted(times)
-    best = start = 0
+    best, at, start = 0, math.nan, 0
     for end, t in enumerate(ordered):
         while ordered[start] <= t - width_s:
             start += 1
-        best = max(best, end - start + 1)
-    return best
+        if end - start + 1 > best:
+            best, at = end - start + 1, ordered[start]
+    return best, at
 
 
 def slope_per_s(times: Sequence[float]) -> float:

@@ -32,6 +32,7 @@ from lis_async.bench.measure import Child, Stopwatch, find_rabbitmq, summary_ms
 from lis_async.bench.processes import Profiler, connector_child
 from lis_async.bench.progress import Progress, bar
 from lis_async.bench.results import BenchError, Connector, PhaseResult
+from lis_async.sim.lastinfosec import LisSimStats
 from lis_async.sim.opencti import Work
 from lis_async.sim.world import SimWorld
 
@@ -128,7 +129,7 @@ class PhaseRunner:
         result.other_cpu_s = max(0.0, cpu.get("machine", math.nan) - ours)
         result.peak_rss_mb = child.peak_rss / 2**20
         job_figures(result, world, jobs)
-        lastinfosec_figures(result, world)
+        lastinfosec_figures(result, world.lis.stats)
 
     async def feed_and_wait(
         self, label: str, feed: Feed, world: SimWorld, children: Sequence[Child], jobs: Jobs
@@ -278,9 +279,8 @@ def job_figures(r: PhaseResult, world: SimWorld, jobs: Jobs) -> None:
     r.push_messages = world.worker.counters.received - world.worker.counters.republished
 
 
-def lastinfosec_figures(r: PhaseResult, world: SimWorld) -> None:
+def lastinfosec_figures(r: PhaseResult, stats: LisSimStats) -> None:
     """Requests the LastInfoSec double answered: count, concurrency, per one-second window."""
-    stats = world.lis.stats
     r.lis_requests = stats.total
     r.lis_max_concurrent = stats.max_concurrent
     r.lis_max_per_window = stats.max_per_window()

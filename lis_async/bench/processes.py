@@ -45,6 +45,12 @@ def _foreign_setting(name: str) -> bool:
     return name.upper().startswith(_FOREIGN_PREFIXES) or name.lower() in _PROXY_VARIABLES
 
 
+def own_env() -> dict[str, str]:
+    """The benchmark's environment without any connector or proxy setting (the base of every
+    subprocess's)."""
+    return {k: v for k, v in os.environ.items() if not _foreign_setting(k)}
+
+
 def connector_env(
     cfg: BenchConfig,
     world: SimWorld,
@@ -54,8 +60,7 @@ def connector_env(
 ) -> dict[str, str]:
     """The environment of a connector pointed at ``world``; lis_async's settings are the
     benchmark's, then ``overrides`` (a phase's own), then ``--worker-env``."""
-    env = {k: v for k, v in os.environ.items() if not _foreign_setting(k)}
-    env |= world.env() | {"PYTHONUNBUFFERED": "1"}
+    env = own_env() | world.env() | {"PYTHONUNBUFFERED": "1"}
     if connector == "classic":
         return env | {"CONNECTOR_TYPE": "INTERNAL_ENRICHMENT", "CONNECTOR_LOG_LEVEL": "error"}
     concurrency = cfg.lis_concurrency or in_flight

@@ -4,26 +4,31 @@
 
 1. build the world (a fresh connector id; ``--repeat-share`` of its jobs carry the observable
    of an earlier job), pre-register the connector id, start the OpenCTI worker emulation;
-2. start N ``lis-async run`` workers on that id, each exposing its metrics on a port of its
-   own. Shared (cluster mode): every worker gets the same ``REDIS_URL`` and a
-   ``REDIS_KEY_PREFIX`` made for this phase alone (runs never share a cache), and
-   ``LASTINFOSEC_RATE_PER_S`` = ``--rate``, the cluster's rate. Baseline: no Redis, each worker
-   limited to ``--rate`` / N on its own;
+   start a LastInfoSec double of its own (``python -m lis_async.sim.lastinfosec``), so that
+   the times it stamps on requests, from which the rate figures come, are not delayed by this
+   process's busy event loop (publishing, the OpenCTI double, the worker emulation);
+2. start N ``lis-async run`` workers on that id, pointed at that double, each exposing its
+   metrics on a port of its own. Shared (cluster mode): every worker gets the same
+   ``REDIS_URL`` and a ``REDIS_KEY_PREFIX`` made for this phase alone (runs never share a
+   cache), and ``LASTINFOSEC_RATE_PER_S`` = ``--rate``, the cluster's rate. Baseline: no Redis,
+   each worker limited to ``--rate`` / N on its own;
 3. once every worker consumes the queue, start the CPU stopwatch (the workers, the bench
-   process, RabbitMQ and, shared, the ``redis-server`` listening on the URL's port), then
-   publish every job at once (:class:`~lis_async.bench.feed.Burst`);
-4. once every work completed: stop the stopwatch, scrape each worker's metrics, stop the
-   workers, delete the phase's Redis keys; derive the figures (:func:`cluster_lis_figures`,
-   :func:`replica_figures`).
+   process, the double, RabbitMQ and, shared, the ``redis-server`` listening on the URL's
+   port), then publish every job at once (:class:`~lis_async.bench.feed.Burst`);
+4. once every work completed: stop the stopwatch, read the double's statistics, scrape each
+   worker's metrics, stop the workers and the double, delete the phase's Redis keys; derive
+   the figures (:func:`cluster_lis_figures`, :func:`replica_figures`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -37,7 +42,7 @@ from lis_async.bench.feed import Burst, Jobs, build_world, preregister
 from lis_async.bench.measure import (
     Child,
     Stopwatch,
-    busiest_window,
+    busiest_window_at,
     find_listener,
     slope_per_s,
 )
@@ -47,12 +52,15 @@ from lis_async.bench.processes import (
     connector_argv,
     connector_env,
     free_port,
+    own_env,
 )
 from lis_async.bench.results import BenchError, ReplicaFigures, ReplicaPhaseResult
 from lis_async.redact import mask_url
+from lis_async.sim.lastinfosec import LisSimStats, RecordedRequest
 from lis_async.sim.world import SimWorld
 
-#: How long a worker consuming its queue may take to answer on its metrics port.
+#: How long a worker consuming its queue may take to answer on its metrics port, and the
+#: LastInfoSec double to answer once started.
 METRICS_READY_TIMEOUT_S = 30.0
 SCRAPE_TIMEOUT_S = 5.0
 REDIS_TIMEOUT_S = 2.0
@@ -80,8 +88,14 @@ class ReplicaSpec:
 
 @dataclass
 class _Replica:
+    """A worker, or the LastInfoSec double: a process and its HTTP port."""
+
     child: Child
     port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
 
 class ReplicaRunner:
@@ -117,23 +131,40 @@ class ReplicaRunner:
             jobs = Jobs()
             await feed.before_start(world, jobs, self.runner.progress, spec.name)
             result.jobs = jobs.total
-            replicas = [self._replica(world, result, i) for i in range(1, spec.replicas + 1)]
+            double = self._double(world, spec.name)
+            replicas = [
+                self._replica(world, result, i, double) for i in range(1, spec.replicas + 1)
+            ]
             result.per_replica = [
                 ReplicaFigures(i, metrics_port=r.port) for i, r in enumerate(replicas, 1)
             ]
             self.runner.progress.update(f"{spec.name:<16} starting {spec.replicas} workers")
             try:
+                await double.child.start()
                 for r, fig in zip(replicas, result.per_replica, strict=True):
                     await r.child.start()
                     fig.pid = r.child.pid
-                await self._measure(spec, feed, world, replicas, jobs, result)
+                await self._measure(spec, feed, world, (double, replicas), jobs, result)
             finally:
                 await self._stop(replicas, result)
+                await double.child.stop()
         return result
 
-    def _replica(self, world: SimWorld, result: ReplicaPhaseResult, index: int) -> _Replica:
+    def _double(self, world: SimWorld, label: str) -> _Replica:
+        """The phase's LastInfoSec double, in a process of its own, shaped like the world's."""
+        cfg, port = self.cfg, free_port()
+        argv = [sys.executable, "-m", "lis_async.sim.lastinfosec", "--port", str(port)]
+        argv += ["--latency", str(cfg.latency), "--jitter", str(cfg.jitter)]
+        argv += ["--bundle-size", str(cfg.bundle_size), "--api-key", world.lis_api_key]
+        log_path = self.runner.workdir / f"{label}-lastinfosec.log"
+        return _Replica(Child("lastinfosec double", argv, own_env(), log_path), port)
+
+    def _replica(
+        self, world: SimWorld, result: ReplicaPhaseResult, index: int, double: _Replica
+    ) -> _Replica:
         cfg, port = self.cfg, free_port()
         overrides = {
+            "LASTINFOSEC_BASE_URL": double.url + "/v2",
             "CONNECTOR_EXPOSE_METRICS": "true",
             "CONNECTOR_METRICS_PORT": str(port),
             "LASTINFOSEC_RATE_PER_S": f"{result.rate_per_replica:g}",
@@ -164,76 +195,91 @@ class ReplicaRunner:
         spec: ReplicaSpec,
         feed: Burst,
         world: SimWorld,
-        replicas: Sequence[_Replica],
+        procs: tuple[_Replica, Sequence[_Replica]],
         jobs: Jobs,
         result: ReplicaPhaseResult,
     ) -> None:
-        """From every worker consuming to every job done: CPU, metrics, then the figures."""
+        """From every worker consuming to every job done: CPU, the double's statistics and the
+        workers' metrics, then the figures."""
+        double, replicas = procs
         children = [r.child for r in replicas]
         await self.runner.wait_ready(world, children, backlog=False)
         async with aiohttp.ClientSession() as session:
-            await self._wait_metrics(session, replicas)
+            await _wait_http(session, [double, *replicas])
             watched: dict[str, psutil.Process | None] = {
                 f"replica-{i}": r.child.ps for i, r in enumerate(replicas, 1)
             }
             watched |= {"bench": self.runner.me, "rabbitmq": self.runner.rabbitmq}
+            watched |= {"lastinfosec": double.child.ps}
             watched["redis"] = self.redis if spec.shared else None
             watch = Stopwatch(watched)
             watch.start()
             await self.runner.feed_and_wait(spec.name, feed, world, children, jobs)
             cpu = watch.stop()
+            stats = await double_stats(session, double.url)
             scrapes = await asyncio.gather(*(scrape(session, r.port) for r in replicas))
         result.worker_cpu_s = sum(cpu.get(name, math.nan) for name in watched if "-" in name)
         result.bench_cpu_s = cpu.get("bench", math.nan)
         result.rabbitmq_cpu_s = cpu.get("rabbitmq")
         result.redis_cpu_s = cpu.get("redis")
+        result.lis_double_cpu_s = cpu.get("lastinfosec")
         ours = sum(v for k, v in cpu.items() if k != "machine")
         result.other_cpu_s = max(0.0, cpu.get("machine", math.nan) - ours)
         job_figures(result, world, jobs)
-        lastinfosec_figures(result, world)
-        cluster_lis_figures(result, world, jobs)
+        lastinfosec_figures(result, stats)
+        cluster_lis_figures(result, stats, world, jobs)
         for i, (fig, samples) in enumerate(zip(result.per_replica, scrapes, strict=True), 1):
             replica_figures(fig, samples, cpu.get(f"replica-{i}", math.nan), result.span_s)
 
-    async def _wait_metrics(
-        self, session: aiohttp.ClientSession, replicas: Sequence[_Replica]
-    ) -> None:
-        """Until every worker answers on its metrics port (BenchError after a while)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + METRICS_READY_TIMEOUT_S
-        for r in replicas:
-            while True:
-                try:
-                    await scrape(session, r.port)
-                    break
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    if loop.time() > deadline:
-                        raise BenchError(
-                            f"{r.child.name}: no metrics on port {r.port} ({exc}); its log:\n"
-                            f"{r.child.log_tail()}"
-                        ) from None
-                    await asyncio.sleep(0.1)
+
+async def _wait_http(session: aiohttp.ClientSession, procs: Sequence[_Replica]) -> None:
+    """Until every worker answers on its metrics port and the double on its own (BenchError
+    after a while)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + METRICS_READY_TIMEOUT_S
+    timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
+    for p in procs:
+        path = "/_sim/stats" if p.child.name == "lastinfosec double" else "/metrics"
+        while True:
+            try:
+                async with session.get(p.url + path, timeout=timeout) as resp:
+                    resp.raise_for_status()
+                    await resp.read()
+                break
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if loop.time() > deadline or not p.child.running:
+                    raise BenchError(
+                        f"{p.child.name}: nothing on port {p.port} ({exc}); its log:\n"
+                        f"{p.child.log_tail()}"
+                    ) from None
+                await asyncio.sleep(0.1)
 
 
 # -- figures ---------------------------------------------------------------------------------
-def cluster_lis_figures(r: ReplicaPhaseResult, world: SimWorld, jobs: Jobs) -> None:
+def cluster_lis_figures(
+    r: ReplicaPhaseResult, stats: LisSimStats, world: SimWorld, jobs: Jobs
+) -> None:
     """From the LastInfoSec double's recorded requests: distinct values asked, requests per
     distinct value, the busiest one-second window (sliding), and the rate sustained while the
     backlog lasted (first request -> last job taken from the queue, at least
     :data:`MIN_BACKLOG_S`)."""
-    stats = world.lis.stats
     recorded = list(stats.requests)
     times = [q.time for q in recorded]
     r.lis_recorded = len(recorded)
-    r.lis_busiest_1s = busiest_window(times)
-    if recorded and len(recorded) == stats.total:
+    r.lis_busiest_1s, busiest_at = busiest_window_at(times)
+    if not times:
+        return
+    first = min(times)
+    r.lis_busiest_1s_at_s = busiest_at - first
+    r.lis_request_offsets_ms = sorted(round((t - first) * 1000) for t in times)
+    if len(recorded) == stats.total:
         r.lis_distinct_values = len({q.value for q in recorded})
         r.lis_requests_per_distinct = stats.total / r.lis_distinct_values
     works = (world.platform.works[w] for w in jobs.work_ids)
     received = [w.received_time for w in works if w.received_time is not None]
-    if times and received:
+    if received:
         end = min(max(times), max(received))
-        r.backlog_s = end - min(times)
+        r.backlog_s = end - first
         if r.backlog_s >= MIN_BACKLOG_S:
             r.lis_backlog_per_s = slope_per_s([t for t in times if t <= end])
 
@@ -296,6 +342,29 @@ async def scrape(session: aiohttp.ClientSession, port: int) -> Samples:
     async with session.get(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
         resp.raise_for_status()
         return parse_metrics(await resp.text())
+
+
+async def double_stats(session: aiohttp.ClientSession, url: str) -> LisSimStats:
+    """The statistics of a LastInfoSec double in another process (``GET /_sim/stats``)."""
+    timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S * 4)
+    async with session.get(url + "/_sim/stats", timeout=timeout) as resp:
+        resp.raise_for_status()
+        body = await resp.json()
+    return stats_of(body)
+
+
+def stats_of(body: dict[str, Any]) -> LisSimStats:
+    """:class:`LisSimStats` from its ``to_dict()`` (what ``/_sim/stats`` answers)."""
+    stats = LisSimStats()
+    stats.total = int(body["total"])
+    stats.by_status = {int(k): int(v) for k, v in body["by_status"].items()}
+    stats.by_endpoint = {str(k): int(v) for k, v in body["by_endpoint"].items()}
+    stats.max_concurrent = int(body["max_concurrent"])
+    stats.per_window = {int(k): int(v) for k, v in body["per_window"].items()}
+    stats.per_window_accepted = {int(k): int(v) for k, v in body["per_window_accepted"].items()}
+    fields = ("method", "path", "endpoint", "value", "time", "status")
+    stats.requests.extend(RecordedRequest(**{k: q[k] for k in fields}) for q in body["requests"])
+    return stats
 
 
 # -- Redis -----------------------------------------------------------------------------------

@@ -120,13 +120,19 @@ class ReplicaPhaseResult(PhaseResult):
     #: distinct values the double was asked (None: its record of requests is incomplete)
     lis_distinct_values: int | None = None
     lis_requests_per_distinct: float = math.nan
-    #: most requests in any one second (sliding window over the double's request times)
+    #: most requests in any one second (sliding window over the double's request times), and
+    #: when that second began (seconds after the first request)
     lis_busiest_1s: int = 0
+    lis_busiest_1s_at_s: float = math.nan
+    #: for a closer look: when each request reached the double, milliseconds after the first
+    lis_request_offsets_ms: list[int] = field(default_factory=list)
     #: from the first request until the last job was taken from the queue (or the last
     #: request, if earlier), the requests/s sustained over it (least-squares slope)
     backlog_s: float = math.nan
     lis_backlog_per_s: float = math.nan
     redis_cpu_s: float | None = None
+    #: CPU of the LastInfoSec double (its own process in these phases)
+    lis_double_cpu_s: float | None = None
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,12 +32,13 @@ from lis_async.bench.replicas import (
     log_warnings,
     parse_metrics,
     replica_figures,
+    stats_of,
 )
 from lis_async.bench.results import PhaseResult, ReplicaFigures, ReplicaPhaseResult
 from lis_async.bench.table import format_table
 from lis_async.cli import build_parser, main
 from lis_async.lastinfosec.client import LisStats
-from lis_async.sim.lastinfosec import RecordedRequest
+from lis_async.sim.lastinfosec import LisSimStats, RecordedRequest
 from lis_async.sim.world import SimWorld
 from lis_async.telemetry import ClusterCollector, LisStatsCollector, Metrics
 
@@ -213,33 +213,42 @@ def test_slope_is_the_rate_of_a_limiters_bursts() -> None:
     assert math.isnan(slope_per_s([2.0, 2.0]))
 
 
-def _fake_world(times: list[float], values: list[str], total: int, received: list[float]) -> Any:
-    requests = deque(
-        RecordedRequest("GET", "/x", "search_host", v, t)
-        for v, t in zip(values, times, strict=True)
-    )
+def _stats(times: list[float], values: list[str], total: int) -> LisSimStats:
+    """The double's statistics after these requests (``total`` of them, the ones recorded
+    first), as its ``/_sim/stats`` reports them."""
+    stats = LisSimStats()
+    for v, t in zip(values, times, strict=True):
+        record = RecordedRequest("GET", f"/v2/stix21/search_host/{v}", "search_host", v, t)
+        stats._begin(record)
+        stats._end(record, 200)
+    stats.total = total
+    return stats_of(json.loads(json.dumps(stats.to_dict())))
+
+
+def _works(received: list[float]) -> tuple[Any, Jobs]:
     works = {f"w{i}": SimpleNamespace(received_time=t) for i, t in enumerate(received)}
-    return SimpleNamespace(
-        lis=SimpleNamespace(stats=SimpleNamespace(requests=requests, total=total)),
-        platform=SimpleNamespace(works=works),
-    )
+    return SimpleNamespace(platform=SimpleNamespace(works=works)), Jobs(len(works), [*works])
 
 
 def test_cluster_lis_figures() -> None:
     times = [k * 1.02 + i * 1e-3 for k in range(5) for i in range(30)]
     values = [f"v{i}" for i in range(148)] + ["v0", "v1"]
-    jobs = Jobs(total=3, work_ids=["w0", "w1", "w2"])
     # the queue emptied at t = 3.0: the backlog holds the bursts at 0, 1.02 and 2.04
-    world = _fake_world(times, values, len(times), [0.0, 1.0, 3.0])
+    world, jobs = _works([0.0, 1.0, 3.0])
     r = ReplicaPhaseResult("replicas", "lis_async", 3, 64, "burst")
-    cluster_lis_figures(r, world, jobs)
+    stats = _stats(times, values, len(times))
+    assert stats.max_per_window() == 30 and stats.by_status == {200: 150}
+    cluster_lis_figures(r, stats, world, jobs)
     assert (r.lis_recorded, r.lis_distinct_values, r.lis_busiest_1s) == (150, 148, 30)
+    assert r.lis_busiest_1s_at_s == 0.0
+    assert r.lis_request_offsets_ms[:2] == [0, 1] and len(r.lis_request_offsets_ms) == 150
     assert r.lis_requests_per_distinct == pytest.approx(150 / 148)
     assert r.backlog_s == pytest.approx(3.0)
     assert r.lis_backlog_per_s == pytest.approx(30 / 1.02, rel=1e-2)
     # the double kept only part of its requests: no distinct count; a short backlog: no rate
     r = ReplicaPhaseResult("replicas", "lis_async", 3, 64, "burst")
-    cluster_lis_figures(r, _fake_world(times, values, 20_000, [0.0, 1.0, 1.5]), jobs)
+    world, jobs = _works([0.0, 1.0, 1.5])
+    cluster_lis_figures(r, _stats(times, values, 20_000), world, jobs)
     assert r.lis_distinct_values is None and math.isnan(r.lis_requests_per_distinct)
     assert math.isnan(r.lis_backlog_per_s)
 
