@@ -185,7 +185,8 @@ class ReplicaRunner:
             fig.first_warning = warnings[0][:300] if warnings else ""
             if r.child.peak_rss:
                 fig.peak_rss_mb = r.child.peak_rss / 2**20
-        result.peak_rss_mb = max((f.peak_rss_mb for f in result.per_replica), default=math.nan)
+        peaks = [f.peak_rss_mb for f in result.per_replica if not math.isnan(f.peak_rss_mb)]
+        result.peak_rss_mb = max(peaks, default=math.nan)
         if result.shared:
             await drop_keys(self.cfg.redis_url, result.redis_key_prefix)
 
