@@ -7,7 +7,9 @@ imports this package. Its modules, from the command line down:
 * ``config``: :class:`~lis_async.bench.config.BenchConfig`, the options checked;
 * ``orchestrate``: the phases in order, then the record and the report;
 * ``phase``: one phase (world, connector, jobs, figures);
-* ``feed``: the world of a phase and how its jobs reach the queue (queued, paced);
+* ``replicas``: the ``--replicas N`` phases (N workers on one connector id, with and without
+  Redis) and their figures;
+* ``feed``: the world of a phase and how its jobs reach the queue (queued, paced, burst);
 * ``processes``: the connector subprocess (argv, environment) and py-spy;
 * ``results``: what a phase measured (:class:`~lis_async.bench.results.PhaseResult`);
 * ``record``, ``table``, ``plot``: the JSON record, the printed table, the sweep's PNG;

@@ -15,12 +15,20 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from lis_async.bench.config import DEFAULT_AMQP_URL, BenchConfig
+from lis_async.bench.config import (
+    DEFAULT_AMQP_URL,
+    DEFAULT_JOBS,
+    DEFAULT_REDIS_URL,
+    DEFAULT_REPEAT_SHARE,
+    DEFAULT_REPLICA_JOBS,
+    BenchConfig,
+)
 
 PROG = "lis-async bench"
 DESCRIPTION = (
     "Benchmark lis_async against the classic pycti-helper connector on a simulated OpenCTI and "
-    "LastInfoSec (needs RabbitMQ)."
+    "LastInfoSec (needs RabbitMQ); with --replicas N, N lis_async workers sharing one "
+    "connector id, rate and cache through Redis instead."
 )
 #: The modules of the ``bench`` extra, and which runs need them.
 EXTRA_ALWAYS = ("psutil",)
@@ -31,7 +39,13 @@ INSTALL_HINT = "pip install 'lis-async[bench]'"
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Every ``lis-async bench`` option; ``dest`` names are :class:`BenchConfig` fields."""
     add = parser.add_argument
-    add("--jobs", type=int, default=2000, help="queued jobs for lis_async (default 2000)")
+    add(
+        "--jobs",
+        type=int,
+        default=None,
+        help=f"queued jobs for lis_async (default {DEFAULT_JOBS}; "
+        f"{DEFAULT_REPLICA_JOBS} with --replicas)",
+    )
     add("--classic-jobs", type=int, default=60, help="queued jobs for the classic connector (60)")
     add("--latency", type=float, default=0.15, help="LastInfoSec latency, seconds (0.15)")
     add("--jitter", type=float, default=0.0, help="extra uniform LastInfoSec delay, seconds")
@@ -77,8 +91,36 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra environment variable for the lis_async worker (repeatable), "
         "e.g. --worker-env OPENCTI_THREADS=32",
     )
+    add_replica_arguments(parser)
     add("--amqp-url", default=DEFAULT_AMQP_URL)
     add("--seed", type=int, default=0, help="job mix seed")
+
+
+def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a cluster run (``--replicas``)."""
+    add = parser.add_argument
+    add(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cluster run: N lis_async workers on one connector id sharing --rate (the "
+        "cluster's rate) and the answer cache through Redis; only the replica phases run",
+    )
+    add(
+        "--repeat-share",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="with --replicas: share of jobs whose observable an earlier job had "
+        f"(default {DEFAULT_REPEAT_SHARE})",
+    )
+    add(
+        "--replicas-baseline",
+        action="store_true",
+        help="with --replicas: also run the N workers without Redis, each at rate / N",
+    )
+    add("--redis-url", default=DEFAULT_REDIS_URL, help=f"default {DEFAULT_REDIS_URL}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,13 +10,26 @@ import argparse
 from dataclasses import dataclass
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: ``--jobs`` when not given: for the single-worker phases, and for a ``--replicas`` run.
+DEFAULT_JOBS = 2000
+DEFAULT_REPLICA_JOBS = 1500
+#: ``--repeat-share`` when not given, in a ``--replicas`` run.
+DEFAULT_REPEAT_SHARE = 0.5
+#: Options that measure one worker, hence meaningless in a ``--replicas`` run.
+_SINGLE_WORKER_OPTIONS = ("sweep", "rss_jobs", "profile")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Every option of ``lis-async bench``; field names are the options' ``dest``."""
+    """Every option of ``lis-async bench``; field names are the options' ``dest``.
 
-    jobs: int = 2000
+    ``replicas`` set makes a cluster run: only the replica phases run (the classic and
+    single-worker phases measure something else). ``jobs`` and ``repeat_share`` then default to
+    :data:`DEFAULT_REPLICA_JOBS` and :data:`DEFAULT_REPEAT_SHARE` (see :meth:`from_args`).
+    """
+
+    jobs: int = DEFAULT_JOBS
     classic_jobs: int = 60
     latency: float = 0.15
     jitter: float = 0.0
@@ -35,12 +48,26 @@ class BenchConfig:
     amqp_url: str = DEFAULT_AMQP_URL
     seed: int = 0
     worker_env: tuple[str, ...] = ()
+    #: worker processes sharing one connector id (None: no replica phase)
+    replicas: int | None = None
+    #: share of the replica phase's jobs whose observable an earlier job of the phase had
+    repeat_share: float = 0.0
+    redis_url: str = DEFAULT_REDIS_URL
+    #: also run the replicas without Redis, each at rate / replicas
+    replicas_baseline: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
+        """The configuration of parsed options; ``--jobs`` and ``--repeat-share`` left out
+        (None) take their default for the kind of run (one worker, or ``--replicas``)."""
         names = cls.__dataclass_fields__
         values = {k: v for k, v in vars(args).items() if k in names}
         values["worker_env"] = tuple(values.get("worker_env") or ())
+        cluster = values.get("replicas") is not None
+        if values.get("jobs") is None:
+            values["jobs"] = DEFAULT_REPLICA_JOBS if cluster else DEFAULT_JOBS
+        if values.get("repeat_share") is None:
+            values["repeat_share"] = DEFAULT_REPEAT_SHARE if cluster else 0.0
         return cls(**values)
 
     def extra_env(self) -> dict[str, str]:
@@ -71,4 +98,23 @@ class BenchConfig:
             for item in self.worker_env
             if "=" not in item or not item.split("=", 1)[0]
         )
+        out.extend(self._replica_problems())
+        return out
+
+    def _replica_problems(self) -> list[str]:
+        out: list[str] = []
+        if not 0.0 <= self.repeat_share <= 1.0:
+            out.append("--repeat-share must be within 0 and 1")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            out.append("--redis-url must be a redis://, rediss:// or unix:// URL")
+        if self.replicas is None:
+            if self.repeat_share or self.replicas_baseline:
+                out.append("--repeat-share and --replicas-baseline need --replicas N")
+            return out
+        if self.replicas < 1:
+            out.append("--replicas must be at least 1")
+        given = [n for n in _SINGLE_WORKER_OPTIONS if getattr(self, n)]
+        if given:
+            names = ", ".join("--" + n.replace("_", "-") for n in given)
+            out.append(f"{names}: measure one worker, not with --replicas")
         return out

@@ -6,7 +6,8 @@ the connector id in it, as a connector that ran before would be, so that the pla
 declares the queues before any job is published.
 
 A :class:`Feed` says how the jobs reach the listen queue: :class:`Queued` publishes them all
-before the connector starts, :class:`Paced` publishes them at a fixed rate while it runs. A new
+before the connector starts, :class:`Paced` publishes them at a fixed rate while it runs,
+:class:`Burst` publishes them all at once when the connectors consume the queue. A new
 way of feeding a phase is a new :class:`Feed`; the phase runner only calls its two hooks.
 """
 
@@ -34,10 +35,13 @@ REGISTER = (
 )
 #: Queued jobs are published in batches of this size (one progress update each).
 PUBLISH_CHUNK = 500
+#: A burst is published in batches of this size, while the connectors run.
+BURST_CHUNK = 25
 
 
-def build_world(cfg: BenchConfig) -> SimWorld:
-    """A fresh world (a new connector id, hence fresh queues) shaped by the options."""
+def build_world(cfg: BenchConfig, repeat_share: float = 0.0) -> SimWorld:
+    """A fresh world (a new connector id, hence fresh queues) shaped by the options;
+    ``repeat_share`` of its jobs carry the observable of an earlier job."""
     return SimWorld(
         platform_config=PlatformSimConfig(
             amqp_url=cfg.amqp_url, latency_s=cfg.platform_latency, max_recorded_requests=1000
@@ -48,7 +52,7 @@ def build_world(cfg: BenchConfig) -> SimWorld:
         amqp_url=cfg.amqp_url,
         seed=cfg.seed,
         # Playbook jobs have no work to time; everything else is the producer's mix.
-        producer_options={"playbook_share": 0.0},
+        producer_options={"playbook_share": 0.0, "repeat_share": repeat_share},
         # Cheap mode: no stix2 validation, nothing recorded (the simulator must not be the
         # bottleneck).
         worker_options={"validate": False, "max_records": 0, "prefetch_count": 256},
@@ -171,3 +175,31 @@ class Paced(Feed):
             task.add_done_callback(pending.discard)
         if pending:
             await asyncio.gather(*pending)
+
+
+@dataclass(frozen=True)
+class Burst(Feed):
+    """``jobs`` jobs published at once as soon as the connectors consume their queue (replica
+    phases: every replica is up, and measured, before the first job, and they share the
+    backlog from the start). Publishing outpaces the connectors, so the backlog builds at once.
+    """
+
+    mode: ClassVar[Mode] = "burst"
+    backlog: ClassVar[bool] = False
+    jobs: int
+
+    async def before_start(
+        self, world: SimWorld, jobs: Jobs, progress: Progress, label: str
+    ) -> None:
+        jobs.total = self.jobs
+
+    def while_running(self, world: SimWorld, jobs: Jobs) -> Coroutine[Any, Any, None] | None:
+        return self._publish(world, jobs)
+
+    async def _publish(self, world: SimWorld, jobs: Jobs) -> None:
+        # Small batches: the connectors are already at work, and the OpenCTI double and the
+        # worker emulation share this event loop (batches of 500 held it for over 100 ms).
+        for start in range(0, self.jobs, BURST_CHUNK):
+            batch = await world.producer.publish_many(min(BURST_CHUNK, self.jobs - start))
+            jobs.work_ids.extend(j.work_id for j in batch if j.work_id)
+            await asyncio.sleep(0)

@@ -37,6 +37,56 @@ def find_rabbitmq() -> psutil.Process | None:
     return None
 
 
+def find_listener(name: str, port: int) -> psutil.Process | None:
+    """The process called ``name`` listening on TCP ``port``, if its CPU times are readable
+    (e.g. the ``redis-server`` behind a Redis URL)."""
+    for proc in psutil.process_iter(["name"]):
+        if not str(proc.info.get("name") or "").startswith(name):
+            continue
+        try:
+            conns = proc.net_connections("tcp")
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+                cpu_seconds(proc)
+                return proc
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+    return None
+
+
+def busiest_window(times: Sequence[float], width_s: float = 1.0) -> int:
+    """The most events in any window of ``width_s`` seconds: sliding (every half-open
+    ``[t, t + width)``), not fixed buckets."""
+    return busiest_window_at(times, width_s)[0]
+
+
+def busiest_window_at(times: Sequence[float], width_s: float = 1.0) -> tuple[int, float]:
+    """:func:`busiest_window`, and the time of the first event of that window (NaN if none)."""
+    ordered = sorted(times)
+    best, at, start = 0, math.nan, 0
+    for end, t in enumerate(ordered):
+        while ordered[start] <= t - width_s:
+            start += 1
+        if end - start + 1 > best:
+            best, at = end - start + 1, ordered[start]
+    return best, at
+
+
+def slope_per_s(times: Sequence[float]) -> float:
+    """Events per second sustained over ``times``: the least-squares slope of the running count
+    against time. Unlike a count over a fixed span it does not depend on where the span cuts a
+    rate limiter's bursts. NaN with fewer than two distinct times."""
+    ordered = sorted(times)
+    n = len(ordered)
+    if n < 2:
+        return math.nan
+    mean_t = sum(ordered) / n
+    mean_k = (n + 1) / 2
+    var = sum((t - mean_t) ** 2 for t in ordered)
+    if var == 0:
+        return math.nan
+    return sum((t - mean_t) * (k - mean_k) for k, t in enumerate(ordered, 1)) / var
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (``q`` in 0..100) of ``values``; NaN when empty."""
     if not values:

@@ -10,6 +10,13 @@ subprocess pointed at it. Phases, each with a fresh connector id (fresh queues):
 4. ``rss`` (``--rss-jobs N``): lis_async on N queued jobs, for the memory figure.
 5. ``sweep`` (``--sweep``): lis_async at 1, 4, 16, 64 and 128 jobs in flight, plotted.
 
+``--replicas N`` makes a cluster run instead, where only these run (``lis_async.bench.replicas``):
+
+6. ``replicas``: N lis_async workers on one connector id sharing the rate and the answer cache
+   through Redis, on ``--jobs`` jobs of which ``--repeat-share`` repeat an earlier observable.
+7. ``replicas-baseline`` (``--replicas-baseline``): the same without Redis, each worker at
+   ``--rate`` / N.
+
 Queued phases publish every job first (the connector id is registered beforehand, as a connector
 that ran before would be, so the platform double has declared its queues), then start the
 connector, and measure from the first job received to the last work completed. The connector's
@@ -41,6 +48,7 @@ from lis_async.bench.phase import PhaseRunner, PhaseSpec
 from lis_async.bench.plot import plot_sweep
 from lis_async.bench.profile import Profile, summarise
 from lis_async.bench.record import build_record, write_json
+from lis_async.bench.replicas import ReplicaRunner, ReplicaSpec, redis_problem
 from lis_async.bench.results import BenchError, PhaseResult, fmt
 from lis_async.bench.table import format_table
 from lis_async.sim.world import rabbit_reachable
@@ -61,13 +69,15 @@ Step = Callable[[PhaseRunner, BenchConfig, Results], Awaitable[None]]
 
 # -- the phases --------------------------------------------------------------------------------
 async def classic_phase(runner: PhaseRunner, cfg: BenchConfig, results: Results) -> None:
-    if cfg.skip_classic:
+    if cfg.skip_classic or cfg.replicas is not None:
         return
     spec = PhaseSpec("classic", "classic", Queued(cfg.classic_jobs))
     results.phases["classic"] = await runner.run(spec)
 
 
 async def throughput_phase(runner: PhaseRunner, cfg: BenchConfig, results: Results) -> None:
+    if cfg.replicas is not None:
+        return
     spec = PhaseSpec(
         "lis_async", "lis_async", Queued(cfg.jobs), in_flight=cfg.in_flight, profile=cfg.profile
     )
@@ -101,6 +111,22 @@ async def sweep_phases(runner: PhaseRunner, cfg: BenchConfig, results: Results) 
         results.sweep.append(await runner.run(spec))
 
 
+async def replica_phases(runner: PhaseRunner, cfg: BenchConfig, results: Results) -> None:
+    """N workers through Redis, then (``--replicas-baseline``) the same N without it."""
+    if cfg.replicas is None:
+        return
+    problem = await redis_problem(cfg.redis_url)
+    if problem:
+        hint = "start it (`redis-server --daemonize yes`) or pass --redis-url"
+        raise BenchError(f"{problem}: {hint}")
+    replicas = ReplicaRunner(runner)
+    specs = [ReplicaSpec("replicas", cfg.replicas, shared=True)]
+    if cfg.replicas_baseline:
+        specs.append(ReplicaSpec("replicas-baseline", cfg.replicas, shared=False))
+    for spec in specs:
+        results.phases[spec.name] = await replicas.run(spec)
+
+
 #: Every phase step, in the order they run (each one decides from the options whether it runs).
 PHASES: tuple[Step, ...] = (
     classic_phase,
@@ -108,6 +134,7 @@ PHASES: tuple[Step, ...] = (
     latency_phase,
     rss_phase,
     sweep_phases,
+    replica_phases,
 )
 
 

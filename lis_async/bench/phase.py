@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from lis_async.bench.measure import Child, Stopwatch, find_rabbitmq, summary_ms
 from lis_async.bench.processes import Profiler, connector_child
 from lis_async.bench.progress import Progress, bar
 from lis_async.bench.results import BenchError, Connector, PhaseResult
+from lis_async.sim.lastinfosec import LisSimStats
 from lis_async.sim.opencti import Work
 from lis_async.sim.world import SimWorld
 
@@ -103,7 +105,7 @@ class PhaseRunner:
         self, spec: PhaseSpec, world: SimWorld, child: Child, jobs: Jobs, result: PhaseResult
     ) -> None:
         """From the connector ready to every job done: CPU, then the figures into ``result``."""
-        await self._wait_ready(world, child, backlog=spec.feed.backlog)
+        await self.wait_ready(world, [child], backlog=spec.feed.backlog)
         assert child.ps is not None
         watch = Stopwatch({"worker": child.ps, "bench": self.me, "rabbitmq": self.rabbitmq})
         watch.start()
@@ -113,7 +115,7 @@ class PhaseRunner:
                 seconds = min(10.0, max(1.0, jobs.total / 200))
                 profiler = Profiler(child.pid, spec.profile, seconds, self.workdir / "py-spy.log")
                 result.profile = spec.profile
-            await self._feed_and_wait(spec, world, child, jobs)
+            await self.feed_and_wait(spec.name, spec.feed, world, [child], jobs)
             cpu = watch.stop()
             if profiler is not None:
                 await asyncio.to_thread(profiler.wait, PROFILER_WRITE_TIMEOUT_S)
@@ -127,15 +129,16 @@ class PhaseRunner:
         result.other_cpu_s = max(0.0, cpu.get("machine", math.nan) - ours)
         result.peak_rss_mb = child.peak_rss / 2**20
         job_figures(result, world, jobs)
-        lastinfosec_figures(result, world)
+        lastinfosec_figures(result, world.lis.stats)
 
-    async def _feed_and_wait(
-        self, spec: PhaseSpec, world: SimWorld, child: Child, jobs: Jobs
+    async def feed_and_wait(
+        self, label: str, feed: Feed, world: SimWorld, children: Sequence[Child], jobs: Jobs
     ) -> None:
-        coro = spec.feed.while_running(world, jobs)
+        """``feed.while_running`` while waiting until every job's work completed."""
+        coro = feed.while_running(world, jobs)
         publishing = asyncio.create_task(coro) if coro is not None else None
         try:
-            await self._wait_done(spec.name, world, child, jobs, publishing)
+            await self._wait_done(label, world, children, jobs, publishing)
         finally:
             if publishing is not None and not publishing.done():
                 publishing.cancel()
@@ -153,8 +156,9 @@ class PhaseRunner:
             if not channel.is_closed:
                 await channel.close()
 
-    async def _wait_ready(self, world: SimWorld, child: Child, backlog: bool) -> None:
-        """Until the connector took its first job (backlog) or consumes its queue."""
+    async def wait_ready(self, world: SimWorld, children: Sequence[Child], backlog: bool) -> None:
+        """Until the connector took its first job (backlog) or every one of ``children``
+        consumes the queue."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         listen = world.names()["listen"]
         calls = world.platform.calls
@@ -163,15 +167,22 @@ class PhaseRunner:
             while True:
                 if backlog and calls["workToReceived"] > 0:
                     return
-                if not backlog and polls % 10 == 0 and await self._consumers(conn, listen) > 0:
+                if (
+                    not backlog
+                    and polls % 10 == 0
+                    and await self._consumers(conn, listen) >= len(children)
+                ):
                     return
-                if not child.running:
-                    raise BenchError(
-                        f"{child.name} exited with code {child.proc and child.proc.returncode} "
-                        f"before taking a job; its log ({child.log_path}):\n{child.log_tail()}"
-                    )
+                for child in children:
+                    if not child.running:
+                        raise BenchError(
+                            f"{child.name} exited with code "
+                            f"{child.proc and child.proc.returncode} before taking a job; "
+                            f"its log ({child.log_path}):\n{child.log_tail()}"
+                        )
                 if time.monotonic() > deadline:
-                    raise BenchError(f"{child.name} did not start within {READY_TIMEOUT_S:.0f} s")
+                    names = ", ".join(c.name for c in children)
+                    raise BenchError(f"{names} did not start within {READY_TIMEOUT_S:.0f} s")
                 polls += 1
                 await asyncio.sleep(0.005)
 
@@ -179,7 +190,7 @@ class PhaseRunner:
         self,
         label: str,
         world: SimWorld,
-        child: Child,
+        children: Sequence[Child],
         jobs: Jobs,
         publishing: asyncio.Task[None] | None,
     ) -> None:
@@ -208,26 +219,37 @@ class PhaseRunner:
                 return
             if done != last_done:
                 last_done, last_change = done, now
-            self._check_progress(label, child, done, total, now - last_change, now - started)
+            self._check_progress(label, children, done, total, now - last_change, now - started)
             await asyncio.sleep(0.25)
 
     def _check_progress(
-        self, label: str, child: Child, done: int, total: int, idle_s: float, elapsed_s: float
+        self,
+        label: str,
+        children: Sequence[Child],
+        done: int,
+        total: int,
+        idle_s: float,
+        elapsed_s: float,
     ) -> None:
-        """BenchError when the connector exited, stalled or overran the phase's time limit."""
-        per_job_s = CLASSIC_PER_JOB_TIMEOUT_S if child.name == "classic" else PER_JOB_TIMEOUT_S
+        """BenchError when a connector exited, or they stalled or overran the phase's time
+        limit (which grows with the jobs, and with ``--rate``: jobs / rate)."""
+        classic = any(c.name == "classic" for c in children)
+        per_job_s = CLASSIC_PER_JOB_TIMEOUT_S if classic else PER_JOB_TIMEOUT_S
         timeout = PHASE_BASE_TIMEOUT_S + total * per_job_s
-        if not child.running:
-            self.progress.done("")
-            raise BenchError(
-                f"{child.name} exited (code {child.proc and child.proc.returncode}) with "
-                f"{done}/{total} jobs done; its log:\n{child.log_tail()}"
-            )
+        if self.cfg.rate:
+            timeout += total / self.cfg.rate
+        for child in children:
+            if not child.running:
+                self.progress.done("")
+                raise BenchError(
+                    f"{child.name} exited (code {child.proc and child.proc.returncode}) with "
+                    f"{done}/{total} jobs done; its log:\n{child.log_tail()}"
+                )
         if idle_s > STALL_TIMEOUT_S or elapsed_s > timeout:
             self.progress.done("")
+            logs = "\n".join(f"{c.name} log:\n{c.log_tail()}" for c in children)
             raise BenchError(
-                f"{label}: {done}/{total} jobs done, no progress for "
-                f"{idle_s:.0f} s; {child.name} log:\n{child.log_tail()}"
+                f"{label}: {done}/{total} jobs done, no progress for {idle_s:.0f} s; {logs}"
             )
 
 
@@ -257,9 +279,8 @@ def job_figures(r: PhaseResult, world: SimWorld, jobs: Jobs) -> None:
     r.push_messages = world.worker.counters.received - world.worker.counters.republished
 
 
-def lastinfosec_figures(r: PhaseResult, world: SimWorld) -> None:
+def lastinfosec_figures(r: PhaseResult, stats: LisSimStats) -> None:
     """Requests the LastInfoSec double answered: count, concurrency, per one-second window."""
-    stats = world.lis.stats
     r.lis_requests = stats.total
     r.lis_max_concurrent = stats.max_concurrent
     r.lis_max_per_window = stats.max_per_window()

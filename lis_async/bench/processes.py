@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -27,7 +29,15 @@ PROFILE_RATE_HZ = 200
 
 #: Settings from the benchmark's own environment never reach the connectors (reproducibility;
 #: and a proxy variable would send the local LastInfoSec double's traffic through a proxy).
-_FOREIGN_PREFIXES = ("CONNECTOR_", "OPENCTI_", "LASTINFOSEC_", "CONFIG_LIS_", "MQ_", "PROXY_")
+_FOREIGN_PREFIXES = (
+    "CONNECTOR_",
+    "OPENCTI_",
+    "LASTINFOSEC_",
+    "CONFIG_LIS_",
+    "MQ_",
+    "PROXY_",
+    "REDIS_",
+)
 _PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy"})
 
 
@@ -35,12 +45,22 @@ def _foreign_setting(name: str) -> bool:
     return name.upper().startswith(_FOREIGN_PREFIXES) or name.lower() in _PROXY_VARIABLES
 
 
+def own_env() -> dict[str, str]:
+    """The benchmark's environment without any connector or proxy setting (the base of every
+    subprocess's)."""
+    return {k: v for k, v in os.environ.items() if not _foreign_setting(k)}
+
+
 def connector_env(
-    cfg: BenchConfig, world: SimWorld, connector: Connector, in_flight: int
+    cfg: BenchConfig,
+    world: SimWorld,
+    connector: Connector,
+    in_flight: int,
+    overrides: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The environment of a connector pointed at ``world``."""
-    env = {k: v for k, v in os.environ.items() if not _foreign_setting(k)}
-    env |= world.env() | {"PYTHONUNBUFFERED": "1"}
+    """The environment of a connector pointed at ``world``; lis_async's settings are the
+    benchmark's, then ``overrides`` (a phase's own), then ``--worker-env``."""
+    env = own_env() | world.env() | {"PYTHONUNBUFFERED": "1"}
     if connector == "classic":
         return env | {"CONNECTOR_TYPE": "INTERNAL_ENRICHMENT", "CONNECTOR_LOG_LEVEL": "error"}
     concurrency = cfg.lis_concurrency or in_flight
@@ -54,6 +74,7 @@ def connector_env(
             "LASTINFOSEC_CONCURRENCY": str(concurrency),
             "LASTINFOSEC_RATE_PER_S": str(cfg.rate or UNLIMITED_RATE_PER_S),
         }
+        | dict(overrides or {})
         | cfg.extra_env()
     )
 
@@ -75,6 +96,13 @@ def connector_child(
         connector_env(cfg, world, connector, in_flight),
         log_path,
     )
+
+
+def free_port() -> int:
+    """A TCP port free on every interface right now (for a worker's metrics server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
 
 
 class Profiler:

@@ -13,7 +13,8 @@ from typing import Any
 
 from lis_async.bench.config import BenchConfig
 from lis_async.bench.measure import machine
-from lis_async.bench.results import PhaseResult, fmt, pct, ratio
+from lis_async.bench.results import PhaseResult, ReplicaPhaseResult, fmt, pct, ratio
+from lis_async.redact import mask_url
 
 RECORD_KIND = "lis-async-bench"
 RECORD_VERSION = 1
@@ -23,7 +24,7 @@ def build_record(
     cfg: BenchConfig, phases: dict[str, PhaseResult], sweep: list[PhaseResult]
 ) -> dict[str, Any]:
     """The record of a run; ``phases`` by name (``classic``, ``lis_async``, ``latency``,
-    ``rss``), ``sweep`` in order of jobs in flight."""
+    ``rss``, ``replicas``, ``replicas-baseline``), ``sweep`` in order of jobs in flight."""
     classic, lis = phases.get("classic"), phases.get("lis_async")
     ratios: dict[str, float | None] = {}
     if classic and lis:
@@ -31,14 +32,20 @@ def build_record(
             "throughput": ratio(lis.jobs_per_s, classic.jobs_per_s),
             "cpu_per_job": ratio(lis.worker_cpu_ms_per_job, classic.worker_cpu_ms_per_job),
         }
+    config = asdict(cfg)
+    # URLs may carry passwords
+    config["amqp_url"], config["redis_url"] = mask_url(cfg.amqp_url), mask_url(cfg.redis_url)
+    job_mix = "JobProducer default mix without playbook jobs"
+    if cfg.replicas is not None:
+        job_mix += f"; {cfg.repeat_share:.0%} repeating an earlier job's observable"
     return {
         "kind": RECORD_KIND,
         "version": RECORD_VERSION,
         "machine": machine(),
-        "config": asdict(cfg),
+        "config": config,
         "world": {
             "worker_emulation": "cheap mode (no stix2 validation, nothing recorded)",
-            "job_mix": "JobProducer default mix without playbook jobs",
+            "job_mix": job_mix,
             "lastinfosec_latency_s": cfg.latency,
             "bundle_size": cfg.bundle_size,
             "platform_latency_s": cfg.platform_latency,
@@ -57,34 +64,70 @@ def targets(
     (None: not measured in this run)."""
     lis, paced, rss = phases.get("lis_async"), phases.get("latency"), phases.get("rss")
     out: dict[str, dict[str, Any]] = {}
-
-    def target(name: str, value: float | None, limit: float, higher: bool, note: str) -> None:
-        ok = (
-            None
-            if value is None or math.isnan(value)
-            else (value >= limit if higher else value <= limit)
-        )
-        out[name] = {"value": value, "limit": limit, "met": ok, "note": note}
-
     std = cfg.latency == 0.15 and cfg.bundle_size == 12 and cfg.in_flight == 64
     if ratios:
         note = "lis_async/classic jobs/s"
         if not std:
             note += " (target defined at 150 ms, 12 objects, 64 in flight)"
-        target("throughput_ratio", ratios["throughput"], 25.0, True, note)
+        _target(out, "throughput_ratio", ratios["throughput"], 25.0, True, note)
     if lis:
-        target("worker_cpu_ms_per_job", lis.worker_cpu_ms_per_job, 6.0, False, "aim 3 ms")
+        _target(out, "worker_cpu_ms_per_job", lis.worker_cpu_ms_per_job, 6.0, False, "aim 3 ms")
     if cfg.rate is not None and lis:
-        target("rate_sustained_per_s", lis.lis_sustained_per_s, 0.94 * cfg.rate, True, "")
-        target("rate_max_per_window", float(lis.lis_max_per_window), cfg.rate, False, "")
+        _target(out, "rate_sustained_per_s", lis.lis_sustained_per_s, 0.94 * cfg.rate, True, "")
+        _target(out, "rate_max_per_window", float(lis.lis_max_per_window), cfg.rate, False, "")
     if rss:
         note = f"{rss.jobs} jobs queued, {rss.in_flight} in flight"
-        target("peak_rss_mb", rss.peak_rss_mb, 200.0, False, note)
+        _target(out, "peak_rss_mb", rss.peak_rss_mb, 200.0, False, note)
     if paced:
         note = f"paced at {fmt(paced.offered_jobs_per_s)} jobs/s (half the measured maximum)"
         limit = cfg.latency * 1000 + 100
-        target("latency_p99_ms", pct(paced.latency_ms, "p99"), limit, False, note)
+        _target(out, "latency_p99_ms", pct(paced.latency_ms, "p99"), limit, False, note)
+    _replica_targets(cfg, phases, out)
     return out
+
+
+def _replica_targets(
+    cfg: BenchConfig, phases: dict[str, PhaseResult], out: dict[str, dict[str, Any]]
+) -> None:
+    """Cluster mode's targets, from the ``replicas`` phase (and its baseline)."""
+    shared, base = phases.get("replicas"), phases.get("replicas-baseline")
+    if not isinstance(shared, ReplicaPhaseResult):
+        return
+    switches = sum(r.redis_transitions for r in shared.per_replica)
+    fallback = f"; {switches} switches to/from fallback mode" if switches else ""
+    note = f"{shared.lis_requests} requests, {shared.lis_distinct_values} distinct values"
+    value = shared.lis_requests_per_distinct
+    _target(out, "replicas_requests_per_distinct", value, 1.01, False, note + fallback)
+    if cfg.rate is not None:
+        note = "sliding one-second window over the whole phase" + fallback
+        busiest = float(shared.lis_busiest_1s)
+        _target(out, "replicas_rate_max_per_window", busiest, cfg.rate, False, note)
+        note = f"while the backlog lasted ({fmt(shared.backlog_s)} s)"
+        value = shared.lis_backlog_per_s
+        _target(out, "replicas_rate_sustained_per_s", value, 0.95 * cfg.rate, True, note)
+    if isinstance(base, ReplicaPhaseResult):
+        with_redis, without = shared.worker_cpu_ms_per_job, base.worker_cpu_ms_per_job
+        note = f"{fmt(with_redis, 2)} ms/job with Redis, {fmt(without, 2)} without"
+        added = with_redis - without
+        _target(out, "replicas_redis_worker_cpu_ms_per_job", added, 0.5, False, note)
+
+
+def _target(
+    out: dict[str, dict[str, Any]],
+    name: str,
+    value: float | None,
+    limit: float,
+    higher: bool,
+    note: str,
+) -> None:
+    """Record one target in ``out``: met when ``value`` is at least (``higher``) or at most
+    ``limit``; None when nothing was measured."""
+    ok = (
+        None
+        if value is None or math.isnan(value)
+        else (value >= limit if higher else value <= limit)
+    )
+    out[name] = {"value": value, "limit": limit, "met": ok, "note": note}
 
 
 def nan_to_none(value: Any) -> Any:

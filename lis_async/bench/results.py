@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Connector = Literal["classic", "lis_async"]
-Mode = Literal["queued", "paced"]
+Mode = Literal["queued", "paced", "burst"]
 
 
 class BenchError(Exception):
@@ -62,6 +62,77 @@ class PhaseResult:
         if seconds is None or not self.completed:
             return math.nan
         return seconds / self.completed * 1000
+
+
+@dataclass
+class ReplicaFigures:
+    """One worker of a replica phase: its own metrics (scraped just before it was stopped) and
+    its CPU over the phase."""
+
+    index: int
+    pid: int = -1
+    metrics_port: int = 0
+    #: lis_jobs_total, all outcomes, and by outcome
+    jobs: int = 0
+    jobs_by_outcome: dict[str, int] = field(default_factory=dict)
+    #: its jobs / the phase's span
+    jobs_per_s: float = math.nan
+    cpu_s: float = math.nan
+    cpu_ms_per_job: float = math.nan
+    peak_rss_mb: float = math.nan
+    #: LastInfoSec HTTP answers it got (lis_api_requests_total)
+    lis_requests: int = 0
+    cache_hits_local: int = 0
+    cache_hits_shared: int = 0
+    #: lookups that joined an identical lookup in flight in this worker (lis_coalesced_total)
+    coalesced_local: int = 0
+    #: waits for another replica's lookup, and those that got its answer
+    coalesced_waits: int = 0
+    coalesced_waits_answered: int = 0
+    #: requests the Redis window granted (lis_cluster_granted_total)
+    cluster_granted: int = 0
+    #: lis_redis_shared at the end (None: no Redis)
+    redis_shared: bool | None = None
+    redis_errors: int = 0
+    #: switches between shared and fallback mode (lis_redis_transitions_total)
+    redis_transitions: int = 0
+    #: warning (or worse) lines in its log, and the first of them
+    log_warnings: int = 0
+    first_warning: str = ""
+    exit_code: int | None = None
+
+
+@dataclass
+class ReplicaPhaseResult(PhaseResult):
+    """A phase of N workers on one connector id. The inherited figures are the cluster's:
+    ``worker_cpu_s`` sums the workers', ``peak_rss_mb`` is the largest worker's."""
+
+    replicas: int = 1
+    #: True: rate and cache shared through Redis; False: each worker on its own (baseline)
+    shared: bool = True
+    #: each worker's LASTINFOSEC_RATE_PER_S (the cluster's rate when shared)
+    rate_per_replica: float = math.nan
+    repeat_share: float = 0.0
+    redis_key_prefix: str = ""
+    per_replica: list[ReplicaFigures] = field(default_factory=list)
+    #: requests the double recorded (all of them unless ``lis_requests`` is larger)
+    lis_recorded: int = 0
+    #: distinct values the double was asked (None: its record of requests is incomplete)
+    lis_distinct_values: int | None = None
+    lis_requests_per_distinct: float = math.nan
+    #: most requests in any one second (sliding window over the double's request times), and
+    #: when that second began (seconds after the first request)
+    lis_busiest_1s: int = 0
+    lis_busiest_1s_at_s: float = math.nan
+    #: for a closer look: when each request reached the double, milliseconds after the first
+    lis_request_offsets_ms: list[int] = field(default_factory=list)
+    #: from the first request until the last job was taken from the queue (or the last
+    #: request, if earlier), the requests/s sustained over it (least-squares slope)
+    backlog_s: float = math.nan
+    lis_backlog_per_s: float = math.nan
+    redis_cpu_s: float | None = None
+    #: CPU of the LastInfoSec double (its own process in these phases)
+    lis_double_cpu_s: float | None = None
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

@@ -1,4 +1,5 @@
-"""The printed report of a run: a table (classic, lis_async, their ratio) and notes below it."""
+"""The printed report of a run: a table (classic, lis_async, their ratio), or in a ``--replicas``
+run the replica phases' table and one line per worker, then notes below it."""
 
 from __future__ import annotations
 
@@ -6,15 +7,29 @@ from collections.abc import Callable
 from typing import Any
 
 from lis_async.bench.config import BenchConfig
-from lis_async.bench.results import PhaseResult, fmt, pct, ratio
+from lis_async.bench.results import PhaseResult, ReplicaPhaseResult, fmt, pct, ratio
+from lis_async.redact import mask_url
 
 Getter = Callable[[PhaseResult], float | None]
+ReplicaGetter = Callable[[ReplicaPhaseResult], str]
+#: The replica phases, in the order of their columns.
+REPLICA_PHASES = {"replicas": "Redis (shared)", "replicas-baseline": "no Redis (baseline)"}
 
 
 def format_table(cfg: BenchConfig, phases: dict[str, PhaseResult], record: dict[str, Any]) -> str:
-    """The table of the throughput phases, then the notes (world, latency, rate, RSS, targets)."""
-    lines = _table(phases)
-    notes = [*_world_notes(cfg, phases), *_target_notes(record.get("targets", {}))]
+    """The table of the throughput phases (or of the replica phases), then the notes (world,
+    latency, rate, RSS, replicas, targets)."""
+    lines = _table(phases) if "classic" in phases or "lis_async" in phases else []
+    replicas = {
+        title: p
+        for name, title in REPLICA_PHASES.items()
+        if isinstance(p := phases.get(name), ReplicaPhaseResult)
+    }
+    if replicas:
+        lines += [*(["", ""] if lines else []), *_replica_table(replicas), ""]
+        lines += [line for p in replicas.values() for line in _worker_lines(p)]
+    notes = [*_world_notes(cfg, phases), *_replica_notes(cfg, replicas)]
+    notes += _target_notes(record.get("targets", {}))
     return "\n".join([*lines, "", *notes])
 
 
@@ -73,13 +88,119 @@ def _table(phases: dict[str, PhaseResult]) -> list[str]:
             r = ratio(values[-1], values[0]) if with_ratio else None
             line.append("" if r is None else f"{r:.2f}x")
         rows.append(line)
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return _align([head, *rows])
+
+
+def _align(rows: list[list[str]]) -> list[str]:
+    """Rows as lines: the first column left-aligned, the others right-aligned, a rule under the
+    first row."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
-        for r in [head, *rows]
+        for r in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
     return lines
+
+
+def _replica_rows() -> list[tuple[str, ReplicaGetter]]:
+    """(label, figure as text) of every row of the replica table."""
+
+    def each(get: Callable[[Any], float], digits: int = 1) -> ReplicaGetter:
+        return lambda p: " / ".join(fmt(get(r), digits) for r in p.per_replica)
+
+    def total(get: Callable[[Any], float]) -> ReplicaGetter:
+        return lambda p: fmt(float(sum(get(r) for r in p.per_replica)), 0)
+
+    def shared(get: ReplicaGetter) -> ReplicaGetter:
+        return lambda p: get(p) if p.shared else "-"
+
+    def busy(seconds: Callable[[ReplicaPhaseResult], float | None]) -> ReplicaGetter:
+        return lambda p: fmt(ratio(seconds(p), p.span_s), 2)
+
+    return [
+        ("workers x jobs in flight", lambda p: f"{p.replicas} x {p.in_flight}"),
+        ("LastInfoSec rate per worker (/s)", lambda p: fmt(p.rate_per_replica)),
+        ("jobs completed (in error)", lambda p: f"{p.completed:,} ({p.in_error})"),
+        ("jobs per worker", each(lambda r: float(r.jobs), 0)),
+        ("jobs/s, all workers", lambda p: fmt(p.jobs_per_s)),
+        ("jobs/s per worker", each(lambda r: r.jobs_per_s)),
+        ("worker CPU / job (ms), all workers", lambda p: fmt(p.worker_cpu_ms_per_job, 2)),
+        ("worker CPU / job (ms) per worker", each(lambda r: r.cpu_ms_per_job, 2)),
+        ("workers (cores busy)", busy(lambda p: p.worker_cpu_s)),
+        ("LastInfoSec requests", lambda p: fmt(float(p.lis_requests), 0)),
+        ("distinct values asked", lambda p: fmt(p.lis_distinct_values, 0)),
+        ("requests / distinct value", lambda p: fmt(p.lis_requests_per_distinct, 3)),
+        ("LastInfoSec req/s during the backlog", lambda p: fmt(p.lis_backlog_per_s)),
+        ("backlog (s)", lambda p: fmt(p.backlog_s)),
+        ("LastInfoSec max in 1 s (sliding)", lambda p: str(p.lis_busiest_1s)),
+        ("... from second (after the first request)", lambda p: fmt(p.lis_busiest_1s_at_s, 2)),
+        ("cache hits, local", total(lambda r: r.cache_hits_local)),
+        ("cache hits, shared (Redis)", shared(total(lambda r: r.cache_hits_shared))),
+        ("coalesced within a worker", total(lambda r: r.coalesced_local)),
+        ("waits for another worker", shared(total(lambda r: r.coalesced_waits))),
+        ("... answered", shared(total(lambda r: r.coalesced_waits_answered))),
+        ("Redis errors", shared(total(lambda r: r.redis_errors))),
+        ("switches to/from fallback mode", shared(total(lambda r: r.redis_transitions))),
+        ("Redis CPU / job (ms)", shared(lambda p: fmt(p.per_job(p.redis_cpu_s), 2))),
+        ("Redis (cores busy)", shared(busy(lambda p: p.redis_cpu_s))),
+        ("bench process CPU / job (ms)", lambda p: fmt(p.per_job(p.bench_cpu_s), 2)),
+        ("LastInfoSec double CPU / job (ms)", lambda p: fmt(p.per_job(p.lis_double_cpu_s), 2)),
+        ("RabbitMQ CPU / job (ms)", lambda p: fmt(p.per_job(p.rabbitmq_cpu_s), 2)),
+        ("other processes (cores busy)", busy(lambda p: p.other_cpu_s)),
+        ("worker peak RSS (MB), largest", lambda p: fmt(p.peak_rss_mb)),
+    ]
+
+
+def _replica_table(phases: dict[str, ReplicaPhaseResult]) -> list[str]:
+    """The replica phases' table: a column per phase (with Redis, and the baseline)."""
+    rows = [["", *phases]]
+    rows += [[label, *(get(p) for p in phases.values())] for label, get in _replica_rows()]
+    return _align(rows)
+
+
+def _worker_lines(p: ReplicaPhaseResult) -> list[str]:
+    """One line per worker of a replica phase, from its own metrics."""
+    lines = []
+    for r in p.per_replica:
+        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(r.jobs_by_outcome.items()))
+        line = (
+            f"{p.name} worker {r.index} (pid {r.pid}): {r.jobs} jobs ({outcomes}), "
+            f"{fmt(r.jobs_per_s)} jobs/s, {fmt(r.cpu_ms_per_job, 2)} ms CPU/job, "
+            f"{r.lis_requests} LastInfoSec answers, cache hits {r.cache_hits_local} local"
+        )
+        if p.shared:
+            line += (
+                f" / {r.cache_hits_shared} shared, {r.coalesced_waits} waits "
+                f"({r.coalesced_waits_answered} answered), {r.cluster_granted} granted by "
+                f"Redis, {r.redis_errors} Redis errors, {r.redis_transitions} switches to/from "
+                "fallback" + ("" if r.redis_shared else " (in fallback mode at the end)")
+            )
+        line += f", exit code {r.exit_code}"
+        if r.log_warnings:
+            line += f"; {r.log_warnings} warning lines, the first: {r.first_warning}"
+        lines.append(line)
+    return lines
+
+
+def _replica_notes(cfg: BenchConfig, phases: dict[str, ReplicaPhaseResult]) -> list[str]:
+    """How the replica phases ran and what their figures mean."""
+    if not phases:
+        return []
+    rate = f"{cfg.rate:g}/s" if cfg.rate else "no limit"
+    return [
+        f"replicas: {cfg.replicas} workers on one connector id, {cfg.jobs:,} jobs published at "
+        f"once when every worker consumed, {cfg.repeat_share:.0%} of them with the observable "
+        f"of an earlier job; shared: one Redis ({mask_url(cfg.redis_url)}, a key prefix per "
+        f"phase), cluster rate {rate}; baseline: no Redis, each worker at rate / "
+        f"{cfg.replicas}.",
+        "req/s during the backlog: least-squares slope of the LastInfoSec double's request "
+        "count, from the first request until the last job was taken from the queue; max in "
+        "1 s: sliding window over the double's request times; distinct values: as the double "
+        "recorded them.",
+        "worker CPU: every worker, from all of them consuming to every work completed; jobs "
+        "per worker from each worker's lis_jobs_total, scraped before it was stopped.",
+    ]
 
 
 def _world_notes(cfg: BenchConfig, phases: dict[str, PhaseResult]) -> list[str]:

@@ -8,7 +8,10 @@ For every job that carries a work, the work is created in the :class:`PlatformSi
 entity is stored there (``put_entity``) so the connector's GraphQL reads succeed. Playbook jobs get
 no work but their entity is stored too (pycti reads it through ``stixCoreObject`` in playbook mode).
 
-Everything about a job except its work id is a pure function of ``(seed, i)``.
+Everything about a job except its work id is a pure function of ``(seed, i)``. With
+``repeat_share`` above 0, that share of jobs (drawn per index, deterministically) carry the entity
+of an earlier job (the same observable, hence the same lookup value), as an observable enriched
+again would; their kind, work and draft are their own.
 """
 
 from __future__ import annotations
@@ -421,6 +424,7 @@ class JobProducer:
         playbook_share: float = 0.05,
         draft_share: float = 0.05,
         no_hash_share: float = 0.02,
+        repeat_share: float = 0.0,
         *,
         max_concurrent_publishes: int = 256,
         mandatory: bool = True,
@@ -434,6 +438,9 @@ class JobProducer:
         self.playbook_share = playbook_share
         self.draft_share = draft_share
         self.no_hash_share = no_hash_share
+        if not 0.0 <= repeat_share <= 1.0:
+            raise ValueError(f"repeat_share must be within 0..1, not {repeat_share}")
+        self.repeat_share = repeat_share
         self.max_concurrent_publishes = max_concurrent_publishes
         # The platform publishes non-mandatory; mandatory (+ on_return_raises) makes a job lost for
         # lack of a binding an error here instead of a silent drop. Invisible to the consumer.
@@ -519,6 +526,28 @@ class JobProducer:
     def _rng(self, i: int, purpose: str) -> random.Random:
         return random.Random(f"lis-sim:{self.seed}:{i}:{purpose}")
 
+    def _job_draws(
+        self, i: int, kind: str | None, entity_type: str | None
+    ) -> tuple[random.Random, str, str]:
+        """Job ``i``'s random source, and its kind and entity type (drawn unless given)."""
+        rng = self._rng(i, "job")
+        if kind is None:
+            kind = self._pick_kind(rng)
+        if entity_type is None:
+            entity_type = rng.choice(ENTITY_TYPES)
+        return rng, kind, entity_type
+
+    def entity_source(self, i: int) -> int:
+        """The index of the job whose entity job ``i`` carries: ``i`` itself, or, for a
+        ``repeat_share`` of the jobs after the first, an earlier job drawn uniformly (followed
+        back to a job that carries its own). Draws nothing when ``repeat_share`` is 0."""
+        while i > 0 and self.repeat_share > 0:
+            rng = self._rng(i, "repeat")
+            if rng.random() >= self.repeat_share:
+                break
+            i = rng.randrange(i)
+        return i
+
     def _pick_kind(self, rng: random.Random) -> str:
         r = rng.random()
         if r < self.playbook_share:
@@ -539,17 +568,22 @@ class JobProducer:
     def make_job(
         self, i: int, kind: str | None = None, entity_type: str | None = None
     ) -> ProducedJob:
-        """Build job ``i`` (deterministic from ``seed`` and ``i``); register its work and entity."""
-        rng = self._rng(i, "job")
-        if kind is None:
-            kind = self._pick_kind(rng)
+        """Build job ``i`` (deterministic from ``seed`` and ``i``); register its work and entity.
+
+        With ``repeat_share``, job ``i`` may carry the entity of an earlier job instead of its
+        own (see :meth:`entity_source`); given a ``kind`` or an ``entity_type``, that earlier
+        job's entity is the one it has when made with the same arguments.
+        """
+        requested = (kind, entity_type)
+        rng, kind, entity_type = self._job_draws(i, *requested)
         if kind not in JOB_KINDS:
             raise ValueError(f"unknown job kind {kind!r}; expected one of {JOB_KINDS}")
-        if entity_type is None:
-            entity_type = rng.choice(ENTITY_TYPES)
         if entity_type not in STIX_TYPES:
             raise ValueError(f"unsupported entity type {entity_type!r}")
-        entity = self._make_entity(i, entity_type)
+        source = self.entity_source(i)
+        if source != i:
+            entity_type = self._job_draws(source, *requested)[2]
+        entity = self._make_entity(source, entity_type)
         draft_id = _rand_uuid(rng) if kind == "draft" else None
         if kind == "playbook":
             return self._playbook_job(i, rng, entity)

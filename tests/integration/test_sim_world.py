@@ -299,6 +299,43 @@ def test_make_job_is_deterministic_and_honours_shares() -> None:
     assert len({j.value for j in jobs if j.value}) > 0.9 * sum(1 for j in jobs if j.value)
 
 
+def test_repeat_share_reuses_earlier_observables() -> None:
+    """With ``repeat_share``, that share of jobs carry an earlier job's entity (same observable,
+    same lookup value); the others are exactly the jobs made without it."""
+    cid = "c0ffee00-0000-4000-8000-000000000005"
+    plain = JobProducer(PlatformSim(), cid, seed=4)
+    rep = JobProducer(PlatformSim(), cid, seed=4, repeat_share=0.5)
+    n = 400
+    jobs = [rep.make_job(i) for i in range(n)]
+    again = JobProducer(PlatformSim(), cid, seed=4, repeat_share=0.5)
+    assert [j.json()["event"] for j in jobs] == [
+        again.make_job(i).json()["event"] for i in range(n)
+    ]
+    repeats = 0
+    for i, job in enumerate(jobs):
+        source = rep.entity_source(i)
+        if source == i:
+            assert job.json()["event"] == plain.make_job(i).json()["event"]
+            continue
+        repeats += 1
+        assert source < i and rep.entity_source(source) == source
+        assert (job.entity_type, job.entity_id, job.value) == (
+            jobs[source].entity_type,
+            jobs[source].entity_id,
+            jobs[source].value,
+        )
+        assert job.kind == plain.make_job(i).kind  # its kind is its own
+    assert 0.42 < repeats / n < 0.58
+    assert len({j.value for j in jobs if j.value}) < 0.6 * sum(1 for j in jobs if j.value)
+    # a given kind: the earlier job's entity as made with the same kind
+    i = next(i for i in range(1, n) if rep.entity_source(i) != i)
+    assert rep.make_job(i, kind="manual").entity_id == (
+        rep.make_job(rep.entity_source(i), kind="manual").entity_id
+    )
+    with pytest.raises(ValueError, match="repeat_share"):
+        JobProducer(PlatformSim(), cid, repeat_share=1.5)
+
+
 def test_hostile_bodies() -> None:
     platform = PlatformSim()
     producer = JobProducer(platform, "c0ffee00-0000-4000-8000-000000000004")
