@@ -102,7 +102,7 @@ async def _exported() -> frozenset[str]:
     stand-in parts), and the cluster collector ``App`` adds in cluster mode."""
     app = App(load_settings(env=BASE_ENV))
     consumer = SimpleNamespace(in_flight=0, connected=False)
-    app.consumer, app.lis = consumer, SimpleNamespace(stats=LisStats())  # type: ignore[assignment]
+    app.consumer, app.lis = consumer, SimpleNamespace(stats=LisStats(), outage_down=False)  # type: ignore[assignment]
     try:
         await app._start_servers()
         stats = SimpleNamespace(errors=0, transitions=0, replicas_seen=1)
