@@ -52,6 +52,22 @@ async def connect(
     )
 
 
+async def queue_depth(conn: AbstractRobustConnection | None, queue_name: str) -> int | None:
+    """Messages ready in ``queue_name``, or None when it cannot be read. A passive declare on a
+    throw-away channel: it never changes the queue (the platform owns it, docs/protocol.md
+    §1.3), and an error cannot close a working channel."""
+    if conn is None or not conn.connected.is_set():
+        return None
+    try:
+        async with conn.channel(publisher_confirms=False) as channel:
+            queue = await channel.declare_queue(queue_name, passive=True)
+            count = queue.declaration_result.message_count
+    except Exception as exc:
+        log.debug("could not read the depth of %s: %s", queue_name, exc)
+        return None
+    return int(count) if count is not None else None
+
+
 class BrokerWatch:
     """One WARNING when a broker connection is lost, one INFO when every one is back (with how
     long it took and how many jobs in flight the broker redelivers), instead of the libraries'

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from lis_async.amqp import BrokerWatch
+from lis_async.backpressure import Backpressure
 from lis_async.config import Settings
 from lis_async.consumer import Consumer
 from lis_async.errors import PlatformAuthError, PlatformError
@@ -56,7 +57,8 @@ def _warn_unused_settings(s: Settings) -> None:
     if "queue_threshold" in s.connector.model_fields_set:
         log.warning(
             "CONNECTOR_QUEUE_THRESHOLD (connector.queue_threshold) = %g MB is reported to "
-            "OpenCTI but not applied yet: lis-async does not pause on a full push queue",
+            "OpenCTI but not applied yet: lis-async holds intake on the push queue's message "
+            "count instead (CONNECTOR_PUSH_HIGH_WATERMARK)",
             s.connector.queue_threshold,
         )
     if "retries" in s.lastinfosec.model_fields_set:
@@ -87,6 +89,7 @@ class App:
         self.registration: Registration | None = None
         self.redis: RedisLink | None = None  # cluster mode (redis.url set)
         self.health: PlatformHealth | None = None
+        self.backpressure: Backpressure | None = None
         self._servers: list[HealthServer] = []
         self.health_server: HealthServer | None = None  # /healthz, /readyz
         self.metrics_server: HealthServer | None = None  # /metrics (+ health), when exposed
@@ -176,8 +179,14 @@ class App:
             await self.redis.warm_up(min(16, s.lastinfosec.concurrency))
         retry_backoff = Backoff(max_s=s.connector.platform_retry_max_s)
         watch = BrokerWatch(lambda: self.consumer.in_flight if self.consumer else 0)
+        backpressure = self._backpressure(reg)
         self.publisher = Publisher(
-            reg.amqp, reg.push_exchange, reg.push_routing, backoff=retry_backoff, watch=watch
+            reg.amqp,
+            reg.push_exchange,
+            reg.push_routing,
+            backoff=retry_backoff,
+            watch=watch,
+            on_published=backpressure.published if backpressure else None,
         )
         await self.publisher.start()
         self.pipeline = Pipeline(
@@ -204,6 +213,10 @@ class App:
             watch=watch,
         )
         health.add_listener(self.consumer.set_intake)
+        if backpressure is not None:
+            consumer = self.consumer
+            backpressure.add_listener(lambda hold: consumer.hold_intake("backpressure", hold))
+            self._spawn(backpressure.run(), "backpressure")
         await self._start_servers()
         await self.consumer.start()
         self.ready.set()
@@ -236,15 +249,29 @@ class App:
             lis, proxy=s.lastinfosec_proxy, limiter=limiter, shared_cache=shared
         )
 
+    def _backpressure(self, reg: Registration) -> Backpressure | None:
+        c = self.settings.connector
+        if not c.push_high_watermark:
+            return None
+
+        async def depth() -> int | None:
+            return await self.publisher.queue_depth(reg.push) if self.publisher else None
+
+        self.backpressure = Backpressure(depth, c.push_high_watermark, c.push_low_watermark)
+        return self.backpressure
+
     def details(self) -> dict[str, Any]:
         """The ``details`` of ``/readyz``: what an operator wants to see beside the checks."""
+        out: dict[str, Any] = {"redis": "off"}
         link = self.redis
-        if link is None:
-            return {"redis": "off"}
-        return {
-            "redis": "shared" if link.shared else "fallback",
-            "replicas_seen": link.stats.replicas_seen,
-        }
+        if link is not None:
+            out["redis"] = "shared" if link.shared else "fallback"
+            out["replicas_seen"] = link.stats.replicas_seen
+        bp = self.backpressure
+        if bp is not None:
+            out["backpressure"] = bp.engaged
+            out["push_queue_messages"] = bp.estimate
+        return out
 
     async def _start_servers(self) -> None:
         s = self.settings.connector
@@ -268,6 +295,16 @@ class App:
                 "lis_platform_up",
                 "1 while OpenCTI answers, 0 while jobs wait on the platform health gate",
                 lambda: 1.0 if health is None or health.up else 0.0,
+            ),
+            (
+                "lis_backpressure",
+                "1 while intake is held because the push queue is above its high watermark",
+                lambda: 1.0 if self.backpressure and self.backpressure.engaged else 0.0,
+            ),
+            (
+                "lis_push_queue_messages",
+                "Messages in the push queue (sampled every second, estimated between samples)",
+                lambda: float(self.backpressure.estimate) if self.backpressure else 0.0,
             ),
             (
                 "lis_lastinfosec_up",

@@ -163,6 +163,10 @@ class ConnectorSettings(_Section):
     health_host: str = "0.0.0.0"
     heartbeat_interval_s: float = Field(40.0, ge=1, le=240)
     platform_retry_max_s: float = Field(60.0, gt=0)
+    # Backpressure: no new jobs while the push queue holds more than push_high_watermark
+    # messages, again below push_low_watermark (0 disables). About a dozen messages per job.
+    push_high_watermark: int = Field(50_000, ge=0)
+    push_low_watermark: int = Field(25_000, ge=0)
     # While OpenCTI is unavailable: seconds between the probes of the health gate (jobs wait,
     # intake is paused; every waiting job goes on within about this long of its return).
     platform_probe_s: float = Field(1.0, gt=0, le=60)
@@ -180,6 +184,15 @@ class ConnectorSettings(_Section):
         if v is not None and not _METRIC_NAME_RE.fullmatch(v.strip()):
             raise ValueError("must be a Prometheus name: letters, digits, '_' and ':'")
         return v.strip() if v is not None else None
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> ConnectorSettings:
+        if self.push_high_watermark and self.push_low_watermark >= self.push_high_watermark:
+            raise ValueError(
+                "CONNECTOR_PUSH_LOW_WATERMARK (connector.push_low_watermark) must be below "
+                "CONNECTOR_PUSH_HIGH_WATERMARK (connector.push_high_watermark)"
+            )
+        return self
 
     @field_validator("id")
     @classmethod

@@ -23,7 +23,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from lis_async.amqp import AmqpParams, BrokerWatch, connect
+from lis_async.amqp import AmqpParams, BrokerWatch, connect, queue_depth
 from lis_async.errors import FatalError
 
 log = logging.getLogger("lis_async.consumer")
@@ -60,7 +60,8 @@ class Consumer:
         self._idle = asyncio.Event()
         self._idle.set()
         self.accepting = False
-        self.paused = False  # intake paused while the platform is down (set_intake)
+        self._holds: set[str] = set()  # reasons intake is paused (hold_intake)
+        self._intake_lock = asyncio.Lock()
 
     @property
     def in_flight(self) -> int:
@@ -79,17 +80,7 @@ class Consumer:
     async def queue_depth(self) -> int | None:
         """Messages waiting in the listen queue. A passive declare on a throw-away channel: it
         never changes the queue, and an error cannot close the consuming channel."""
-        conn = self._conn
-        if conn is None or not conn.connected.is_set():
-            return None
-        try:
-            async with conn.channel(publisher_confirms=False) as channel:
-                queue = await channel.declare_queue(self._queue_name, passive=True)
-                count = queue.declaration_result.message_count
-        except Exception as exc:
-            log.debug("could not read the listen queue depth: %s", exc)
-            return None
-        return int(count) if count is not None else None
+        return await queue_depth(self._conn, self._queue_name)
 
     async def start(self) -> None:
         self._conn = await connect(self._params, "lis-async consumer")
@@ -104,7 +95,9 @@ class Consumer:
         # (it would stay connected and idle forever).
         self._queue = await channel.declare_queue(self._queue_name, passive=True)
         self.accepting = True
-        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+        async with self._intake_lock:
+            if not self._holds:
+                self._tag = await self._queue.consume(self._on_message, no_ack=False)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if not self.accepting:
@@ -154,21 +147,33 @@ class Consumer:
             )
 
     async def set_intake(self, up: bool) -> None:
-        """Platform health listener: stop taking deliveries while the platform is down (jobs
-        in flight go on), take them again when it is back."""
-        queue = self._queue
-        if queue is None:
-            return
-        if not up and self._tag is not None:
-            tag, self._tag = self._tag, None
-            self.paused = True
-            try:
-                await queue.cancel(tag)
-            except Exception as exc:  # the channel is gone: nothing is delivered anyway
-                log.info("pausing intake failed: %s", exc)
-        elif up and self.paused and self.accepting:
-            self.paused = False
-            self._tag = await queue.consume(self._on_message, no_ack=False)
+        """Platform health listener: no new deliveries while the platform is down."""
+        await self.hold_intake("platform", not up)
+
+    async def hold_intake(self, reason: str, hold: bool) -> None:
+        """Stop taking deliveries while any ``reason`` holds intake (the platform is down, the
+        push queue is full); jobs in flight go on. Take them again once none holds it."""
+        async with self._intake_lock:
+            if hold:
+                self._holds.add(reason)
+            else:
+                self._holds.discard(reason)
+            queue = self._queue
+            if queue is None:
+                return
+            if self._holds and self._tag is not None:
+                tag, self._tag = self._tag, None
+                try:
+                    await queue.cancel(tag)
+                except Exception as exc:  # the channel is gone: nothing is delivered anyway
+                    log.info("pausing intake failed: %s", exc)
+            elif not self._holds and self._tag is None and self.accepting:
+                self._tag = await queue.consume(self._on_message, no_ack=False)
+
+    @property
+    def paused(self) -> bool:
+        """True while something holds intake (see :meth:`hold_intake`)."""
+        return bool(self._holds)
 
     async def stop_intake(self) -> None:
         """Stop taking jobs at once; jobs in flight go on."""

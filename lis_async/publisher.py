@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import aiormq
 import aiormq.abc
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pamqp import commands as spec
 
-from lis_async.amqp import AmqpParams, BrokerWatch, connect
+from lis_async.amqp import AmqpParams, BrokerWatch, connect, queue_depth
 from lis_async.delivery import Delivery
 from lis_async.errors import PublishError
 from lis_async.retry import Backoff
@@ -42,8 +42,10 @@ class Publisher:
         confirm_timeout_s: float = 60.0,
         backoff: Backoff | None = None,
         watch: BrokerWatch | None = None,
+        on_published: Callable[[int], None] | None = None,
     ) -> None:
         self._watch = watch
+        self._on_published = on_published  # messages confirmed (backpressure's estimate)
         self._params = params
         self._exchange_name = exchange
         self._routing_key = routing_key
@@ -67,6 +69,10 @@ class Publisher:
         if conn is not None:
             await conn.close()
 
+    async def queue_depth(self, queue_name: str) -> int | None:
+        """Messages waiting in the push queue ``queue_name`` (None when it cannot be read)."""
+        return await queue_depth(self._conn, queue_name)
+
     @property
     def connected(self) -> bool:
         return (
@@ -83,6 +89,8 @@ class Publisher:
         while pending:
             try:
                 await self.publish_once(pending)
+                if self._on_published is not None:
+                    self._on_published(len(delivery.bodies))
                 return
             except PublishError as exc:
                 pending = exc.unconfirmed

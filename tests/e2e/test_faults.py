@@ -833,3 +833,60 @@ async def test_an_outage_longer_than_the_budget_ends_the_works_in_error_and_stop
         await asyncio.sleep(3)
         assert world.lis.stats.total == sent
         assert run.app.consumer is not None and run.app.consumer.accepting
+
+
+# ------------------------------------------------------------------------------------------
+# Backpressure toward the platform
+
+
+@pytest.mark.slow
+async def test_a_full_push_queue_holds_intake_until_opencti_catches_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OpenCTI's workers stopped (the worker emulation is not started): the push queue never
+    exceeds the high watermark by more than the jobs in flight; once they import again, intake
+    resumes and every work completes."""
+    caplog.set_level(logging.INFO, logger="lis_async.backpressure")
+    high, low, in_flight = 150, 50, 8
+    env = {
+        "CONNECTOR_PUSH_HIGH_WATERMARK": str(high),
+        "CONNECTOR_PUSH_LOW_WATERMARK": str(low),
+        "CONNECTOR_JOBS_IN_FLIGHT": str(in_flight),
+    }
+    lis = LisSimConfig(latency_s=0.02, known_share=1.0, bundle_size=5)
+    async with (
+        SimWorld(
+            lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+        ) as world,
+        app_only(world, env) as run,
+    ):
+        push = world.names()["push"]
+        peak = 0
+
+        async def push_depth() -> int:
+            async with world.admin_channel() as channel:
+                queue = await channel.declare_queue(push, passive=True)
+                return int(queue.declaration_result.message_count or 0)
+
+        jobs = await world.producer.publish_many(100, kind="manual")
+        works = work_ids(jobs)
+        deadline = time.monotonic() + 60
+        while not (run.app.backpressure and run.app.backpressure.engaged):
+            assert time.monotonic() < deadline
+            peak = max(peak, await push_depth())
+            await asyncio.sleep(0.05)
+        for _ in range(40):  # held for 2 s: jobs in flight finish, nothing new starts
+            peak = max(peak, await push_depth())
+            await asyncio.sleep(0.05)
+        assert run.app.consumer is not None and run.app.consumer.paused
+        assert completed(world, works) < len(works)
+        # One job makes at most bundle_size + its relationships and the observable: < 12.
+        assert high < peak <= high + in_flight * 12, peak
+        assert run.app.checks()["accepting"]  # held, not stopped: readiness stays green
+
+        await world.start_worker_emulation()  # OpenCTI imports again
+        assert await world.platform.wait_works(works, timeout=120)
+        bp = run.app.backpressure
+        assert await poll(lambda: not bp.engaged, 30)  # the next sample sees it drained
+    lines = [r for r in caplog.records if r.name == "lis_async.backpressure"]
+    assert [r.levelno for r in lines][:2] == [logging.WARNING, logging.INFO]

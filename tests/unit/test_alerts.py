@@ -44,6 +44,7 @@ ALERTS = {
     "LisAsyncWorksInError",
     "LisAsyncDegraded",
     "LisAsyncNoHeartbeat",
+    "LisAsyncBackpressure",
     "LisAsyncDown",
 }
 BASE_ENV = {

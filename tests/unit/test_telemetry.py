@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -35,3 +36,40 @@ def test_human_lines_by_default_and_level_honoured(capsys: pytest.CaptureFixture
     logging.getLogger("lis_async.x").warning("shown %d", 1)
     err = capsys.readouterr().err
     assert "hidden" not in err and "WARNING" in err and "shown 1" in err
+
+
+async def test_backpressure_holds_at_the_publish_that_crosses_and_releases_below_low() -> None:
+    from lis_async.backpressure import Backpressure
+
+    depths = [0]
+    holds: list[bool] = []
+
+    async def depth() -> int:
+        return depths[-1]
+
+    async def listener(hold: bool) -> None:
+        holds.append(hold)
+
+    bp = Backpressure(depth, high=100, low=40, interval_s=0.01)
+    bp.add_listener(listener)
+    task = asyncio.create_task(bp.run())
+    try:
+        await asyncio.sleep(0.03)
+        for _ in range(9):  # 99 messages published since the last sample: not yet
+            bp.published(11)
+        assert not bp.engaged
+        bp.published(11)  # 110 > 100: held at once, not at the next sample
+        assert bp.engaged
+        depths.append(120)  # the sample agrees; OpenCTI's workers drain it
+        await asyncio.sleep(0.05)
+        assert bp.engaged
+        depths.append(60)  # between the watermarks: still held
+        await asyncio.sleep(0.05)
+        assert bp.engaged
+        depths.append(30)
+        await asyncio.sleep(0.05)
+        assert not bp.engaged
+    finally:
+        task.cancel()
+    await asyncio.sleep(0)
+    assert holds == [True, False] and bp.transitions == 2
