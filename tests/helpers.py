@@ -236,6 +236,29 @@ async def queue_depth(name: str) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------
+# the oldest supported platform
+
+#: RegisterConnectorInput of OpenCTI 6.8.9, the oldest supported platform (pycti 6.8.9 sends
+#: exactly these; docs/protocol.md §2.1).
+INPUT_FIELDS_6_8_9: Final = frozenset(
+    {
+        "id",
+        "name",
+        "type",
+        "scope",
+        "auto",
+        "auto_update",
+        "enrichment_resolution",
+        "only_contextual",
+        "playbook_compatible",
+        "listen_callback_uri",
+    }
+)
+#: The Connector type of a 6.x platform lacks the 7.x fields.
+FIELDS_MISSING_6_8_9: Final = frozenset({"Connector.jwks", "Connector.version", "Connector.slug"})
+
+
+# ------------------------------------------------------------------------------------------
 # Redis (cluster mode)
 
 #: The machine's Redis (CI starts one when none answers); tests use unique key prefixes.

@@ -20,6 +20,8 @@ from lis_async.sim.opencti import PlatformSimConfig
 from lis_async.sim.world import SimWorld
 from tests.helpers import (
     FAST_ENV,
+    FIELDS_MISSING_6_8_9,
+    INPUT_FIELDS_6_8_9,
     start_worker_process,
     stop_async,
     work_ids,
@@ -32,21 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FLOOR_VENV = Path(os.environ.get("LIS_FLOOR_VENV", "/tmp/lis-async-floor"))
 #: RegisterConnectorInput of OpenCTI 6.8.9 and a Connector type without the 7.x fields.
 PLATFORM_6_8_9 = {
-    "register_input_fields": frozenset(
-        {
-            "id",
-            "name",
-            "type",
-            "scope",
-            "auto",
-            "auto_update",
-            "enrichment_resolution",
-            "only_contextual",
-            "playbook_compatible",
-            "listen_callback_uri",
-        }
-    ),
-    "missing_fields": frozenset({"Connector.jwks", "Connector.version", "Connector.slug"}),
+    "register_input_fields": INPUT_FIELDS_6_8_9,
+    "missing_fields": FIELDS_MISSING_6_8_9,
     "platform_version": "6.8.9",
 }
 

@@ -14,6 +14,7 @@ from lis_async.errors import PlatformAuthError, PlatformError, WorkNotAlive
 from lis_async.markings import MarkingDef
 from lis_async.platform import Platform
 from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
+from tests.helpers import FIELDS_MISSING_6_8_9, INPUT_FIELDS_6_8_9
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -261,22 +262,6 @@ async def test_tls_settings_reach_both_transports(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- older schemas
-#: RegisterConnectorInput of OpenCTI 6.8.9, the oldest supported platform (pycti 6.8.9 sends
-#: exactly these; docs/protocol.md §2.1).
-INPUT_FIELDS_6_8_9 = frozenset(
-    {
-        "id",
-        "name",
-        "type",
-        "scope",
-        "auto",
-        "auto_update",
-        "enrichment_resolution",
-        "only_contextual",
-        "playbook_compatible",
-        "listen_callback_uri",
-    }
-)
 
 
 async def test_registers_on_a_platform_without_the_newer_fields() -> None:
@@ -284,7 +269,7 @@ async def test_registers_on_a_platform_without_the_newer_fields() -> None:
     input fields. Registration goes through and the queue names are the platform's."""
     config = PlatformSimConfig(
         token="octi-token-secret-1",
-        missing_fields=frozenset({"Connector.jwks", "Connector.version", "Connector.slug"}),
+        missing_fields=FIELDS_MISSING_6_8_9,
         register_input_fields=INPUT_FIELDS_6_8_9,
     )
     async with PlatformSim(config) as sim:
