@@ -189,20 +189,7 @@ class App:
             on_published=backpressure.published if backpressure else None,
         )
         await self.publisher.start()
-        self.pipeline = Pipeline(
-            lookup=self.lis,
-            platform=self.platform,
-            publisher=self.publisher,
-            policy=Policy(
-                scope=frozenset(s.connector.scope),
-                max_tlp=s.lastinfosec.max_tlp,
-                confidence=s.connector.confidence_level,
-                connector_user_id=reg.connector_user_id,
-                max_pap=s.lastinfosec.max_pap,
-            ),
-            backoff=retry_backoff,
-            health=health,
-        )
+        self.pipeline = self._pipeline(reg, retry_backoff, health)
         self._spawn(self.pipeline.ping_long_works(), "work-ping")
         self.consumer = Consumer(
             reg.amqp,
@@ -226,6 +213,24 @@ class App:
             s.connector.jobs_in_flight,
             s.lastinfosec.concurrency,
             s.lastinfosec.rate_per_s,
+        )
+
+    def _pipeline(self, reg: Registration, backoff: Backoff, health: PlatformHealth) -> Pipeline:
+        s = self.settings
+        assert self.lis is not None and self.publisher is not None
+        return Pipeline(
+            lookup=self.lis,
+            platform=self.platform,
+            publisher=self.publisher,
+            policy=Policy(
+                scope=frozenset(s.connector.scope),
+                max_tlp=s.lastinfosec.max_tlp,
+                confidence=s.connector.confidence_level,
+                connector_user_id=reg.connector_user_id,
+                max_pap=s.lastinfosec.max_pap,
+            ),
+            backoff=backoff,
+            health=health,
         )
 
     def _lastinfosec_client(self) -> LastInfoSecClient:
