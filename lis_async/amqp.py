@@ -79,7 +79,6 @@ class BrokerWatch:
         self._down: set[str] = set()
         self._since = 0.0
         self._jobs = 0
-        self.outages = 0
 
     @property
     def down(self) -> bool:
@@ -96,7 +95,6 @@ class BrokerWatch:
         if not self._down:
             self._since = time.monotonic()
             self._jobs = self._in_flight()
-            self.outages += 1
             log.warning(
                 "broker connection lost (%s: %s): reconnecting; %d job(s) in flight will be "
                 "redelivered",

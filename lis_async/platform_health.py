@@ -36,7 +36,6 @@ class PlatformHealth:
         self._down_since: float | None = None
         self._prober: asyncio.Task[None] | None = None
         self._listeners: list[Listener] = []
-        self.outages = 0
 
     @property
     def up(self) -> bool:
@@ -61,7 +60,6 @@ class PlatformHealth:
         if self._down_since is not None:
             return
         self._down_since = time.monotonic()
-        self.outages += 1
         self._event().clear()
         log.warning(
             "OpenCTI unavailable (%s: %s): jobs wait, intake paused, one probe every %.1f s",
