@@ -168,6 +168,13 @@ class Job:
     def is_playbook(self) -> bool:
         return self.playbook is not None
 
+    @property
+    def urgent(self) -> bool:
+        """Someone waits on this job (an analyst's manual enrichment, a playbook step): it
+        takes the priority lane and the rate limiter's next request (docs/architecture.md,
+        Priority lanes)."""
+        return self.mode == "manual" or self.playbook is not None
+
 
 def _opt_str(obj: Mapping[str, Any], key: str, what: str, work_id: str | None) -> str | None:
     val = obj.get(key)

@@ -292,7 +292,7 @@ class Pipeline:
         skip = await self._policy_check(job, obs)
         if skip is not None:
             return skip
-        found = await self._look_up(obs)
+        found = await self._look_up(obs, job.urgent)
         if isinstance(found, Result):
             return found
         try:
@@ -365,9 +365,9 @@ class Pipeline:
             "read marking definition", lambda: self._platform.read_marking(marking_id)
         )
 
-    async def _look_up(self, obs: Observable) -> LookupResult | Result:
+    async def _look_up(self, obs: Observable, urgent: bool) -> LookupResult | Result:
         try:
-            found = await self._lookup.lookup(obs)
+            found = await self._lookup.lookup(obs, urgent=urgent)
         except NothingToLookUp as exc:
             return Result(Outcome.SKIPPED, str(exc))
         except LisFatalError as exc:
@@ -428,7 +428,7 @@ class Pipeline:
             return Result(Outcome.FAILED, "playbook bundle holds no entity"), _passthrough_json(job)
         found: LookupResult | Result | None = await self._policy_check(job, obs)
         if found is None:
-            found = await self._look_up(obs)
+            found = await self._look_up(obs, job.urgent)
         if isinstance(found, Result):
             return found, _passthrough_json(job)
         try:

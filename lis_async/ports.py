@@ -48,7 +48,9 @@ class Lookup(Protocol):
     :class:`~lis_async.errors.LisError` (the work ends in error).
     """
 
-    async def lookup(self, obs: Observable) -> LookupResult: ...
+    async def lookup(self, obs: Observable, *, urgent: bool = False) -> LookupResult:
+        """``urgent``: served before the other lookups waiting for the rate limit."""
+        ...
 
 
 class PlatformPort(Protocol):

@@ -6,10 +6,15 @@ guarantee as the local :class:`~lis_async.lastinfosec.limiter.SlidingWindowLimit
 and the grant are one Lua script (atomic), on Redis's clock (the replicas' clocks do not matter).
 A 429 sets a shared pause-until that the script honours, so every replica waits it out.
 
-Within a replica, waiters queue FIFO behind one lock, so one request per replica polls Redis at
-a time; a refused acquire sleeps until the oldest grant leaves the window (plus jitter, so the
-replicas do not wake in lock step). While Redis is unreachable the replica falls back to a local
-sliding window at ``redis.fallback_rate_share`` of the rate (by default 1 / the replicas seen).
+Urgent requests (manual and playbook jobs) go first, cluster-wide: an urgent acquire marks its
+replica in a sorted set while it waits (each mark expires on its own, so a replica that dies
+leaves none behind), and the script refuses ordinary grants while any mark is live.
+
+Within a replica, waiters queue behind one gate (urgent first, then in arrival order), so one
+request per replica polls Redis at a time; a refused acquire sleeps until the oldest grant
+leaves the window (plus jitter, so the replicas do not wake in lock step). While Redis is
+unreachable the replica falls back to a local sliding window at ``redis.fallback_rate_share``
+of the rate (by default 1 / the replicas seen).
 """
 
 from __future__ import annotations
@@ -20,22 +25,36 @@ import random
 from typing import Final
 
 from lis_async.cluster.link import RedisLink
-from lis_async.lastinfosec.limiter import SlidingWindowLimiter
+from lis_async.lastinfosec.limiter import PriorityGate, SlidingWindowLimiter
 
-# KEYS[1] the window (a sorted set of grant times, µs), KEYS[2] the pause-until (µs).
-# ARGV[1] capacity, ARGV[2] window (µs), ARGV[3] a unique member for this grant.
+# KEYS[1] the window (a sorted set of grant times, µs), KEYS[2] the pause-until (µs), KEYS[3]
+# the urgent waiters (a sorted set of replica ids scored by when their mark expires, µs).
+# ARGV[1] capacity, ARGV[2] window (µs), ARGV[3] a unique member for this grant, ARGV[4] this
+# replica's id when the acquire is urgent, else '', ARGV[5] how long an urgent mark lives (µs).
 # Returns -n when granted (n: the grants now in the window, this one included), else the µs to
 # wait before asking again.
 ACQUIRE_LUA: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window = tonumber(ARGV[2])
+local urgent = ARGV[4] ~= ''
+if urgent then
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[4])
+  redis.call('PEXPIRE', KEYS[3], math.ceil(tonumber(ARGV[5]) / 1000) + 1000)
+end
 local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
 if pause > now then return pause - now end
-local window = tonumber(ARGV[2])
+if not urgent then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', string.format('%d', now))
+  if redis.call('ZCARD', KEYS[3]) > 0 then
+    return math.max(1000, math.floor(window / tonumber(ARGV[1])))
+  end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%d', now - window))
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('ZADD', KEYS[1], now, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000) + 1000)
+  if urgent then redis.call('ZREM', KEYS[3], ARGV[4]) end
   return -redis.call('ZCARD', KEYS[1])
 end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -81,8 +100,15 @@ class ClusterLimiter:
         self._window_us = round(self._capacity / rate_per_s * 1_000_000 * (1 + _MARGIN))
         self._fallback_share = fallback_share
         self._fallback: tuple[float, SlidingWindowLimiter] | None = None
-        self._lock = asyncio.Lock()
-        self._keys = [link.key("rate", "window"), link.key("rate", "pause")]
+        self._gate = PriorityGate()
+        # An urgent waiter renews its mark at every poll, at least every window: two windows
+        # of life (plus a margin) keep it live while it waits and gone soon after a crash.
+        self._mark_us = 2 * self._window_us + 250_000
+        self._keys = [
+            link.key("rate", "window"),
+            link.key("rate", "pause"),
+            link.key("rate", "urgent"),
+        ]
         self._serial = itertools.count()
         self._acquire_script = link.client.register_script(ACQUIRE_LUA)
         self._pause_script = link.client.register_script(PAUSE_LUA)
@@ -105,29 +131,40 @@ class ClusterLimiter:
             self._fallback = (share, SlidingWindowLimiter(burst, window_s))
         return self._fallback[1]
 
-    async def acquire(self) -> None:
-        async with self._lock:
+    async def acquire(self, urgent: bool = False) -> None:
+        await self._gate.acquire(urgent)
+        try:
             while True:
                 if not self._link.shared:
-                    await self._fallback_limiter().acquire()
+                    await self._fallback_limiter().acquire(urgent)
                     return
-                wait_us = await self._link.run("rate limit", self._try_acquire)
+                wait_us = await self._link.run("rate limit", lambda: self._try_acquire(urgent))
                 if wait_us is None:
                     continue  # Redis failed: the link is in fallback mode now
                 if wait_us <= 0:
                     self.granted_shared += 1
                     self.last_window = -wait_us
                     return
+                if urgent:  # renew the mark before it lapses (a 429 pause can be long)
+                    wait_us = min(wait_us, self._mark_us // 2)
                 await asyncio.sleep(wait_us / 1_000_000 + random.uniform(0, _JITTER_S))
+        finally:
+            self._gate.release()
 
-    async def _try_acquire(self) -> int:
-        member = f"{self._link.replica_id}:{next(self._serial)}"
-        args: list[int | str] = [self._capacity, self._window_us, member]
+    async def _try_acquire(self, urgent: bool) -> int:
+        replica = self._link.replica_id
+        args: list[int | str] = [
+            self._capacity,
+            self._window_us,
+            f"{replica}:{next(self._serial)}",
+            replica if urgent else "",
+            self._mark_us,
+        ]
         return int(await self._acquire_script(keys=self._keys, args=args))
 
     async def pause(self, delay_s: float) -> None:
         """Every replica waits ``delay_s`` before its next request (a 429 was answered)."""
         delay_us = max(1, round(delay_s * 1_000_000))
         await self._link.run(
-            "rate pause", lambda: self._pause_script(keys=self._keys[1:], args=[delay_us])
+            "rate pause", lambda: self._pause_script(keys=self._keys[1:2], args=[delay_us])
         )

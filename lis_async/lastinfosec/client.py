@@ -153,6 +153,7 @@ class LastInfoSecClient:
         cache_on = cache_on and s.cache_max_bytes > 0
         self._cache = AnswerCache(s.cache_size, clock, s.cache_max_bytes) if cache_on else None
         self._inflight: dict[CacheKey, asyncio.Task[LookupResult]] = {}
+        self._urgent: set[CacheKey] = set()  # in-flight lookups an urgent job waits on
         self._resume_at = 0.0  # loop time before which no request may start (429 pause)
         self._throttle_level = 0  # 429 pauses in a row without Retry-After; 0 after an answer
 
@@ -224,12 +225,15 @@ class LastInfoSecClient:
         """``(endpoint, value)`` to send for ``obs``, or :class:`NothingToLookUp`."""
         return query_for(obs, self._settings.endpoint_style)
 
-    async def lookup(self, obs: Observable) -> LookupResult:
-        """Look ``obs`` up. Raises :class:`LisError` subclasses (never an aiohttp error)."""
+    async def lookup(self, obs: Observable, *, urgent: bool = False) -> LookupResult:
+        """Look ``obs`` up. Raises :class:`LisError` subclasses (never an aiohttp error).
+        ``urgent``: its request goes before the others waiting for the rate limit."""
         endpoint, value = self.query_for(obs)
-        return await self.lookup_value(endpoint, value)
+        return await self.lookup_value(endpoint, value, urgent=urgent)
 
-    async def lookup_value(self, endpoint: str, value: str) -> LookupResult:
+    async def lookup_value(
+        self, endpoint: str, value: str, *, urgent: bool = False
+    ) -> LookupResult:
         """Look a prepared ``(endpoint, value)`` (see :meth:`query_for`) up."""
         key = (endpoint, value)
         cache = self._cache
@@ -250,6 +254,8 @@ class LastInfoSecClient:
             task.add_done_callback(functools.partial(self._task_done, key))
         else:
             self.stats.coalesced += 1
+        if urgent:  # read when the request asks the rate limiter (a waiter joining counts too)
+            self._urgent.add(key)
         try:
             # shield: one waiter being cancelled must not cancel the lookup the others share
             return await asyncio.shield(task)
@@ -265,6 +271,7 @@ class LastInfoSecClient:
     def _task_done(self, key: CacheKey, task: asyncio.Task[LookupResult]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
+            self._urgent.discard(key)
         if not task.cancelled():
             task.exception()  # mark retrieved: every waiter may have been cancelled
 
@@ -389,7 +396,7 @@ class LastInfoSecClient:
         self, url: URL, body: bytes | None, endpoint: str, value: str, seg: str
     ) -> LookupResult:
         await self._wait_pause()
-        await self._limiter.acquire()
+        await self._limiter.acquire(urgent=(endpoint, value) in self._urgent)
         async with self._sem:
             if self._resume_at > asyncio.get_running_loop().time():
                 await self._wait_pause()  # a 429 arrived while this one was queued

@@ -80,6 +80,43 @@ async def test_a_429_pause_holds_every_replica() -> None:
         await two.close()
 
 
+async def test_urgent_acquires_go_before_other_replicas_waiting_ones() -> None:
+    """Four replicas keep ordinary requests waiting at rate 10; a fifth replica's five urgent
+    requests, asked one after the other, take the cluster's next five grants (without the
+    priority they would get one grant in five). A generous Redis timeout: a replica in fallback
+    mode would only order its own waiters."""
+    s = settings(REDIS_URL, REDIS_TIMEOUT_S="5")
+    links = [RedisLink(s) for _ in range(5)]
+    try:
+        # burst 1: one grant every 0.1 s, no burst of grants for the urgent ones to race
+        limiters = [ClusterLimiter(link, 10, burst=1) for link in links]
+        grants: list[tuple[float, str]] = []
+
+        async def acquire(limiter: ClusterLimiter, name: str, urgent: bool = False) -> None:
+            await limiter.acquire(urgent)
+            grants.append((time.monotonic(), name))
+
+        normal = [
+            asyncio.create_task(acquire(limiter, "normal"))
+            for limiter in limiters[:4]
+            for _ in range(10)
+        ]
+        assert await poll(lambda: len(grants) >= 3, 5)  # the ordinary ones are queued
+        asked = time.monotonic()
+        for _ in range(5):
+            await acquire(limiters[4], "urgent", urgent=True)
+        assert all(link.shared for link in links)
+        overtaken = [t for t, name in grants if name == "normal" and t > asked]
+        assert len(overtaken) <= 1, overtaken  # at most one granted as the first one asked
+        assert grants[-1][0] - asked < 1.0  # five grants at 10/s
+        for task in normal:
+            task.cancel()
+        await asyncio.gather(*normal, return_exceptions=True)
+    finally:
+        for link in links:
+            await link.close()
+
+
 # ------------------------------------------------------------------------------------------
 # the shared cache and cross-replica coalescing
 

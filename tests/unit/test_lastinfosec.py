@@ -948,6 +948,42 @@ async def test_sliding_window_limiter_never_exceeds_capacity_in_any_window() -> 
     assert times[-1] - times[0] < 1.5  # one at a time per window would take 7 s
 
 
+async def test_urgent_acquisitions_overtake_the_waiting_ones() -> None:
+    """An analyst's lookup waits for one grant at most, not for the auto-enrichment requests
+    queued before it; the others keep their arrival order."""
+    from lis_async.lastinfosec import SlidingWindowLimiter
+
+    limiter = SlidingWindowLimiter(1, 0.05)
+    order: list[str] = []
+
+    async def one(name: str, urgent: bool = False) -> None:
+        await limiter.acquire(urgent)
+        order.append(name)
+
+    normal = [asyncio.create_task(one(f"n{i}")) for i in range(8)]
+    await asyncio.sleep(0.01)  # n0 granted, n1 watches the window, n2..n7 queue
+    urgent = [asyncio.create_task(one("u0", True)), asyncio.create_task(one("u1", True))]
+    await asyncio.gather(*normal, *urgent)
+    assert order[:2] == ["n0", "n1"]
+    assert order[2:4] == ["u0", "u1"]
+    assert order[4:] == [f"n{i}" for i in range(2, 8)]
+
+
+async def test_a_cancelled_waiter_passes_its_turn_on() -> None:
+    from lis_async.lastinfosec.limiter import PriorityGate
+
+    gate = PriorityGate()
+    await gate.acquire()
+    waiting = asyncio.create_task(gate.acquire(urgent=True))
+    after = asyncio.create_task(gate.acquire())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    gate.release()  # hands the gate to the cancelled waiter, which passes it on
+    await asyncio.wait_for(after, 1)
+    gate.release()
+    await asyncio.wait_for(gate.acquire(), 1)  # free again
+
+
 async def test_outage_gate_lets_one_probe_through_per_interval() -> None:
     """While LastInfoSec is down, ten lookups retrying send one probe per interval between
     them, not ten; the first answer releases every waiter at once."""

@@ -38,9 +38,11 @@ class FakeLookup:
         self.bundles = tuple(bundles)
         self.error = error
         self.seen: list[Observable] = []
+        self.urgent: list[bool] = []
 
-    async def lookup(self, obs: Observable) -> LookupResult:
+    async def lookup(self, obs: Observable, *, urgent: bool = False) -> LookupResult:
         self.seen.append(obs)
+        self.urgent.append(urgent)
         if self.error:
             raise self.error
         return LookupResult(
@@ -145,6 +147,22 @@ async def test_received_is_reported_before_expectations_even_when_slow() -> None
     result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
     assert result.outcome is Outcome.ENRICHED
     assert platform.names() == ["received", "expectations", "processed"]
+
+
+@pytest.mark.parametrize(
+    ("fixture", "urgent"),
+    [
+        ("manual_stixfile_amber_shared.json", True),
+        ("playbook_url.json", True),
+        ("auto_create_domain_green.json", False),
+    ],
+)
+async def test_manual_and_playbook_lookups_are_urgent(fixture: str, urgent: bool) -> None:
+    """An analyst or a playbook waits on these: their lookups go first at the rate limiter."""
+    lookup = FakeLookup(ANSWER)
+    pipeline, _, _ = make(lookup)
+    await pipeline.handle(job_body(fixture))
+    assert lookup.urgent == [urgent]
 
 
 async def test_dead_work_at_received_drops_the_job_without_publishing() -> None:
@@ -449,7 +467,7 @@ async def test_work_message_says_what_was_left_out_of_the_answer() -> None:
 class Boom(FakeLookup):
     """A lookup failing the way nobody foresaw (say, the cache's serialiser on a deep answer)."""
 
-    async def lookup(self, obs: Observable) -> LookupResult:
+    async def lookup(self, obs: Observable, *, urgent: bool = False) -> LookupResult:
         self.seen.append(obs)
         raise TypeError("Recursion limit reached")
 

@@ -281,7 +281,7 @@ class ParsingLookup:
         self.answer = answer
         self.called = False
 
-    async def lookup(self, obs: Observable) -> LookupResult:
+    async def lookup(self, obs: Observable, *, urgent: bool = False) -> LookupResult:
         endpoint, value = query_for(obs, "search_hash_host")
         self.called = True
         if self.answer.error is not None:
