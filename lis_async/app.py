@@ -1,27 +1,31 @@
 """The composition root: build everything from settings, start in order, stop in reverse order.
 
 Start: platform client -> registration -> heartbeat -> LastInfoSec client -> publisher ->
-consumer -> health/metrics. Stop (SIGTERM/SIGINT, or a fatal error): intake stops at once,
-jobs in flight finish up to ``connector.shutdown_timeout_s`` (the rest return to the queue),
-then everything closes in reverse order. A second signal exits at once.
+consumer (of the lane, or of the listen queue with lanes off) -> lane mover -> health/metrics.
+Stop (SIGTERM/SIGINT, or a fatal error): the mover stops, intake stops at once, jobs in flight
+finish up to ``connector.shutdown_timeout_s`` (the rest return to the queue), then everything
+closes in reverse order. A second signal exits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from lis_async.amqp import BrokerWatch
+from lis_async.amqp import BrokerWatch, queue_depth
 from lis_async.backpressure import Backpressure
 from lis_async.config import Settings
 from lis_async.consumer import Consumer
 from lis_async.errors import PlatformAuthError, PlatformError
+from lis_async.lanes import Mover, declare_lane, lane_name
 from lis_async.lastinfosec import LastInfoSecClient
 from lis_async.pipeline import Pipeline, Policy, Result
 from lis_async.platform import Platform, Registration
@@ -69,6 +73,15 @@ def _warn_unused_settings(s: Settings) -> None:
         )
 
 
+def lookahead(jobs_in_flight: int, rate_per_s: float, consumer_timeout_s: float) -> int:
+    """Jobs taken at once: ``jobs_in_flight``, bounded so that the last of them gets its
+    LastInfoSec request within half of RabbitMQ's consumer timeout at the rate limit (a slow
+    rate with many jobs in flight would otherwise hold deliveries toward the timeout)."""
+    if not consumer_timeout_s:
+        return jobs_in_flight
+    return max(1, min(jobs_in_flight, math.floor(rate_per_s * consumer_timeout_s / 2)))
+
+
 class App:
     """The worker: builds every part from the settings, starts them in order, runs until a stop
     signal or a fatal error, then stops them in reverse order (see the module docstring).
@@ -85,6 +98,8 @@ class App:
         self.lis: LastInfoSecClient | None = None
         self.publisher: Publisher | None = None
         self.consumer: Consumer | None = None
+        self.mover: Mover | None = None  # priority lanes (connector.priority_lanes)
+        self.lane_depth: int | None = None  # sampled with the listen queue's
         self.pipeline: Pipeline | None = None
         self.registration: Registration | None = None
         self.redis: RedisLink | None = None  # cluster mode (redis.url set)
@@ -191,14 +206,7 @@ class App:
         await self.publisher.start()
         self.pipeline = self._pipeline(reg, retry_backoff, health)
         self._spawn(self.pipeline.ping_long_works(), "work-ping")
-        self.consumer = Consumer(
-            reg.amqp,
-            reg.listen,
-            s.connector.jobs_in_flight,
-            self._handle,
-            self._on_fatal,
-            watch=watch,
-        )
+        self.consumer = self._consumer(reg, watch)
         health.add_listener(self.consumer.set_intake)
         if backpressure is not None:
             consumer = self.consumer
@@ -206,13 +214,43 @@ class App:
             self._spawn(backpressure.run(), "backpressure")
         await self._start_servers()
         await self.consumer.start()
+        if s.connector.consumer_timeout_s:
+            self._spawn(self.consumer.watch(0.8 * s.connector.consumer_timeout_s), "watchdog")
+        if s.connector.priority_lanes:
+            self.mover = Mover(
+                reg.listen,
+                self.consumer.queue_name,
+                s.connector.lanes_expire_s,
+                on_moved=self.metrics.moved,
+            )
+            assert self.consumer.connection is not None
+            await self.mover.start(self.consumer.connection)
         self.ready.set()
         log.info(
-            "consuming %s with %d jobs in flight, LastInfoSec %d concurrent at %.1f req/s",
-            reg.listen,
-            s.connector.jobs_in_flight,
+            "consuming %s%s with %d jobs in flight, LastInfoSec %d concurrent at %.1f req/s",
+            self.consumer.queue_name,
+            f" (priority lane fed from {reg.listen})" if self.mover else "",
+            self.consumer.prefetch,
             s.lastinfosec.concurrency,
             s.lastinfosec.rate_per_s,
+        )
+
+    def _consumer(self, reg: Registration, watch: BrokerWatch) -> Consumer:
+        """The consumer of the lane (priority lanes on) or of the listen queue."""
+        c = self.settings.connector
+        declare = None
+        queue = reg.listen
+        if c.priority_lanes:
+            queue = lane_name(c.id)
+            declare = functools.partial(declare_lane, name=queue, expire_s=c.lanes_expire_s)
+        return Consumer(
+            reg.amqp,
+            queue,
+            lookahead(c.jobs_in_flight, self.settings.lastinfosec.rate_per_s, c.consumer_timeout_s),
+            self._handle,
+            self._on_fatal,
+            watch=watch,
+            declare=declare,
         )
 
     def _pipeline(self, reg: Registration, backoff: Backoff, health: PlatformHealth) -> Pipeline:
@@ -272,6 +310,9 @@ class App:
         if link is not None:
             out["redis"] = "shared" if link.shared else "fallback"
             out["replicas_seen"] = link.stats.replicas_seen
+        if self.mover is not None and self.consumer is not None:
+            out["lane"] = self.consumer.queue_name
+            out["lane_messages"] = self.lane_depth
         bp = self.backpressure
         if bp is not None:
             out["backpressure"] = bp.engaged
@@ -290,6 +331,14 @@ class App:
             GaugeCallback(m.name("lis_jobs_running"), "Jobs in flight", lambda: consumer.in_flight)
         )
         health = self.health
+        if self.settings.connector.priority_lanes:
+            m.add_collector(
+                GaugeCallback(
+                    m.name("lis_lane_messages"),
+                    "Jobs waiting in the priority lane (sampled every 5 s)",
+                    lambda: self.lane_depth,
+                )
+            )
         for name, doc, fn in (
             (
                 "lis_heartbeat_age",
@@ -331,17 +380,23 @@ class App:
         for server in self._servers:
             await server.start()
 
-    async def _sample_queue_depth(self, every_s: float = 15.0) -> None:
+    async def _sample_queue_depth(self, every_s: float = 5.0) -> None:
+        """The listen queue's depth and, with lanes, the lane's, every ``every_s``."""
+        listen = self.registration.listen if self.registration else None
         while True:
             consumer = self.consumer
-            if consumer is not None and consumer.connected:
-                depth = await consumer.queue_depth()
+            if consumer is not None and consumer.connected and listen is not None:
+                depth = await queue_depth(consumer.connection, listen)
                 if depth is not None:
                     self.metrics.queue_depth.set(depth)
+                if self.mover is not None:
+                    self.lane_depth = await consumer.queue_depth()
             await asyncio.sleep(every_s)
 
     async def stop(self) -> None:
         deadline = self.settings.connector.shutdown_timeout_s
+        if self.mover is not None:
+            await self.mover.stop()
         if self.consumer is not None:
             await self.consumer.stop_intake()
             left = await self.consumer.drain(deadline)

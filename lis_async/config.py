@@ -167,6 +167,17 @@ class ConnectorSettings(_Section):
     # messages, again below push_low_watermark (0 disables). About a dozen messages per job.
     push_high_watermark: int = Field(50_000, ge=0)
     push_low_watermark: int = Field(25_000, ge=0)
+    # Priority lanes (docs/architecture.md, Priority lanes): jobs are moved from the listen queue
+    # into one connector-owned priority queue, and manual and playbook jobs are taken first.
+    # false: the listen queue is consumed directly, first in first out.
+    priority_lanes: Bool = True
+    # The lane deletes itself after this long without a consumer (RabbitMQ's x-expires); the
+    # jobs it still holds go with it, so it is long: a week.
+    lanes_expire_s: float = Field(604_800.0, ge=60, le=2_592_000)
+    # RabbitMQ's consumer_timeout (30 min by default): no delivery is held unacked longer than
+    # 80 % of it (older jobs are requeued) and the lookahead is bounded by the rate to fit in
+    # half of it. 0 turns both off.
+    consumer_timeout_s: float = Field(1800.0, ge=0)
     # While OpenCTI is unavailable: seconds between the probes of the health gate (jobs wait,
     # intake is paused; every waiting job goes on within about this long of its return).
     platform_probe_s: float = Field(1.0, gt=0, le=60)

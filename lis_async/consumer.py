@@ -7,16 +7,23 @@ Ack policy (the only place that acks, nacks or requeues):
 * the handler raised ``FatalError`` -> requeue, and tell the app to stop taking jobs;
 * the task was cancelled (shutdown deadline) -> requeue;
 * anything unexpected -> requeue once; a message that was already redelivered is rejected
-  without requeue (logged loudly) so a bug can never loop.
+  without requeue (logged loudly) so a bug can never loop;
+* held longer than ``max_hold_s`` (the watchdog, :meth:`Consumer.watch`) -> cancelled, so
+  requeued, before RabbitMQ's ``consumer_timeout`` closes the channel on every job in flight.
+
+It consumes the platform's listen queue, or with priority lanes the connector's lane
+(:mod:`lis_async.lanes`): ``declare`` says which.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import (
+    AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -25,10 +32,14 @@ from aio_pika.abc import (
 
 from lis_async.amqp import AmqpParams, BrokerWatch, connect, queue_depth
 from lis_async.errors import FatalError
+from lis_async.lanes import redelivered
 
 log = logging.getLogger("lis_async.consumer")
 
 Handler = Callable[[bytes, bool], Awaitable[object]]
+#: Declares the consumed queue on the consuming channel (the lane); None: a passive declare
+#: of the platform's listen queue.
+Declare = Callable[[AbstractRobustConnection, AbstractChannel], Awaitable[AbstractQueue]]
 
 
 class Consumer:
@@ -45,8 +56,10 @@ class Consumer:
         on_fatal: Callable[[str], None],
         *,
         watch: BrokerWatch | None = None,
+        declare: Declare | None = None,
     ) -> None:
         self._watch = watch
+        self._declare = declare
         self._params = params
         self._queue_name = queue_name
         self._prefetch = prefetch
@@ -56,7 +69,7 @@ class Consumer:
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], float] = {}  # -> monotonic time of delivery
         self._idle = asyncio.Event()
         self._idle.set()
         self.accepting = False
@@ -66,6 +79,20 @@ class Consumer:
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    @property
+    def prefetch(self) -> int:
+        """Deliveries taken at once (the channel's QoS)."""
+        return self._prefetch
+
+    @property
+    def connection(self) -> AbstractRobustConnection | None:
+        """The broker connection (the lane mover opens its channel on it)."""
+        return self._conn
+
+    @property
+    def queue_name(self) -> str:
+        return self._queue_name
 
     @property
     def connected(self) -> bool:
@@ -78,7 +105,7 @@ class Consumer:
         )
 
     async def queue_depth(self) -> int | None:
-        """Messages waiting in the listen queue. A passive declare on a throw-away channel: it
+        """Messages waiting in the consumed queue. A passive declare on a throw-away channel: it
         never changes the queue, and an error cannot close the consuming channel."""
         return await queue_depth(self._conn, self._queue_name)
 
@@ -88,34 +115,54 @@ class Consumer:
             self._watch.watch(self._conn, "consumer")
         channel = await self._conn.channel(publisher_confirms=False)
         self._channel = channel  # type: ignore[assignment]
+        channel.close_callbacks.add(self._channel_closed)
         await channel.set_qos(prefetch_count=self._prefetch)
-        # Never declare: the platform owns the queue and its arguments (docs/protocol.md §1.3).
-        # A passive declare only checks that it exists, and registers it with the robust
-        # channel: without that, aio-pika does not restore the consumer after a reconnection
-        # (it would stay connected and idle forever).
-        self._queue = await channel.declare_queue(self._queue_name, passive=True)
+        # The listen queue is never declared: the platform owns it and its arguments
+        # (docs/protocol.md §1.3). A passive declare only checks that it exists, and registers it
+        # with the robust channel: without that, aio-pika does not restore the consumer after a
+        # reconnection (it would stay connected and idle forever).
+        if self._declare is not None:
+            self._queue = await self._declare(self._conn, channel)
+        else:
+            self._queue = await channel.declare_queue(self._queue_name, passive=True)
         self.accepting = True
         async with self._intake_lock:
             if not self._holds:
                 self._tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    def _channel_closed(self, sender: object, exc: BaseException | None = None) -> None:
+        """The broker closed the consuming channel alone (the connection lives on: a lost
+        connection is :class:`BrokerWatch`'s to report), e.g. at RabbitMQ's consumer_timeout.
+        aio-pika reopens it; the broker redelivers every job that was in flight."""
+        conn = self._conn
+        if exc is None or isinstance(exc, asyncio.CancelledError) or conn is None:
+            return
+        if conn.is_closed or not conn.connected.is_set():
+            return
+        log.warning(
+            "the broker closed the consuming channel (%s): reopening it; its %d job(s) in "
+            "flight are redelivered",
+            str(exc)[:300] or type(exc).__name__,
+            len(self._tasks),
+        )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if not self.accepting:
             await message.nack(requeue=True)
             return
         task = asyncio.create_task(self._settle(message))
-        self._tasks.add(task)
+        self._tasks[task] = time.monotonic()
         self._idle.clear()
         task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         if not self._tasks:
             self._idle.set()
 
     async def _settle(self, message: AbstractIncomingMessage) -> None:
         try:
-            await self._handler(message.body, bool(message.redelivered))
+            await self._handler(message.body, redelivered(message))
         except FatalError as exc:
             self.accepting = False
             await self._safe(message.nack(requeue=True))
@@ -125,7 +172,7 @@ class Consumer:
             await asyncio.shield(self._safe(message.nack(requeue=True)))
             raise
         except Exception:
-            requeue = not message.redelivered
+            requeue = not redelivered(message)
             log.exception(
                 "unexpected error while processing a job; %s",
                 "requeued once" if requeue else "rejected (already redelivered)",
@@ -145,6 +192,25 @@ class Consumer:
                 "could not settle a message (%s); the broker will redeliver it",
                 str(exc) or type(exc).__name__,
             )
+
+    async def watch(self, max_hold_s: float) -> None:
+        """Forever: requeue (by cancelling) every job held longer than ``max_hold_s``. A job
+        that waits that long waits on an outage or a slow rate; RabbitMQ would otherwise close
+        the channel at its ``consumer_timeout`` and redeliver every job in flight at once."""
+        every = min(5.0, max_hold_s / 10)
+        while True:
+            await asyncio.sleep(every)
+            limit = time.monotonic() - max_hold_s
+            old = [task for task, since in self._tasks.items() if since < limit]
+            for task in old:
+                task.cancel()
+            if old:
+                log.warning(
+                    "%d job(s) held for more than %.0f s requeued, before RabbitMQ's "
+                    "consumer_timeout (CONNECTOR_CONSUMER_TIMEOUT_S) closes the channel",
+                    len(old),
+                    max_hold_s,
+                )
 
     async def set_intake(self, up: bool) -> None:
         """Platform health listener: no new deliveries while the platform is down."""

@@ -143,6 +143,19 @@ class Metrics:
             registry=r,
         )
 
+        self.jobs_moved = Counter(
+            "lis_jobs_moved",
+            "Jobs moved from the listen queue into the priority lane, by lane",
+            ["lane"],
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+
+    def moved(self, priority: int) -> None:
+        """The lane mover's hook: one job moved at ``priority`` (0 normal, 1 urgent)."""
+        self.jobs_moved.labels("urgent" if priority else "normal").inc()
+
     def name(self, name: str) -> str:
         """A collector's metric name with this registry's prefix."""
         return metric_name(name, self.namespace, self.subsystem)
@@ -235,12 +248,17 @@ class ClusterCollector(Collector):
 
 
 class GaugeCallback(Collector):
-    def __init__(self, name: str, doc: str, fn: Callable[[], float]) -> None:
+    """A gauge read at scrape time from ``fn``; a sample is left out while ``fn`` returns
+    None (not known yet)."""
+
+    def __init__(self, name: str, doc: str, fn: Callable[[], float | None]) -> None:
         self._name, self._doc, self._fn = name, doc, fn
 
     def collect(self) -> Iterable[Any]:
         g = GaugeMetricFamily(self._name, self._doc)
-        g.add_metric([], float(self._fn()))
+        value = self._fn()
+        if value is not None:
+            g.add_metric([], float(value))
         yield g
 
 

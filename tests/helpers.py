@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import aiormq
+
 from lis_async.app import App
 from lis_async.config import Settings, load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
@@ -203,11 +205,19 @@ async def stop_async(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -
 # broker inspection
 
 
-async def ready_count(world: SimWorld, key: str = "listen") -> int:
-    """Messages ready (not delivered to a consumer) in the connector's listen or push queue."""
-    async with world.admin_channel() as channel:
-        queue = await channel.declare_queue(world.names()[key], passive=True)
-        return int(queue.declaration_result.message_count or 0)
+async def ready_count(world: SimWorld, key: str = "jobs") -> int:
+    """Messages ready (not delivered to a consumer) in one of the connector's queues:
+    ``listen``, ``lane`` (the worker's priority lane), ``push``, or ``jobs``: the jobs waiting,
+    in the listen queue and the lane together. An absent queue counts 0."""
+    total = 0
+    for name in ("listen", "lane") if key == "jobs" else (key,):
+        try:
+            async with world.admin_channel() as channel:
+                queue = await channel.declare_queue(world.names()[name], passive=True)
+                total += int(queue.declaration_result.message_count or 0)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            continue
+    return total
 
 
 def rabbitmqctl(*args: str) -> str:
@@ -216,6 +226,19 @@ def rabbitmqctl(*args: str) -> str:
         ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=30, check=True
     )
     return out.stdout
+
+
+async def jobs_queued(world: SimWorld) -> tuple[int, int]:
+    """(ready, unacknowledged) jobs of the connector, in its listen queue and its priority lane
+    together, as the broker counts them."""
+    ready = unacked = 0
+    for key in ("listen", "lane"):
+        try:
+            r, u = await queue_depth(world.names()[key])
+        except LookupError:  # no lane (lanes off)
+            continue
+        ready, unacked = ready + r, unacked + u
+    return ready, unacked
 
 
 async def queue_depth(name: str) -> tuple[int, int]:

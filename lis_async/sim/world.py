@@ -8,7 +8,8 @@ Used by the demo, the end-to-end tests and the benchmark::
         jobs = await world.producer.publish_many(100)
         assert await world.platform.wait_works([j.work_id for j in jobs if j.work_id])
 
-On exit everything is stopped and the connector's listen/push queues are deleted from RabbitMQ.
+On exit everything is stopped and the connector's queues (listen, push, the worker's priority
+lane) are deleted from RabbitMQ.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from lis_async.lanes import lane_name
 from lis_async.sim.lastinfosec import LastInfoSecSim, LisSimConfig
 from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
 from lis_async.sim.producer import JobProducer
@@ -106,7 +108,9 @@ class SimWorld:
         """Queue / exchange / routing names of the connector (registration-provided)."""
         reg = self.platform.registration(self.connector_id)
         keys = ("listen", "listen_exchange", "listen_routing", "push", "push_exchange")
-        return {k: str(reg[k]) for k in (*keys, "push_routing")}
+        names = {k: str(reg[k]) for k in (*keys, "push_routing")}
+        names["lane"] = lane_name(self.connector_id)  # the worker's own, with priority lanes
+        return names
 
     def env(self) -> dict[str, str]:
         """Environment variables that point a connector at this world."""
@@ -228,10 +232,10 @@ class SimWorld:
         return True
 
     async def purge(self) -> dict[str, int]:
-        """Empty the connector's listen and push queues; return the number of dropped messages."""
+        """Empty the connector's queues (listen, push, lane); return the dropped messages."""
         names = self.names()
         out: dict[str, int] = {}
-        for key in ("listen", "push"):
+        for key in ("listen", "push", "lane"):
             channel = await self._admin_connection().channel()
             try:
                 queue = await channel.get_queue(names[key], ensure=False)
@@ -248,7 +252,7 @@ class SimWorld:
         if self._admin is None:
             return
         names = self.names()
-        for key in ("listen", "push"):
+        for key in ("listen", "push", "lane"):
             channel = await self._admin.channel()
             try:
                 await channel.queue_delete(names[key])

@@ -27,6 +27,7 @@ from tests.helpers import (
     LIGHT_WORKER,
     QUIET_PRODUCER,
     app_only,
+    jobs_queued,
     poll,
     queue_depth,
     rabbitmqctl,
@@ -173,9 +174,11 @@ async def test_sigkill_mid_run_duplicates_only_jobs_in_flight() -> None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
 
-            listen = world.names()["listen"]
-            assert await poll(lambda: _unacked_zero(listen), 30)
-            ready, _ = await queue_depth(listen)
+            # The jobs wait in the priority lane (moved there at once) or in the listen queue.
+            names = world.names()
+            queues = (names["listen"], names["lane"])
+            assert await poll(lambda: _unacked_zero(*queues), 30)
+            ready = sum([(await queue_depth(q))[0] for q in queues])
             w = world.platform.works
             started_not_processed = {
                 x for x in works if w[x].received_time is not None and w[x].processed_time is None
@@ -213,8 +216,8 @@ async def test_sigkill_mid_run_duplicates_only_jobs_in_flight() -> None:
         assert early == [], "\n".join(str(e) for e in early[:5])
 
 
-async def _unacked_zero(queue: str) -> bool:
-    return (await queue_depth(queue))[1] == 0
+async def _unacked_zero(*queues: str) -> bool:
+    return all([(await queue_depth(q))[1] == 0 for q in queues])
 
 
 # ------------------------------------------------------------------------------------------
@@ -484,7 +487,7 @@ async def test_opencti_outage_jobs_wait_unacked_and_complete_when_it_returns() -
         assert await poll(lambda: _failed_calls(world, "healthCheck", down_at) >= 3, 30)
         held = consumer.in_flight
         assert 1 <= held <= prefetch, held
-        ready, unacked = await queue_depth(world.names()["listen"])
+        ready, unacked = await jobs_queued(world)
         assert (ready, unacked) == (len(works) - held, held)
         assert completed(world, works) == 0
         # Each job tried its first report once at most; then it waited on the gate.
@@ -730,7 +733,7 @@ async def test_full_push_queue_slows_the_worker_down_and_drops_nothing(
             retries = caplog.text.count(nacked)
             assert await poll(lambda: caplog.text.count(nacked) >= retries + 2 * in_flight, 30)
             assert _processed_at(world, works) == done
-            ready, unacked = await queue_depth(world.names()["listen"])
+            ready, unacked = await jobs_queued(world)
             assert unacked == in_flight == app.consumer.in_flight
             assert ready == len(works) - in_flight - len(done)
 

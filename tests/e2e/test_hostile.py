@@ -19,8 +19,8 @@ from tests.helpers import (
     FAST_ENV,
     LIGHT_WORKER,
     QUIET_PRODUCER,
+    jobs_queued,
     poll,
-    queue_depth,
     ready_count,
     start_worker_process,
     stop_async,
@@ -311,6 +311,6 @@ async def test_invalid_key_mid_run_stops_the_worker_with_exit_3_and_keeps_the_qu
 
         # It did not burn the queue into errors: no work in error, most jobs still queued.
         assert not [w for w in works if world.platform.works[w].in_error]
-        ready, unacked = await queue_depth(world.names()["listen"])
+        ready, unacked = await jobs_queued(world)
         assert unacked == 0 and ready == len(works) - processed(world, works)
         assert ready > len(works) // 2

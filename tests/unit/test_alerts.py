@@ -31,10 +31,6 @@ PROM_DIR = ROOT / "docs" / "prometheus"
 RULES = PROM_DIR / "lis-async-alerts.yml"
 RULE_TESTS = PROM_DIR / "lis-async-alerts.test.yml"
 
-# Metrics the rules use that the worker does not export yet: the depth of the priority lane
-# (issue #12; until then LisAsyncBacklogGrowing uses the listen queue alone). Remove a name
-# from this list once the worker exports it (test_pending_metrics_are_still_pending says when).
-PENDING_METRICS = frozenset({"lis_lane_messages"})
 # Series Prometheus itself writes for every target.
 PROMETHEUS_METRICS = frozenset({"up"})
 
@@ -126,7 +122,7 @@ def exported() -> frozenset[str]:
 
 def unknown_names(rule_list: list[dict[str, Any]], known: frozenset[str]) -> dict[str, set[str]]:
     """Per alert, the names its expression uses that are neither exported nor allowed."""
-    allowed = known | PROMETHEUS_METRICS | PENDING_METRICS
+    allowed = known | PROMETHEUS_METRICS
     out: dict[str, set[str]] = {}
     for rule in rule_list:
         unknown = metric_names(rule["expr"]) - allowed
@@ -170,13 +166,6 @@ def test_every_metric_in_the_rules_is_exported() -> None:
 def test_an_unknown_metric_name_is_caught() -> None:
     bad = [{"alert": "Typo", "expr": 'increase(lis_job_total{outcome="failed"}[5m]) > 0'}]
     assert unknown_names(bad, exported()) == {"Typo": {"lis_job_total"}}
-
-
-def test_pending_metrics_are_still_pending() -> None:
-    used = set().union(*(metric_names(r["expr"]) for r in rules()))
-    assert PENDING_METRICS <= used, f"not used by any rule: {sorted(PENDING_METRICS - used)}"
-    now_exported = PENDING_METRICS & exported()
-    assert not now_exported, f"now exported: remove {sorted(now_exported)} from PENDING_METRICS"
 
 
 # ----------------------------------------------------------------------------- completeness

@@ -1,0 +1,60 @@
+"""Priority lanes: what goes first, the lane's name and arguments, the rate-bounded lookahead."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from lis_async.app import lookahead
+from lis_async.lanes import NORMAL, URGENT, lane_arguments, lane_name, priority
+from tests.helpers import job_body
+
+
+@pytest.mark.parametrize(
+    ("body", "level"),
+    [
+        (job_body("manual_stixfile_amber_shared.json"), URGENT),
+        (job_body("manual_url_stix_objects_string.json"), URGENT),
+        (job_body("playbook_url.json"), URGENT),
+        (job_body("auto_create_domain_green.json"), NORMAL),
+        (job_body("auto_update_hostname_red_draft.json"), NORMAL),
+        (job_body("malformed_not_json.txt"), NORMAL),
+        (b"[1, 2]", NORMAL),
+        (orjson.dumps({"internal": "manual"}), NORMAL),
+        (orjson.dumps({"internal": {"mode": "MANUAL"}}), NORMAL),  # the platform sends "manual"
+        (orjson.dumps({"internal": {"mode": "auto", "playbook": None}}), NORMAL),
+        (orjson.dumps({"internal": {"mode": "auto", "playbook": {}}}), URGENT),
+    ],
+)
+def test_manual_and_playbook_jobs_are_urgent(body: bytes, level: int) -> None:
+    assert priority(body) == level
+
+
+def test_the_lane_never_takes_a_platform_queue_name() -> None:
+    cid = "0b3c1f2e-6d7a-4b8c-9d0e-1f2a3b4c5d6e"
+    name = lane_name(cid)
+    assert name == f"lis-async.lanes.{cid}"
+    assert not name.startswith(("listen_", "push_")) and cid in name
+
+
+def test_lane_arguments() -> None:
+    assert lane_arguments(604_800) == {
+        "x-queue-type": "classic",
+        "x-max-priority": URGENT,
+        "x-expires": 604_800_000,
+    }
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "rate", "timeout", "expected"),
+    [
+        (64, 20.0, 1800.0, 64),  # the usual case: not bound
+        (64, 0.05, 1800.0, 45),  # 0.05/s x 900 s
+        (64, 0.0001, 1800.0, 1),  # always at least one
+        (64, 0.05, 0.0, 64),  # consumer timeout safety off
+    ],
+)
+def test_lookahead_fits_half_the_consumer_timeout(
+    in_flight: int, rate: float, timeout: float, expected: int
+) -> None:
+    assert lookahead(in_flight, rate, timeout) == expected
