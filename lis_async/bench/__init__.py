@@ -9,6 +9,8 @@ imports this package. Its modules, from the command line down:
 * ``phase``: one phase (world, connector, jobs, figures);
 * ``replicas``: the ``--replicas N`` phases (N workers on one connector id, with and without
   Redis) and their figures;
+* ``backlog``: the ``--backlog N`` phases (manual jobs queued behind N auto jobs, with priority
+  lanes and FIFO) and their figures; ``backlog_table``: their rows and notes in the report;
 * ``feed``: the world of a phase and how its jobs reach the queue (queued, paced, burst);
 * ``processes``: the connector subprocess (argv, environment) and py-spy;
 * ``results``: what a phase measured (:class:`~lis_async.bench.results.PhaseResult`);

@@ -17,7 +17,10 @@ from collections.abc import Sequence
 
 from lis_async.bench.config import (
     DEFAULT_AMQP_URL,
+    DEFAULT_BACKLOG_RATE,
+    DEFAULT_BACKLOG_SECONDS,
     DEFAULT_JOBS,
+    DEFAULT_MANUAL,
     DEFAULT_REDIS_URL,
     DEFAULT_REPEAT_SHARE,
     DEFAULT_REPLICA_JOBS,
@@ -28,7 +31,8 @@ PROG = "lis-async bench"
 DESCRIPTION = (
     "Benchmark lis_async against the classic pycti-helper connector on a simulated OpenCTI and "
     "LastInfoSec (needs RabbitMQ); with --replicas N, N lis_async workers sharing one "
-    "connector id, rate and cache through Redis instead."
+    "connector id, rate and cache through Redis instead; with --backlog N, manual jobs queued "
+    "behind N auto jobs, with priority lanes and FIFO, instead."
 )
 #: The modules of the ``bench`` extra, and which runs need them.
 EXTRA_ALWAYS = ("psutil",)
@@ -62,7 +66,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate",
         type=float,
         default=None,
-        help="lis_async LastInfoSec requests/s limit (default: none, i.e. 1000/s); "
+        help="lis_async LastInfoSec requests/s limit (default: none, i.e. 1000/s; "
+        f"{DEFAULT_BACKLOG_RATE:g} with --backlog); "
         "also reports the sustained rate and the busiest one-second window",
     )
     add(
@@ -91,9 +96,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra environment variable for the lis_async worker (repeatable), "
         "e.g. --worker-env OPENCTI_THREADS=32",
     )
-    add_replica_arguments(parser)
+    add_mode_arguments(parser)
     add("--amqp-url", default=DEFAULT_AMQP_URL)
     add("--seed", type=int, default=0, help="job mix seed")
+
+
+def add_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the runs that replace the default phases (``--replicas``,
+    ``--backlog``)."""
+    add_replica_arguments(parser)
+    add_backlog_arguments(parser)
 
 
 def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +133,35 @@ def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --replicas: also run the N workers without Redis, each at rate / N",
     )
     add("--redis-url", default=DEFAULT_REDIS_URL, help=f"default {DEFAULT_REDIS_URL}")
+
+
+def add_backlog_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a backlog run (``--backlog``)."""
+    add = parser.add_argument
+    add(
+        "--backlog",
+        type=int,
+        default=None,
+        metavar="N",
+        help="backlog run: N auto jobs queued, then --manual jobs behind them, once with "
+        "priority lanes (the worker's default) and once FIFO (CONNECTOR_PRIORITY_LANES=false); "
+        "reports the manual jobs' latency and the auto jobs/s; only these two phases run",
+    )
+    add(
+        "--manual",
+        type=int,
+        default=None,
+        metavar="M",
+        help=f"with --backlog: manual jobs queued behind the backlog (default {DEFAULT_MANUAL})",
+    )
+    add(
+        "--backlog-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --backlog: a phase stops S seconds after its manual jobs were published "
+        f"if jobs are still waiting (default {DEFAULT_BACKLOG_SECONDS:g})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,15 @@ DEFAULT_JOBS = 2000
 DEFAULT_REPLICA_JOBS = 1500
 #: ``--repeat-share`` when not given, in a ``--replicas`` run.
 DEFAULT_REPEAT_SHARE = 0.5
-#: Options that measure one worker, hence meaningless in a ``--replicas`` run.
+#: Options that measure one worker's own phases, hence meaningless in a ``--replicas`` or a
+#: ``--backlog`` run.
 _SINGLE_WORKER_OPTIONS = ("sweep", "rss_jobs", "profile")
+#: In a ``--backlog`` run: ``--manual``, ``--backlog-seconds`` and ``--rate`` when not given.
+DEFAULT_MANUAL = 10
+DEFAULT_BACKLOG_SECONDS = 120.0
+DEFAULT_BACKLOG_RATE = 20.0
+#: The setting a ``--backlog`` run sets per phase (lanes: left at its default; FIFO: false).
+PRIORITY_LANES_SETTING = "CONNECTOR_PRIORITY_LANES"
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,10 @@ class BenchConfig:
     ``replicas`` set makes a cluster run: only the replica phases run (the classic and
     single-worker phases measure something else). ``jobs`` and ``repeat_share`` then default to
     :data:`DEFAULT_REPLICA_JOBS` and :data:`DEFAULT_REPEAT_SHARE` (see :meth:`from_args`).
+
+    ``backlog`` set makes a backlog run: only the two backlog phases run (priority lanes, then
+    FIFO). ``manual``, ``backlog_seconds`` and ``rate`` then default to :data:`DEFAULT_MANUAL`,
+    :data:`DEFAULT_BACKLOG_SECONDS` and :data:`DEFAULT_BACKLOG_RATE`.
     """
 
     jobs: int = DEFAULT_JOBS
@@ -55,11 +66,18 @@ class BenchConfig:
     redis_url: str = DEFAULT_REDIS_URL
     #: also run the replicas without Redis, each at rate / replicas
     replicas_baseline: bool = False
+    #: auto-mode jobs queued in each backlog phase (None: no backlog phase)
+    backlog: int | None = None
+    #: manual-mode jobs queued behind them
+    manual: int | None = None
+    #: a backlog phase stops this long after its manual jobs were published
+    backlog_seconds: float | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
         """The configuration of parsed options; ``--jobs`` and ``--repeat-share`` left out
-        (None) take their default for the kind of run (one worker, or ``--replicas``)."""
+        (None) take their default for the kind of run (one worker, or ``--replicas``), and so do
+        ``--manual``, ``--backlog-seconds`` and ``--rate`` in a ``--backlog`` run."""
         names = cls.__dataclass_fields__
         values = {k: v for k, v in vars(args).items() if k in names}
         values["worker_env"] = tuple(values.get("worker_env") or ())
@@ -68,7 +86,19 @@ class BenchConfig:
             values["jobs"] = DEFAULT_REPLICA_JOBS if cluster else DEFAULT_JOBS
         if values.get("repeat_share") is None:
             values["repeat_share"] = DEFAULT_REPEAT_SHARE if cluster else 0.0
+        if values.get("backlog") is not None:
+            defaults = {
+                "manual": DEFAULT_MANUAL,
+                "backlog_seconds": DEFAULT_BACKLOG_SECONDS,
+                "rate": DEFAULT_BACKLOG_RATE,
+            }
+            values |= {k: v for k, v in defaults.items() if values.get(k) is None}
         return cls(**values)
+
+    @property
+    def single_worker_run(self) -> bool:
+        """True unless ``--replicas`` or ``--backlog`` makes a run of its own phases only."""
+        return self.replicas is None and self.backlog is None
 
     def extra_env(self) -> dict[str, str]:
         """The ``--worker-env NAME=VALUE`` settings, as a mapping."""
@@ -99,6 +129,7 @@ class BenchConfig:
             if "=" not in item or not item.split("=", 1)[0]
         )
         out.extend(self._replica_problems())
+        out.extend(self._backlog_problems())
         return out
 
     def _replica_problems(self) -> list[str]:
@@ -117,4 +148,29 @@ class BenchConfig:
         if given:
             names = ", ".join("--" + n.replace("_", "-") for n in given)
             out.append(f"{names}: measure one worker, not with --replicas")
+        return out
+
+    def _backlog_problems(self) -> list[str]:
+        out: list[str] = []
+        if self.backlog is None:
+            if self.manual is not None or self.backlog_seconds is not None:
+                out.append("--manual and --backlog-seconds need --backlog N")
+            return out
+        if self.backlog < 1:
+            out.append("--backlog must be at least 1")
+        if self.manual is not None and self.manual < 1:
+            out.append("--manual must be at least 1")
+        if self.backlog_seconds is not None and self.backlog_seconds <= 0:
+            out.append("--backlog-seconds must be positive")
+        if self.replicas is not None:
+            out.append("--backlog and --replicas are two different runs: choose one")
+        given = [n for n in _SINGLE_WORKER_OPTIONS if getattr(self, n)]
+        if given:
+            names = ", ".join("--" + n.replace("_", "-") for n in given)
+            out.append(f"{names}: measure one worker's own phases, not with --backlog")
+        if PRIORITY_LANES_SETTING in self.extra_env():
+            out.append(
+                f"--worker-env {PRIORITY_LANES_SETTING}: --backlog sets it per phase "
+                "(lanes: its default; FIFO: false)"
+            )
         return out

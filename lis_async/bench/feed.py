@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,9 +39,12 @@ PUBLISH_CHUNK = 500
 BURST_CHUNK = 25
 
 
-def build_world(cfg: BenchConfig, repeat_share: float = 0.0) -> SimWorld:
+def build_world(
+    cfg: BenchConfig, repeat_share: float = 0.0, producer: Mapping[str, Any] | None = None
+) -> SimWorld:
     """A fresh world (a new connector id, hence fresh queues) shaped by the options;
-    ``repeat_share`` of its jobs carry the observable of an earlier job."""
+    ``repeat_share`` of its jobs carry the observable of an earlier job; ``producer``: other
+    :class:`~lis_async.sim.producer.JobProducer` options (the job mix)."""
     return SimWorld(
         platform_config=PlatformSimConfig(
             amqp_url=cfg.amqp_url, latency_s=cfg.platform_latency, max_recorded_requests=1000
@@ -52,7 +55,8 @@ def build_world(cfg: BenchConfig, repeat_share: float = 0.0) -> SimWorld:
         amqp_url=cfg.amqp_url,
         seed=cfg.seed,
         # Playbook jobs have no work to time; everything else is the producer's mix.
-        producer_options={"playbook_share": 0.0, "repeat_share": repeat_share},
+        producer_options={"playbook_share": 0.0, "repeat_share": repeat_share}
+        | dict(producer or {}),
         # Cheap mode: no stix2 validation, nothing recorded (the simulator must not be the
         # bottleneck).
         worker_options={"validate": False, "max_records": 0, "prefetch_count": 256},

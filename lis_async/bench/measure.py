@@ -100,6 +100,28 @@ def percentile(values: Sequence[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
+def censored_percentile(
+    known: Sequence[float], waiting: Sequence[float], q: float
+) -> tuple[float, bool]:
+    """Percentile ``q`` of durations of which ``known`` were measured and ``waiting`` had not
+    ended, each known only to exceed the time it had waited; the figure and whether it is only
+    a lower bound.
+
+    Each waiting duration counted at its time so far gives a lower bound of every percentile
+    (a percentile never decreases when a value grows). It is the percentile itself when the
+    values it reads are known durations shorter than every waiting one: those keep their
+    rank whatever the waiting ones turn out to be. NaN (not a bound) when there is no value.
+    """
+    if not waiting:
+        return percentile(known, q), False
+    data = sorted([*known, *waiting])
+    floor = min(waiting)
+    certain = sum(1 for v in known if v < floor)
+    pos = (len(data) - 1) * q / 100.0
+    needed = math.ceil(pos) if pos > math.floor(pos) else math.floor(pos)
+    return percentile(data, q), needed >= certain
+
+
 def summary_ms(seconds: Sequence[float]) -> dict[str, float] | None:
     """p50/p95/p99/mean/max of durations given in seconds, in milliseconds."""
     if not seconds:

@@ -17,6 +17,13 @@ subprocess pointed at it. Phases, each with a fresh connector id (fresh queues):
 7. ``replicas-baseline`` (``--replicas-baseline``): the same without Redis, each worker at
    ``--rate`` / N.
 
+``--backlog N`` makes a backlog run instead, where only these run (``lis_async.bench.backlog``):
+
+8. ``backlog-lanes``: one lis_async worker with its defaults (priority lanes); N auto jobs
+   published once it consumes, then ``--manual`` manual jobs behind them; until every work
+   completed or ``--backlog-seconds`` after the manual jobs were published.
+9. ``backlog-fifo``: the same with ``CONNECTOR_PRIORITY_LANES=false``.
+
 Queued phases publish every job first (the connector id is registered beforehand, as a connector
 that ran before would be, so the platform double has declared its queues), then start the
 connector, and measure from the first job received to the last work completed. The connector's
@@ -42,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lis_async.bench.backlog import BACKLOG_SPECS, BacklogRunner
 from lis_async.bench.config import BenchConfig
 from lis_async.bench.feed import Paced, Queued
 from lis_async.bench.phase import PhaseRunner, PhaseSpec
@@ -69,14 +77,14 @@ Step = Callable[[PhaseRunner, BenchConfig, Results], Awaitable[None]]
 
 # -- the phases --------------------------------------------------------------------------------
 async def classic_phase(runner: PhaseRunner, cfg: BenchConfig, results: Results) -> None:
-    if cfg.skip_classic or cfg.replicas is not None:
+    if cfg.skip_classic or not cfg.single_worker_run:
         return
     spec = PhaseSpec("classic", "classic", Queued(cfg.classic_jobs))
     results.phases["classic"] = await runner.run(spec)
 
 
 async def throughput_phase(runner: PhaseRunner, cfg: BenchConfig, results: Results) -> None:
-    if cfg.replicas is not None:
+    if not cfg.single_worker_run:
         return
     spec = PhaseSpec(
         "lis_async", "lis_async", Queued(cfg.jobs), in_flight=cfg.in_flight, profile=cfg.profile
@@ -127,6 +135,15 @@ async def replica_phases(runner: PhaseRunner, cfg: BenchConfig, results: Results
         results.phases[spec.name] = await replicas.run(spec)
 
 
+async def backlog_phases(runner: PhaseRunner, cfg: BenchConfig, results: Results) -> None:
+    """Manual jobs behind a backlog of auto jobs: priority lanes, then FIFO."""
+    if cfg.backlog is None:
+        return
+    backlog = BacklogRunner(runner)
+    for spec in BACKLOG_SPECS:
+        results.phases[spec.name] = await backlog.run(spec)
+
+
 #: Every phase step, in the order they run (each one decides from the options whether it runs).
 PHASES: tuple[Step, ...] = (
     classic_phase,
@@ -135,6 +152,7 @@ PHASES: tuple[Step, ...] = (
     rss_phase,
     sweep_phases,
     replica_phases,
+    backlog_phases,
 )
 
 

@@ -87,13 +87,19 @@ def connector_argv(connector: Connector) -> list[str]:
 
 
 def connector_child(
-    cfg: BenchConfig, world: SimWorld, connector: Connector, in_flight: int, log_path: Path
+    cfg: BenchConfig,
+    world: SimWorld,
+    connector: Connector,
+    in_flight: int,
+    log_path: Path,
+    overrides: Mapping[str, str] | None = None,
 ) -> Child:
-    """A connector pointed at ``world``, not started yet; its output will go to ``log_path``."""
+    """A connector pointed at ``world``, not started yet; its output will go to ``log_path``;
+    ``overrides``: the phase's own settings (see :func:`connector_env`)."""
     return Child(
         connector,
         connector_argv(connector),
-        connector_env(cfg, world, connector, in_flight),
+        connector_env(cfg, world, connector, in_flight, overrides),
         log_path,
     )
 

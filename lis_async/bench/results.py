@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Connector = Literal["classic", "lis_async"]
-Mode = Literal["queued", "paced", "burst"]
+Mode = Literal["queued", "paced", "burst", "backlog"]
 
 
 class BenchError(Exception):
@@ -133,6 +133,56 @@ class ReplicaPhaseResult(PhaseResult):
     redis_cpu_s: float | None = None
     #: CPU of the LastInfoSec double (its own process in these phases)
     lis_double_cpu_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A figure that may be known only from below: ``lower`` means the true figure is at least
+    ``value`` (jobs not completed when the phase stopped counted at the time they had waited)."""
+
+    value: float = math.nan
+    lower: bool = False
+
+    def text(self, digits: int = 1) -> str:
+        """``1.2``, ``> 118.0`` (a lower bound), or ``-`` (nothing measured)."""
+        shown = fmt(self.value, digits)
+        return f"> {shown}" if self.lower and shown != "-" else shown
+
+
+@dataclass
+class BacklogPhaseResult(PhaseResult):
+    """A backlog phase: ``auto_jobs`` auto-mode jobs queued, then ``manual_jobs`` manual-mode
+    jobs behind them, one worker. The inherited ``jobs`` and ``completed`` count both kinds;
+    ``span_s`` is the phase, from the first job published to its end."""
+
+    #: True: the worker's default (priority lanes); False: CONNECTOR_PRIORITY_LANES=false
+    lanes: bool = True
+    #: what the phase set in the worker's environment on top of the bench's settings
+    worker_overrides: dict[str, str] = field(default_factory=dict)
+    auto_jobs: int = 0
+    auto_completed: int = 0
+    #: distinct lookup values among the auto jobs (each one costs a LastInfoSec request)
+    auto_distinct_values: int = 0
+    manual_jobs: int = 0
+    manual_completed: int = 0
+    #: publishing the auto jobs, then the manual ones (seconds)
+    auto_publish_s: float = math.nan
+    manual_publish_s: float = math.nan
+    #: True: stopped at --backlog-seconds with jobs still waiting
+    stopped_at_cap: bool = False
+    #: each manual job, in publishing order: publish confirmed -> work completed (seconds;
+    #: None: not completed), and for those not completed how long they had waited at the end
+    manual_latency_s: list[float | None] = field(default_factory=list)
+    manual_waited_s: list[float] = field(default_factory=list)
+    manual_p50_s: Bound = field(default_factory=Bound)
+    manual_p99_s: Bound = field(default_factory=Bound)
+    manual_max_s: Bound = field(default_factory=Bound)
+    #: auto works completed per second: least-squares slope of their running count against
+    #: their completion times, from the first auto completion to the phase's end
+    auto_jobs_per_s: float = math.nan
+    #: the same window: (completions - 1) / (last - first completion)
+    auto_mean_per_s: float = math.nan
+    auto_window_s: float = math.nan
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

@@ -1,13 +1,22 @@
 """The printed report of a run: a table (classic, lis_async, their ratio), or in a ``--replicas``
-run the replica phases' table and one line per worker, then notes below it."""
+run the replica phases' table and one line per worker, or in a ``--backlog`` run the backlog
+phases' table (``lis_async.bench.backlog_table``), then notes below it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+from lis_async.bench.backlog_table import BACKLOG_PHASES, backlog_notes, backlog_rows
 from lis_async.bench.config import BenchConfig
-from lis_async.bench.results import PhaseResult, ReplicaPhaseResult, fmt, pct, ratio
+from lis_async.bench.results import (
+    BacklogPhaseResult,
+    PhaseResult,
+    ReplicaPhaseResult,
+    fmt,
+    pct,
+    ratio,
+)
 from lis_async.redact import mask_url
 
 Getter = Callable[[PhaseResult], float | None]
@@ -28,7 +37,15 @@ def format_table(cfg: BenchConfig, phases: dict[str, PhaseResult], record: dict[
     if replicas:
         lines += [*(["", ""] if lines else []), *_replica_table(replicas), ""]
         lines += [line for p in replicas.values() for line in _worker_lines(p)]
+    backlog = {
+        title: p
+        for name, title in BACKLOG_PHASES.items()
+        if isinstance(p := phases.get(name), BacklogPhaseResult)
+    }
+    if backlog:
+        lines += [*(["", ""] if lines else []), *_align(backlog_rows(backlog))]
     notes = [*_world_notes(cfg, phases), *_replica_notes(cfg, replicas)]
+    notes += backlog_notes(cfg, backlog)
     notes += _target_notes(record.get("targets", {}))
     return "\n".join([*lines, "", *notes])
 
@@ -212,8 +229,9 @@ def _world_notes(cfg: BenchConfig, phases: dict[str, PhaseResult]) -> list[str]:
         f"lis_async {cfg.in_flight} jobs in flight, "
         + (f"rate {cfg.rate:g}/s" if cfg.rate else "no rate limit")
         + "; worker emulation in cheap mode (no stix2 validation).",
-        "jobs/s: queued jobs / (first job received -> last work completed).",
     ]
+    if cfg.backlog is None:
+        notes.append("jobs/s: queued jobs / (first job received -> last work completed).")
     if paced:
         notes.append(
             f"job latency: classic = received -> completed; lis_async = published -> completed, "
@@ -250,5 +268,6 @@ def _target_notes(targets: dict[str, dict[str, Any]]) -> list[str]:
     for name, t in targets.items():
         state = {True: "MET", False: "MISSED", None: "n/a"}[t["met"]]
         extra = f" ({t['note']})" if t["note"] else ""
-        notes.append(f"  {state:<6} {name} = {fmt(t['value'], 2)} (limit {t['limit']:g}){extra}")
+        value = ("> " if t.get("lower_bound") else "") + fmt(t["value"], 2)
+        notes.append(f"  {state:<6} {name} = {value} (limit {t['limit']:g}){extra}")
     return notes

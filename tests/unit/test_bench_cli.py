@@ -47,6 +47,7 @@ BENCH_OPTIONS = (
     "--platform-latency", "--in-flight", "--lis-concurrency", "--rate", "--latency-seconds",
     "--skip-classic", "--rss-jobs", "--sweep", "--plot", "--json", "--profile", "--worker-env",
     "--amqp-url", "--seed", "--replicas", "--repeat-share", "--replicas-baseline", "--redis-url",
+    "--backlog", "--manual", "--backlog-seconds",
 )  # fmt: skip
 
 

@@ -1,0 +1,312 @@
+"""The backlog phases of ``lis-async bench --backlog N``: manual jobs queued behind N auto jobs.
+
+Two phases, each on a fresh connector id (fresh queues) with one ``lis-async run`` worker:
+``backlog-lanes`` (the worker's defaults: priority lanes) and ``backlog-fifo`` (the same with
+``CONNECTOR_PRIORITY_LANES=false``). :meth:`BacklogRunner.run` takes a :class:`BacklogSpec`
+through these steps:
+
+1. build the world with :data:`BACKLOG_MIX` (no job above TLP:AMBER, no file without a hash:
+   every job costs a LastInfoSec request), pre-register the connector id, start the OpenCTI
+   worker emulation, start the worker and wait until it consumes its queue;
+2. publish the ``--backlog`` auto-mode jobs (``internal.mode == "auto"``, auto-create and
+   auto-update kinds, each a file of its own random content, so no two share a lookup value
+   and the answer cache never saves a request), as fast as the producer confirms them; then
+   the ``--manual`` manual-mode jobs (``internal.mode == "manual"``) behind them, each one's
+   publish confirm timed;
+3. wait until every job's work completed, or ``--backlog-seconds`` after the last manual job
+   was confirmed (the time cap), whichever comes first;
+4. derive the figures from the platform double's works (:func:`backlog_figures`): each manual
+   job's latency (publish confirmed -> work completed; those still waiting at the end count as
+   lower bounds), and the auto works completed per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from lis_async.bench.config import PRIORITY_LANES_SETTING
+from lis_async.bench.feed import build_world, preregister
+from lis_async.bench.measure import Child, Stopwatch, censored_percentile, slope_per_s
+from lis_async.bench.phase import STALL_TIMEOUT_S, PhaseRunner, lastinfosec_figures
+from lis_async.bench.processes import connector_child
+from lis_async.bench.progress import bar
+from lis_async.bench.results import BacklogPhaseResult, BenchError, Bound
+from lis_async.sim.opencti import Work
+from lis_async.sim.producer import ProducedJob
+from lis_async.sim.world import SimWorld
+
+#: The job producer's options in a backlog phase: no job is held back by the max-TLP gate, no
+#: file lacks a hash, no draft (the rest of the mix is the producer's).
+BACKLOG_MIX: Final[Mapping[str, float]] = {
+    "red_share": 0.0,
+    "no_hash_share": 0.0,
+    "draft_share": 0.0,
+}
+#: The auto jobs' kinds, alternating per publishing batch, and their entity type (a file's
+#: hashes come from its own random content: distinct lookup values by construction).
+AUTO_KINDS: Final = ("auto_create", "auto_update")
+AUTO_ENTITY_TYPE: Final = "StixFile"
+MANUAL_KIND: Final = "manual"
+#: Auto jobs are published in batches of this size while the worker runs (the OpenCTI double
+#: and the worker emulation share this event loop).
+PUBLISH_BATCH: Final = 100
+POLL_S: Final = 0.25
+
+
+@dataclass(frozen=True)
+class BacklogSpec:
+    """One backlog phase: its name, and whether the worker keeps its priority lanes."""
+
+    name: str
+    lanes: bool
+
+    @property
+    def overrides(self) -> dict[str, str]:
+        """What the phase sets in the worker's environment."""
+        return {} if self.lanes else {PRIORITY_LANES_SETTING: "false"}
+
+
+#: The phases of a backlog run, in order.
+BACKLOG_SPECS: Final = (BacklogSpec("backlog-lanes", True), BacklogSpec("backlog-fifo", False))
+
+
+@dataclass
+class Published:
+    """A backlog phase's jobs, as published."""
+
+    #: when the first auto job was published (epoch seconds)
+    first_at: float = 0.0
+    auto_ids: list[str] = field(default_factory=list)
+    auto_values: set[str] = field(default_factory=set)
+    #: the manual jobs' work ids, in publishing order, and when each publish was confirmed
+    manual_ids: list[str] = field(default_factory=list)
+    sent_at: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def manual_done_at(self) -> float:
+        """When the last manual publish was confirmed."""
+        return max(self.sent_at.values(), default=self.first_at)
+
+
+class BacklogRunner:
+    """Runs backlog phases with what a :class:`PhaseRunner` shares (options, working directory,
+    progress line, waiting for the worker)."""
+
+    def __init__(self, runner: PhaseRunner) -> None:
+        self.runner = runner
+        self.cfg = runner.cfg
+
+    @property
+    def auto_jobs(self) -> int:
+        return self.cfg.backlog or 0
+
+    @property
+    def manual_jobs(self) -> int:
+        return self.cfg.manual or 0
+
+    async def run(self, spec: BacklogSpec) -> BacklogPhaseResult:
+        """Run one backlog phase in a fresh world; the worker is stopped whatever happens."""
+        cfg = self.cfg
+        result = BacklogPhaseResult(
+            name=spec.name,
+            connector="lis_async",
+            jobs=0,
+            in_flight=cfg.in_flight,
+            mode="backlog",
+            lanes=spec.lanes,
+            worker_overrides=spec.overrides,
+        )
+        world = build_world(cfg, producer=BACKLOG_MIX)
+        result.connector_id = world.connector_id
+        async with world:
+            await preregister(world)
+            await world.start_worker_emulation()
+            log_path = self.runner.workdir / f"{spec.name}.log"
+            child = connector_child(
+                cfg, world, "lis_async", cfg.in_flight, log_path, spec.overrides
+            )
+            self.runner.progress.update(f"{spec.name:<16} starting lis_async")
+            try:
+                await child.start()
+                result.worker_pid = child.pid
+                await self._measure(spec, world, child, result)
+            finally:
+                result.exit_code = await child.stop()
+                if child.peak_rss:
+                    result.peak_rss_mb = child.peak_rss / 2**20
+        return result
+
+    async def _measure(
+        self, spec: BacklogSpec, world: SimWorld, child: Child, result: BacklogPhaseResult
+    ) -> None:
+        """From the worker consuming to the phase's end: publish, wait, then the figures."""
+        await self.runner.wait_ready(world, [child], backlog=False)
+        assert child.ps is not None
+        watch = Stopwatch({"worker": child.ps})
+        watch.start()
+        published = await self._publish(spec.name, world, result)
+        end, result.stopped_at_cap = await self._wait(spec.name, world, child, published)
+        result.worker_cpu_s = watch.stop().get("worker", math.nan)
+        backlog_figures(result, world.platform.works, published, end)
+        lastinfosec_figures(result, world.lis.stats)
+
+    # -- publishing ------------------------------------------------------------------------
+    async def _publish(self, label: str, world: SimWorld, result: BacklogPhaseResult) -> Published:
+        """The auto jobs in batches, as fast as they are confirmed; then the manual jobs."""
+        producer, total = world.producer, self.auto_jobs
+        out = Published(first_at=time.time())
+        for batch_no, start in enumerate(range(0, total, PUBLISH_BATCH)):
+            kind = AUTO_KINDS[batch_no % len(AUTO_KINDS)]
+            n = min(PUBLISH_BATCH, total - start)
+            batch = await producer.publish_many(n, kind=kind, entity_type=AUTO_ENTITY_TYPE)
+            out.auto_ids.extend(j.work_id for j in batch if j.work_id)
+            out.auto_values.update(j.value for j in batch if j.value)
+            line = f"{label:<16} publishing {len(out.auto_ids)}/{total} auto jobs"
+            self.runner.progress.update(line)
+            await asyncio.sleep(0)
+        autos_done = time.time()
+        result.auto_publish_s = autos_done - out.first_at
+        await publish_manual(world, self.manual_jobs, out)
+        result.manual_publish_s = out.manual_done_at - autos_done
+        result.auto_distinct_values = len(out.auto_values)
+        return out
+
+    # -- waiting ---------------------------------------------------------------------------
+    async def _wait(
+        self, label: str, world: SimWorld, child: Child, published: Published
+    ) -> tuple[float, bool]:
+        """Until every work completed (False) or the time cap (True); the end (epoch seconds).
+        BenchError when the worker exits or nothing completes for a while."""
+        works = world.platform.works
+        auto = [works[w] for w in published.auto_ids]
+        manual = [works[w] for w in published.manual_ids]
+        cap_at = published.manual_done_at + (self.cfg.backlog_seconds or 0.0)
+        last_done, last_change = -1, time.monotonic()
+        while True:
+            auto = [w for w in auto if w.status != "complete"]
+            manual = [w for w in manual if w.status != "complete"]
+            now = time.time()
+            line = self._line(label, len(auto), len(manual), cap_at - now)
+            self.runner.progress.update(line)
+            if not auto and not manual:
+                self.runner.progress.done(line)
+                return now, False
+            if now >= cap_at:
+                self.runner.progress.done(line + " (time cap)")
+                return now, True
+            done = self.auto_jobs + self.manual_jobs - len(auto) - len(manual)
+            if done != last_done:
+                last_done, last_change = done, time.monotonic()
+            problem = _worker_problem(label, child, done, time.monotonic() - last_change)
+            if problem:
+                self.runner.progress.done("")
+                raise BenchError(problem)
+            await asyncio.sleep(POLL_S)
+
+    def _line(self, label: str, auto_left: int, manual_left: int, left_s: float) -> str:
+        auto_done = self.auto_jobs - auto_left
+        manual_done = self.manual_jobs - manual_left
+        return (
+            f"{label:<16} {bar(auto_done, self.auto_jobs)} auto {auto_done}/{self.auto_jobs}"
+            f"  manual {manual_done}/{self.manual_jobs}  cap in {max(0.0, left_s):.0f} s"
+        )
+
+
+async def publish_manual(world: SimWorld, count: int, out: Published) -> None:
+    """``count`` manual-mode jobs, published at once; each one's confirm time into ``out``."""
+    producer = world.producer
+    jobs = [producer.make_job(producer.next_index(), kind=MANUAL_KIND) for _ in range(count)]
+
+    async def one(job: ProducedJob, work_id: str) -> None:
+        await producer.publish(job)
+        out.sent_at[work_id] = time.time()
+
+    pending = []
+    for job in jobs:
+        assert job.work_id is not None  # manual jobs always carry a work
+        out.manual_ids.append(job.work_id)
+        pending.append(one(job, job.work_id))
+    await asyncio.gather(*pending)
+
+
+def _worker_problem(label: str, child: Child, done: int, idle_s: float) -> str | None:
+    """Why the phase cannot go on: the worker exited, or nothing completed for
+    :data:`STALL_TIMEOUT_S` (None: it goes on)."""
+    if not child.running:
+        return (
+            f"{label}: the worker exited (code {child.proc and child.proc.returncode}) with "
+            f"{done} jobs done; its log:\n{child.log_tail()}"
+        )
+    if idle_s > STALL_TIMEOUT_S:
+        return (
+            f"{label}: {done} jobs done, none for {idle_s:.0f} s; the worker's log:\n"
+            f"{child.log_tail()}"
+        )
+    return None
+
+
+# -- figures ---------------------------------------------------------------------------------
+def completed_at(work: Work, end: float) -> float | None:
+    """When ``work`` completed, if it did by ``end`` (epoch seconds)."""
+    t = work.completed_time
+    if work.status != "complete" or t is None or t > end:
+        return None
+    return t
+
+
+def backlog_figures(
+    r: BacklogPhaseResult, works: Mapping[str, Work], published: Published, end: float
+) -> None:
+    """Every figure of a backlog phase that ended at ``end``, from the platform double's works
+    (their completion times) and the publish times."""
+    auto = [works[w] for w in published.auto_ids]
+    manual = [works[w] for w in published.manual_ids]
+    r.auto_jobs, r.manual_jobs = len(auto), len(manual)
+    r.jobs = r.auto_jobs + r.manual_jobs
+    r.span_s = end - published.first_at
+    auto_times = sorted(t for w in auto if (t := completed_at(w, end)) is not None)
+    r.auto_completed = len(auto_times)
+    auto_rate_figures(r, auto_times)
+    manual_figures(r, manual, published.sent_at, end)
+    r.completed = r.auto_completed + r.manual_completed
+    r.in_error = sum(1 for w in (*auto, *manual) if w.in_error)
+    r.jobs_per_s = r.completed / r.span_s if r.span_s > 0 else math.nan
+    r.worker_cpu_ms_per_job = r.per_job(r.worker_cpu_s)
+
+
+def auto_rate_figures(r: BacklogPhaseResult, times: Sequence[float]) -> None:
+    """Auto works completed per second, over their completion times (sorted): the
+    least-squares slope of the running count, and the mean from the first to the last."""
+    if len(times) < 2:
+        return
+    r.auto_window_s = times[-1] - times[0]
+    r.auto_jobs_per_s = slope_per_s(times)
+    if r.auto_window_s > 0:
+        r.auto_mean_per_s = (len(times) - 1) / r.auto_window_s
+
+
+def manual_figures(
+    r: BacklogPhaseResult, manual: Sequence[Work], sent_at: Mapping[str, float], end: float
+) -> None:
+    """Each manual job's latency, publish confirmed -> work completed (None: not completed by
+    ``end``, and how long it had waited then); p50, p99 and max, lower bounds when they need a
+    job that had not completed."""
+    r.manual_latency_s, r.manual_waited_s = [], []
+    for w in manual:
+        t = completed_at(w, end)
+        if t is None:
+            r.manual_latency_s.append(None)
+            r.manual_waited_s.append(end - sent_at[w.id])
+        else:
+            r.manual_latency_s.append(t - sent_at[w.id])
+    known = [s for s in r.manual_latency_s if s is not None]
+    r.manual_completed = len(known)
+    waited = r.manual_waited_s
+    r.manual_p50_s = Bound(*censored_percentile(known, waited, 50))
+    r.manual_p99_s = Bound(*censored_percentile(known, waited, 99))
+    r.manual_max_s = Bound(*censored_percentile(known, waited, 100))
