@@ -31,6 +31,7 @@ from lis_async.pipeline import Pipeline, Policy, Result
 from lis_async.platform import Platform, Registration
 from lis_async.platform_health import PlatformHealth
 from lis_async.publisher import Publisher
+from lis_async.queue_threshold import QueueThreshold
 from lis_async.redact import redact
 from lis_async.retry import Backoff
 from lis_async.telemetry import (
@@ -58,13 +59,6 @@ _REGISTER_ATTEMPTS = 6
 
 def _warn_unused_settings(s: Settings) -> None:
     """One start-up warning per setting that is read but has no effect (none is silent)."""
-    if "queue_threshold" in s.connector.model_fields_set:
-        log.warning(
-            "CONNECTOR_QUEUE_THRESHOLD (connector.queue_threshold) = %g MB is reported to "
-            "OpenCTI but not applied yet: lis-async holds intake on the push queue's message "
-            "count instead (CONNECTOR_PUSH_HIGH_WATERMARK)",
-            s.connector.queue_threshold,
-        )
     if "retries" in s.lastinfosec.model_fields_set:
         log.warning(
             "LASTINFOSEC_RETRIES (lastinfosec.retries) is no longer used: transient "
@@ -105,6 +99,7 @@ class App:
         self.redis: RedisLink | None = None  # cluster mode (redis.url set)
         self.health: PlatformHealth | None = None
         self.backpressure: Backpressure | None = None
+        self.queue_threshold: QueueThreshold | None = None
         self._servers: list[HealthServer] = []
         self.health_server: HealthServer | None = None  # /healthz, /readyz
         self.metrics_server: HealthServer | None = None  # /metrics (+ health), when exposed
@@ -212,6 +207,7 @@ class App:
             consumer = self.consumer
             backpressure.add_listener(lambda hold: consumer.hold_intake("backpressure", hold))
             self._spawn(backpressure.run(), "backpressure")
+        self._hold_on_queue_threshold(self.consumer)
         await self._start_servers()
         await self.consumer.start()
         if s.connector.consumer_timeout_s:
@@ -303,6 +299,33 @@ class App:
         self.backpressure = Backpressure(depth, c.push_high_watermark, c.push_low_watermark)
         return self.backpressure
 
+    def _hold_on_queue_threshold(self, consumer: Consumer) -> None:
+        """pycti's CONNECTOR_QUEUE_THRESHOLD, checked at the heartbeat's pace and reported in
+        it (lis_async/queue_threshold.py)."""
+        c = self.settings.connector
+        self.queue_threshold = qt = QueueThreshold(
+            self.platform.queue_details, c.queue_threshold, c.heartbeat_interval_s
+        )
+        qt.add_listener(lambda hold: consumer.hold_intake("queue_threshold", hold))
+        self.platform.info_source = qt.connector_info
+        m = self.metrics
+        for name, doc, fn in (
+            (
+                "lis_queue_threshold_hold",
+                "1 while intake is held because OpenCTI reports the connector's queue at or "
+                "above CONNECTOR_QUEUE_THRESHOLD",
+                lambda: 1.0 if qt.engaged else 0.0,
+            ),
+            (
+                "lis_connector_queue_bytes",
+                "Bytes in the connector's queue as OpenCTI last reported them "
+                "(connector_queue_details.messages_size)",
+                lambda: float(qt.details.size_bytes) if qt.details else 0.0,
+            ),
+        ):
+            m.add_collector(GaugeCallback(m.name(name), doc, fn))
+        self._spawn(qt.run(), "queue-threshold")
+
     def details(self) -> dict[str, Any]:
         """The ``details`` of ``/readyz``: what an operator wants to see beside the checks."""
         out: dict[str, Any] = {"redis": "off"}
@@ -317,6 +340,10 @@ class App:
         if bp is not None:
             out["backpressure"] = bp.engaged
             out["push_queue_messages"] = bp.estimate
+        qt = self.queue_threshold
+        if qt is not None:
+            out["queue_threshold"] = qt.engaged
+            out["connector_queue_bytes"] = qt.details.size_bytes if qt.details else None
         return out
 
     async def _start_servers(self) -> None:

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+from lis_async.intake_hold import IntakeHold
+
 log: Final = logging.getLogger("lis_async.backpressure")
 
-Listener = Callable[[bool], Awaitable[None]]  # True: hold intake, False: release it
 
-
-class Backpressure:
+class Backpressure(IntakeHold):
     """Push-queue watermarks (see the module docstring)."""
 
     def __init__(
@@ -36,23 +35,16 @@ class Backpressure:
         low: int,
         interval_s: float = 1.0,
     ) -> None:
+        super().__init__()
         self._depth = depth
         self._high, self._low = high, low
         self._interval = interval_s
-        self._listeners: list[Listener] = []
-        self._tasks: set[asyncio.Task[None]] = set()
         self.sampled = 0  # depth at the last sample
         self._since_sample = 0  # messages this worker published since
-        self.engaged = False
-        self._engaged_at = 0.0
-        self.transitions = 0
 
     @property
     def estimate(self) -> int:
         return self.sampled + self._since_sample
-
-    def add_listener(self, listener: Listener) -> None:
-        self._listeners.append(listener)
 
     def published(self, messages: int) -> None:
         """The publisher's hook: ``messages`` more are in the push queue."""
@@ -72,11 +64,8 @@ class Backpressure:
                     self._set(False)
             await asyncio.sleep(self._interval)
 
-    def _set(self, engaged: bool) -> None:
-        self.engaged = engaged
-        self.transitions += 1
+    def _announce(self, engaged: bool, held_s: float) -> None:
         if engaged:
-            self._engaged_at = time.monotonic()
             log.warning(
                 "push queue holds about %d messages (high watermark %d): no new jobs until "
                 "OpenCTI's workers bring it below %d",
@@ -88,9 +77,5 @@ class Backpressure:
             log.info(
                 "push queue down to %d messages after %.0f s: taking jobs again",
                 self.sampled,
-                time.monotonic() - self._engaged_at,
+                held_s,
             )
-        for listener in self._listeners:
-            task = asyncio.ensure_future(listener(engaged))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)

@@ -183,7 +183,8 @@ class ConnectorSettings(_Section):
     platform_probe_s: float = Field(1.0, gt=0, le=60)
     # pycti's CONNECTOR_ENRICHMENT_RESOLUTION: what jobs carry (docs/protocol.md §3.5).
     enrichment_resolution: Literal["none", "stix_bundle", "deferred"] = "none"
-    # pycti's CONNECTOR_QUEUE_THRESHOLD, megabytes (10^6 bytes) of push queue; not applied yet.
+    # pycti's CONNECTOR_QUEUE_THRESHOLD, megabytes (10^6 bytes) of the connector's queue as
+    # OpenCTI reports it: intake held at or above (lis_async/queue_threshold.py).
     queue_threshold: float = Field(500.0, gt=0)
     # pycti's CONNECTOR_METRICS_NAMESPACE / _SUBSYSTEM: prometheus_client's name prefixes.
     metrics_namespace: OptStr = None

@@ -8,8 +8,9 @@ pycti builds the connection: URL, ``Authorization``, ``User-Agent: pycti/<versio
   URL, headers, GraphQL documents and variables). Sent through pycti's synchronous ``requests``
   in a thread pool they cost the worker about a quarter of its CPU per job, most of it in GIL
   hand-offs between the pool and the loop (see BENCHMARKS.md);
-* everything else (registration, heartbeat, playbook steps, entity reads) runs through pycti's
-  own ``requests`` session in this module's bounded thread pool, never on the event loop.
+* everything else (registration, heartbeat, the queue-threshold check, playbook steps, entity
+  reads) runs through pycti's own ``requests`` session in this module's bounded thread pool,
+  never on the event loop.
 
 Per-job context (the draft id) travels with each call as a header of that request only: nothing
 per job is ever set on the shared pycti client, whose headers are global. We post the documents
@@ -37,6 +38,7 @@ from lis_async.config import Settings
 from lis_async.errors import PlatformAuthError, PlatformError, PlatformUnavailable, WorkNotAlive
 from lis_async.job import PlaybookContext
 from lis_async.ports import PlatformHealthPort
+from lis_async.queue_threshold import QueueDetails
 
 log = logging.getLogger("lis_async.platform")
 T = TypeVar("T")
@@ -69,6 +71,12 @@ Q_PING: Final = """
                 next_run_datetime last_run_datetime
             }
         }
+    }
+"""
+# pycti's connector.read, reduced to what check_connector_buffering reads (docs/protocol.md §2.3).
+Q_QUEUE_DETAILS: Final = """
+    query GetConnector($id: String!) {
+        connector(id: $id) { id connector_queue_details { messages_number messages_size } }
     }
 """
 Q_TO_RECEIVED: Final = """
@@ -125,7 +133,8 @@ Q_READ_MARKING: Final = """
         }
     }
 """
-# pycti's ConnectorInfo of a connector that never buffers; queue_threshold is the setting's.
+# pycti's ConnectorInfo of a connector that never buffers; queue_threshold is the setting's,
+# buffering and queue_messages_size the queue threshold's last check (Platform.info_source).
 CONNECTOR_INFO: Final = {
     "run_and_terminate": False,
     "buffering": False,
@@ -207,6 +216,8 @@ class Platform:
         self._http: aiohttp.ClientSession | None = None
         self._proxy: str | None = None
         self.last_heartbeat: float | None = None  # monotonic time of the last successful ping
+        # What the heartbeat's connectorInfo adds (the queue threshold's buffering and size).
+        self.info_source: Callable[[], Mapping[str, Any]] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -443,10 +454,31 @@ class Platform:
 
     async def ping_connector(self) -> None:
         info = CONNECTOR_INFO | {"queue_threshold": self._settings.connector.queue_threshold}
+        if self.info_source is not None:
+            info |= self.info_source()
         await self.query(
             Q_PING, {"id": self._settings.connector.id, "state": "null", "connectorInfo": info}
         )
         self.last_heartbeat = time.monotonic()
+
+    async def queue_details(self) -> QueueDetails:
+        """The platform's ``connector_queue_details`` of this connector, as pycti's
+        ``check_connector_buffering`` reads them. An answer without them (no such connector,
+        a null or non-numeric field) is a :class:`~lis_async.errors.PlatformError`."""
+        data = await self.query(Q_QUEUE_DETAILS, {"id": self._settings.connector.id})
+        node = (data or {}).get("connector")
+        details = node.get("connector_queue_details") if isinstance(node, Mapping) else None
+        if not isinstance(details, Mapping):
+            raise PlatformError("OpenCTI answered no connector_queue_details for this connector")
+        figures = [details.get("messages_number"), details.get("messages_size")]
+        numbers = [
+            int(v) for v in figures if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        if len(numbers) != 2:
+            raise PlatformError(
+                f"OpenCTI answered connector_queue_details {dict(details)!r}, not two numbers"
+            )
+        return QueueDetails(*numbers)
 
     async def heartbeat(self, health: PlatformHealthPort | None = None) -> None:
         """Ping forever: first at once, then every ``connector.heartbeat_interval_s``

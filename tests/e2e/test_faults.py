@@ -893,3 +893,54 @@ async def test_a_full_push_queue_holds_intake_until_opencti_catches_up(
         assert await poll(lambda: not bp.engaged, 30)  # the next sample sees it drained
     lines = [r for r in caplog.records if r.name == "lis_async.backpressure"]
     assert [r.levelno for r in lines][:2] == [logging.WARNING, logging.INFO]
+
+
+async def test_a_queue_above_the_queue_threshold_holds_intake_until_it_drains(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """CONNECTOR_QUEUE_THRESHOLD (pycti's, in MB of the connector's queue as the platform
+    reports it): OpenCTI's workers stopped, the double reports the push queue's real bytes; at
+    or above 0.01 MB intake is held (jobs in flight finish, none starts), readiness stays green
+    and the heartbeat says "buffering"; once the workers import again the next check finds it
+    below, intake resumes and every work completes."""
+    logger = "lis_async.queue_threshold"
+    caplog.set_level(logging.INFO, logger=logger)
+    env = {
+        "CONNECTOR_QUEUE_THRESHOLD": "0.01",  # 10,000 bytes: a few push messages
+        "CONNECTOR_HEARTBEAT_INTERVAL_S": "1",  # the pace of the check
+        "CONNECTOR_JOBS_IN_FLIGHT": "2",
+    }
+    lis = LisSimConfig(latency_s=0.3, known_share=1.0, bundle_size=5)
+    async with (
+        SimWorld(
+            lis_config=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+        ) as world,
+        app_only(world, env) as run,
+    ):
+        works = work_ids(await world.producer.publish_many(30, kind="manual"))
+        qt, consumer = run.app.queue_threshold, run.app.consumer
+        assert qt is not None and consumer is not None
+        assert await poll(lambda: qt.engaged, 30)
+        assert qt.details is not None and qt.details.size_bytes >= 10_000
+        assert consumer.paused and run.app.checks()["accepting"]
+
+        def processed() -> int:  # jobs the connector finished (toProcessed)
+            return sum(world.platform.works[w].processed_time is not None for w in works)
+
+        await asyncio.sleep(1.5)  # the jobs in flight finish
+        ready, done = await ready_count(world), processed()
+        await asyncio.sleep(3.0)  # three more checks, all above the threshold
+        assert (await ready_count(world), processed()) == (ready, done)
+        assert 0 < done < len(works) and ready > 0
+        assert qt.engaged and run.app.details()["queue_threshold"] is True
+        assert run.app.details()["connector_queue_bytes"] >= 10_000
+        assert "\nlis_queue_threshold_hold 1.0\n" in run.app.metrics.render().decode()
+        connector = world.platform.connectors[run.app.settings.connector.id]
+        assert await poll(lambda: (connector.connector_info or {}).get("buffering") is True, 10)
+
+        await world.start_worker_emulation()  # OpenCTI imports again: the queue drains
+        assert await world.platform.wait_works(works, timeout=120)
+        assert await poll(lambda: not qt.engaged, 30)
+        assert await poll(lambda: processed() == len(works), 30)
+    lines = [r for r in caplog.records if r.name == logger]
+    assert [r.levelno for r in lines][:2] == [logging.WARNING, logging.INFO], lines

@@ -147,8 +147,8 @@ async def test_pycti_metrics_prefix_and_queue_threshold_in_a_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """CONNECTOR_METRICS_NAMESPACE / _SUBSYSTEM prefix every metric, collectors included;
-    CONNECTOR_QUEUE_THRESHOLD is reported in the heartbeat and warned about once, as not applied;
-    unset, no warning."""
+    CONNECTOR_QUEUE_THRESHOLD is reported in the heartbeat with the last check's figures
+    (nothing held: an empty queue is below it), and applied without any warning."""
     env = {
         "CONNECTOR_METRICS_NAMESPACE": "octi",
         "CONNECTOR_METRICS_SUBSYSTEM": "lis",
@@ -166,10 +166,13 @@ async def test_pycti_metrics_prefix_and_queue_threshold_in_a_run(
             connector = world.platform.connectors[run.app.settings.connector.id]
             assert await poll(lambda: connector.connector_info is not None, 10)
             assert connector.connector_info is not None
-            assert connector.connector_info["queue_threshold"] == 123.0
-        warned = [r for r in caplog.records if "CONNECTOR_QUEUE_THRESHOLD" in r.getMessage()]
-        assert len(warned) == 1 and "not applied yet" in warned[0].getMessage()
-        caplog.clear()
+            info = connector.connector_info
+            assert info["queue_threshold"] == 123.0
+            assert (info["buffering"], info["queue_messages_size"]) == (False, 0.0)
+            assert run.app.queue_threshold is not None
+            assert run.app.queue_threshold.threshold_mb == 123.0
+        assert not [r for r in caplog.records if "CONNECTOR_QUEUE_THRESHOLD" in r.getMessage()]
         async with app_only(world) as run:
             assert "\n# HELP lis_jobs_running " in run.app.metrics.render().decode()
-        assert not [r for r in caplog.records if "CONNECTOR_QUEUE_THRESHOLD" in r.getMessage()]
+            assert run.app.queue_threshold is not None
+            assert run.app.queue_threshold.threshold_mb == 500.0  # pycti's default applies

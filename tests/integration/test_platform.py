@@ -7,13 +7,16 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aio_pika
 import pytest
 
 from lis_async.config import load_settings
 from lis_async.errors import PlatformAuthError, PlatformError, WorkNotAlive
 from lis_async.markings import MarkingDef
 from lis_async.platform import Platform
+from lis_async.queue_threshold import QueueDetails
 from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
+from lis_async.sim.world import DEFAULT_AMQP_URL
 from tests.helpers import FIELDS_MISSING_6_8_9, INPUT_FIELDS_6_8_9
 
 pytestmark = pytest.mark.rabbitmq
@@ -113,6 +116,48 @@ async def test_errors_are_typed(sim: PlatformSim) -> None:
     finally:
         sim.config.outage = False
         await platform.close()
+
+
+async def test_queue_details_are_the_push_queues_real_figures(sim: PlatformSim) -> None:
+    """``connector_queue_details`` as pycti's check_connector_buffering reads it (the double
+    answers the push queue's messages and body bytes from the broker); a connector the
+    platform does not know is an error, not an empty queue."""
+    settings = settings_for(sim)
+    platform = Platform(settings)
+    await platform.start()
+    try:
+        with pytest.raises(PlatformError, match="no connector_queue_details"):
+            await platform.queue_details()  # a connector the platform does not know: null
+        reg = await platform.register()
+        assert await platform.queue_details() == QueueDetails(0, 0)
+        connection = await aio_pika.connect(DEFAULT_AMQP_URL)
+        async with connection:
+            exchange = await (await connection.channel()).get_exchange(
+                reg.push_exchange, ensure=False
+            )
+            for size in (1_000, 2_500, 40):
+                await exchange.publish(aio_pika.Message(b"x" * size), reg.push_routing)
+        assert await platform.queue_details() == QueueDetails(3, 3_540)
+    finally:
+        await sim.delete_connector_queues(settings.connector.id)
+        await platform.close()
+
+
+async def test_queue_details_on_a_schema_without_them_is_a_schema_error() -> None:
+    config = PlatformSimConfig(
+        token="octi-token-secret-1",
+        missing_fields=frozenset({"Connector.connector_queue_details"}),
+    )
+    async with PlatformSim(config) as sim:
+        platform = Platform(settings_for(sim))
+        await platform.start()
+        try:
+            await platform.register()
+            with pytest.raises(PlatformError) as info:
+                await platform.queue_details()
+            assert info.value.code == "GRAPHQL_VALIDATION_FAILED"
+        finally:
+            await platform.close()
 
 
 async def test_refused_token_is_an_auth_error_that_does_not_echo_the_token(

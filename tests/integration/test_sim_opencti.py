@@ -359,6 +359,43 @@ async def test_push_queue_max_length_rejects_publish(
     assert args["x-max-length"] == 1 and args["x-overflow"] == "reject-publish"
 
 
+async def test_connector_queue_details_are_the_push_queues_figures(
+    sim: PlatformSim, http: aiohttp.ClientSession, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    """What pycti's check_connector_buffering reads: the push queue's messages (ready and
+    unacknowledged) and body bytes, from the broker; zeros when told not to measure."""
+    from pycti import OpenCTIApiClient
+
+    cid = str(uuid.uuid4())
+    cfg = (await register(http, sim, cid))["config"]
+    api = await asyncio.to_thread(OpenCTIApiClient, sim.base_url, sim.config.token, "error")
+
+    async def read() -> dict[str, int]:
+        node = await asyncio.to_thread(api.connector.read, connector_id=cid)
+        return dict(node["connector_queue_details"])
+
+    assert await read() == {"messages_number": 0, "messages_size": 0}
+    assert sim.queue_meter.listings == 0  # nothing ready: no rabbitmqctl
+    ch = await amqp.channel(publisher_confirms=True)
+    px = await ch.get_exchange(cfg["push_exchange"], ensure=False)
+    for body in (b"a" * 1000, b"b" * 234, b"c" * 5000):
+        await px.publish(aio_pika.Message(body, headers={"h": "x" * 100}), cfg["push_routing"])
+    assert await read() == {"messages_number": 3, "messages_size": 6234}  # bodies only
+    # A consumer holding one unacknowledged message: still counted, as RabbitMQ counts it.
+    await ch.set_qos(prefetch_count=1)
+    queue = await ch.get_queue(cfg["push"], ensure=False)
+    got: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+    await queue.consume(got.put)
+    first = await asyncio.wait_for(got.get(), 10)
+    await asyncio.sleep(sim.config.queue_details_ttl_s)  # past the listing's lifetime
+    assert await read() == {"messages_number": 3, "messages_size": 6234}
+    await first.ack()
+    await asyncio.sleep(sim.config.queue_details_ttl_s)
+    assert await read() == {"messages_number": 2, "messages_size": 5234}
+    sim.config.queue_details = "off"
+    assert await read() == {"messages_number": 0, "messages_size": 0}
+
+
 async def test_older_schema_missing_field_fails_validation(
     sim: PlatformSim, http: aiohttp.ClientSession, amqp: aio_pika.abc.AbstractConnection
 ) -> None:

@@ -10,7 +10,8 @@ to (see docs/protocol.md §10):
   fixed super-sets of what pycti selects, and arguments must be passed as *variables*.
 * Bearer token check (``AUTH_REQUIRED`` as HTTP 200 GraphQL error, like the platform).
 * Connector registration / heartbeat, with the platform's queue topology really declared on
-  RabbitMQ (aio-pika) on every ``registerConnector`` and ``pingConnector``.
+  RabbitMQ (aio-pika) on every ``registerConnector`` and ``pingConnector``; the connector's
+  ``connector_queue_details`` measured on the broker.
 * Works (jobs) with the platform's expectation accounting and ``WORK_NOT_ALIVE``, the ``work``
   query, and a history of every work's states (``Work.history``,
   ``PlatformSim.early_completions``).
@@ -42,6 +43,7 @@ Modules:
 * ``works``: work lifecycle, expectations, the ``work`` query, ``wait_works``, early completions;
 * ``connectors``: registration, heartbeat, state, the ``Connector`` answer;
 * ``queues``: queue names and the RabbitMQ declarations with the platform's arguments;
+* ``meter``: ``connector_queue_details``, the push queue's messages and bytes asked of the broker;
 * ``entities`` / ``nodes``: the entity store and reads / how a STIX entity renders as a node;
 * ``bundles``: ``playbookStepExecution`` and ``stixBundlePush``;
 * ``faults``: outage, latency, injected errors;

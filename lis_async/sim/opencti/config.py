@@ -56,6 +56,12 @@ class PlatformSimConfig:
     #: ``httpResponsePlugin`` sets 200 on every answer carrying errors, validation included.
     #: Apollo Server alone answers 400, as did the OpenCTI 3.x releases.
     validation_error_status: int = 200
+    #: where ``connector_queue_details`` comes from (sim/opencti/meter.py): ``"auto"``
+    #: (``rabbitmqctl`` when on PATH and the broker is on loopback), ``"rabbitmqctl"``, or
+    #: ``"off"`` (always zeros)
+    queue_details: Literal["auto", "rabbitmqctl", "off"] = "auto"
+    #: one ``rabbitmqctl`` listing serves every connector for this long, seconds
+    queue_details_ttl_s: float = 1.0
     #: ``close()`` deletes the listen/push queues this sim declared
     delete_queues_on_close: bool = False
     max_recorded_requests: int = 100_000

@@ -6,7 +6,9 @@
 broker and answers the ``Connector`` with its ``config`` block (broker credentials, S3, queue
 names). ``pingConnector`` re-declares the queues, records the heartbeat and stores the state
 (or answers ``""`` once after an admin "reset state"). ``jwks`` is computed only when the
-document selects it, since it needs the optional ``cryptography`` package.
+document selects it, since it needs the optional ``cryptography`` package;
+``connector_queue_details`` is measured on the broker (:mod:`lis_async.sim.opencti.meter`) only
+when the document selects it, and is zeros otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lis_async.sim.opencti.config import ConnectorRecord, PlatformSimConfig
 from lis_async.sim.opencti.errors import SimGraphQLError
 from lis_async.sim.opencti.formats import as_str_list, iso
 from lis_async.sim.opencti.graphql import Handler, RequestContext
+from lis_async.sim.opencti.meter import QueueMeter
 from lis_async.sim.opencti.queues import BrokerQueues, connector_queue_names
 from lis_async.sim.opencti.signing import jwks_json
 
@@ -36,6 +39,7 @@ class ConnectorRegistry:
         self._config = config
         self._broker = broker
         self._changes = changes
+        self.meter = QueueMeter(config, broker)
 
     # ---------------------------------------------------------------- in-process API
 
@@ -237,16 +241,20 @@ class ConnectorRegistry:
         self._changes.notify()
         return {"deleteConnector": cid}
 
+    async def _measured(self, ctx: RequestContext, rec: ConnectorRecord, jwks: str | None) -> Any:
+        """The answer, with the queue measured when the document selects it."""
+        out = self.answer(rec, jwks)
+        if ctx.selects("connector_queue_details"):
+            out["connector_queue_details"] = await self.meter.details(rec)
+        return out
+
     async def _op_get_connector(self, ctx: RequestContext, v: dict[str, Any]) -> Any:
         rec = self.connectors.get(str(v.get("id") or ""))
         if rec is None or rec.deleted:
             return {"connector": None}
-        return {"connector": self.answer(rec, self._jwks_if_selected(ctx))}
+        return {"connector": await self._measured(ctx, rec, self._jwks_if_selected(ctx))}
 
     async def _op_connectors_for_worker(self, ctx: RequestContext, v: dict[str, Any]) -> Any:
         jwks = self._jwks_if_selected(ctx)
-        return {
-            "connectorsForWorker": [
-                self.answer(r, jwks) for r in self.connectors.values() if not r.deleted
-            ]
-        }
+        live = [r for r in self.connectors.values() if not r.deleted]
+        return {"connectorsForWorker": [await self._measured(ctx, r, jwks) for r in live]}

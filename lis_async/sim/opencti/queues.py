@@ -133,6 +133,24 @@ class BrokerQueues:
         await pq.bind(wx, routing_key=n["push_routing"], timeout=10)
         self._declared.update((n["listen"], n["push"]))
 
+    async def counts(self, name: str) -> tuple[int, int] | None:
+        """(messages ready, consumers) of a queue from a passive declare; None if absent."""
+        if self._connection is None:
+            return None
+        # A channel of its own, closed after: the robust shared one would re-declare the queue
+        # after a reconnection, and an absent queue closes the channel.
+        ch = await self._connection.channel()
+        try:
+            queue = await ch.declare_queue(name, passive=True, timeout=10)
+        except Exception as exc:
+            log.debug("passive declare %s: %s", name, exc)
+            return None
+        finally:
+            if not ch.is_closed:
+                await ch.close()
+        result = queue.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+
     async def delete(self, names: list[str]) -> None:
         """Delete these queues (an absent one is not an error)."""
         if self._connection is None:

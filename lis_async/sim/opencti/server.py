@@ -30,6 +30,7 @@ from lis_async.sim.opencti.endpoint import GraphQLEndpoint, json_response
 from lis_async.sim.opencti.entities import EntityStore
 from lis_async.sim.opencti.faults import FaultInjector
 from lis_async.sim.opencti.graphql import Handler, RequestContext
+from lis_async.sim.opencti.meter import QueueMeter
 from lis_async.sim.opencti.queues import BrokerQueues
 from lis_async.sim.opencti.works import EarlyCompletion, WorkTracker
 
@@ -132,6 +133,11 @@ class PlatformSim:
     @property
     def bundle_pushes(self) -> list[dict[str, Any]]:
         return self._intake.bundle_pushes
+
+    @property
+    def queue_meter(self) -> QueueMeter:
+        """Where ``connector_queue_details`` come from (its ``listings`` count the broker calls)."""
+        return self._connectors.meter
 
     @property
     def amqp_errors(self) -> list[str]:

@@ -1,0 +1,50 @@
+"""One reason to hold the consumer's intake: whether it holds, since when, and who to tell.
+
+:class:`IntakeHold` is the part the push-queue watermarks (:mod:`lis_async.backpressure`) and
+the platform's queue threshold (:mod:`lis_async.queue_threshold`) share: each decides when to
+hold by its own rule and calls :meth:`IntakeHold._set` on a change; the listeners
+(:meth:`lis_async.consumer.Consumer.hold_intake` with the subclass's reason) are told in the
+order the changes happened, and the subclass writes its one log line per change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+__all__ = ["IntakeHold", "Listener"]
+
+Listener = Callable[[bool], Awaitable[None]]  # True: hold intake, False: release it
+
+
+class IntakeHold:
+    """Engaged or not, the transitions counted, the listeners told (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.engaged = False
+        self._engaged_at = 0.0
+        self.transitions = 0
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def _set(self, engaged: bool) -> None:
+        """Record a change (the caller checked it is one), log it, tell the listeners."""
+        now = time.monotonic()
+        held_s = now - self._engaged_at
+        self.engaged = engaged
+        self.transitions += 1
+        if engaged:
+            self._engaged_at = now
+        self._announce(engaged, held_s)
+        for listener in self._listeners:
+            task = asyncio.ensure_future(listener(engaged))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _announce(self, engaged: bool, held_s: float) -> None:
+        """The subclass's log line for a change (``held_s``: how long the hold lasted)."""
+        raise NotImplementedError
