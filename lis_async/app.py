@@ -303,28 +303,27 @@ class App:
         """pycti's CONNECTOR_QUEUE_THRESHOLD, checked at the heartbeat's pace and reported in
         it (lis_async/queue_threshold.py)."""
         c = self.settings.connector
+        registration = self.registration
+
+        async def push_depth() -> int | None:
+            publisher = self.publisher
+            if publisher is None or registration is None:
+                return None
+            return await publisher.queue_depth(registration.push)
+
         self.queue_threshold = qt = QueueThreshold(
-            self.platform.queue_details, c.queue_threshold, c.heartbeat_interval_s
+            self.platform.queue_details,
+            c.queue_threshold,
+            c.heartbeat_interval_s,
+            push_depth=push_depth,
         )
         qt.add_listener(lambda hold: consumer.hold_intake("queue_threshold", hold))
         self.platform.info_source = qt.connector_info
-        m = self.metrics
-        for name, doc, fn in (
-            (
-                "lis_queue_threshold_hold",
-                "1 while intake is held because OpenCTI reports the connector's queue at or "
-                "above CONNECTOR_QUEUE_THRESHOLD",
-                lambda: 1.0 if qt.engaged else 0.0,
-            ),
-            (
-                "lis_connector_queue_bytes",
-                "Bytes in the connector's queue as OpenCTI last reported them "
-                "(connector_queue_details.messages_size)",
-                lambda: float(qt.details.size_bytes) if qt.details else 0.0,
-            ),
-        ):
-            m.add_collector(GaugeCallback(m.name(name), doc, fn))
         self._spawn(qt.run(), "queue-threshold")
+
+    def _connector_queue_bytes(self) -> float | None:
+        qt = self.queue_threshold
+        return float(qt.details.size_bytes) if qt is not None and qt.details else None
 
     def details(self) -> dict[str, Any]:
         """The ``details`` of ``/readyz``: what an operator wants to see beside the checks."""
@@ -386,6 +385,18 @@ class App:
                 "lis_push_queue_messages",
                 "Messages in the push queue (sampled every second, estimated between samples)",
                 lambda: float(self.backpressure.estimate) if self.backpressure else 0.0,
+            ),
+            (
+                "lis_queue_threshold_hold",
+                "1 while intake is held because OpenCTI reports the connector's queue at or "
+                "above CONNECTOR_QUEUE_THRESHOLD",
+                lambda: 1.0 if self.queue_threshold and self.queue_threshold.engaged else 0.0,
+            ),
+            (
+                "lis_connector_queue_bytes",
+                "Bytes in the connector's queue as OpenCTI last reported them "
+                "(connector_queue_details.messages_size)",
+                lambda: self._connector_queue_bytes(),
             ),
             (
                 "lis_lastinfosec_up",

@@ -10,6 +10,12 @@ consumer's intake (:meth:`lis_async.consumer.Consumer.hold_intake`, reason
 ``"queue_threshold"``) and jobs in flight finish. There is no second mark: intake resumes at the
 first check that finds the queue below the threshold.
 
+Which queue the figure covers depends on the platform's version: the push queue, or the push
+queue plus the listen queue (docs/protocol.md §2.3). Holding intake cannot lower a listen
+backlog, so the hold needs **some of the connector's output waiting**: while the push queue is
+empty (``push_depth``), a size at or above the threshold is not ours to lower and intake goes
+on; without that, a platform that counts a deep listen queue would hold intake for good.
+
 The queue is read every ``interval_s`` (the app passes ``connector.heartbeat_interval_s``; the
 heartbeat reports the last figures, as pycti's ``ConnectorInfo`` does). A check that gets no
 usable answer (the platform unreachable, a GraphQL error, a schema without the field, a
@@ -55,9 +61,11 @@ class QueueThreshold(IntakeHold):
         read: Callable[[], Awaitable[QueueDetails]],
         threshold_mb: float,
         interval_s: float,
+        push_depth: Callable[[], Awaitable[int | None]] | None = None,
     ) -> None:
         super().__init__()
         self._read = read
+        self._push_depth = push_depth
         self.threshold_mb = threshold_mb
         self._interval = interval_s
         self.details: QueueDetails | None = None  # the last answer (None: none yet)
@@ -81,6 +89,8 @@ class QueueThreshold(IntakeHold):
             log.info("OpenCTI reports the connector's queue size again")
         self.details = details
         above = details.size_mb >= self.threshold_mb
+        if above and self._push_depth is not None and await self._push_depth() == 0:
+            above = False  # nothing of ours waits for ingestion: the size is the listen queue's
         if above != self.engaged:
             self._set(above)
 

@@ -63,6 +63,28 @@ async def test_holds_at_or_above_the_threshold_in_decimal_mb_and_releases_below(
     assert qt.connector_info() == {"buffering": False, "queue_messages_size": 0.009999}
 
 
+async def test_no_hold_while_the_push_queue_is_empty() -> None:
+    """A platform that counts the listen queue too reports a deep listen backlog above the
+    threshold; holding intake could never lower it. With nothing in the push queue there is
+    no hold, and it starts once the connector's output waits there."""
+    script = Script()
+    push = [0]
+
+    async def push_depth() -> int | None:
+        return push[0]
+
+    qt = QueueThreshold(script.read, 0.01, interval_s=0.01, push_depth=push_depth)
+    script.answer = QueueDetails(5000, 15_000_000)
+    await qt.check()
+    assert not qt.engaged
+    push[0] = 12
+    await qt.check()
+    assert qt.engaged
+    push[0] = 0  # ingested: what is left is the listen queue's
+    await qt.check()
+    assert not qt.engaged
+
+
 async def test_the_default_threshold_is_500_mb_not_500_mib() -> None:
     script = Script()
     qt, _ = threshold(script, 500.0)
