@@ -20,6 +20,7 @@ of the rate (by default 1 / the replicas seen).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import random
 from typing import Final
@@ -76,6 +77,14 @@ end
 return current - now
 """
 
+# KEYS[1] the window; ARGV[1] a grant's member. Moves the grant to now (Redis's clock), if it is
+# still in the window: see ClusterLimiter._restamp.
+RESTAMP_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+return redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
+"""
+
 _JITTER_S: Final = 0.003
 _MARGIN: Final = 0.025
 
@@ -111,6 +120,12 @@ class ClusterLimiter:
         ]
         self._serial = itertools.count()
         self._acquire_script = link.client.register_script(ACQUIRE_LUA)
+        self._restamp_script = link.client.register_script(RESTAMP_LUA)
+        # A grant whose answer took longer than this to reach us is moved to the time its
+        # request leaves (see _restamp): half the margin.
+        self._late_s = self._capacity / rate_per_s * _MARGIN / 2
+        self._restamps: set[asyncio.Task[None]] = set()
+        self.restamped = 0
         self._pause_script = link.client.register_script(PAUSE_LUA)
         self.granted_shared = 0  # grants from the Redis window (metrics)
         self.last_window = 0  # cluster-wide grants in the window at this replica's last grant
@@ -133,17 +148,23 @@ class ClusterLimiter:
 
     async def acquire(self, urgent: bool = False) -> None:
         await self._gate.acquire(urgent)
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 if not self._link.shared:
                     await self._fallback_limiter().acquire(urgent)
                     return
-                wait_us = await self._link.run("rate limit", lambda: self._try_acquire(urgent))
+                member = f"{self._link.replica_id}:{next(self._serial)}"
+                asked = loop.time()
+                attempt = functools.partial(self._try_acquire, member, urgent)
+                wait_us = await self._link.run("rate limit", attempt)
                 if wait_us is None:
                     continue  # Redis failed: the link is in fallback mode now
                 if wait_us <= 0:
                     self.granted_shared += 1
                     self.last_window = -wait_us
+                    if loop.time() - asked > self._late_s:
+                        self._restamp(member)
                     return
                 if urgent:  # renew the mark before it lapses (a 429 pause can be long)
                     wait_us = min(wait_us, self._mark_us // 2)
@@ -151,16 +172,32 @@ class ClusterLimiter:
         finally:
             self._gate.release()
 
-    async def _try_acquire(self, urgent: bool) -> int:
+    async def _try_acquire(self, member: str, urgent: bool) -> int:
         replica = self._link.replica_id
         args: list[int | str] = [
             self._capacity,
             self._window_us,
-            f"{replica}:{next(self._serial)}",
+            member,
             replica if urgent else "",
             self._mark_us,
         ]
         return int(await self._acquire_script(keys=self._keys, args=args))
+
+    def _restamp(self, member: str) -> None:
+        """The grant reached this replica late (a busy event loop): its request leaves about
+        now, later than Redis recorded it, and could then share a one-second window at the API
+        with the grants of the next window (the margin covers a few milliseconds, not tens).
+        Move the grant to the time it is actually used, so the other replicas wait for it.
+        Started at once, not awaited: the request goes out meanwhile."""
+        self.restamped += 1
+        task = asyncio.ensure_future(
+            self._link.run(
+                "rate restamp",
+                lambda: self._restamp_script(keys=self._keys[:1], args=[member]),
+            )
+        )
+        self._restamps.add(task)
+        task.add_done_callback(self._restamps.discard)
 
     async def pause(self, delay_s: float) -> None:
         """Every replica waits ``delay_s`` before its next request (a 429 was answered)."""

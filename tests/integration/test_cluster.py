@@ -117,6 +117,34 @@ async def test_urgent_acquires_go_before_other_replicas_waiting_ones() -> None:
             await link.close()
 
 
+async def test_a_grant_that_arrives_late_is_moved_to_when_it_is_used() -> None:
+    """A grant that took a busy event loop 200 ms to reach the replica is re-stamped in the
+    shared window at about the time its request leaves, so the other replicas count it from
+    then (the window's margin covers milliseconds, not a loop that lags)."""
+    s = settings(REDIS_URL, REDIS_TIMEOUT_S="5")
+    one, two = RedisLink(s), RedisLink(s)
+    try:
+        late = ClusterLimiter(one, 2, burst=1)  # one grant per ~0.51 s
+        other = ClusterLimiter(two, 2, burst=1)
+        real = late._try_acquire
+
+        async def slow(member: str, urgent: bool) -> int:
+            result = await real(member, urgent)
+            await asyncio.sleep(0.2)  # the answer sits in a busy loop
+            return result
+
+        late._try_acquire = slow  # type: ignore[method-assign]  # a seam: the reply is late
+        await late.acquire()
+        used = time.monotonic()
+        assert late.restamped == 1
+        await asyncio.sleep(0.1)  # the re-stamp runs beside the request
+        await other.acquire()  # waits a whole window from when the first grant was used
+        assert time.monotonic() - used >= 0.49
+    finally:
+        await one.close()
+        await two.close()
+
+
 # ------------------------------------------------------------------------------------------
 # the shared cache and cross-replica coalescing
 
