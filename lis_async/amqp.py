@@ -99,7 +99,7 @@ class BrokerWatch:
                 "broker connection lost (%s: %s): reconnecting; %d job(s) in flight will be "
                 "redelivered",
                 name,
-                _reason(exc),
+                reason(exc),
                 self._jobs,
             )
         self._down.add(name)
@@ -117,6 +117,7 @@ class BrokerWatch:
             )
 
 
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
+    """An exception as a log line's cause: its text, cut at 200 characters."""
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:200] + "..."

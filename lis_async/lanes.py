@@ -33,6 +33,8 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from lis_async.amqp import reason
+
 log: Final = logging.getLogger("lis_async.lanes")
 
 NORMAL: Final = 0  # auto enrichment
@@ -183,7 +185,7 @@ class Mover:
                 out, self._lane, mandatory=True, timeout=self._publish_timeout
             )
         except Exception as exc:  # not confirmed: the job stays in the listen queue
-            log.warning("moving a job into the lane failed (%s); it is requeued", _reason(exc))
+            log.warning("moving a job into the lane failed (%s); it is requeued", reason(exc))
             await _settle(message.nack(requeue=True))
             if isinstance(exc, aio_pika.exceptions.PublishError):  # the lane is gone
                 await self._redeclare()
@@ -197,7 +199,7 @@ class Mover:
             try:
                 await declare_lane(conn, channel, self._lane, self._expire_s)
             except Exception as exc:
-                log.warning("declaring the lane %s again failed: %s", self._lane, _reason(exc))
+                log.warning("declaring the lane %s again failed: %s", self._lane, reason(exc))
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stop taking listen deliveries and let the moves under way finish (their deliveries
@@ -207,7 +209,7 @@ class Mover:
             try:
                 await queue.cancel(tag)
             except Exception as exc:
-                log.info("cancelling the mover failed: %s", _reason(exc))
+                log.info("cancelling the mover failed: %s", reason(exc))
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
@@ -218,9 +220,4 @@ async def _settle(op: Any) -> None:
     try:
         await op
     except Exception as exc:  # channel gone: the broker redelivers the message itself
-        log.debug("could not settle a listen delivery (%s)", _reason(exc))
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:200] + "..."
+        log.debug("could not settle a listen delivery (%s)", reason(exc))
