@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -310,3 +311,19 @@ def manual_figures(
     r.manual_p50_s = Bound(*censored_percentile(known, waited, 50))
     r.manual_p99_s = Bound(*censored_percentile(known, waited, 99))
     r.manual_max_s = Bound(*censored_percentile(known, waited, 100))
+    r.manual_stages_s = manual_stages(manual, sent_at, end)
+
+
+def manual_stages(
+    manual: Sequence[Work], sent_at: Mapping[str, float], end: float
+) -> dict[str, float]:
+    """Medians of the completed manual jobs' stages (see ``BacklogPhaseResult``)."""
+    stages: dict[str, list[float]] = {"taken": [], "processed": [], "imported": []}
+    for w in manual:
+        done = completed_at(w, end)
+        if done is None or w.received_time is None or w.processed_time is None:
+            continue
+        stages["taken"].append(w.received_time - sent_at[w.id])
+        stages["processed"].append(w.processed_time - w.received_time)
+        stages["imported"].append(done - w.processed_time)
+    return {k: statistics.median(v) for k, v in stages.items() if v}

@@ -17,6 +17,13 @@ def _phase_s(p: BacklogPhaseResult) -> str:
     return fmt(p.span_s) + (" (cap)" if p.stopped_at_cap else "")
 
 
+def _stages(p: BacklogPhaseResult) -> str:
+    st = p.manual_stages_s
+    if not st:
+        return "-"
+    return " / ".join(fmt(st.get(k), 2) for k in ("taken", "processed", "imported"))
+
+
 def _rows() -> list[tuple[str, BacklogGetter, Callable[[BacklogPhaseResult], float] | None]]:
     """(label, figure as text, the figure whose lanes/FIFO ratio is shown) of every row."""
     return [
@@ -24,6 +31,7 @@ def _rows() -> list[tuple[str, BacklogGetter, Callable[[BacklogPhaseResult], flo
         ("manual latency p50 (s)", lambda p: p.manual_p50_s.text(2), None),
         ("manual latency p99 (s)", lambda p: p.manual_p99_s.text(2), None),
         ("manual latency max (s)", lambda p: p.manual_max_s.text(2), None),
+        ("manual: taken / processed / imported (s, p50)", _stages, None),
         ("auto jobs completed", lambda p: f"{p.auto_completed:,}/{p.auto_jobs:,}", None),
         ("auto jobs/s", lambda p: fmt(p.auto_jobs_per_s, 2), lambda p: p.auto_jobs_per_s),
         ("auto jobs/s, mean", lambda p: fmt(p.auto_mean_per_s, 2), lambda p: p.auto_mean_per_s),
@@ -71,6 +79,9 @@ def backlog_notes(cfg: BenchConfig, phases: dict[str, BacklogPhaseResult]) -> li
         "manual latency: publish confirmed -> work completed in the platform double. '> X': "
         "some manual jobs had not completed when the phase stopped; each counted as the time "
         "it had waited, so the true figure is at least X.",
+        "manual taken / processed / imported: medians of publish -> toReceived (the queues), "
+        "toReceived -> toProcessed (the worker), toProcessed -> work completed (the push queue "
+        "and OpenCTI's workers).",
         "auto jobs/s: auto works completed per second, from the first auto completion to the "
         "last one within the phase: least-squares slope of their running count (robust to the "
         "limiter's bursts); mean: (completions - 1) / that span.",

@@ -177,6 +177,11 @@ class BacklogPhaseResult(PhaseResult):
     manual_p50_s: Bound = field(default_factory=Bound)
     manual_p99_s: Bound = field(default_factory=Bound)
     manual_max_s: Bound = field(default_factory=Bound)
+    #: where the completed manual jobs' time went, medians (seconds): "taken" publish ->
+    #: toReceived (the queues: listen, mover, lane), "processed" toReceived -> toProcessed (the
+    #: worker: rate limit, LastInfoSec, publishing), "imported" toProcessed -> work completed
+    #: (the push queue and OpenCTI's workers)
+    manual_stages_s: dict[str, float] = field(default_factory=dict)
     #: auto works completed per second: least-squares slope of their running count against
     #: their completion times, from the first auto completion to the phase's end
     auto_jobs_per_s: float = math.nan

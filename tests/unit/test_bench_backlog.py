@@ -263,3 +263,14 @@ def test_tiny_backlog_run(tmp_path: Path) -> None:
         "CONNECTOR_PRIORITY_LANES": "false"
     }
     assert set(record["targets"]) == {"backlog_manual_p99_s", "backlog_auto_throughput_deviation"}
+
+
+def test_manual_stages_split_the_wait() -> None:
+    from lis_async.bench.backlog import manual_stages
+
+    done = _work("m0", 114.0)
+    done.received_time, done.processed_time = 111.0, 113.5
+    waiting = _work("m1", None)
+    waiting.received_time = 112.0
+    stages = manual_stages([done, waiting], {"m0": 110.0, "m1": 110.0}, end=120.0)
+    assert stages == {"taken": 1.0, "processed": 2.5, "imported": 0.5}  # m1 not completed
