@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -115,6 +115,16 @@ class BrokerWatch:
                 time.monotonic() - self._since,
                 self._jobs,
             )
+
+
+async def settle(op: Awaitable[None]) -> None:
+    """Ack, nack or reject a delivery, ignoring a channel that is gone: the broker redelivers
+    the message itself. Debug only: the lost connection was logged once, with the jobs it
+    redelivers (:class:`BrokerWatch`)."""
+    try:
+        await op
+    except Exception as exc:
+        log.debug("could not settle a message (%s); the broker will redeliver it", reason(exc))
 
 
 def reason(exc: BaseException) -> str:

@@ -30,7 +30,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from lis_async.amqp import AmqpParams, BrokerWatch, connect, queue_depth
+from lis_async.amqp import AmqpParams, BrokerWatch, connect, queue_depth, settle
 from lis_async.errors import FatalError
 from lis_async.lanes import redelivered
 
@@ -165,11 +165,11 @@ class Consumer:
             await self._handler(message.body, redelivered(message))
         except FatalError as exc:
             self.accepting = False
-            await self._safe(message.nack(requeue=True))
+            await settle(message.nack(requeue=True))
             self._on_fatal(str(exc))
             return
         except asyncio.CancelledError:
-            await asyncio.shield(self._safe(message.nack(requeue=True)))
+            await asyncio.shield(settle(message.nack(requeue=True)))
             raise
         except Exception:
             requeue = not redelivered(message)
@@ -177,21 +177,10 @@ class Consumer:
                 "unexpected error while processing a job; %s",
                 "requeued once" if requeue else "rejected (already redelivered)",
             )
-            await self._safe(message.nack(requeue=requeue))
+            await settle(message.nack(requeue=requeue))
             return
         # Shielded: once the work is processed, the ack must go out even during shutdown.
-        await asyncio.shield(self._safe(message.ack()))
-
-    @staticmethod
-    async def _safe(op: Awaitable[None]) -> None:
-        try:
-            await op
-        except Exception as exc:  # channel gone: the broker redelivers the message itself
-            # Debug only: the lost connection was logged once, with the jobs it redelivers.
-            log.debug(
-                "could not settle a message (%s); the broker will redeliver it",
-                str(exc) or type(exc).__name__,
-            )
+        await asyncio.shield(settle(message.ack()))
 
     async def watch(self, max_hold_s: float) -> None:
         """Forever: requeue (by cancelling) every job held longer than ``max_hold_s``. A job

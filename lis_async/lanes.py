@@ -33,7 +33,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from lis_async.amqp import reason
+from lis_async.amqp import reason, settle
 
 log: Final = logging.getLogger("lis_async.lanes")
 
@@ -169,7 +169,7 @@ class Mover:
     async def _move_one(self, message: AbstractIncomingMessage) -> None:
         channel = self._channel
         if channel is None or self._tag is None:
-            await _settle(message.nack(requeue=True))
+            await settle(message.nack(requeue=True))
             return
         level = priority(message.body)
         out = aio_pika.Message(
@@ -186,11 +186,11 @@ class Mover:
             )
         except Exception as exc:  # not confirmed: the job stays in the listen queue
             log.warning("moving a job into the lane failed (%s); it is requeued", reason(exc))
-            await _settle(message.nack(requeue=True))
+            await settle(message.nack(requeue=True))
             if isinstance(exc, aio_pika.exceptions.PublishError):  # the lane is gone
                 await self._redeclare()
             return
-        await _settle(message.ack())
+        await settle(message.ack())
         self._on_moved(level)
 
     async def _redeclare(self) -> None:
@@ -214,10 +214,3 @@ class Mover:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
             pass
-
-
-async def _settle(op: Any) -> None:
-    try:
-        await op
-    except Exception as exc:  # channel gone: the broker redelivers the message itself
-        log.debug("could not settle a listen delivery (%s)", reason(exc))

@@ -35,10 +35,6 @@ class PriorityGate:
         self._urgent: deque[asyncio.Future[None]] = deque()
         self._normal: deque[asyncio.Future[None]] = deque()
 
-    @property
-    def urgent_waiting(self) -> int:
-        return len(self._urgent)
-
     async def acquire(self, urgent: bool = False) -> None:
         if not self._held:
             self._held = True

@@ -179,13 +179,13 @@ async def test_sigkill_while_moving_loses_nothing() -> None:
             assert await poll(lambda: _lane_exists(w), 30)
             publishing = asyncio.create_task(w.producer.publish_many(3000, kind="auto_create"))
             assert await poll(lambda: _lane_at_least(w, 300), 60)
-            assert not publishing.done()  # the mover is moving a stream that is still coming
+            # the mover still has jobs to move: a stream still coming, or still queued
+            assert not publishing.done() or await ready_count(w, "listen") > 0
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             jobs = await publishing
             works = work_ids(jobs)
-            ready, unacked = await jobs_queued(w)
-            assert unacked == 0 or await poll(lambda: _nothing_unacked(w), 30)
+            assert await poll(lambda: _nothing_unacked(w), 30)
             ready, _ = await jobs_queued(w)
             done = sum(w.platform.works[x].processed_time is not None for x in works)
             copies = ready - (len(works) - done)  # jobs in both queues, or processed and kept
