@@ -418,17 +418,24 @@ class App:
         for server in self._servers:
             await server.start()
 
-    async def _sample_queue_depth(self, every_s: float = 5.0) -> None:
-        """The listen queue's depth and, with lanes, the lane's, every ``every_s``."""
+    async def _sample_queue_depth(self, every_s: float = 5.0, retry_s: float = 0.5) -> None:
+        """The listen queue's depth and, with lanes, the lane's, every ``every_s``; every
+        ``retry_s`` until the consumer is connected, so the first figures come at start-up. A
+        failed read keeps the last figure (the gauge's and ``/readyz``'s): ``None`` means never
+        read."""
         listen = self.registration.listen if self.registration else None
         while True:
             consumer = self.consumer
-            if consumer is not None and consumer.connected and listen is not None:
-                depth = await queue_depth(consumer.connection, listen)
-                if depth is not None:
-                    self.metrics.queue_depth.set(depth)
-                if self.mover is not None:
-                    self.lane_depth = await consumer.queue_depth()
+            if consumer is None or not consumer.connected or listen is None:
+                await asyncio.sleep(retry_s)
+                continue
+            depth = await queue_depth(consumer.connection, listen)
+            if depth is not None:
+                self.metrics.queue_depth.set(depth)
+            if self.mover is not None:
+                lane = await consumer.queue_depth()
+                if lane is not None:
+                    self.lane_depth = lane
             await asyncio.sleep(every_s)
 
     async def stop(self) -> None:

@@ -65,41 +65,44 @@ def _local_ports_to(pid: int, remote_port: int = 5672) -> set[int]:
     return ports
 
 
-def _find_worker_connections(pid: int, names: Iterable[str]) -> dict[str, str]:
+def _find_worker_connections(pid: int, names: Iterable[str]) -> dict[str, int]:
     """The connections of process ``pid`` whose client-provided name is one of ``names``, as
-    ``{'{"connection_name","<name>"}': <broker-side connection pid>}``. Other connections (the
+    ``{'{"connection_name","<name>"}': <the client's local port>}``. Other connections (the
     test's own, other test runs') are left out: they are told apart by the client's port."""
     ports = _local_ports_to(pid)
     wanted = [f'{{"connection_name","{n}"}}' for n in names]
-    found: dict[str, str] = {}
-    text = rabbitmqctl(
-        "list_connections", "pid", "peer_port", "client_properties", "--no-table-headers"
-    )
+    found: dict[str, int] = {}
+    text = rabbitmqctl("list_connections", "peer_port", "client_properties", "--no-table-headers")
     for line in text.splitlines():
         parts = line.split("\t")
-        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) not in ports:
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) not in ports:
             continue
-        match = next((w for w in wanted if w in parts[2]), None)
+        match = next((w for w in wanted if w in parts[1]), None)
         if match is not None:
-            found[match] = parts[0]
+            found[match] = int(parts[0])
     return found
 
 
-async def find_worker_connections(pid: int, names: Iterable[str]) -> dict[str, str]:
+async def find_worker_connections(pid: int, names: Iterable[str]) -> dict[str, int]:
     return await asyncio.to_thread(_find_worker_connections, pid, list(names))
 
 
-async def close_connections(connections: Mapping[str, str]) -> None:
-    """Close the given connections from the broker side, all at once (one rabbitmqctl each,
-    in parallel)."""
-    await asyncio.gather(
-        *(
-            asyncio.to_thread(
-                rabbitmqctl, "close_connection", broker_pid, "fault injection (test_faults)"
-            )
-            for broker_pid in connections.values()
-        )
+async def close_connections(connections: Mapping[str, int]) -> None:
+    """Close the given connections (by their client port) from the broker side at the same
+    instant: one ``rabbitmqctl eval`` closes them all, so the worker sees one outage. (One
+    ``rabbitmqctl close_connection`` per connection, even in parallel, could land a second apart
+    on a loaded machine: the first connection was back before the second went, two outages.)"""
+    ports = ",".join(str(port) for port in connections.values())
+    closed = await asyncio.to_thread(
+        rabbitmqctl,
+        "eval",
+        "Ps = [P || P <- rabbit_networking:connections(), "
+        "{peer_port, Port} <- rabbit_networking:connection_info(P, [peer_port]), "
+        f"lists:member(Port, [{ports}])], "
+        '[rabbit_networking:close_connection(P, "fault injection (test_faults)") || P <- Ps], '
+        "length(Ps).",
     )
+    assert closed.strip() == str(len(connections)), (closed, connections)
 
 
 def needs_rabbitmqctl() -> None:

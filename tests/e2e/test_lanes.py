@@ -131,9 +131,12 @@ async def _get(port: int, path: str) -> str:
 
 
 async def _lane_detail(port: int, more_than: int) -> bool:
+    """The lane's name and a depth over ``more_than`` in /readyz (``null`` until the first
+    sample: not yet)."""
     details = orjson.loads(await _get(port, "/readyz"))["details"]
-    return bool(
-        details["lane"].startswith("lis-async.lanes.") and details["lane_messages"] > more_than
+    depth = details["lane_messages"]
+    return (
+        details["lane"].startswith("lis-async.lanes.") and depth is not None and depth > more_than
     )
 
 
