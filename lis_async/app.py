@@ -10,7 +10,6 @@ closes in reverse order. A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
@@ -65,6 +64,25 @@ def _warn_unused_settings(s: Settings) -> None:
             "LastInfoSec failures are retried for LASTINFOSEC_RETRY_BUDGET_S (%g s)",
             s.lastinfosec.retry_budget_s,
         )
+
+
+#: Each shutdown step after the drain (cancelling the consumers, the background tasks, closing a
+#: connection or client) gets this long; one that hangs (a broker that never answers a close)
+#: is logged and left behind, so that the process still exits: unacked jobs return to the
+#: queue when its connections drop.
+STEP_TIMEOUT_S = 10.0
+
+
+async def _step(what: str, op: Awaitable[Any], steps: int = 1) -> None:
+    """One shutdown step, bounded by ``steps`` times :data:`STEP_TIMEOUT_S`; a failure is only
+    logged (the other steps still run)."""
+    timeout_s = steps * STEP_TIMEOUT_S
+    try:
+        await asyncio.wait_for(op, timeout_s)
+    except TimeoutError:
+        log.warning("shutdown: %s took more than %g s; going on", what, timeout_s)
+    except Exception as exc:  # the type only: a close error's text may carry a URL
+        log.info("shutdown: %s failed (%s); going on", what, type(exc).__name__)
 
 
 def lookahead(jobs_in_flight: int, rate_per_s: float, consumer_timeout_s: float) -> int:
@@ -441,33 +459,52 @@ class App:
     async def stop(self) -> None:
         deadline = self.settings.connector.shutdown_timeout_s
         if self.mover is not None:
-            await self.mover.stop()
+            # two steps: cancelling its consumer, then letting the moves under way finish
+            await _step(
+                "stopping the lane mover", self.mover.stop(timeout_s=STEP_TIMEOUT_S), steps=2
+            )
         if self.consumer is not None:
-            await self.consumer.stop_intake()
+            await _step("cancelling the consumer", self.consumer.stop_intake())
             left = await self.consumer.drain(deadline)
             if left:
                 log.warning(
                     "%d job(s) unfinished after %.0fs: returned to the queue", left, deadline
                 )
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        closers: list[Callable[[], Awaitable[Any]]] = [s.close for s in self._servers]
-        if self.consumer is not None:
-            closers.append(self.consumer.close)
-        if self.publisher is not None:
-            closers.append(self.publisher.close)
-        if self.lis is not None:
-            closers.append(self.lis.close)
-        if self.redis is not None:
-            closers.append(self.redis.close)
-        if self.health is not None:
-            closers.append(self.health.close)
-        closers.append(self.platform.close)
-        for close in closers:
-            with contextlib.suppress(Exception):
-                await close()
+        await self._cancel_tasks()
+        for what, close in self._closers():
+            await _step(f"closing {what}", close())
         log.info("stopped")
+
+    async def _cancel_tasks(self) -> None:
+        """Cancel the background tasks (heartbeat, samplers, ...) and wait for them, within
+        :data:`STEP_TIMEOUT_S`."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STEP_TIMEOUT_S)
+            if pending:
+                log.warning(
+                    "shutdown: background task(s) %s still running after %g s; going on",
+                    ", ".join(sorted(t.get_name() for t in pending)),
+                    STEP_TIMEOUT_S,
+                )
+
+    def _closers(self) -> list[tuple[str, Callable[[], Awaitable[Any]]]]:
+        """What to close, in order, with its name for the log."""
+        closers: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("the health server", server.close) for server in self._servers
+        ]
+        parts: list[tuple[str, Any]] = [
+            ("the consumer connection", self.consumer),
+            ("the publisher connection", self.publisher),
+            ("the LastInfoSec client", self.lis),
+            ("the Redis link", self.redis),
+            ("the platform probe", self.health),
+            ("the platform client", self.platform),
+        ]
+        closers += [(what, part.close) for what, part in parts if part is not None]
+        return closers
 
     async def start_in_background(self, timeout_s: float = 60.0) -> asyncio.Task[int]:
         """Run the worker as a task of the caller's loop (demo, tests, benchmark) and return once

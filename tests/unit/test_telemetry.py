@@ -9,18 +9,6 @@ import pytest
 from lis_async.telemetry import setup_logging
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> object:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    ours = logging.getLogger("lis_async")
-    our_level = ours.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    ours.setLevel(our_level)
-
-
 def test_json_lines_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
     setup_logging("info", json_lines=True)
     logging.getLogger("lis_async.pipeline").info("job work=%s outcome=%s", "w1", "enriched")
