@@ -4,7 +4,8 @@ Start: platform client -> registration -> heartbeat -> LastInfoSec client -> pub
 consumer (of the lane, or of the listen queue with lanes off) -> lane mover -> health/metrics.
 Stop (SIGTERM/SIGINT, or a fatal error): the mover stops, intake stops at once, jobs in flight
 finish up to ``connector.shutdown_timeout_s`` (the rest return to the queue), then everything
-closes in reverse order. A second signal exits at once.
+closes in reverse order, each step bounded by :data:`STEP_TIMEOUT_S`. A second signal exits at
+once.
 """
 
 from __future__ import annotations
