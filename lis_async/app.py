@@ -17,8 +17,8 @@ import math
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lis_async.amqp import BrokerWatch, queue_depth
 from lis_async.backpressure import Backpressure
@@ -72,6 +72,10 @@ def _warn_unused_settings(s: Settings) -> None:
 #: is logged and left behind, so that the process still exits: unacked jobs return to the
 #: queue when its connections drop.
 STEP_TIMEOUT_S = 10.0
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
 
 
 async def _step(what: str, op: Awaitable[Any], steps: int = 1) -> None:
@@ -472,8 +476,8 @@ class App:
                     "%d job(s) unfinished after %.0fs: returned to the queue", left, deadline
                 )
         await self._cancel_tasks()
-        for what, close in self._closers():
-            await _step(f"closing {what}", close())
+        for what, part in self._closers():
+            await _step(f"closing {what}", part.close())
         log.info("stopped")
 
     async def _cancel_tasks(self) -> None:
@@ -491,12 +495,10 @@ class App:
                     STEP_TIMEOUT_S,
                 )
 
-    def _closers(self) -> list[tuple[str, Callable[[], Awaitable[Any]]]]:
+    def _closers(self) -> list[tuple[str, _Closable]]:
         """What to close, in order, with its name for the log."""
-        closers: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-            ("the health server", server.close) for server in self._servers
-        ]
-        parts: list[tuple[str, Any]] = [
+        parts: list[tuple[str, _Closable | None]] = [
+            *(("the health server", server) for server in self._servers),
             ("the consumer connection", self.consumer),
             ("the publisher connection", self.publisher),
             ("the LastInfoSec client", self.lis),
@@ -504,8 +506,7 @@ class App:
             ("the platform probe", self.health),
             ("the platform client", self.platform),
         ]
-        closers += [(what, part.close) for what, part in parts if part is not None]
-        return closers
+        return [(what, part) for what, part in parts if part is not None]
 
     async def start_in_background(self, timeout_s: float = 60.0) -> asyncio.Task[int]:
         """Run the worker as a task of the caller's loop (demo, tests, benchmark) and return once

@@ -74,6 +74,10 @@ def _is_connection_loss(exc: BaseException) -> bool:
     return isinstance(exc, expected)
 
 
+#: Third-party chatter stays at warning even in debug: their records may carry URLs.
+THIRD_PARTY_LOGGERS: Final = ("aio_pika", "aiormq", "urllib3", "pycti", "api", "pika")
+
+
 def setup_logging(level: str, json_lines: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ExpectedReconnection())
@@ -86,8 +90,7 @@ def setup_logging(level: str, json_lines: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("lis_async").setLevel(_LEVELS.get(level, logging.INFO))
-    # Third-party chatter stays at warning even in debug: their records may carry URLs.
-    for name in ("aio_pika", "aiormq", "urllib3", "pycti", "api", "pika"):
+    for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

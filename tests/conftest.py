@@ -7,8 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from lis_async.telemetry import THIRD_PARTY_LOGGERS
+
 #: The loggers whose level :func:`lis_async.telemetry.setup_logging` sets.
-_LOGGERS = ("", "lis_async", "aio_pika", "aiormq", "urllib3", "pycti", "api", "pika")
+_LOGGERS = ("", "lis_async", *THIRD_PARTY_LOGGERS)
 
 
 @pytest.fixture(autouse=True)

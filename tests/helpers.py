@@ -44,6 +44,14 @@ def job_body(name: str) -> bytes:
 # settings for the end-to-end worker
 
 #: Worker settings for tests: short back-offs and deadlines, no fixed health port.
+#: The least an App needs to be built (and stopped) without being started: nothing it names
+#: is reached.
+OFFLINE_ENV: Final[dict[str, str]] = {
+    "OPENCTI_URL": "http://opencti:8080",
+    "OPENCTI_TOKEN": "octi-token-secret",
+    "CONNECTOR_ID": "0b3c1f2e-6d7a-4b8c-9d0e-1f2a3b4c5d6e",
+    "CONFIG_LIS_APIKEY_CTI": "lis-key-secret",
+}
 FAST_ENV: Final[dict[str, str]] = {
     "CONNECTOR_LOG_LEVEL": "info",
     "CONNECTOR_HEALTH_PORT": "0",

@@ -25,6 +25,7 @@ from lis_async.app import App
 from lis_async.config import load_settings
 from lis_async.lastinfosec import LisStats
 from lis_async.telemetry import ClusterCollector
+from tests.helpers import OFFLINE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "docs" / "prometheus"
@@ -43,13 +44,7 @@ ALERTS = {
     "LisAsyncBackpressure",
     "LisAsyncDown",
 }
-BASE_ENV = {
-    "OPENCTI_URL": "http://opencti:8080",
-    "OPENCTI_TOKEN": "octi-token-secret",
-    "CONNECTOR_ID": "0b3c1f2e-6d7a-4b8c-9d0e-1f2a3b4c5d6e",
-    "CONFIG_LIS_APIKEY_CTI": "lis-key-secret",
-    "CONNECTOR_HEALTH_PORT": "0",  # no server: only the registry is wanted
-}
+BASE_ENV = OFFLINE_ENV | {"CONNECTOR_HEALTH_PORT": "0"}  # no server: only the registry
 
 
 def rules() -> list[dict[str, Any]]:

@@ -13,20 +13,14 @@ import pytest
 from lis_async import app as app_module
 from lis_async.app import App
 from lis_async.config import load_settings
-
-BASE_ENV = {
-    "OPENCTI_URL": "http://opencti:8080",
-    "OPENCTI_TOKEN": "octi-token-secret",
-    "CONNECTOR_ID": "0b3c1f2e-6d7a-4b8c-9d0e-1f2a3b4c5d6e",
-    "CONFIG_LIS_APIKEY_CTI": "lis-key-secret",
-}
+from tests.helpers import OFFLINE_ENV
 
 
 async def test_a_close_that_hangs_is_left_behind_and_the_rest_still_close(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(app_module, "STEP_TIMEOUT_S", 0.2)
-    app = App(load_settings(env=BASE_ENV))
+    app = App(load_settings(env=OFFLINE_ENV))
     closed: list[str] = []
 
     async def hang() -> None:
