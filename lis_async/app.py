@@ -20,27 +20,27 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lis_async.amqp import BrokerWatch, queue_depth
-from lis_async.backpressure import Backpressure
-from lis_async.config import Settings
-from lis_async.consumer import Consumer
+from lis_async.broker.connection import BrokerWatch, queue_depth
+from lis_async.broker.consumer import Consumer
+from lis_async.broker.lanes import Mover, declare_lane, lane_name
+from lis_async.broker.publisher import Publisher
+from lis_async.enrichment.pipeline import Pipeline, Policy, Result
 from lis_async.errors import PlatformAuthError, PlatformError
-from lis_async.lanes import Mover, declare_lane, lane_name
+from lis_async.intake.backpressure import Backpressure
+from lis_async.intake.threshold import QueueThreshold
 from lis_async.lastinfosec import LastInfoSecClient
-from lis_async.pipeline import Pipeline, Policy, Result
-from lis_async.platform import Platform, Registration
-from lis_async.platform_health import PlatformHealth
-from lis_async.publisher import Publisher
-from lis_async.queue_threshold import QueueThreshold
-from lis_async.redact import redact
-from lis_async.retry import Backoff
-from lis_async.telemetry import (
+from lis_async.ops.telemetry import (
     ClusterCollector,
     GaugeCallback,
     HealthServer,
     LisStatsCollector,
     Metrics,
 )
+from lis_async.platform.client import Platform, Registration
+from lis_async.platform.health import PlatformHealth
+from lis_async.redact import redact
+from lis_async.retry import Backoff
+from lis_async.settings.model import Settings
 
 if TYPE_CHECKING:
     from lis_async.cluster.link import RedisLink
@@ -324,7 +324,7 @@ class App:
 
     def _hold_on_queue_threshold(self, consumer: Consumer) -> None:
         """pycti's CONNECTOR_QUEUE_THRESHOLD, checked at the heartbeat's pace and reported in
-        it (lis_async/queue_threshold.py)."""
+        it (lis_async/intake/threshold.py)."""
         c = self.settings.connector
         registration = self.registration
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import MappingProxyType
 
-from lis_async.config import Settings
+from lis_async.enrichment.job import Observable
 from lis_async.errors import LisError, PlatformError
-from lis_async.job import Observable
 from lis_async.lastinfosec import LastInfoSecClient
-from lis_async.platform import Platform, Registration
+from lis_async.platform.client import Platform, Registration
 from lis_async.redact import mask_url, redact
+from lis_async.settings.model import Settings
 
 # A value LastInfoSec is asked about: the EICAR test file's SHA-256 (harmless, well known).
 PROBE_HASH = "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f"
@@ -55,7 +55,7 @@ async def _check_rabbitmq(reg: Registration | None, report: Report) -> None:
     if reg is None:
         report(False, "rabbitmq", "skipped: the RabbitMQ settings come from the registration")
         return
-    from lis_async.amqp import connect
+    from lis_async.broker.connection import connect
 
     where = f"{reg.amqp.host}:{reg.amqp.port}"
     try:

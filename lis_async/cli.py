@@ -10,7 +10,7 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from lis_async.config import SettingsError, load_settings
+from lis_async.settings.model import SettingsError, load_settings
 
 
 def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
@@ -24,7 +24,7 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from lis_async.app import App
-    from lis_async.telemetry import setup_logging
+    from lis_async.ops.telemetry import setup_logging
 
     try:
         settings = load_settings(args.config)

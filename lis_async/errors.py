@@ -64,7 +64,8 @@ class SettingsError(LisAsyncError, ValueError):
 class JobError(LisAsyncError, ValueError):
     """A listen-queue body that cannot be turned into a job. Never retried; ``work_id`` is set
     when it could be read, so the work can be ended in error. ``playbook`` holds the
-    :class:`lis_async.job.PlaybookContext` of a playbook step whose ids could be read (the step
+    :class:`lis_async.enrichment.job.PlaybookContext` of a playbook step whose ids could be read
+    (the step
     must still be answered, or the playbook waits for ever); it is set by the parser."""
 
     def __init__(self, message: str, work_id: str | None = None) -> None:

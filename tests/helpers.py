@@ -24,7 +24,7 @@ from typing import Any, Final
 import aiormq
 
 from lis_async.app import App
-from lis_async.config import Settings, load_settings
+from lis_async.settings.model import Settings, load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.opencti import PlatformSimConfig
 from lis_async.sim.world import SimWorld

@@ -23,8 +23,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from lis_async.config import Settings
 from lis_async.redact import mask_url, redact
+from lis_async.settings.model import Settings
 
 log = logging.getLogger("lis_async.cluster")
 T = TypeVar("T")

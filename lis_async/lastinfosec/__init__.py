@@ -5,7 +5,7 @@
 * :mod:`~lis_async.lastinfosec.limiter`: the client-wide rate limit;
 * :mod:`~lis_async.lastinfosec.cache`: the answer cache.
 
-Errors are in :mod:`lis_async.errors`; the result type in :mod:`lis_async.ports`.
+Errors are in :mod:`lis_async.errors`; the result type in :mod:`lis_async.enrichment.ports`.
 """
 
 from lis_async.lastinfosec.client import LastInfoSecClient, LisStats

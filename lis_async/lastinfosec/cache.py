@@ -11,7 +11,7 @@ from typing import Protocol
 
 import orjson
 
-from lis_async.ports import LookupResult
+from lis_async.enrichment.ports import LookupResult
 
 CacheKey = tuple[str, str]  # (endpoint, value sent)
 

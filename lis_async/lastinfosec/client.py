@@ -26,7 +26,8 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from lis_async.config import LastInfoSecSettings
+from lis_async.enrichment.job import Observable
+from lis_async.enrichment.ports import LookupResult
 from lis_async.errors import (
     LisBadAnswer,
     LisError,
@@ -34,7 +35,6 @@ from lis_async.errors import (
     LisRetriesExhausted,
     NothingToLookUp,
 )
-from lis_async.job import Observable
 from lis_async.lastinfosec.cache import AnswerCache, CachedAnswer, CacheKey, SharedCache
 from lis_async.lastinfosec.limiter import RateLimiter, SlidingWindowLimiter
 from lis_async.lastinfosec.outage import OutageGate
@@ -47,9 +47,9 @@ from lis_async.lastinfosec.wire import (
     redirect_target,
     retry_after_s,
 )
-from lis_async.ports import LookupResult
 from lis_async.redact import mask_url, redact
 from lis_async.retry import Backoff
+from lis_async.settings.model import LastInfoSecSettings
 
 logger: Final = logging.getLogger("lis_async.lastinfosec")
 _DEBUG: Final = logging.DEBUG
@@ -107,7 +107,8 @@ class _Response:
 
 
 class LastInfoSecClient:
-    """Asyncio LastInfoSec client (implements :class:`~lis_async.ports.Lookup`); see the module
+    """Asyncio LastInfoSec client (implements :class:`~lis_async.enrichment.ports.Lookup`); see
+    the module
     docstring for the order of a lookup. Built from the validated settings; ``start`` and
     ``close`` are idempotent, and it is an async context manager."""
 

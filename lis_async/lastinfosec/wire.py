@@ -12,10 +12,10 @@ from urllib.parse import quote, unquote, urlsplit
 import orjson
 from yarl import URL
 
+from lis_async.enrichment.job import BY_ENTITY_TYPE, Observable
+from lis_async.enrichment.nesting import MAX_DEPTH, too_deep
+from lis_async.enrichment.ports import LookupResult
 from lis_async.errors import LisBadAnswer, LisFatalError, NothingToLookUp
-from lis_async.job import BY_ENTITY_TYPE, Observable
-from lis_async.nesting import MAX_DEPTH, too_deep
-from lis_async.ports import LookupResult
 
 Endpoint = Literal["search_hash", "search_host", "search"]
 EndpointStyle = Literal["search_hash_host", "search"]
@@ -154,7 +154,8 @@ def parse_answer(
     """A 200 answer: a list of bundles, ``{"message": [bundles]}``, one bundle, or ``{"message":
     "text"}`` (an invalid key says so in a 200). Raises :class:`LisBadAnswer` or
     :class:`LisFatalError`, also for an answer of more than ``max_objects`` objects in all, or
-    nested deeper than :data:`lis_async.nesting.MAX_DEPTH` levels (before anything is built from
+    nested deeper than :data:`lis_async.enrichment.nesting.MAX_DEPTH` levels (before anything is
+    built from
     it: such an answer must not become thousands of push messages, nor break a serialiser)."""
     doc: Any = None
     bad_json = False

@@ -14,11 +14,11 @@ import time
 from collections.abc import Sequence
 
 from lis_async.app import App
-from lis_async.config import load_settings
+from lis_async.ops.telemetry import setup_logging
+from lis_async.settings.model import load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.producer import ProducedJob
 from lis_async.sim.world import SimWorld, rabbit_reachable
-from lis_async.telemetry import setup_logging
 
 RABBIT_HELP = (
     "RabbitMQ is not reachable at {url}.\n"

@@ -27,7 +27,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from lis_async.lanes import lane_name
+from lis_async.broker.lanes import lane_name
 from lis_async.sim.lastinfosec import LastInfoSecSim, LisSimConfig
 from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
 from lis_async.sim.producer import JobProducer

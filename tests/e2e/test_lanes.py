@@ -17,8 +17,8 @@ import orjson
 import pytest
 
 from lis_async.app import App
-from lis_async.config import load_settings
-from lis_async.lanes import MOVE_PREFETCH
+from lis_async.broker.lanes import MOVE_PREFETCH
+from lis_async.settings.model import load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.producer import ProducedJob
 from lis_async.sim.world import SimWorld

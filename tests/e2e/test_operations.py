@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from lis_async.check import run_check
-from lis_async.config import load_settings
+from lis_async.settings.model import load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.world import SimWorld
 from tests.helpers import app_only, poll, world_with_worker

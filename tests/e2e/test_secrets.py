@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from lis_async.app import EXIT_FATAL
-from lis_async.job import normalise_tlp
+from lis_async.enrichment.job import normalise_tlp
 from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.opencti import PlatformSimConfig
 from lis_async.sim.producer import TLP_IDS, ProducedJob

@@ -14,9 +14,9 @@ import aiohttp
 import orjson
 import pytest
 
+from lis_async.enrichment.vetting import AUTHOR_ID
 from lis_async.sim.producer import ProducedJob
 from lis_async.sim.world import SimWorld
-from lis_async.vetting import AUTHOR_ID
 from tests.helpers import (
     LIGHT_WORKER,
     QUIET_PRODUCER,

@@ -6,7 +6,7 @@ import collections
 
 import pytest
 
-from lis_async.job import STIX_EXT_OCTI, normalise_tlp
+from lis_async.enrichment.job import STIX_EXT_OCTI, normalise_tlp
 from lis_async.sim.lastinfosec import LisSimConfig
 from tests.helpers import poll, world_with_worker
 

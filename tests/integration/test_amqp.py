@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
-from lis_async.amqp import AmqpParams
-from lis_async.consumer import Consumer
-from lis_async.delivery import Delivery
+from lis_async.broker.connection import AmqpParams
+from lis_async.broker.consumer import Consumer
+from lis_async.broker.publisher import Publisher
+from lis_async.enrichment.delivery import Delivery
 from lis_async.errors import FatalError, PublishError
-from lis_async.publisher import Publisher
 from lis_async.retry import Backoff
 from tests.helpers import poll
 

@@ -26,8 +26,8 @@ import aio_pika
 import pytest
 from aiormq.exceptions import AMQPConnectionError
 
-from lis_async.amqp import AmqpParams, connect
-from lis_async.config import Settings, load_settings
+from lis_async.broker.connection import AmqpParams, connect
+from lis_async.settings.model import Settings, load_settings
 
 pytestmark = pytest.mark.rabbitmq
 

@@ -19,8 +19,8 @@ from lis_async.cluster.cache import SharedAnswerCache
 from lis_async.cluster.limiter import ClusterLimiter
 from lis_async.cluster.link import RedisLink
 from lis_async.lastinfosec import LastInfoSecClient
+from lis_async.ops.telemetry import ClusterCollector, Metrics
 from lis_async.sim.lastinfosec import LastInfoSecSim, LisSimConfig
-from lis_async.telemetry import ClusterCollector, Metrics
 from tests.helpers import REDIS_URL, PrivateRedis, busiest_window, cluster_settings, poll
 
 ROOT = Path(__file__).resolve().parents[2]

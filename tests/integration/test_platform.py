@@ -10,11 +10,11 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from lis_async.config import load_settings
+from lis_async.enrichment.markings import MarkingDef
 from lis_async.errors import PlatformAuthError, PlatformError, WorkNotAlive
-from lis_async.markings import MarkingDef
-from lis_async.platform import Platform
-from lis_async.queue_threshold import QueueDetails
+from lis_async.intake.threshold import QueueDetails
+from lis_async.platform.client import Platform
+from lis_async.settings.model import load_settings
 from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
 from lis_async.sim.world import DEFAULT_AMQP_URL
 from tests.helpers import FIELDS_MISSING_6_8_9, INPUT_FIELDS_6_8_9
@@ -176,8 +176,8 @@ async def test_refused_token_is_an_auth_error_that_does_not_echo_the_token(
 
 
 async def test_deferred_entity_read(sim: PlatformSim) -> None:
-    from lis_async.job import parse_observable
-    from lis_async.stix import observable_from_platform
+    from lis_async.enrichment.bundle import observable_from_platform
+    from lis_async.enrichment.job import parse_observable
 
     platform = Platform(settings_for(sim))
     await platform.start()

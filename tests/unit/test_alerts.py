@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from lis_async.app import App
-from lis_async.config import load_settings
 from lis_async.lastinfosec import LisStats
-from lis_async.telemetry import ClusterCollector
+from lis_async.ops.telemetry import ClusterCollector
+from lis_async.settings.model import load_settings
 from tests.helpers import OFFLINE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]

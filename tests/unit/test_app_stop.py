@@ -12,7 +12,7 @@ import pytest
 
 from lis_async import app as app_module
 from lis_async.app import App
-from lis_async.config import load_settings
+from lis_async.settings.model import load_settings
 from tests.helpers import OFFLINE_ENV
 
 

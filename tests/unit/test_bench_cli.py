@@ -38,9 +38,9 @@ from lis_async.bench.results import PhaseResult, ReplicaFigures, ReplicaPhaseRes
 from lis_async.bench.table import format_table
 from lis_async.cli import build_parser, main
 from lis_async.lastinfosec.client import LisStats
+from lis_async.ops.telemetry import ClusterCollector, LisStatsCollector, Metrics
 from lis_async.sim.lastinfosec import LisSimStats, RecordedRequest
 from lis_async.sim.world import SimWorld
-from lis_async.telemetry import ClusterCollector, LisStatsCollector, Metrics
 
 BENCH_OPTIONS = (
     "--help", "--jobs", "--classic-jobs", "--latency", "--jitter", "--bundle-size",

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from lis_async.check import run_check
-from lis_async.config import load_settings
+from lis_async.settings.model import load_settings
 
 
 def closed_port() -> int:

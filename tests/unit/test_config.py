@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lis_async.config import SettingsError, all_env_names, load_settings
+from lis_async.settings.model import SettingsError, all_env_names, load_settings
 
 UUID = "0b3c1f2e-6d7a-4b8c-9d0e-1f2a3b4c5d6e"
 BASE_ENV = {

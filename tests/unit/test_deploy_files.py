@@ -17,8 +17,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from lis_async.config import Settings, SettingsError, all_env_names, load_settings
-from lis_async.telemetry import HealthServer
+from lis_async.ops.telemetry import HealthServer
+from lis_async.settings.model import Settings, SettingsError, all_env_names, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

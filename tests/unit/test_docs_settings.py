@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from lis_async.config import Settings, all_env_names, env_name, load_settings
-from lis_async.unsupported import UNSUPPORTED
+from lis_async.settings.model import Settings, all_env_names, env_name, load_settings
+from lis_async.settings.unsupported import UNSUPPORTED
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

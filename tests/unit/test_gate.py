@@ -1,4 +1,4 @@
-"""The max-TLP / max-PAP gate (lis_async.gate) fails closed: standard, custom and upper-case
+"""The max-TLP / max-PAP gate (lis_async.enrichment.gate) fails closed: standard, custom and upper-case
 marking ids, unknown ids, markings only in the extension or in objectMarking, draft and playbook
 jobs, and the optional PAP gate."""
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from lis_async.gate import MarkingCache, MarkingGate
-from lis_async.job import Job, parse_job
-from lis_async.markings import STANDARD_MARKINGS
+from lis_async.enrichment.gate import MarkingCache, MarkingGate
+from lis_async.enrichment.job import Job, parse_job
+from lis_async.enrichment.markings import STANDARD_MARKINGS
 from tests.helpers import job_body
 
 CLEAR = "marking-definition--613f2e26-407d-48c7-9eca-b8e91df99dc9"

@@ -7,8 +7,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lis_async.job import Job, JobError, PlaybookContext, normalise_tlp, parse_job, parse_observable
-from lis_async.markings import MarkingDef
+from lis_async.enrichment.job import (
+    Job,
+    JobError,
+    PlaybookContext,
+    normalise_tlp,
+    parse_job,
+    parse_observable,
+)
+from lis_async.enrichment.markings import MarkingDef
 from tests.helpers import FIXTURES, job_body
 
 WORK = "work_6f0e1b2c-3d4e-4f50-8a6b-7c8d9e0f1a2b_2026-11-20T10:00:02.415Z"

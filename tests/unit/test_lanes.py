@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from lis_async.app import lookahead
-from lis_async.lanes import NORMAL, URGENT, lane_arguments, lane_name, priority
+from lis_async.broker.lanes import NORMAL, URGENT, lane_arguments, lane_name, priority
 from tests.helpers import job_body
 
 

@@ -24,7 +24,8 @@ from aiohttp import web
 from aioresponses import CallbackResult, aioresponses
 from yarl import URL
 
-from lis_async.config import LastInfoSecSettings
+from lis_async.enrichment.job import Observable, parse_job
+from lis_async.enrichment.ports import LookupResult
 from lis_async.errors import (
     LisBadAnswer,
     LisError,
@@ -32,11 +33,10 @@ from lis_async.errors import (
     LisRetriesExhausted,
     NothingToLookUp,
 )
-from lis_async.job import Observable, parse_job
 from lis_async.lastinfosec import LastInfoSecClient
 from lis_async.lastinfosec.wire import retry_after_s
-from lis_async.ports import LookupResult
 from lis_async.redact import redact
+from lis_async.settings.model import LastInfoSecSettings
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 LIS = FIXTURES / "lastinfosec"

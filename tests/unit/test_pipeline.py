@@ -9,7 +9,10 @@ from typing import Any
 import orjson
 import pytest
 
-from lis_async.delivery import Delivery
+from lis_async.enrichment.delivery import Delivery
+from lis_async.enrichment.job import Observable
+from lis_async.enrichment.pipeline import Outcome, Pipeline, Policy
+from lis_async.enrichment.ports import LookupResult
 from lis_async.errors import (
     FatalError,
     LisFatalError,
@@ -18,9 +21,6 @@ from lis_async.errors import (
     PlatformError,
     WorkNotAlive,
 )
-from lis_async.job import Observable
-from lis_async.pipeline import Outcome, Pipeline, Policy
-from lis_async.ports import LookupResult
 from lis_async.retry import Backoff
 from tests.helpers import FIXTURES, job_body
 

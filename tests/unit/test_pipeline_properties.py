@@ -19,7 +19,10 @@ import orjson
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from lis_async.delivery import Delivery
+from lis_async.enrichment.delivery import Delivery
+from lis_async.enrichment.job import Observable, parse_job
+from lis_async.enrichment.pipeline import INTERNAL_ERROR, Outcome, Pipeline, Policy, Result
+from lis_async.enrichment.ports import LookupResult
 from lis_async.errors import (
     FatalError,
     JobError,
@@ -30,11 +33,8 @@ from lis_async.errors import (
     PlatformError,
     WorkNotAlive,
 )
-from lis_async.job import Observable, parse_job
 from lis_async.lastinfosec.cache import CachedAnswer
 from lis_async.lastinfosec.wire import parse_answer, query_for
-from lis_async.pipeline import INTERNAL_ERROR, Outcome, Pipeline, Policy, Result
-from lis_async.ports import LookupResult
 from lis_async.retry import Backoff
 from tests.helpers import FIXTURES, hostile_answer
 

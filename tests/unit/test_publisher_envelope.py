@@ -4,7 +4,7 @@ import base64
 
 import orjson
 
-from lis_async.delivery import envelope, prepare
+from lis_async.enrichment.delivery import envelope, prepare
 
 
 def _bundle() -> dict:

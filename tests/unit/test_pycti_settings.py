@@ -1,6 +1,6 @@
 """pycti's helper settings: each one is honoured with pycti's meaning or refused with its name.
 
-Refused settings (lis_async/unsupported.py) are tried one by one from both sources; honoured ones
+Refused settings (lis_async/settings/unsupported.py) are tried one by one from both sources; honoured ones
 are checked for pycti's format and defaults here, and for their effect in
 tests/integration/test_platform.py (custom headers, queue threshold, enrichment resolution),
 tests/integration/test_amqp_tls.py (MQ_USE_SSL_*) and tests/e2e/test_operations.py (metrics
@@ -14,9 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from lis_async.config import SettingsError, all_env_names, load_settings, parse_custom_headers
-from lis_async.telemetry import Metrics, metric_name
-from lis_async.unsupported import UNSUPPORTED, Unsupported
+from lis_async.ops.telemetry import Metrics, metric_name
+from lis_async.settings.model import (
+    SettingsError,
+    all_env_names,
+    load_settings,
+    parse_custom_headers,
+)
+from lis_async.settings.unsupported import UNSUPPORTED, Unsupported
 
 UUID = "0b3c1f2e-6d7a-4b8c-9d0e-1f2a3b4c5d6e"
 BASE_ENV = {
@@ -223,7 +228,7 @@ def test_mq_tls_material_as_paths_or_pem_texts(tmp_path: Path) -> None:
 def test_mq_reject_unauthorized_false_turns_the_checks_off() -> None:
     import ssl
 
-    from lis_async.tls import mq_context
+    from lis_async.settings.tls import mq_context
 
     s = load_settings(env=BASE_ENV | {"MQ_USE_SSL_REJECT_UNAUTHORIZED": "false"})
     context = mq_context(s.mq.tls)

@@ -1,4 +1,4 @@
-"""pycti's CONNECTOR_QUEUE_THRESHOLD rule (lis_async/queue_threshold.py): hold intake while the
+"""pycti's CONNECTOR_QUEUE_THRESHOLD rule (lis_async/intake/threshold.py): hold intake while the
 platform reports the connector's queue at or above the threshold (MB = 10^6 bytes), release
 below it, and release (never hold) while the platform gives no usable answer."""
 
@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from lis_async.config import load_settings
 from lis_async.errors import PlatformError, PlatformUnavailable
-from lis_async.platform import Platform
-from lis_async.queue_threshold import QueueDetails, QueueThreshold
+from lis_async.intake.threshold import QueueDetails, QueueThreshold
+from lis_async.platform.client import Platform
+from lis_async.settings.model import load_settings
 
 LOGGER = "lis_async.queue_threshold"
 

@@ -1,4 +1,4 @@
-"""Bundle building (lis_async.stix): golden files, ids, relationships, sharing, purity.
+"""Bundle building (lis_async.enrichment.bundle): golden files, ids, relationships, sharing, purity.
 
 Golden files live in tests/fixtures/golden/; regenerate them with ``UPDATE_GOLDEN=1 pytest
 tests/unit/test_stix.py`` and review the diff.
@@ -18,13 +18,19 @@ import pytest
 import stix2
 from pycti import AttackPattern, Identity, Indicator, IntrusionSet, Malware, ThreatActorGroup, Tool
 
-from lis_async.job import STIX_EXT_OCTI, STIX_EXT_OCTI_SCO, Job, parse_job, parse_observable
-from lis_async.stix import (
+from lis_async.enrichment.bundle import (
     EXTERNAL_REFERENCE,
     build_bundle,
     playbook_passthrough,
     propagate_organisations,
     relationship_id,
+)
+from lis_async.enrichment.job import (
+    STIX_EXT_OCTI,
+    STIX_EXT_OCTI_SCO,
+    Job,
+    parse_job,
+    parse_observable,
 )
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -891,8 +897,8 @@ def test_objects_opencti_cannot_import_are_dropped() -> None:
 def test_platform_record_of_a_file_becomes_a_stix_file_with_a_hashes_dict() -> None:
     """Deferred resolution of a StixFile: GraphQL lists hashes as [{algorithm, hash}], while
     pycti's import reads ``hashes`` as a dict (``observable_data["hashes"].items()``)."""
-    from lis_async.job import parse_observable
-    from lis_async.stix import observable_from_platform
+    from lis_async.enrichment.bundle import observable_from_platform
+    from lis_async.enrichment.job import parse_observable
 
     record = {
         "id": "0d3b8a4e-1f2c-4d5e-8a9b-0c1d2e3f4a5b",

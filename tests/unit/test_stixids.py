@@ -21,7 +21,7 @@ from pycti import (
     Vulnerability,
 )
 
-from lis_async.stixids import (
+from lis_async.enrichment.ids import (
     CONTENT_ID_TYPES,
     content_id,
     identity_id,

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from lis_async.telemetry import setup_logging
+from lis_async.ops.telemetry import setup_logging
 
 
 def test_json_lines_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
@@ -27,7 +27,7 @@ def test_human_lines_by_default_and_level_honoured(capsys: pytest.CaptureFixture
 
 
 async def test_backpressure_holds_at_the_publish_that_crosses_and_releases_below_low() -> None:
-    from lis_async.backpressure import Backpressure
+    from lis_async.intake.backpressure import Backpressure
 
     depths = [0]
     holds: list[bool] = []

@@ -1,4 +1,4 @@
-"""A LastInfoSec answer cannot reshape the platform (lis_async.vetting, through stix.build): the
+"""A LastInfoSec answer cannot reshape the platform (lis_async.enrichment.vetting, through stix.build): the
 hostile answer of the security review, object by object."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from typing import Any
 
 from pycti import Identity, Malware, Report
 
-from lis_async.job import Job, parse_job
-from lis_async.stix import build
-from lis_async.vetting import AUTHOR_ID
+from lis_async.enrichment.bundle import build
+from lis_async.enrichment.job import Job, parse_job
+from lis_async.enrichment.vetting import AUTHOR_ID
 from tests.helpers import (
     CHOSEN_REPORT_ID,
     CUSTOM_MARKING,

@@ -1,8 +1,10 @@
 """The interfaces between the pipeline and the adapters, in one place.
 
-The pipeline (:mod:`lis_async.pipeline`) depends only on these Protocols, the data types below and
-:mod:`lis_async.errors`; the adapters (:mod:`lis_async.lastinfosec`, :mod:`lis_async.platform`,
-:mod:`lis_async.publisher`) implement them, and :mod:`lis_async.app` wires one to the other.
+The pipeline (:mod:`lis_async.enrichment.pipeline`) depends only on these Protocols, the data
+types below and
+:mod:`lis_async.errors`; the adapters (:mod:`lis_async.lastinfosec`,
+:mod:`lis_async.platform.client`,
+:mod:`lis_async.broker.publisher`) implement them, and :mod:`lis_async.app` wires one to the other.
 Unit tests give the pipeline in-memory fakes of the same shape.
 
 Each port documents the errors it may raise; anything else escaping a port is a bug, which
@@ -16,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lis_async.delivery import Delivery
-from lis_async.job import Observable, PlaybookContext
+from lis_async.enrichment.delivery import Delivery
+from lis_async.enrichment.job import Observable, PlaybookContext
 
 __all__ = [
     "Delivery",
@@ -79,7 +81,8 @@ class PlatformPort(Protocol):
         self, entity_id: str, draft_id: str | None
     ) -> Mapping[str, Any] | None:
         """The platform's GraphQL ``stixCyberObservable`` record, or None when it cannot be
-        read. Turning it into STIX is :func:`lis_async.stix.observable_from_platform`'s job."""
+        read. Turning it into STIX is
+        :func:`lis_async.enrichment.bundle.observable_from_platform`'s job."""
         ...
 
     async def read_marking(self, marking_id: str) -> Mapping[str, Any] | None:
@@ -90,7 +93,7 @@ class PlatformPort(Protocol):
 
 
 class PlatformHealthPort(Protocol):
-    """The shared view of "the platform is down" (:mod:`lis_async.platform_health`)."""
+    """The shared view of "the platform is down" (:mod:`lis_async.platform.health`)."""
 
     async def wait_up(self) -> None:
         """Return when the platform is (believed) up."""

@@ -15,8 +15,7 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from lis_async.errors import JobError
-from lis_async.markings import (
+from lis_async.enrichment.markings import (
     STIX_EXT_OCTI,
     STIX_EXT_OCTI_SCO,
     TLP_ORDER,
@@ -24,7 +23,8 @@ from lis_async.markings import (
     collect,
     normalise_tlp,
 )
-from lis_async.nesting import MAX_DEPTH, too_deep
+from lis_async.enrichment.nesting import MAX_DEPTH, too_deep
+from lis_async.errors import JobError
 
 __all__ = [
     "BY_ENTITY_TYPE",
@@ -119,8 +119,10 @@ class Observable:
     stix_id: str
     value: str | None  # domain/hostname/url value; the file name for files
     hashes: Mapping[str, str]  # canonical keys MD5, SHA-1, SHA-256, SHA-512; values lower-case
-    # Every marking id the entity carries, wherever it stands (lis_async.markings.collect);
-    # the gate (lis_async.gate) judges them, bundles carry them on what the connector creates.
+    # Every marking id the entity carries, wherever it stands
+    # (lis_async.enrichment.markings.collect);
+    # the gate (lis_async.enrichment.gate) judges them, bundles carry them on what the connector
+    # creates.
     marking_refs: tuple[str, ...]
     granted_refs: tuple[str, ...] | None  # organisations the entity is shared with; None = unshared
     stix: Mapping[str, Any] = field(repr=False, compare=False)  # the entity as received

@@ -1,7 +1,7 @@
 """The push-queue publisher: persistent messages, publisher confirms, retries until confirmed.
 
-Implements :class:`~lis_async.ports.PublisherPort`. The messages themselves are built by
-:mod:`lis_async.delivery` (pycti's splitter and envelope).
+Implements :class:`~lis_async.enrichment.ports.PublisherPort`. The messages themselves are built by
+:mod:`lis_async.enrichment.delivery` (pycti's splitter and envelope).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import aiormq.abc
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pamqp import commands as spec
 
-from lis_async.amqp import AmqpParams, BrokerWatch, connect, queue_depth
-from lis_async.delivery import Delivery
+from lis_async.broker.connection import AmqpParams, BrokerWatch, connect, queue_depth
+from lis_async.enrichment.delivery import Delivery
 from lis_async.errors import PublishError
 from lis_async.retry import Backoff
 

@@ -1,6 +1,6 @@
 """The max-TLP / max-PAP gate: may this observable be sent to LastInfoSec? It fails closed.
 
-Every marking the entity carries (:func:`lis_async.markings.collect`) is resolved to its
+Every marking the entity carries (:func:`lis_async.enrichment.markings.collect`) is resolved to its
 definition, in this order: the standard TLP and PAP ids (case-insensitive), what the job itself
 says (GraphQL ``objectMarking`` nodes, a playbook bundle's ``marking-definition`` objects), this
 worker's cache, and last the platform (``markingDefinition(id)``, docs/protocol.md §8.6). Then:
@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from lis_async.job import Job, Observable
-from lis_async.markings import (
+from lis_async.enrichment.job import Job, Observable
+from lis_async.enrichment.markings import (
     PAP_ORDER,
     STANDARD_MARKINGS,
     TLP_ORDER,

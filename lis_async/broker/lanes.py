@@ -4,7 +4,8 @@ The platform's listen queue is first in, first out, and the connector cannot cha
 (docs/protocol.md §1.3). So the :class:`Mover` takes every job from the listen queue and
 republishes it, unchanged, into one connector-owned classic priority queue, the lane
 (:func:`lane_name`), at priority :data:`URGENT` for a manual or playbook job and
-:data:`NORMAL` otherwise; the worker (:class:`lis_async.consumer.Consumer`) consumes the lane,
+:data:`NORMAL` otherwise; the worker (:class:`lis_async.broker.consumer.Consumer`) consumes the
+lane,
 where RabbitMQ delivers the highest priority first, however deep the backlog.
 
 At least once: the listen delivery is acked only after the broker confirmed the lane publish
@@ -33,7 +34,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from lis_async.amqp import reason, settle
+from lis_async.broker.connection import reason, settle
 
 log: Final = logging.getLogger("lis_async.lanes")
 
@@ -144,7 +145,7 @@ class Mover:
         self._conn, self._channel = conn, channel
         await channel.set_qos(prefetch_count=MOVE_PREFETCH)
         await declare_lane(conn, channel, self._lane, self._expire_s)
-        # Passive: the platform owns the listen queue (see lis_async.consumer).
+        # Passive: the platform owns the listen queue (see lis_async.broker.consumer).
         self._queue = await channel.declare_queue(self._listen, passive=True)
         self._tag = await self._queue.consume(self._move, no_ack=False)
 

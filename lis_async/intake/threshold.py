@@ -6,7 +6,7 @@ The rule is pycti's (``OpenCTIConnectorHelper.check_connector_buffering``, docs/
 turn ``messages_size`` (bytes) into MB by dividing by 1,000,000, and hold while that is **at or
 above** ``connector.queue_threshold`` (pycti runs only when it is below). pycti applies it before
 each run of a scheduled connector; an enrichment connector has no runs, so here it holds the
-consumer's intake (:meth:`lis_async.consumer.Consumer.hold_intake`, reason
+consumer's intake (:meth:`lis_async.broker.consumer.Consumer.hold_intake`, reason
 ``"queue_threshold"``) and jobs in flight finish. There is no second mark: intake resumes at the
 first check that finds the queue below the threshold.
 
@@ -21,7 +21,7 @@ heartbeat reports the last figures, as pycti's ``ConnectorInfo`` does). A check 
 usable answer (the platform unreachable, a GraphQL error, a schema without the field, a
 malformed answer) **releases** the hold, like pycti, which runs when its check fails: a
 platform that cannot answer never stops the connector, and the push-queue watermarks
-(:mod:`lis_async.backpressure`) still guard RabbitMQ meanwhile. One WARNING when the hold
+(:mod:`lis_async.intake.backpressure`) still guard RabbitMQ meanwhile. One WARNING when the hold
 starts, one INFO when it ends; one WARNING when the answers stop, one INFO when they return.
 """
 
@@ -32,7 +32,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, NamedTuple
 
-from lis_async.intake_hold import IntakeHold
+from lis_async.intake.hold import IntakeHold
 
 __all__ = ["BYTES_PER_MB", "QueueDetails", "QueueThreshold"]
 

@@ -26,8 +26,17 @@ from typing import Any, Final, TypeVar
 
 import orjson
 
-from lis_async import stix
-from lis_async.delivery import Delivery, prepare
+from lis_async.enrichment import bundle as stix
+from lis_async.enrichment.delivery import Delivery, prepare
+from lis_async.enrichment.gate import MarkingGate
+from lis_async.enrichment.job import Job, Observable, PlaybookContext, parse_job, parse_observable
+from lis_async.enrichment.ports import (
+    Lookup,
+    LookupResult,
+    PlatformHealthPort,
+    PlatformPort,
+    PublisherPort,
+)
 from lis_async.errors import (
     FatalError,
     JobError,
@@ -38,15 +47,6 @@ from lis_async.errors import (
     PlatformError,
     PlatformUnavailable,
     WorkNotAlive,
-)
-from lis_async.gate import MarkingGate
-from lis_async.job import Job, Observable, PlaybookContext, parse_job, parse_observable
-from lis_async.ports import (
-    Lookup,
-    LookupResult,
-    PlatformHealthPort,
-    PlatformPort,
-    PublisherPort,
 )
 from lis_async.retry import Backoff
 
@@ -350,7 +350,8 @@ class Pipeline:
             return Result(Outcome.FAILED, f"Unreadable entity: {exc}")
 
     async def _policy_check(self, job: Job, obs: Observable) -> Result | None:
-        """Scope, then the max-TLP / max-PAP gate (lis_async.gate): before any call out."""
+        """Scope, then the max-TLP / max-PAP gate (lis_async.enrichment.gate): before any call
+        out."""
         if obs.entity_type not in self._policy.scope:
             return Result(
                 Outcome.SKIPPED, f"{obs.entity_type} is not in this connector's scope, skipped"

@@ -2,7 +2,7 @@
 
 The parameters come from the platform's registration answer, overridden by pycti's ``MQ_*``
 settings (docs/protocol.md §1.6, §2.1); the connector never computes them. With ``use_ssl`` the
-TLS context follows pycti's ``MQ_USE_SSL_*`` settings (:mod:`lis_async.tls`).
+TLS context follows pycti's ``MQ_USE_SSL_*`` settings (:mod:`lis_async.settings.tls`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
-from lis_async.tls import AmqpTls, mq_context
+from lis_async.settings.tls import AmqpTls, mq_context
 
 log = logging.getLogger("lis_async.amqp")
 
@@ -71,7 +71,7 @@ async def queue_depth(conn: AbstractRobustConnection | None, queue_name: str) ->
 class BrokerWatch:
     """One WARNING when a broker connection is lost, one INFO when every one is back (with how
     long it took and how many jobs in flight the broker redelivers), instead of the libraries'
-    per-connection errors and tracebacks (:func:`lis_async.telemetry.setup_logging` quiets
+    per-connection errors and tracebacks (:func:`lis_async.ops.telemetry.setup_logging` quiets
     those)."""
 
     def __init__(self, in_flight: Callable[[], int] = lambda: 0) -> None:

@@ -13,7 +13,8 @@ reshape the platform. :func:`vet` returns fresh copies of what may go, and count
   threat targets), their id is derived from their name as OpenCTI does, so one can only merge
   with the sector of that name, and they author nothing;
 * ids OpenCTI derives from content (malware, indicators, reports, relationships...) are derived
-  again (:mod:`lis_async.stixids`): an answer cannot pick the id of an unrelated object on the
+  again (:mod:`lis_async.enrichment.ids`): an answer cannot pick the id of an unrelated object on
+  the
   platform and upsert into it;
 * relationships and sightings must have both ends in the bundle (the answer, the enriched
   observable, a playbook's objects); other references (a report's ``object_refs``, embedded
@@ -36,9 +37,9 @@ from typing import Any, Final
 
 import orjson
 
-from lis_async.job import LEGACY_HOSTNAME, STIX_EXT_OCTI, STIX_EXT_OCTI_SCO, Observable
-from lis_async.markings import STANDARD_MARKINGS, classify
-from lis_async.stixids import CONTENT_ID_TYPES, content_id, identity_id
+from lis_async.enrichment.ids import CONTENT_ID_TYPES, content_id, identity_id
+from lis_async.enrichment.job import LEGACY_HOSTNAME, STIX_EXT_OCTI, STIX_EXT_OCTI_SCO, Observable
+from lis_async.enrichment.markings import STANDARD_MARKINGS, classify
 
 __all__ = ["ALLOWED_TYPES", "AUTHOR", "AUTHOR_ID", "REASONS", "Vetted", "summary", "vet"]
 

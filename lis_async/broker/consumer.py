@@ -12,7 +12,7 @@ Ack policy (the only place that acks, nacks or requeues):
   requeued, before RabbitMQ's ``consumer_timeout`` closes the channel on every job in flight.
 
 It consumes the platform's listen queue, or with priority lanes the connector's lane
-(:mod:`lis_async.lanes`): ``declare`` says which.
+(:mod:`lis_async.broker.lanes`): ``declare`` says which.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from lis_async.amqp import AmqpParams, BrokerWatch, connect, queue_depth, settle
+from lis_async.broker.connection import AmqpParams, BrokerWatch, connect, queue_depth, settle
+from lis_async.broker.lanes import redelivered
 from lis_async.errors import FatalError
-from lis_async.lanes import redelivered
 
 log = logging.getLogger("lis_async.consumer")
 

@@ -2,7 +2,8 @@
 
 Each job turns into about a dozen push messages. If OpenCTI's workers fall behind, the push queue
 would grow without bound, and a RabbitMQ memory or disk alarm then blocks every publisher on the
-broker, the platform included. So intake is held (:meth:`lis_async.consumer.Consumer.hold_intake`)
+broker, the platform included. So intake is held
+(:meth:`lis_async.broker.consumer.Consumer.hold_intake`)
 while the push queue holds more than ``connector.push_high_watermark`` messages, and released
 below ``connector.push_low_watermark``; jobs in flight finish.
 
@@ -20,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from lis_async.intake_hold import IntakeHold
+from lis_async.intake.hold import IntakeHold
 
 log: Final = logging.getLogger("lis_async.backpressure")
 

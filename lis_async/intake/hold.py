@@ -1,9 +1,9 @@
 """One reason to hold the consumer's intake: whether it holds, since when, and who to tell.
 
-:class:`IntakeHold` is the part the push-queue watermarks (:mod:`lis_async.backpressure`) and
-the platform's queue threshold (:mod:`lis_async.queue_threshold`) share: each decides when to
+:class:`IntakeHold` is the part the push-queue watermarks (:mod:`lis_async.intake.backpressure`) and
+the platform's queue threshold (:mod:`lis_async.intake.threshold`) share: each decides when to
 hold by its own rule and calls :meth:`IntakeHold._set` on a change; the listeners
-(:meth:`lis_async.consumer.Consumer.hold_intake` with the subclass's reason) are told in the
+(:meth:`lis_async.broker.consumer.Consumer.hold_intake` with the subclass's reason) are told in the
 order the changes happened, and the subclass writes its one log line per change.
 """
 

@@ -32,12 +32,12 @@ from pydantic import (
     model_validator,
 )
 
-from lis_async import unsupported
+from lis_async.enrichment.job import SUPPORTED_TYPES, normalise_tlp
+from lis_async.enrichment.markings import normalise_pap
 from lis_async.errors import SettingsError
-from lis_async.job import SUPPORTED_TYPES, normalise_tlp
-from lis_async.markings import normalise_pap
 from lis_async.redact import mask_url
-from lis_async.tls import AmqpTls, is_pem, mq_context
+from lis_async.settings import unsupported
+from lis_async.settings.tls import AmqpTls, is_pem, mq_context
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
 
@@ -184,7 +184,7 @@ class ConnectorSettings(_Section):
     # pycti's CONNECTOR_ENRICHMENT_RESOLUTION: what jobs carry (docs/protocol.md §3.5).
     enrichment_resolution: Literal["none", "stix_bundle", "deferred"] = "none"
     # pycti's CONNECTOR_QUEUE_THRESHOLD, megabytes (10^6 bytes) of the connector's queue as
-    # OpenCTI reports it: intake held at or above (lis_async/queue_threshold.py).
+    # OpenCTI reports it: intake held at or above (lis_async/intake/threshold.py).
     queue_threshold: float = Field(500.0, gt=0)
     # pycti's CONNECTOR_METRICS_NAMESPACE / _SUBSYSTEM: prometheus_client's name prefixes.
     metrics_namespace: OptStr = None
@@ -336,7 +336,7 @@ class MqSettings(_Section):
     user: OptStr = None
     # ``pass`` is a keyword: the YAML key and env name stay mq.pass / MQ_PASS.
     password: SecretStr | None = Field(None, alias="pass")
-    # pycti's AMQPS client settings (lis_async.tls): paths or PEM texts.
+    # pycti's AMQPS client settings (lis_async.settings.tls): paths or PEM texts.
     use_ssl_ca: OptStr = None
     use_ssl_cert: OptStr = None
     use_ssl_key: SecretStr | None = None

@@ -2,7 +2,8 @@
 
 Pure functions, no I/O, plain dicts only (no ``stix2`` objects on the hot path; ``stix2`` and pycti
 are not even imported here). Inputs are never mutated: the LastInfoSec answer may be cached and
-shared between jobs, and the :class:`~lis_async.job.Job` is immutable by contract. Everything put
+shared between jobs, and the :class:`~lis_async.enrichment.job.Job` is immutable by contract.
+Everything put
 in the output is a fresh copy, so callers (pycti's splitter adds ``nb_deps`` and prunes refs) may
 mutate the result freely.
 """
@@ -19,7 +20,8 @@ from typing import Any, Final
 
 import orjson
 
-from lis_async.job import (
+from lis_async.enrichment.ids import relationship_id
+from lis_async.enrichment.job import (
     LEGACY_HOSTNAME,
     OBSERVABLE_TYPES,
     STIX_EXT_OCTI,
@@ -28,8 +30,7 @@ from lis_async.job import (
     Job,
     Observable,
 )
-from lis_async.stixids import relationship_id
-from lis_async.vetting import AUTHOR, AUTHOR_ID, summary, vet
+from lis_async.enrichment.vetting import AUTHOR, AUTHOR_ID, summary, vet
 
 __all__ = [
     "EXTERNAL_REFERENCE",
@@ -156,7 +157,7 @@ def propagate_organisations(objects: list[dict[str, Any]], orgs: Sequence[str] |
 def observable_from_platform(record: Mapping[str, Any], entity_id: str) -> dict[str, Any]:
     """The platform's GraphQL ``stixCyberObservable`` record (deferred resolution,
     docs/protocol.md §3.5 and §8.4) as a flat STIX entity in pycti's legacy shape, which
-    :func:`lis_async.job.parse_observable` reads."""
+    :func:`lis_async.enrichment.job.parse_observable` reads."""
     etype = str(record.get("entity_type", ""))
     entity: dict[str, Any] = {
         "id": record.get("standard_id") or entity_id,
@@ -426,7 +427,7 @@ def _bundle_id(entity_id: str, object_ids: Iterable[str]) -> str:
 @dataclass(frozen=True, slots=True)
 class Built:
     """A bundle, and what of the LastInfoSec answer was left out of it (by reason,
-    :data:`lis_async.vetting.REASONS`)."""
+    :data:`lis_async.enrichment.vetting.REASONS`)."""
 
     bundle: dict[str, Any]
     dropped: Mapping[str, int]
@@ -440,7 +441,8 @@ def build(job: Job, lis_bundles: Sequence[Mapping[str, Any]], *, confidence: int
     """One STIX 2.1 bundle for ``job`` from every LastInfoSec bundle of the answer.
 
     Objects: (playbook jobs: the incoming playbook objects first, the entity replaced in place) the
-    enriched observable, what the answer may bring (:func:`lis_async.vetting.vet`: allowed types,
+    enriched observable, what the answer may bring (:func:`lis_async.enrichment.vetting.vet`:
+    allowed types,
     ids derived from content, ends and references inside the bundle, OpenCTI properties stripped,
     at least the observable's markings), the one LastInfoSec identity that authors them, then
     ``based-on`` (matching indicator -> observable) and ``related-to`` (observable -> malware /

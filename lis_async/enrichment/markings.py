@@ -1,5 +1,5 @@
 """Marking definitions: the standard TLP and PAP ids, where a job's entity carries markings, and
-what a marking is (pure data, no I/O; the gate that decides is :mod:`lis_async.gate`).
+what a marking is (pure data, no I/O; the gate that decides is :mod:`lis_async.enrichment.gate`).
 
 A marking reference is compared case-insensitively: ``MARKING-DEFINITION--5E57…`` is TLP:RED.
 An organisation can create its own TLP or PAP markings (same ``definition_type``, its own id), so

@@ -33,12 +33,12 @@ from typing import Any, Final, Protocol, TypeVar
 import aiohttp
 import orjson
 
-from lis_async.amqp import AmqpParams
-from lis_async.config import Settings
+from lis_async.broker.connection import AmqpParams
+from lis_async.enrichment.job import PlaybookContext
+from lis_async.enrichment.ports import PlatformHealthPort
 from lis_async.errors import PlatformAuthError, PlatformError, PlatformUnavailable, WorkNotAlive
-from lis_async.job import PlaybookContext
-from lis_async.ports import PlatformHealthPort
-from lis_async.queue_threshold import QueueDetails
+from lis_async.intake.threshold import QueueDetails
+from lis_async.settings.model import Settings
 
 log = logging.getLogger("lis_async.platform")
 T = TypeVar("T")
@@ -204,7 +204,7 @@ def _error_from(body: Mapping[str, Any]) -> PlatformError:
 
 class Platform:
     """The OpenCTI platform, as seen by this connector (implements
-    :class:`~lis_async.ports.PlatformPort`, plus registration and the heartbeat). One per
+    :class:`~lis_async.enrichment.ports.PlatformPort`, plus registration and the heartbeat). One per
     process; ``start`` and ``close`` are idempotent."""
 
     def __init__(self, settings: Settings) -> None:

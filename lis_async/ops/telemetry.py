@@ -38,7 +38,8 @@ class _JsonFormatter(logging.Formatter):
 class ExpectedReconnection(logging.Filter):
     """Drops what aiormq and aio-pika log about a broker connection that closed and is being
     restored (``Unexpected connection close``, the reader's traceback, a robust channel's close
-    callback, reconnection attempts): :class:`lis_async.amqp.BrokerWatch` logs one WARNING and
+    callback, reconnection attempts): :class:`lis_async.broker.connection.BrokerWatch` logs one
+    WARNING and
     one INFO per outage instead. Anything else those libraries log, a real bug included, passes.
     """
 

@@ -1,0 +1,7 @@
+"""Settings: every option the worker reads, declared once and validated once.
+
+- ``model``: the settings model (pydantic): environment names, ``config.yml`` keys, types,
+  defaults, bounds and descriptions; ``load_settings`` reads both sources.
+- ``unsupported``: pycti's helper settings lis-async does not implement, refused with a reason.
+- ``tls``: the AMQPS context from pycti's ``MQ_USE_SSL_*`` settings (checked at load).
+"""
