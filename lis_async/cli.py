@@ -24,6 +24,7 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from lis_async.app import App
+    from lis_async.broker.connection import ExpectedReconnection
     from lis_async.ops.telemetry import setup_logging
 
     try:
@@ -31,7 +32,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"lis-async: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.connector.log_level, settings.opencti.json_logging)
+    setup_logging(
+        settings.connector.log_level,
+        settings.opencti.json_logging,
+        filters=(ExpectedReconnection(),),
+    )
 
     async def main() -> int:
         return await App(settings).run()

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
@@ -131,3 +132,42 @@ def reason(exc: BaseException) -> str:
     """An exception as a log line's cause: its text, cut at 200 characters."""
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+class ExpectedReconnection(logging.Filter):
+    """Drops what aiormq and aio-pika log about a broker connection that closed and is being
+    restored (``Unexpected connection close``, the reader's traceback, a robust channel's close
+    callback, reconnection attempts): :class:`BrokerWatch` logs one WARNING and one INFO per
+    outage instead. Anything else those libraries log, a real bug included, passes.
+    """
+
+    _LIBRARIES: Final = ("aiormq", "aio_pika")
+    _MESSAGES: Final = (
+        "Unexpected connection close from remote",
+        "reader exited abnormally",
+        "RobustChannel._on_close",
+        "Connection attempt to",
+        "Reconnect attempt failed",
+        "Connection to ",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._LIBRARIES):
+            return True
+        if record.exc_info and record.exc_info[1] is not None:
+            if _is_connection_loss(record.exc_info[1]):
+                return False
+        message = record.getMessage()
+        return not any(m in message for m in self._MESSAGES)
+
+
+def _is_connection_loss(exc: BaseException) -> bool:
+    import aiormq.exceptions
+
+    expected = (
+        aiormq.exceptions.ConnectionClosed,
+        aiormq.exceptions.ChannelInvalidStateError,
+        aiormq.exceptions.AMQPConnectionError,
+        ConnectionError,
+    )
+    return isinstance(exc, expected)

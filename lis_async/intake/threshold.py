@@ -30,27 +30,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 from lis_async.intake.hold import IntakeHold
+from lis_async.platform.client import QueueDetails
 
-__all__ = ["BYTES_PER_MB", "QueueDetails", "QueueThreshold"]
+__all__ = ["QueueThreshold"]
 
 log: Final = logging.getLogger("lis_async.queue_threshold")
-
-#: pycti: ``queue_messages_size_mo = queue_messages_size_byte / 1000000`` (decimal MB).
-BYTES_PER_MB: Final = 1_000_000
-
-
-class QueueDetails(NamedTuple):
-    """The platform's ``connector_queue_details`` of this connector."""
-
-    messages: int  # messages_number
-    size_bytes: int  # messages_size
-
-    @property
-    def size_mb(self) -> float:
-        return self.size_bytes / BYTES_PER_MB
 
 
 class QueueThreshold(IntakeHold):

@@ -35,53 +35,16 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
-class ExpectedReconnection(logging.Filter):
-    """Drops what aiormq and aio-pika log about a broker connection that closed and is being
-    restored (``Unexpected connection close``, the reader's traceback, a robust channel's close
-    callback, reconnection attempts): :class:`lis_async.broker.connection.BrokerWatch` logs one
-    WARNING and
-    one INFO per outage instead. Anything else those libraries log, a real bug included, passes.
-    """
-
-    _LIBRARIES: Final = ("aiormq", "aio_pika")
-    _MESSAGES: Final = (
-        "Unexpected connection close from remote",
-        "reader exited abnormally",
-        "RobustChannel._on_close",
-        "Connection attempt to",
-        "Reconnect attempt failed",
-        "Connection to ",
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith(self._LIBRARIES):
-            return True
-        if record.exc_info and record.exc_info[1] is not None:
-            if _is_connection_loss(record.exc_info[1]):
-                return False
-        message = record.getMessage()
-        return not any(m in message for m in self._MESSAGES)
-
-
-def _is_connection_loss(exc: BaseException) -> bool:
-    import aiormq.exceptions
-
-    expected = (
-        aiormq.exceptions.ConnectionClosed,
-        aiormq.exceptions.ChannelInvalidStateError,
-        aiormq.exceptions.AMQPConnectionError,
-        ConnectionError,
-    )
-    return isinstance(exc, expected)
-
-
 #: Third-party chatter stays at warning even in debug: their records may carry URLs.
 THIRD_PARTY_LOGGERS: Final = ("aio_pika", "aiormq", "urllib3", "pycti", "api", "pika")
 
 
-def setup_logging(level: str, json_lines: bool) -> None:
+def setup_logging(level: str, json_lines: bool, filters: Iterable[logging.Filter] = ()) -> None:
+    """One stderr handler on the root logger; ``filters`` go on the handler (the broker's
+    :class:`~lis_async.broker.connection.ExpectedReconnection`, given by the CLI)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(ExpectedReconnection())
+    for f in filters:
+        handler.addFilter(f)
     handler.setFormatter(
         _JsonFormatter()
         if json_lines

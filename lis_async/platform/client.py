@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -37,7 +37,6 @@ from lis_async.broker.connection import AmqpParams
 from lis_async.enrichment.job import PlaybookContext
 from lis_async.enrichment.ports import PlatformHealthPort
 from lis_async.errors import PlatformAuthError, PlatformError, PlatformUnavailable, WorkNotAlive
-from lis_async.intake.threshold import QueueDetails
 from lis_async.settings.model import Settings
 
 log = logging.getLogger("lis_async.platform")
@@ -149,6 +148,21 @@ _FATAL_CODES: Final = frozenset({"AUTH_FAILURE", "AUTH_REQUIRED", "FORBIDDEN_ACC
 _SCHEMA_CODES: Final = frozenset(
     {"GRAPHQL_VALIDATION_FAILED", "GRAPHQL_PARSE_FAILED", "BAD_USER_INPUT"}
 )
+
+
+#: pycti: ``queue_messages_size_mo = queue_messages_size_byte / 1000000`` (decimal MB).
+BYTES_PER_MB: Final = 1_000_000
+
+
+class QueueDetails(NamedTuple):
+    """The platform's ``connector_queue_details`` of this connector."""
+
+    messages: int  # messages_number
+    size_bytes: int  # messages_size
+
+    @property
+    def size_mb(self) -> float:
+        return self.size_bytes / BYTES_PER_MB
 
 
 class _Session(Protocol):

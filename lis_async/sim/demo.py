@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 from lis_async.app import App
+from lis_async.broker.connection import ExpectedReconnection
 from lis_async.ops.telemetry import setup_logging
 from lis_async.settings.model import load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
@@ -34,7 +35,7 @@ async def run_demo(jobs: int = 300, latency_s: float = 0.15, amqp_url: str | Non
     if not await rabbit_reachable(url):
         print(RABBIT_HELP.format(url=url.split("@")[-1]), file=sys.stderr)
         return 1
-    setup_logging("warning", False)
+    setup_logging("warning", False, filters=(ExpectedReconnection(),))
     logging.getLogger("lis_async.sim").setLevel(logging.ERROR)
     print(f"lis-async demo: {jobs} enrichment jobs, LastInfoSec latency {latency_s * 1000:.0f} ms")
     lis_config = LisSimConfig(latency_s=latency_s, jitter_s=latency_s / 5, bundle_size=12)

@@ -12,8 +12,7 @@ import pytest
 
 from lis_async.enrichment.markings import MarkingDef
 from lis_async.errors import PlatformAuthError, PlatformError, WorkNotAlive
-from lis_async.intake.threshold import QueueDetails
-from lis_async.platform.client import Platform
+from lis_async.platform.client import Platform, QueueDetails
 from lis_async.settings.model import load_settings
 from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
 from lis_async.sim.world import DEFAULT_AMQP_URL

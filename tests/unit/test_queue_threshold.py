@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from lis_async.errors import PlatformError, PlatformUnavailable
-from lis_async.intake.threshold import QueueDetails, QueueThreshold
-from lis_async.platform.client import Platform
+from lis_async.intake.threshold import QueueThreshold
+from lis_async.platform.client import Platform, QueueDetails
 from lis_async.settings.model import load_settings
 
 LOGGER = "lis_async.queue_threshold"
