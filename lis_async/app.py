@@ -29,13 +29,8 @@ from lis_async.errors import PlatformAuthError, PlatformError
 from lis_async.intake.backpressure import Backpressure
 from lis_async.intake.threshold import QueueThreshold
 from lis_async.lastinfosec import LastInfoSecClient
-from lis_async.ops.telemetry import (
-    ClusterCollector,
-    GaugeCallback,
-    HealthServer,
-    LisStatsCollector,
-    Metrics,
-)
+from lis_async.ops.health import HealthServer
+from lis_async.ops.metrics import ClusterCollector, GaugeCallback, LisStatsCollector, Metrics
 from lis_async.platform.client import Platform, Registration
 from lis_async.platform.health import PlatformHealth
 from lis_async.redact import redact

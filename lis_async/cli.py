@@ -25,7 +25,7 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from lis_async.app import App
     from lis_async.broker.connection import ExpectedReconnection
-    from lis_async.ops.telemetry import setup_logging
+    from lis_async.ops.logs import setup_logging
 
     try:
         settings = load_settings(args.config)

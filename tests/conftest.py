@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from lis_async.ops.telemetry import THIRD_PARTY_LOGGERS
+from lis_async.ops.logs import THIRD_PARTY_LOGGERS
 
-#: The loggers whose level :func:`lis_async.ops.telemetry.setup_logging` sets.
+#: The loggers whose level :func:`lis_async.ops.logs.setup_logging` sets.
 _LOGGERS = ("", "lis_async", *THIRD_PARTY_LOGGERS)
 
 

@@ -72,7 +72,7 @@ async def queue_depth(conn: AbstractRobustConnection | None, queue_name: str) ->
 class BrokerWatch:
     """One WARNING when a broker connection is lost, one INFO when every one is back (with how
     long it took and how many jobs in flight the broker redelivers), instead of the libraries'
-    per-connection errors and tracebacks (:func:`lis_async.ops.telemetry.setup_logging` quiets
+    per-connection errors and tracebacks (:func:`lis_async.ops.logs.setup_logging` quiets
     those)."""
 
     def __init__(self, in_flight: Callable[[], int] = lambda: 0) -> None:

@@ -1,4 +1,6 @@
 """Operations: what the operator sees.
 
-- ``telemetry``: logging set-up, Prometheus metrics, the ``/healthz`` and ``/readyz`` server.
+- ``logs``: logging set-up (plain or JSON lines).
+- ``metrics``: the Prometheus registry and the collectors read at scrape time.
+- ``health``: the ``/healthz``, ``/readyz`` and ``/metrics`` server.
 """

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from lis_async.app import App
 from lis_async.broker.connection import ExpectedReconnection
-from lis_async.ops.telemetry import setup_logging
+from lis_async.ops.logs import setup_logging
 from lis_async.settings.model import load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.producer import ProducedJob

@@ -19,7 +19,7 @@ from lis_async.cluster.cache import SharedAnswerCache
 from lis_async.cluster.limiter import ClusterLimiter
 from lis_async.cluster.link import RedisLink
 from lis_async.lastinfosec import LastInfoSecClient
-from lis_async.ops.telemetry import ClusterCollector, Metrics
+from lis_async.ops.metrics import ClusterCollector, Metrics
 from lis_async.sim.lastinfosec import LastInfoSecSim, LisSimConfig
 from tests.helpers import REDIS_URL, PrivateRedis, busiest_window, cluster_settings, poll
 

@@ -23,7 +23,7 @@ import yaml
 
 from lis_async.app import App
 from lis_async.lastinfosec import LisStats
-from lis_async.ops.telemetry import ClusterCollector
+from lis_async.ops.metrics import ClusterCollector
 from lis_async.settings.model import load_settings
 from tests.helpers import OFFLINE_ENV
 

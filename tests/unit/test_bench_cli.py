@@ -38,7 +38,7 @@ from lis_async.bench.results import PhaseResult, ReplicaFigures, ReplicaPhaseRes
 from lis_async.bench.table import format_table
 from lis_async.cli import build_parser, main
 from lis_async.lastinfosec.client import LisStats
-from lis_async.ops.telemetry import ClusterCollector, LisStatsCollector, Metrics
+from lis_async.ops.metrics import ClusterCollector, LisStatsCollector, Metrics
 from lis_async.sim.lastinfosec import LisSimStats, RecordedRequest
 from lis_async.sim.world import SimWorld
 

@@ -25,7 +25,7 @@ out = io.StringIO()
 with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
     parser.parse_args(["--help"])
 assert "bench" in out.getvalue(), out.getvalue()
-import lis_async.app, lis_async.check, lis_async.ops.telemetry  # what `run` and `check` import
+import lis_async.app, lis_async.check, lis_async.ops.logs  # what `run` and `check` import
 """
 LIST = "\nprint('\\n'.join(sorted(sys.modules)))\n"
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from lis_async.ops.telemetry import HealthServer
+from lis_async.ops.health import HealthServer
 from lis_async.settings.model import Settings, SettingsError, all_env_names, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lis_async.ops.telemetry import Metrics, metric_name
+from lis_async.ops.metrics import Metrics, metric_name
 from lis_async.settings.model import (
     SettingsError,
     all_env_names,

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from lis_async.ops.telemetry import setup_logging
+from lis_async.ops.logs import setup_logging
 
 
 def test_json_lines_when_asked(capsys: pytest.CaptureFixture[str]) -> None:

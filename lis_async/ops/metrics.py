@@ -1,61 +1,13 @@
-"""Logging setup, Prometheus metrics and the health endpoints (``/healthz``, ``/readyz``)."""
+"""Prometheus metrics: the worker's registry and the collectors read at scrape time."""
 
 from __future__ import annotations
 
-import logging
-import sys
-import time
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Any
 
-import orjson
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "timestamp": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "name": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            doc["exc_info"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc).decode()
-
-
-#: Third-party chatter stays at warning even in debug: their records may carry URLs.
-THIRD_PARTY_LOGGERS: Final = ("aio_pika", "aiormq", "urllib3", "pycti", "api", "pika")
-
-
-def setup_logging(level: str, json_lines: bool, filters: Iterable[logging.Filter] = ()) -> None:
-    """One stderr handler on the root logger; ``filters`` go on the handler (the broker's
-    :class:`~lis_async.broker.connection.ExpectedReconnection`, given by the CLI)."""
-    handler = logging.StreamHandler(sys.stderr)
-    for f in filters:
-        handler.addFilter(f)
-    handler.setFormatter(
-        _JsonFormatter()
-        if json_lines
-        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    logging.getLogger("lis_async").setLevel(_LEVELS.get(level, logging.INFO))
-    for name in THIRD_PARTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def metric_name(name: str, namespace: str = "", subsystem: str = "") -> str:
@@ -227,57 +179,3 @@ class GaugeCallback(Collector):
         if value is not None:
             g.add_metric([], float(value))
         yield g
-
-
-class HealthServer:
-    """``/healthz`` (the loop answers), ``/readyz`` (checks pass), ``/metrics`` (when enabled)."""
-
-    def __init__(
-        self,
-        checks: Callable[[], dict[str, bool]],
-        metrics: Metrics | None,
-        host: str = "0.0.0.0",
-        port: int = 9096,
-        details: Callable[[], dict[str, Any]] | None = None,
-    ) -> None:
-        self._checks = checks
-        self._details = details
-        self._metrics = metrics
-        self._host, self._port = host, port
-        self._runner: web.AppRunner | None = None
-        self.started = time.time()
-        self.port: int | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        if self._metrics is not None:
-            app.router.add_get("/metrics", self._metrics_view)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self._port
-
-    async def close(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def _healthz(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "uptime_s": round(time.time() - self.started)})
-
-    async def _readyz(self, _: web.Request) -> web.Response:
-        checks = self._checks()
-        ok = all(checks.values())
-        body: dict[str, Any] = {"status": "ready" if ok else "not ready", "checks": checks}
-        if self._details is not None:
-            body["details"] = self._details()
-        return web.json_response(body, status=200 if ok else 503)
-
-    async def _metrics_view(self, _: web.Request) -> web.Response:
-        assert self._metrics is not None
-        return web.Response(body=self._metrics.render(), content_type="text/plain")
