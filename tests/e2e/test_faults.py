@@ -783,10 +783,10 @@ async def test_broker_connection_closed_twice_logs_two_quiet_pairs() -> None:
         finally:
             await stop_async(proc)
         log = worker_log(proc)
-    assert log.count("WARNING lis_async.broker.connection: broker connection lost") == 2, log[
+    assert log.count("WARNING lis_async.amqp: broker connection lost") == 2, log[
         -4000:
     ]
-    assert log.count("INFO    lis_async.broker.connection: broker connection back after") == 2, log[
+    assert log.count("INFO    lis_async.amqp: broker connection back after") == 2, log[
         -4000:
     ]
     assert "Traceback" not in log, log[-4000:]
