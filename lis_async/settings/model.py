@@ -31,6 +31,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from lis_async.enrichment.job import SUPPORTED_TYPES, normalise_tlp
 from lis_async.enrichment.markings import normalise_pap
@@ -46,17 +47,54 @@ DEFAULT_CONFIG_PATHS: Final = (
     Path("/opt/opencti-connector-lastinfosec-enrichment/config.yml"),
 )
 
-# Upstream environment variable -> (section, key). Checked after the conventional name.
-LEGACY_ENV: Final[Mapping[str, tuple[str, str]]] = {
-    "CONFIG_LIS_APIKEY_CTI": ("lastinfosec", "api_key_cti"),
-    "PROXY_HTTP": ("opencti", "proxy_http"),
-    "PROXY_HTTPS": ("opencti", "proxy_https"),
-}
-# Upstream YAML key -> our (section, key).
-LEGACY_YAML: Final[Mapping[tuple[str, str], tuple[str, str]]] = {
-    ("lastinfosec", "proxy_http"): ("opencti", "proxy_http"),
-    ("lastinfosec", "proxy_https"): ("opencti", "proxy_https"),
-}
+
+#: Where a setting comes from, marked on every field (``json_schema_extra["origin"]``) and shown in
+#: docs/configuration.md: the upstream connector's own settings, the ones pycti's connector helper
+#: reads (same name, same meaning), and lis-async's own.
+Origin = Literal["upstream", "pycti", "lis-async"]
+ORIGINS: Final[tuple[Origin, ...]] = ("upstream", "pycti", "lis-async")
+
+
+def _setting(
+    origin: Origin,
+    default: Any,
+    description: str,
+    *,
+    group: str | None = None,
+    legacy_env: tuple[str, ...] = (),
+    legacy_yaml: tuple[str, ...] = (),
+    secret_file: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """A settings field: pydantic's ``Field`` plus what the loader and the generated reference
+    (:mod:`lis_async.settings.reference`) read: ``origin``, the operator's ``group`` (default:
+    the section's), the upstream names still read (``legacy_env``, ``legacy_yaml`` as
+    ``section.key``) and whether a ``NAME_FILE`` variable may hold the value (``secret_file``)."""
+    extra: dict[str, Any] = {"origin": origin}
+    if group:
+        extra["group"] = group
+    if legacy_env:
+        extra["legacy_env"] = list(legacy_env)
+    if legacy_yaml:
+        extra["legacy_yaml"] = list(legacy_yaml)
+    if secret_file:
+        extra["secret_file"] = True
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
+
+
+def _upstream(default: Any, description: str, **kwargs: Any) -> Any:
+    """A setting of the upstream LastInfoSec connector (same name, same meaning)."""
+    return _setting("upstream", default, description, **kwargs)
+
+
+def _pycti(default: Any, description: str, **kwargs: Any) -> Any:
+    """A setting pycti's connector helper reads, honoured with pycti's name and meaning."""
+    return _setting("pycti", default, description, **kwargs)
+
+
+def _own(default: Any, description: str, **kwargs: Any) -> Any:
+    """A setting of lis-async's own."""
+    return _setting("lis-async", default, description, **kwargs)
 
 
 def _to_bool(v: Any) -> Any:
@@ -110,17 +148,32 @@ class _Section(BaseModel):
 
 
 class OpenCTISettings(_Section):
-    url: str = Field(repr=False)  # may carry credentials: masked in the summary
-    token: SecretStr
-    ssl_verify: Bool = True
-    json_logging: Bool = False
-    # Proxy URLs may carry credentials: kept out of repr, masked in the summary.
-    proxy_http: OptStr = Field(None, repr=False)
-    proxy_https: OptStr = Field(None, repr=False)
-    threads: int = Field(8, ge=1, le=256, description="threads for pycti calls")
-    timeout_s: float = Field(60.0, gt=0)
-    # pycti's OPENCTI_CUSTOM_HEADERS, "Name1:value1;Name2:value2", on every GraphQL request.
-    custom_headers: SecretStr | None = None
+    # URLs may carry credentials: kept out of repr, masked in the summary.
+    url: str = _pycti(..., "OpenCTI's URL (http:// or https://)", repr=False)
+    token: SecretStr = _pycti(
+        ..., "the connector's OpenCTI API token (never logged)", secret_file=True
+    )
+    ssl_verify: Bool = _pycti(True, "verify OpenCTI's TLS certificate")
+    json_logging: Bool = _pycti(False, "log lines as JSON")
+    proxy_http: OptStr = _upstream(
+        None,
+        "proxy for LastInfoSec requests; none by default",
+        repr=False,
+        legacy_env=("PROXY_HTTP",),
+        legacy_yaml=("lastinfosec.proxy_http",),
+    )
+    proxy_https: OptStr = _upstream(
+        None,
+        "proxy for LastInfoSec requests, preferred over proxy_http when both are set",
+        repr=False,
+        legacy_env=("PROXY_HTTPS",),
+        legacy_yaml=("lastinfosec.proxy_https",),
+    )
+    threads: int = _own(8, "threads for pycti's (synchronous) GraphQL calls", ge=1, le=256)
+    timeout_s: float = _own(60.0, "timeout of one OpenCTI request, seconds", gt=0)
+    custom_headers: SecretStr | None = _pycti(
+        None, "extra headers on every OpenCTI request, 'Name1:value1;Name2:value2' (never logged)"
+    )
 
     @field_validator("custom_headers")
     @classmethod
@@ -146,49 +199,100 @@ class OpenCTISettings(_Section):
 
 
 class ConnectorSettings(_Section):
-    id: str
-    name: str = "LastInfoSec Enrichment"
-    type: Literal["INTERNAL_ENRICHMENT"] = "INTERNAL_ENRICHMENT"
-    scope: tuple[str, ...] = tuple(SUPPORTED_TYPES)
-    auto: Bool = False
-    auto_update: Bool = False
-    confidence_level: int = Field(50, ge=0, le=100)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    jobs_in_flight: int = Field(64, ge=1, le=10_000)
-    shutdown_timeout_s: float = Field(30.0, ge=0)
-    expose_metrics: Bool = False
-    metrics_port: int = Field(9095, ge=0, le=65535)
-    health_port: int = Field(9096, ge=0, le=65535, description="0 disables /healthz")
-    # Address of the /healthz, /readyz and /metrics servers; 0.0.0.0 is what works in a container.
-    health_host: str = "0.0.0.0"
-    heartbeat_interval_s: float = Field(40.0, ge=1, le=240)
-    platform_retry_max_s: float = Field(60.0, gt=0)
-    # Backpressure: no new jobs while the push queue holds more than push_high_watermark
-    # messages, again below push_low_watermark (0 disables). About a dozen messages per job.
-    push_high_watermark: int = Field(50_000, ge=0)
-    push_low_watermark: int = Field(25_000, ge=0)
+    id: str = _pycti(..., "a UUID, unique per connector (uuidgen)")
+    name: str = _pycti("LastInfoSec Enrichment", "name shown in OpenCTI (2 characters or more)")
+    type: Literal["INTERNAL_ENRICHMENT"] = _pycti("INTERNAL_ENRICHMENT", "the only accepted value")
+    scope: tuple[str, ...] = _pycti(
+        tuple(SUPPORTED_TYPES), "observable types to enrich, comma-separated: any of these four"
+    )
+    auto: Bool = _pycti(False, "enrich observables on creation")
+    auto_update: Bool = _pycti(False, "enrich observables on update")
+    confidence_level: int = _upstream(
+        50, "confidence of created relationships, 0 (unknown) to 100", ge=0, le=100
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = _pycti(
+        "info", "debug, info, warn/warning or error"
+    )
+    jobs_in_flight: int = _own(
+        64, "jobs taken from the queue and not yet acknowledged", ge=1, le=10_000, group="limits"
+    )
+    shutdown_timeout_s: float = _own(
+        30.0, "how long jobs in flight may finish after SIGTERM, seconds", ge=0
+    )
+    expose_metrics: Bool = _pycti(False, "serve Prometheus /metrics on metrics_port")
+    metrics_port: int = _pycti(9095, "port of /metrics", ge=0, le=65535)
+    health_port: int = _own(9096, "port of /healthz and /readyz (0 disables them)", ge=0, le=65535)
+    # 0.0.0.0 is what works in a container.
+    health_host: str = _own(
+        "0.0.0.0", "address of /healthz, /readyz and /metrics (127.0.0.1: local only)"
+    )
+    heartbeat_interval_s: float = _own(
+        40.0,
+        "seconds between pingConnector heartbeats (OpenCTI: alive = pinged < 5 min ago) and "
+        "queue_threshold checks",
+        ge=1,
+        le=240,
+    )
+    platform_retry_max_s: float = _own(
+        60.0, "longest back-off between retries of a platform report, seconds", gt=0
+    )
+    # Backpressure: about a dozen messages per job.
+    push_high_watermark: int = _own(
+        50_000,
+        "no new jobs while the push queue holds more messages (0: off)",
+        ge=0,
+        group="limits",
+    )
+    push_low_watermark: int = _own(
+        25_000,
+        "... until it is back below this many (below push_high_watermark)",
+        ge=0,
+        group="limits",
+    )
     # Priority lanes (docs/architecture.md, Priority lanes): jobs are moved from the listen queue
-    # into one connector-owned priority queue, and manual and playbook jobs are taken first.
-    # false: the listen queue is consumed directly, first in first out.
-    priority_lanes: Bool = True
-    # The lane deletes itself after this long without a consumer (RabbitMQ's x-expires); the
-    # jobs it still holds go with it, so it is long: a week.
-    lanes_expire_s: float = Field(604_800.0, ge=60, le=2_592_000)
-    # RabbitMQ's consumer_timeout (30 min by default): no delivery is held unacked longer than
-    # 80 % of it (older jobs are requeued) and the lookahead is bounded by the rate to fit in
-    # half of it. 0 turns both off.
-    consumer_timeout_s: float = Field(1800.0, ge=0)
-    # While OpenCTI is unavailable: seconds between the probes of the health gate (jobs wait,
-    # intake is paused; every waiting job goes on within about this long of its return).
-    platform_probe_s: float = Field(1.0, gt=0, le=60)
-    # pycti's CONNECTOR_ENRICHMENT_RESOLUTION: what jobs carry (docs/protocol.md §3.5).
-    enrichment_resolution: Literal["none", "stix_bundle", "deferred"] = "none"
-    # pycti's CONNECTOR_QUEUE_THRESHOLD, megabytes (10^6 bytes) of the connector's queue as
-    # OpenCTI reports it: intake held at or above (lis_async/intake/threshold.py).
-    queue_threshold: float = Field(500.0, gt=0)
-    # pycti's CONNECTOR_METRICS_NAMESPACE / _SUBSYSTEM: prometheus_client's name prefixes.
-    metrics_namespace: OptStr = None
-    metrics_subsystem: OptStr = None
+    # into one connector-owned priority queue.
+    priority_lanes: Bool = _own(
+        True,
+        "manual and playbook jobs first, through the connector's priority queue (false: FIFO)",
+    )
+    # RabbitMQ's x-expires; the jobs the lane still holds go with it, so it is long: a week.
+    lanes_expire_s: float = _own(
+        604_800.0,
+        "the lane deletes itself, with its jobs, after this long without a consumer, seconds",
+        ge=60,
+        le=2_592_000,
+    )
+    # The lookahead is also bounded by the rate to fit in half of it (lis_async/app.py).
+    consumer_timeout_s: float = _own(
+        1800.0,
+        "RabbitMQ's consumer_timeout, seconds: jobs held longer than 80 % of it are requeued "
+        "(0: off)",
+        ge=0,
+    )
+    # Jobs wait and intake is paused; every waiting job goes on within about this long of its
+    # return.
+    platform_probe_s: float = _own(
+        1.0, "while OpenCTI is down, seconds between health probes", gt=0, le=60
+    )
+    # docs/protocol.md §3.5.
+    enrichment_resolution: Literal["none", "stix_bundle", "deferred"] = _pycti(
+        "none",
+        "what jobs carry: none (the entity), stix_bundle (plus its bundle) or deferred "
+        "(nothing: the connector reads it)",
+    )
+    # Intake held at or above (lis_async/intake/threshold.py).
+    queue_threshold: float = _pycti(
+        500.0,
+        "no new jobs while OpenCTI reports the connector's queue at or above this many MB "
+        "(10^6 bytes)",
+        gt=0,
+        group="limits",
+    )
+    # prometheus_client's name prefixes.
+    metrics_namespace: OptStr = _pycti(
+        None, "prefix of every /metrics name (namespace_subsystem_name)"
+    )
+    metrics_subsystem: OptStr = _pycti(None, "second prefix of every /metrics name")
 
     @field_validator("metrics_namespace", "metrics_subsystem")
     @classmethod
@@ -265,35 +369,79 @@ class ConnectorSettings(_Section):
 
 
 class LastInfoSecSettings(_Section):
-    api_key_cti: SecretStr
+    api_key_cti: SecretStr = _upstream(
+        ...,
+        "LastInfoSec API key (never logged)",
+        legacy_env=("CONFIG_LIS_APIKEY_CTI",),
+        secret_file=True,
+    )
     # Before base_url: its validator reads it. The key travels in the query string, so plain
     # http is refused unless asked for (the simulators on loopback).
-    allow_http: Bool = False
-    base_url: str = Field("https://api.client.lastinfosec.com/v2", repr=False)  # like url
-    endpoint_style: Literal["search_hash_host", "search"] = "search_hash_host"
-    timeout_s: float = Field(30.0, gt=0)
+    allow_http: Bool = _own(False, "accept an http:// base_url (the key travels in the URL)")
+    base_url: str = _own(
+        "https://api.client.lastinfosec.com/v2", "LastInfoSec API base URL", repr=False
+    )
+    endpoint_style: Literal["search_hash_host", "search"] = _own(
+        "search_hash_host",
+        "search_hash_host (GET search_hash/search_host) or search (POST /stix21/search/)",
+    )
+    timeout_s: float = _own(30.0, "timeout of one LastInfoSec request, seconds", gt=0)
     # Superseded by retry_budget_s (transient failures are retried by time, not by count):
     # still read, so existing deployments start, and a start-up warning says it is unused.
-    retries: int = Field(5, ge=0, le=100)
-    # How long one job waits out transient LastInfoSec failures (5xx, 429, timeouts, connection
-    # errors), unacknowledged, before its work ends in error. Below RabbitMQ's default 30-minute
-    # consumer_timeout, which a job must never reach.
-    retry_budget_s: float = Field(600.0, ge=0, le=1500)
-    outage_probe_s: float = Field(1.0, gt=0, le=60, description="while LastInfoSec is down")
-    backoff_base_s: float = Field(0.5, gt=0)
-    backoff_max_s: float = Field(30.0, gt=0)
-    concurrency: int = Field(16, ge=1, le=1024)
-    rate_per_s: float = Field(10.0, gt=0)
-    rate_burst: int | None = Field(None, ge=1)
-    max_tlp: str = "TLP:AMBER"
-    max_pap: OptStr = None  # None: no PAP gate
-    cache_ttl_s: float = Field(3600.0, ge=0)
-    cache_negative_ttl_s: float = Field(300.0, ge=0)
-    cache_size: int = Field(10_000, ge=0)
-    cache_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
-    ssl_verify: Bool = True
-    max_answer_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    max_answer_objects: int = Field(5000, ge=1)
+    retries: int = _own(
+        5, "no longer used (a start-up warning says so): see retry_budget_s", ge=0, le=100
+    )
+    # Unacknowledged meanwhile; below RabbitMQ's default 30-minute consumer_timeout, which a job
+    # must never reach.
+    retry_budget_s: float = _own(
+        600.0,
+        "how long a job waits out 429/5xx/timeouts/connection errors before it ends in error, "
+        "seconds",
+        ge=0,
+        le=1500,
+    )
+    outage_probe_s: float = _own(
+        1.0, "while LastInfoSec is down, seconds between probe requests", gt=0, le=60
+    )
+    backoff_base_s: float = _own(0.5, "first retry back-off, doubled each attempt, seconds", gt=0)
+    backoff_max_s: float = _own(
+        30.0, "longest retry back-off (and Retry-After honoured), seconds", gt=0
+    )
+    concurrency: int = _own(16, "LastInfoSec requests open at once", ge=1, le=1024, group="limits")
+    rate_per_s: float = _own(
+        10.0,
+        "LastInfoSec requests per second (per replica; the cluster's with redis.url)",
+        gt=0,
+        group="limits",
+    )
+    rate_burst: int | None = _own(
+        None,
+        "sliding-window size, requests; default: one second's worth (rate_per_s)",
+        ge=1,
+        group="limits",
+    )
+    max_tlp: str = _own(
+        "TLP:AMBER",
+        "observables marked above this TLP (or with a marking that cannot be resolved) are "
+        "never sent",
+    )
+    max_pap: OptStr = _own(
+        None,
+        "PAP:CLEAR..PAP:RED: observables marked above it are never sent; none: no PAP gate",
+    )
+    cache_ttl_s: float = _own(3600.0, "cache of answers, seconds (0 disables)", ge=0)
+    cache_negative_ttl_s: float = _own(300.0, 'cache of "not found" answers, seconds', ge=0)
+    cache_size: int = _own(10_000, "cache entries", ge=0)
+    cache_max_bytes: int = _own(
+        64 * 1024 * 1024, "cache size in bytes of compressed answers (0 disables)", ge=0
+    )
+    ssl_verify: Bool = _own(True, "verify LastInfoSec's TLS certificate")
+    max_answer_bytes: int = _own(
+        4 * 1024 * 1024, "largest accepted answer body, bytes", ge=1024, group="limits"
+    )
+    max_answer_objects: int = _own(
+        5000, "most STIX objects accepted in one answer; more fails the job", ge=1, group="limits"
+    )
 
     @field_validator("api_key_cti")
     @classmethod
@@ -329,19 +477,25 @@ class LastInfoSecSettings(_Section):
 class MqSettings(_Section):
     """pycti's ``MQ_*`` overrides of the RabbitMQ block the platform returns at registration."""
 
-    host: OptStr = None
-    port: int | None = Field(None, ge=1, le=65535)
-    vhost: OptStr = None
-    use_ssl: Bool | None = None
-    user: OptStr = None
+    host: OptStr = _pycti(None, "broker host")
+    port: int | None = _pycti(None, "broker port", ge=1, le=65535)
+    vhost: OptStr = _pycti(None, "virtual host")
+    use_ssl: Bool | None = _pycti(None, "true/false: AMQPS")
+    user: OptStr = _pycti(None, "user name")
     # ``pass`` is a keyword: the YAML key and env name stay mq.pass / MQ_PASS.
-    password: SecretStr | None = Field(None, alias="pass")
+    password: SecretStr | None = _pycti(None, "password (never logged)", alias="pass")
     # pycti's AMQPS client settings (lis_async.settings.tls): paths or PEM texts.
-    use_ssl_ca: OptStr = None
-    use_ssl_cert: OptStr = None
-    use_ssl_key: SecretStr | None = None
-    use_ssl_passphrase: SecretStr | None = None
-    use_ssl_reject_unauthorized: Bool = True
+    use_ssl_ca: OptStr = _pycti(
+        None, "CA to trust besides the system's: a file path or the PEM text"
+    )
+    use_ssl_cert: OptStr = _pycti(None, "client certificate: a file path or the PEM text")
+    use_ssl_key: SecretStr | None = _pycti(
+        None, "its private key: a file path or the PEM text (never logged)"
+    )
+    use_ssl_passphrase: SecretStr | None = _pycti(None, "the key's passphrase (never logged)")
+    use_ssl_reject_unauthorized: Bool = _pycti(
+        True, "check the broker's certificate and host name (pycti's default: false)"
+    )
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
@@ -401,24 +555,43 @@ class RedisSettings(_Section):
     cache through Redis (docs/architecture.md, "Cluster mode"). Unset ``url``: every replica
     keeps its own limiter and cache, as without Redis."""
 
-    # redis://[user:password@]host:port/db, rediss:// for TLS, unix:///path?db=N. May hold a
-    # password: kept out of repr, masked in the summary and in every message.
-    url: OptStr = Field(None, repr=False)
-    # Keys are "<prefix>:..."; by default derived from the connector id, so two connectors never
-    # share a quota by accident.
-    key_prefix: OptStr = None
-    timeout_s: float = Field(0.25, gt=0, le=30, description="per Redis command")
-    connect_timeout_s: float = Field(1.0, gt=0, le=60)
-    # Share of LASTINFOSEC_RATE_PER_S one replica may use while Redis is unreachable; unset =
-    # 1 / the number of replicas seen while Redis was up (never more than the cluster rate).
-    fallback_rate_share: float | None = Field(None, gt=0, le=1)
-    # Cross-replica coalescing: the replica looking a value up holds a lease this long; the
-    # others wait for its answer at most coalesce_wait_s, then ask LastInfoSec themselves.
-    # Both longer than a lookup may queue under a backlog (jobs in flight / rate: 64 jobs at
-    # 10/s wait up to 6.4 s for the rate limit), or the waiting replica gives up and asks too.
-    lease_s: float = Field(30.0, gt=0, le=600)
-    coalesce_wait_s: float = Field(30.0, ge=0, le=600)
-    probe_interval_s: float = Field(2.0, gt=0, le=60, description="while Redis is down")
+    # May hold a password: kept out of repr, masked in the summary and in every message.
+    url: OptStr = _own(
+        None,
+        "redis://[user:password@]host:port/db, rediss:// for TLS, unix:///path?db=N; unset: "
+        "no cluster mode",
+        repr=False,
+    )
+    # Two connectors never share a quota by accident.
+    key_prefix: OptStr = _own(None, "prefix of every Redis key; default: lis-async:<connector.id>")
+    timeout_s: float = _own(
+        0.25, "per Redis command, seconds; a slow Redis costs at most this", gt=0, le=30
+    )
+    connect_timeout_s: float = _own(1.0, "per Redis connection attempt, seconds", gt=0, le=60)
+    # Never more than the cluster rate.
+    fallback_rate_share: float | None = _own(
+        None,
+        "share of rate_per_s one replica may use while Redis is down; default: 1 / the "
+        "replicas seen",
+        gt=0,
+        le=1,
+    )
+    # Cross-replica coalescing: both longer than a lookup may queue under a backlog (jobs in
+    # flight / rate: 64 jobs at 10/s wait up to 6.4 s for the rate limit), or the waiting
+    # replica gives up and asks too.
+    lease_s: float = _own(
+        30.0,
+        "how long a replica's lookup holds the value for the others, seconds",
+        gt=0,
+        le=600,
+    )
+    coalesce_wait_s: float = _own(
+        30.0,
+        "longest wait for another replica's answer before asking LastInfoSec itself, seconds",
+        ge=0,
+        le=600,
+    )
+    probe_interval_s: float = _own(2.0, "while Redis is down, seconds between probes", gt=0, le=60)
 
     @field_validator("url")
     @classmethod
@@ -480,6 +653,40 @@ def _keys(section: str) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
+def field_extra(field: FieldInfo) -> dict[str, Any]:
+    """What :func:`_setting` marked on a field (origin, group, legacy names, secret file)."""
+    extra = field.json_schema_extra
+    return dict(extra) if isinstance(extra, dict) else {}
+
+
+def _fields() -> list[tuple[str, str, FieldInfo]]:
+    """(section, key, field) of every setting, in declaration order."""
+    return [
+        (section, f.alias or name, f)
+        for section, model in _SECTIONS.items()
+        for name, f in model.model_fields.items()
+    ]
+
+
+def _dotted(name: str) -> tuple[str, str]:
+    section, _, key = name.partition(".")
+    return section, key
+
+
+# Upstream environment variable -> (section, key). Checked after the conventional name.
+LEGACY_ENV: Final[Mapping[str, tuple[str, str]]] = {
+    legacy: (section, key)
+    for section, key, f in _fields()
+    for legacy in field_extra(f).get("legacy_env", ())
+}
+# Upstream YAML key -> our (section, key).
+LEGACY_YAML: Final[Mapping[tuple[str, str], tuple[str, str]]] = {
+    _dotted(legacy): (section, key)
+    for section, key, f in _fields()
+    for legacy in field_extra(f).get("legacy_yaml", ())
+}
+
+
 def env_name(section: str, key: str) -> str:
     return f"{section}_{key}".upper()
 
@@ -494,7 +701,9 @@ def all_env_names() -> list[str]:
 
 # Secrets that may also be given as a file (Docker and Kubernetes secrets): NAME_FILE holds its
 # path, the file its value (one trailing newline stripped).
-SECRET_FILE_SETTINGS: Final = (("opencti", "token"), ("lastinfosec", "api_key_cti"))
+SECRET_FILE_SETTINGS: Final = tuple(
+    (section, key) for section, key, f in _fields() if field_extra(f).get("secret_file")
+)
 
 
 def _secret_names() -> list[str]:

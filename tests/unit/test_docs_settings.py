@@ -181,3 +181,15 @@ def test_refused_settings_say_what_is_accepted_in_the_readme(entry: Any) -> None
     assert "refused" in row[1], row
     for value in entry.accepted:
         assert value.lower() in row[1].lower(), (entry.env[0], value, row[1])
+
+
+# ----------------------------------------------------------------------------- the model
+def test_every_setting_has_a_description_and_an_origin() -> None:
+    from lis_async.settings.model import ORIGINS, _fields, field_extra
+
+    fields = _fields()
+    assert len(fields) > 50
+    for section, key, field in fields:
+        assert field.description and field.description.strip(), f"{section}.{key}: no description"
+        assert "\n" not in field.description, f"{section}.{key}: one line"
+        assert field_extra(field).get("origin") in ORIGINS, f"{section}.{key}: no origin"
