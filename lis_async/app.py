@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from lis_async.broker.connection import BrokerWatch, queue_depth
 from lis_async.broker.consumer import Consumer
-from lis_async.broker.lanes import Mover, declare_lane, lane_name
+from lis_async.broker.lanes import EXPIRE_S, Mover, declare_lane, lane_name
 from lis_async.broker.publisher import Publisher
 from lis_async.enrichment.pipeline import Pipeline, Policy, Result
 from lis_async.errors import PlatformAuthError, PlatformError
@@ -53,13 +53,10 @@ _REGISTER_ATTEMPTS = 6
 
 
 def _warn_unused_settings(s: Settings) -> None:
-    """One start-up warning per setting that is read but has no effect (none is silent)."""
-    if "retries" in s.lastinfosec.model_fields_set:
-        log.warning(
-            "LASTINFOSEC_RETRIES (lastinfosec.retries) is no longer used: transient "
-            "LastInfoSec failures are retried for LASTINFOSEC_RETRY_BUDGET_S (%g s)",
-            s.lastinfosec.retry_budget_s,
-        )
+    """One start-up warning per removed setting that is set (lis_async/settings/removed.py):
+    ignored, never silent."""
+    for line in s.ignored:
+        log.warning("%s", line)
 
 
 #: Each shutdown step after the drain (cancelling the consumers, the background tasks, closing a
@@ -199,7 +196,7 @@ class App:
             reg.amqp.host,
             reg.amqp.port,
         )
-        self.health = health = PlatformHealth(self.platform.probe, s.connector.platform_probe_s)
+        self.health = health = PlatformHealth(self.platform.probe)
         self._spawn(self.platform.heartbeat(health), "heartbeat")
         self.lis = self._lastinfosec_client()
         await self.lis.start()
@@ -234,7 +231,7 @@ class App:
             self.mover = Mover(
                 reg.listen,
                 self.consumer.queue_name,
-                s.connector.lanes_expire_s,
+                EXPIRE_S,
                 on_moved=self.metrics.moved,
             )
             assert self.consumer.connection is not None
@@ -256,7 +253,7 @@ class App:
         queue = reg.listen
         if c.priority_lanes:
             queue = lane_name(c.id)
-            declare = functools.partial(declare_lane, name=queue, expire_s=c.lanes_expire_s)
+            declare = functools.partial(declare_lane, name=queue, expire_s=EXPIRE_S)
         return Consumer(
             reg.amqp,
             queue,
@@ -298,7 +295,7 @@ class App:
         self.redis = link = RedisLink(s)
         lis, r = s.lastinfosec, s.redis
         limiter = ClusterLimiter(link, lis.rate_per_s, lis.rate_burst, r.fallback_rate_share)
-        shared = SharedAnswerCache(link, r.lease_s, r.coalesce_wait_s)
+        shared = SharedAnswerCache(link)
         self._spawn(link.maintain(), "redis")
         self.metrics.add_collector(ClusterCollector(link, limiter, shared, self.metrics.name))
         log.info("cluster mode: quota and cache shared through Redis %s", link.where)

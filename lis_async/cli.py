@@ -82,6 +82,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"FAIL settings: {exc}")
         return 2
     print("PASS settings")
+    for line in settings.ignored:  # removed settings (lis_async/settings/removed.py)
+        print(f"WARN settings: {line}")
     return _run_loop(run_check(settings))
 
 

@@ -42,6 +42,10 @@ NORMAL: Final = 0  # auto enrichment
 URGENT: Final = 1  # a manual job (an analyst is waiting) or a playbook step
 #: Set on a lane message whose listen delivery was a redelivery (the lane's own flag is not).
 REDELIVERED_HEADER: Final = "x-lis-redelivered"
+#: The lane deletes itself after this long without a consumer (RabbitMQ's x-expires); the jobs
+#: it still holds go with it, so it is long: a week covers any planned stop (it was the setting
+#: CONNECTOR_LANES_EXPIRE_S, see lis_async/settings/removed.py).
+EXPIRE_S: Final = 604_800.0
 #: Listen deliveries being moved at once. Publishes are pipelined (their confirms are awaited
 #: together) and a move starts per loop turn (see Mover._move), so a small prefetch keeps the
 #: mover at its best (measured on a 2-core machine: ~1,200 jobs/s at 16, against 650-820 at
@@ -100,7 +104,7 @@ async def declare_lane(
     conn: AbstractRobustConnection, channel: AbstractChannel, name: str, expire_s: float
 ) -> AbstractQueue:
     """Declare the lane on ``channel`` (idempotent). If it exists with other arguments
-    (another ``CONNECTOR_LANES_EXPIRE_S`` on another replica, an older version), use it as it
+    (another expiry, set by an older version on another replica), use it as it
     is, with a warning: refusing to start would strand the jobs it holds. The arguments are
     tried on a throw-away channel first, since a refused declare closes its channel."""
     arguments = lane_arguments(expire_s)

@@ -7,7 +7,7 @@ short. The in-process cache stays in front of this one.
 
 Coalescing: the replica about to ask LastInfoSec takes a lease (``SET NX PX``); another replica
 wanting the same value finds the lease, and polls for the answer instead of asking too, at most
-``redis.coalesce_wait_s``; when the lease goes without an answer (the first replica failed or
+:data:`WAIT_S`; when the lease goes without an answer (the first replica failed or
 died) or the wait is over, it asks LastInfoSec itself.
 """
 
@@ -38,6 +38,13 @@ _FOUND: Final = b"F"
 _NOT_FOUND: Final = b"N"
 _POLL_FIRST_S: Final = 0.02
 _POLL_MAX_S: Final = 0.25
+# The lease a replica's lookup holds, and the longest wait of the others for its answer. Both
+# longer than a lookup may queue under a backlog (jobs in flight / rate: 64 jobs at 10/s wait up
+# to 6.4 s for the rate limit), or the waiting replica gives up and asks too (BENCHMARKS.md,
+# cluster). They were the settings REDIS_LEASE_S and REDIS_COALESCE_WAIT_S
+# (lis_async/settings/removed.py); tests pass their own.
+LEASE_S: Final = 30.0
+WAIT_S: Final = 30.0
 
 
 @dataclass(slots=True)
@@ -51,7 +58,7 @@ class SharedCacheStats:
 class SharedAnswerCache:
     """Second-level answer cache in Redis, with leases for cross-replica coalescing."""
 
-    def __init__(self, link: RedisLink, lease_s: float, wait_s: float) -> None:
+    def __init__(self, link: RedisLink, lease_s: float = LEASE_S, wait_s: float = WAIT_S) -> None:
         self._link = link
         self._lease_ms = max(1, round(lease_s * 1000))
         self._wait_s = wait_s

@@ -3,7 +3,7 @@
 Every command goes through :meth:`RedisLink.run`, which bounds it by ``redis.timeout_s`` and
 turns any failure into ``None``: the caller then takes its local path. The first failure flips
 the link to *fallback* (one warning); :meth:`RedisLink.maintain` probes Redis every
-``redis.probe_interval_s`` while it is down and flips it back to *shared* (one info line) when it
+:data:`PROBE_INTERVAL_S` while it is down and flips it back to *shared* (one info line) when it
 answers. While up, the same loop registers this replica, so that every replica knows how many
 share the quota (the default fallback share is 1 / that count).
 """
@@ -32,6 +32,11 @@ T = TypeVar("T")
 # A replica counts as alive while it refreshed its registry entry within this many seconds.
 REPLICA_TTL_S: Final = 30.0
 REGISTRY_INTERVAL_S: Final = 1.0
+# Internal timings, once the settings REDIS_PROBE_INTERVAL_S and REDIS_CONNECT_TIMEOUT_S
+# (lis_async/settings/removed.py): seconds between probes while Redis is down (tests pass their
+# own), and the bound of one connection attempt.
+PROBE_INTERVAL_S: Final = 2.0
+CONNECT_TIMEOUT_S: Final = 1.0
 
 
 @dataclass(slots=True)
@@ -46,7 +51,13 @@ class LinkStats:
 class RedisLink:
     """One replica's view of Redis. ``shared`` is True while Redis answers."""
 
-    def __init__(self, settings: Settings, *, replica_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        replica_id: str | None = None,
+        probe_interval_s: float = PROBE_INTERVAL_S,
+    ) -> None:
         r = settings.redis
         assert r.url is not None, "RedisLink needs redis.url"
         self.prefix = settings.redis_key_prefix
@@ -56,8 +67,8 @@ class RedisLink:
         self._timeout_s = r.timeout_s
         # The bound of one call: the command's own timeout (redis-py's socket_timeout) plus,
         # when the pool has to open a connection first, the connect timeout.
-        self._bound_s = r.timeout_s + r.connect_timeout_s
-        self._probe_s = r.probe_interval_s
+        self._bound_s = r.timeout_s + CONNECT_TIMEOUT_S
+        self._probe_s = probe_interval_s
         self.stats = LinkStats()
         self.shared = True  # optimistic: the first failure says otherwise
         self._down_since: float | None = None
@@ -66,7 +77,7 @@ class RedisLink:
         self.client: aioredis.Redis = aioredis.from_url(
             r.url,
             socket_timeout=r.timeout_s,
-            socket_connect_timeout=r.connect_timeout_s,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
             client_name="lis-async",

@@ -37,7 +37,7 @@ from lis_async.errors import (
 )
 from lis_async.lastinfosec.cache import AnswerCache, CachedAnswer, CacheKey, SharedCache
 from lis_async.lastinfosec.limiter import RateLimiter, SlidingWindowLimiter
-from lis_async.lastinfosec.outage import OutageGate
+from lis_async.lastinfosec.outage import PROBE_INTERVAL_S, OutageGate
 from lis_async.lastinfosec.wire import (
     ENDPOINTS,
     error_detail,
@@ -122,11 +122,13 @@ class LastInfoSecClient:
         clock: Callable[[], float] = time.monotonic,
         limiter: RateLimiter | None = None,
         shared_cache: SharedCache | None = None,
+        outage_probe_s: float = PROBE_INTERVAL_S,
     ) -> None:
         """``proxy``: explicit proxy URL (``PROXY_HTTP(S)``); with ``trust_env``, else the
         environment's ``HTTP(S)_PROXY`` / ``NO_PROXY``. ``clock``: the cache's expiry clock.
         ``limiter`` / ``shared_cache``: cluster mode's (default: a local sliding window, no
-        shared cache)."""
+        shared cache). ``outage_probe_s``: seconds between probes while LastInfoSec is down
+        (tests make it short)."""
         self._settings = s = settings
         self.stats = LisStats()
         key = s.api_key_cti.get_secret_value()
@@ -149,7 +151,7 @@ class LastInfoSecClient:
             s.rate_per_s, s.rate_burst
         )
         self._shared = shared_cache
-        self._outage = OutageGate(s.outage_probe_s)
+        self._outage = OutageGate(outage_probe_s)
         cache_on = s.cache_size > 0 and (s.cache_ttl_s > 0 or s.cache_negative_ttl_s > 0)
         cache_on = cache_on and s.cache_max_bytes > 0
         self._cache = AnswerCache(s.cache_size, clock, s.cache_max_bytes) if cache_on else None

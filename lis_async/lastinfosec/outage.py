@@ -3,7 +3,7 @@
 LastInfoSec is *down* once requests fail transiently (5xx, timeout, connection error) and
 nothing answered for ``outage_after_s`` (so a flaky but living API, say 20 % of 5xx, never
 counts as down: its failures are retried one by one, with back-off). While it is down no
-lookup sends anything but one *probe* at a time, every ``lastinfosec.outage_probe_s``: the
+lookup sends anything but one *probe* at a time, every :data:`PROBE_INTERVAL_S`: the
 first waiter takes the probe turn, the others wait. The first answer marks it *up* again and
 every waiter goes at once: an outage costs LastInfoSec one request per probe interval, not one
 per job, and the lookups resume within about one probe interval of its return. One WARNING
@@ -20,11 +20,18 @@ from typing import Final
 
 log: Final = logging.getLogger("lis_async.lastinfosec")
 
+#: Seconds between probes while LastInfoSec is down: one request a second costs the API nothing
+#: and resumes the lookups within a second of its return (no operator needs another value; it
+#: was the setting LASTINFOSEC_OUTAGE_PROBE_S, see lis_async/settings/removed.py).
+PROBE_INTERVAL_S: Final = 1.0
+
 
 class OutageGate:
     """Admission to LastInfoSec while it is down (see the module docstring)."""
 
-    def __init__(self, probe_interval_s: float, outage_after_s: float = 1.0) -> None:
+    def __init__(
+        self, probe_interval_s: float = PROBE_INTERVAL_S, outage_after_s: float = 1.0
+    ) -> None:
         self._interval = probe_interval_s
         self._after = outage_after_s
         self._cond: asyncio.Condition | None = None  # made on first use, in the loop

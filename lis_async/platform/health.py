@@ -4,7 +4,7 @@ The first call that finds the platform unavailable (:class:`~lis_async.errors.Pl
 unreachable, timeout, HTTP 5xx) closes the gate, with one WARNING. While it is closed every job
 waits on it, intake is paused (the listeners: the consumer stops taking deliveries, so the
 prefetch does not fill with jobs that cannot report), and a single probe asks the platform every
-``connector.platform_probe_s``. The probe's first success opens the gate (one INFO line with the
+:data:`PROBE_INTERVAL_S`. The probe's first success opens the gate (one INFO line with the
 outage's length): every waiting job goes on at once and intake resumes. GraphQL errors (the
 platform answered) never close it: those calls are retried one by one with back-off.
 """
@@ -22,6 +22,11 @@ from lis_async.errors import PlatformAuthError, PlatformError
 
 log: Final = logging.getLogger("lis_async.platform")
 
+#: Seconds between probes while OpenCTI is down: every waiting job goes on within about this
+#: long of its return, for one cheap query a second (it was the setting
+#: CONNECTOR_PLATFORM_PROBE_S, see lis_async/settings/removed.py).
+PROBE_INTERVAL_S: Final = 1.0
+
 Listener = Callable[[bool], Awaitable[None]]  # called with True when up, False when down
 
 
@@ -29,7 +34,9 @@ class PlatformHealth:
     """The gate (see the module docstring). ``probe`` is a cheap call that raises
     :class:`~lis_async.errors.PlatformError` while the platform is down."""
 
-    def __init__(self, probe: Callable[[], Awaitable[object]], probe_interval_s: float) -> None:
+    def __init__(
+        self, probe: Callable[[], Awaitable[object]], probe_interval_s: float = PROBE_INTERVAL_S
+    ) -> None:
         self._probe = probe
         self._interval = probe_interval_s
         self._up: asyncio.Event | None = None

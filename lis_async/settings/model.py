@@ -25,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -37,7 +38,7 @@ from lis_async.enrichment.job import SUPPORTED_TYPES, normalise_tlp
 from lis_async.enrichment.markings import normalise_pap
 from lis_async.errors import SettingsError
 from lis_async.redact import mask_url
-from lis_async.settings import unsupported
+from lis_async.settings import removed, unsupported
 from lis_async.settings.tls import AmqpTls, is_pem, mq_context
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
@@ -255,24 +256,12 @@ class ConnectorSettings(_Section):
         True,
         "manual and playbook jobs first, through the connector's priority queue (false: FIFO)",
     )
-    # RabbitMQ's x-expires; the jobs the lane still holds go with it, so it is long: a week.
-    lanes_expire_s: float = _own(
-        604_800.0,
-        "the lane deletes itself, with its jobs, after this long without a consumer, seconds",
-        ge=60,
-        le=2_592_000,
-    )
     # The lookahead is also bounded by the rate to fit in half of it (lis_async/app.py).
     consumer_timeout_s: float = _own(
         1800.0,
         "RabbitMQ's consumer_timeout, seconds: jobs held longer than 80 % of it are requeued "
         "(0: off)",
         ge=0,
-    )
-    # Jobs wait and intake is paused; every waiting job goes on within about this long of its
-    # return.
-    platform_probe_s: float = _own(
-        1.0, "while OpenCTI is down, seconds between health probes", gt=0, le=60
     )
     # docs/protocol.md §3.5.
     enrichment_resolution: Literal["none", "stix_bundle", "deferred"] = _pycti(
@@ -386,11 +375,6 @@ class LastInfoSecSettings(_Section):
         "search_hash_host (GET search_hash/search_host) or search (POST /stix21/search/)",
     )
     timeout_s: float = _own(30.0, "timeout of one LastInfoSec request, seconds", gt=0)
-    # Superseded by retry_budget_s (transient failures are retried by time, not by count):
-    # still read, so existing deployments start, and a start-up warning says it is unused.
-    retries: int = _own(
-        5, "no longer used (a start-up warning says so): see retry_budget_s", ge=0, le=100
-    )
     # Unacknowledged meanwhile; below RabbitMQ's default 30-minute consumer_timeout, which a job
     # must never reach.
     retry_budget_s: float = _own(
@@ -399,9 +383,6 @@ class LastInfoSecSettings(_Section):
         "seconds",
         ge=0,
         le=1500,
-    )
-    outage_probe_s: float = _own(
-        1.0, "while LastInfoSec is down, seconds between probe requests", gt=0, le=60
     )
     backoff_base_s: float = _own(0.5, "first retry back-off, doubled each attempt, seconds", gt=0)
     backoff_max_s: float = _own(
@@ -567,7 +548,6 @@ class RedisSettings(_Section):
     timeout_s: float = _own(
         0.25, "per Redis command, seconds; a slow Redis costs at most this", gt=0, le=30
     )
-    connect_timeout_s: float = _own(1.0, "per Redis connection attempt, seconds", gt=0, le=60)
     # Never more than the cluster rate.
     fallback_rate_share: float | None = _own(
         None,
@@ -576,22 +556,6 @@ class RedisSettings(_Section):
         gt=0,
         le=1,
     )
-    # Cross-replica coalescing: both longer than a lookup may queue under a backlog (jobs in
-    # flight / rate: 64 jobs at 10/s wait up to 6.4 s for the rate limit), or the waiting
-    # replica gives up and asks too.
-    lease_s: float = _own(
-        30.0,
-        "how long a replica's lookup holds the value for the others, seconds",
-        gt=0,
-        le=600,
-    )
-    coalesce_wait_s: float = _own(
-        30.0,
-        "longest wait for another replica's answer before asking LastInfoSec itself, seconds",
-        ge=0,
-        le=600,
-    )
-    probe_interval_s: float = _own(2.0, "while Redis is down, seconds between probes", gt=0, le=60)
 
     @field_validator("url")
     @classmethod
@@ -610,6 +574,13 @@ class Settings(_Section):
     lastinfosec: LastInfoSecSettings
     mq: MqSettings = MqSettings()
     redis: RedisSettings = RedisSettings()
+    # Removed settings that were set (lis_async.settings.removed): one warning line each.
+    _ignored: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def ignored(self) -> tuple[str, ...]:
+        """One line per removed setting found set: ignored, logged as a WARNING at start."""
+        return self._ignored
 
     @property
     def redis_key_prefix(self) -> str:
@@ -659,7 +630,7 @@ def field_extra(field: FieldInfo) -> dict[str, Any]:
     return dict(extra) if isinstance(extra, dict) else {}
 
 
-def _fields() -> list[tuple[str, str, FieldInfo]]:
+def settings_fields() -> list[tuple[str, str, FieldInfo]]:
     """(section, key, field) of every setting, in declaration order."""
     return [
         (section, f.alias or name, f)
@@ -676,13 +647,13 @@ def _dotted(name: str) -> tuple[str, str]:
 # Upstream environment variable -> (section, key). Checked after the conventional name.
 LEGACY_ENV: Final[Mapping[str, tuple[str, str]]] = {
     legacy: (section, key)
-    for section, key, f in _fields()
+    for section, key, f in settings_fields()
     for legacy in field_extra(f).get("legacy_env", ())
 }
 # Upstream YAML key -> our (section, key).
 LEGACY_YAML: Final[Mapping[tuple[str, str], tuple[str, str]]] = {
     _dotted(legacy): (section, key)
-    for section, key, f in _fields()
+    for section, key, f in settings_fields()
     for legacy in field_extra(f).get("legacy_yaml", ())
 }
 
@@ -702,7 +673,7 @@ def all_env_names() -> list[str]:
 # Secrets that may also be given as a file (Docker and Kubernetes secrets): NAME_FILE holds its
 # path, the file its value (one trailing newline stripped).
 SECRET_FILE_SETTINGS: Final = tuple(
-    (section, key) for section, key, f in _fields() if field_extra(f).get("secret_file")
+    (section, key) for section, key, f in settings_fields() if field_extra(f).get("secret_file")
 )
 
 
@@ -833,4 +804,5 @@ def load_settings(
         raise SettingsError(refused + problems) from None
     if refused:
         raise SettingsError(refused)
+    settings._ignored = tuple(removed.ignored(sources.yaml_data, sources.env, is_set))
     return settings

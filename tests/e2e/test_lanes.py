@@ -292,7 +292,6 @@ async def test_jobs_waiting_past_the_consumer_timeout(
     env = {
         "CONNECTOR_CONSUMER_TIMEOUT_S": "6" if watchdog else "0",
         "LASTINFOSEC_RETRY_BUDGET_S": "120",
-        "LASTINFOSEC_OUTAGE_PROBE_S": "0.5",
         "CONNECTOR_JOBS_IN_FLIGHT": "8",
     }
     with broker_consumer_timeout(6000):

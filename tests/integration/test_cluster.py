@@ -167,7 +167,7 @@ async def test_the_shared_cache_survives_a_restart() -> None:
         s = settings(REDIS_URL, LASTINFOSEC_BASE_URL=str(lis.base_url))
         for _replica in range(2):  # the second one starts with an empty in-process cache
             link = RedisLink(s)
-            shared = SharedAnswerCache(link, s.redis.lease_s, s.redis.coalesce_wait_s)
+            shared = SharedAnswerCache(link)
             async with LastInfoSecClient(s.lastinfosec, trust_env=False, shared_cache=shared) as c:
                 found = await c.lookup_value("search_host", "bad.example.com")
                 assert found.found and found.bundles
@@ -186,8 +186,8 @@ async def test_redis_down_at_start_falls_back_and_recovers(
 ) -> None:
     caplog.set_level(logging.INFO, logger="lis_async.cluster")
     redis = PrivateRedis()
-    s = settings(redis.url, REDIS_PROBE_INTERVAL_S="0.1", REDIS_FALLBACK_RATE_SHARE="0.5")
-    link = RedisLink(s)
+    s = settings(redis.url, REDIS_FALLBACK_RATE_SHARE="0.5")
+    link = RedisLink(s, probe_interval_s=0.1)
     limiter = ClusterLimiter(link, 10)
     maintain = asyncio.create_task(link.maintain())
     try:

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
+from lis_async.app import _warn_unused_settings
 from lis_async.settings.model import SettingsError, all_env_names, load_settings
+from lis_async.settings.removed import REMOVED, Removed
 
 UUID = "0b3c1f2e-6d7a-4b8c-9d0e-1f2a3b4c5d6e"
 BASE_ENV = {
@@ -393,3 +396,39 @@ def test_file_variants_are_known_names() -> None:
         "CONFIG_LIS_APIKEY_CTI_FILE",
     ):
         assert name in names
+
+
+# ----------------------------------------------------------------------------- removed settings
+@pytest.mark.parametrize("entry", REMOVED, ids=lambda e: e.env)
+@pytest.mark.parametrize("source", ["env", "yaml"])
+def test_a_removed_setting_is_ignored_with_a_warning_naming_it(
+    entry: Removed, source: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """People copy env files and config.yml: a setting lis-async no longer reads never stops the
+    start, whatever its value, and one WARNING names it (never its value)."""
+    cfg = tmp_path / "config.yml"
+    cfg.write_text("", encoding="utf-8")
+    env = dict(BASE_ENV)
+    if source == "env":
+        env[entry.env] = "not-a-number-s3cr3t"
+    else:
+        cfg.write_text(f"{entry.section}:\n  {entry.key}: 'x-s3cr3t'\n", encoding="utf-8")
+    s = load_settings(cfg, env=env)
+    (line,) = s.ignored
+    assert line.startswith(f"{entry.env} ({entry.section}.{entry.key}) is no longer a setting")
+    assert "s3cr3t" not in line
+    assert f"{entry.section}.{entry.key}" not in s.summary()
+    caplog.set_level(logging.WARNING, "lis_async")
+    _warn_unused_settings(s)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [line]
+
+
+def test_an_empty_removed_setting_is_not_set() -> None:
+    env = BASE_ENV | {entry.env: " " for entry in REMOVED}
+    assert load_settings(env=env).ignored == ()
+    assert load_settings(env=BASE_ENV).ignored == ()
+
+
+def test_removed_settings_are_not_settings() -> None:
+    names = set(all_env_names())
+    assert not {entry.env for entry in REMOVED} & names

@@ -96,7 +96,7 @@ def domain(value: str) -> Observable:
     return obs("Domain-Name", value)
 
 
-_CLIENT_KW = ("proxy", "trust_env", "clock")
+_CLIENT_KW = ("proxy", "trust_env", "clock", "outage_probe_s")
 
 
 def settings(**kw: Any) -> LastInfoSecSettings:
@@ -105,7 +105,6 @@ def settings(**kw: Any) -> LastInfoSecSettings:
         api_key_cti=KEY,
         base_url=BASE,
         retry_budget_s=0.3,
-        outage_probe_s=0.01,
         backoff_base_s=0.001,
         backoff_max_s=0.01,
         rate_per_s=1e6,
@@ -119,9 +118,9 @@ def settings(**kw: Any) -> LastInfoSecSettings:
 
 
 def new_client(**kw: Any) -> LastInfoSecClient:
-    """A client from :func:`settings`; ``proxy``, ``trust_env`` (default off) and ``clock`` go
-    to the client itself."""
-    client_kw: dict[str, Any] = {"trust_env": False}
+    """A client from :func:`settings`; ``proxy``, ``trust_env`` (default off), ``clock`` and
+    ``outage_probe_s`` (default 0.01 s) go to the client itself."""
+    client_kw: dict[str, Any] = {"trust_env": False, "outage_probe_s": 0.01}
     client_kw |= {k: kw.pop(k) for k in _CLIENT_KW if k in kw}
     return LastInfoSecClient(settings(**kw), **client_kw)
 
@@ -1080,7 +1079,7 @@ async def test_redirect_is_an_error_never_followed_with_the_key() -> None:
         async def handler(request: web.Request) -> web.Response:
             raise web.HTTPFound(target + "/stix21/search_host/a.example?" + request.query_string)
 
-        async with serve(handler) as base, make_client(base_url=base, retries=3) as client:
+        async with serve(handler) as base, make_client(base_url=base) as client:
             with pytest.raises(LisError) as info:
                 await client.lookup(domain("a.example"))
     text = str(info.value)
