@@ -1,4 +1,4 @@
-"""``lis-async run | demo | bench | check``."""
+"""``lis-async run | demo | bench | check | settings``."""
 
 from __future__ import annotations
 
@@ -87,6 +87,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     return _run_loop(run_check(settings))
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Print the settings reference (or another generated file); ``--write`` / ``--check`` the
+    generated files of a repository (lis_async/settings/reference.py)."""
+    from pathlib import Path
+
+    from lis_async.settings import reference
+
+    root = Path(args.root)
+    if args.write:
+        for path in reference.write(root):
+            print(f"wrote {root / path}")
+        return 0
+    if args.check:
+        stale = reference.stale(root)
+        for path in stale:
+            print(f"stale: {root / path} (run: lis-async settings --write)", file=sys.stderr)
+        return 1 if stale else 0
+    sys.stdout.write(reference.generate()[_SHOW[args.show]])
+    return 0
+
+
+_SHOW = {
+    "reference": "docs/configuration.md",
+    "sample": "config.yml.sample",
+    "schema": "__metadata__/connector_config_schema.json",
+    "manifest": "__metadata__/connector_manifest.json",
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     # The benchmark parses its own options: nothing of it is imported unless it runs.
     if _lacks_extra("bench", "bench", ("lis_async.bench", "lis_async.sim")):
@@ -120,6 +149,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config")
     check.set_defaults(fn=cmd_check)
+    settings = sub.add_parser(
+        "settings",
+        help="print every setting: environment name, config.yml key, type, default, bounds",
+        description="Print the settings reference (docs/configuration.md), generated from the "
+        "settings model, or another generated file; --write rewrites all of them.",
+    )
+    settings.add_argument(
+        "--show",
+        choices=sorted(_SHOW),
+        default="reference",
+        help="what to print: the reference (default), config.yml.sample, or the OpenCTI "
+        "catalog's connector_config_schema.json or connector_manifest.json",
+    )
+    mode = settings.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--write",
+        action="store_true",
+        help="rewrite the generated files that are out of date under --root: "
+        + ", ".join(_SHOW.values()),
+    )
+    mode.add_argument(
+        "--check", action="store_true", help="exit 1 when a generated file under --root is stale"
+    )
+    settings.add_argument(
+        "--root", default=".", help="the repository root (default: the current directory)"
+    )
+    settings.set_defaults(fn=cmd_settings)
     # A pass-through: every argument after `bench` (`--help` included) goes to the benchmark's
     # own parser. This parser's only prefix character is NUL, which no command-line argument
     # can contain: `--jobs` and the like are then part of the remainder, not unknown options.

@@ -149,16 +149,23 @@ class _Section(BaseModel):
 
 
 class OpenCTISettings(_Section):
+    """The OpenCTI platform: where it is, how to reach it, how to log."""
+
     # URLs may carry credentials: kept out of repr, masked in the summary.
-    url: str = _pycti(..., "OpenCTI's URL (http:// or https://)", repr=False)
+    url: str = _pycti(
+        ..., "OpenCTI's URL (http:// or https://)", repr=False, examples=["http://localhost:8080"]
+    )
     token: SecretStr = _pycti(
-        ..., "the connector's OpenCTI API token (never logged)", secret_file=True
+        ...,
+        "the connector's OpenCTI API token (never logged)",
+        secret_file=True,
+        examples=["ChangeMe"],
     )
     ssl_verify: Bool = _pycti(True, "verify OpenCTI's TLS certificate")
     json_logging: Bool = _pycti(False, "log lines as JSON")
     proxy_http: OptStr = _upstream(
         None,
-        "proxy for LastInfoSec requests; none by default",
+        "proxy for LastInfoSec requests (HTTP(S)_PROXY and NO_PROXY are honoured too)",
         repr=False,
         legacy_env=("PROXY_HTTP",),
         legacy_yaml=("lastinfosec.proxy_http",),
@@ -173,7 +180,9 @@ class OpenCTISettings(_Section):
     threads: int = _own(8, "threads for pycti's (synchronous) GraphQL calls", ge=1, le=256)
     timeout_s: float = _own(60.0, "timeout of one OpenCTI request, seconds", gt=0)
     custom_headers: SecretStr | None = _pycti(
-        None, "extra headers on every OpenCTI request, 'Name1:value1;Name2:value2' (never logged)"
+        None,
+        "extra headers on every request to OpenCTI (GraphQL and work reports), "
+        "'Name1:value1;Name2:value2' (never logged)",
     )
 
     @field_validator("custom_headers")
@@ -200,7 +209,9 @@ class OpenCTISettings(_Section):
 
 
 class ConnectorSettings(_Section):
-    id: str = _pycti(..., "a UUID, unique per connector (uuidgen)")
+    """The connector as OpenCTI registers it, and how the worker takes and holds jobs."""
+
+    id: str = _pycti(..., "a UUID, unique per connector (uuidgen)", examples=["ChangeMe"])
     name: str = _pycti("LastInfoSec Enrichment", "name shown in OpenCTI (2 characters or more)")
     type: Literal["INTERNAL_ENRICHMENT"] = _pycti("INTERNAL_ENRICHMENT", "the only accepted value")
     scope: tuple[str, ...] = _pycti(
@@ -209,10 +220,14 @@ class ConnectorSettings(_Section):
     auto: Bool = _pycti(False, "enrich observables on creation")
     auto_update: Bool = _pycti(False, "enrich observables on update")
     confidence_level: int = _upstream(
-        50, "confidence of created relationships, 0 (unknown) to 100", ge=0, le=100
+        50,
+        "confidence of the relationships created, 0 (unknown) to 100 (pycti 6 reads and ignores "
+        "it)",
+        ge=0,
+        le=100,
     )
     log_level: Literal["debug", "info", "warning", "error"] = _pycti(
-        "info", "debug, info, warn/warning or error"
+        "info", "debug, info, warn/warning or error (pycti's default: error)"
     )
     jobs_in_flight: int = _own(
         64, "jobs taken from the queue and not yet acknowledged", ge=1, le=10_000, group="limits"
@@ -254,26 +269,28 @@ class ConnectorSettings(_Section):
     # into one connector-owned priority queue.
     priority_lanes: Bool = _own(
         True,
-        "manual and playbook jobs first, through the connector's priority queue (false: FIFO)",
+        "manual and playbook jobs overtake the auto-enrichment backlog, through the "
+        "connector's priority queue lis-async.lanes.<connector id> (false: FIFO)",
     )
     # The lookahead is also bounded by the rate to fit in half of it (lis_async/app.py).
     consumer_timeout_s: float = _own(
         1800.0,
-        "RabbitMQ's consumer_timeout, seconds: jobs held longer than 80 % of it are requeued "
-        "(0: off)",
+        "RabbitMQ's consumer_timeout, seconds: jobs held longer than 80 % of it are requeued, "
+        "and the jobs taken at once fit in half of it at the rate (0: off)",
         ge=0,
     )
     # docs/protocol.md §3.5.
     enrichment_resolution: Literal["none", "stix_bundle", "deferred"] = _pycti(
         "none",
-        "what jobs carry: none (the entity), stix_bundle (plus its bundle) or deferred "
-        "(nothing: the connector reads it)",
+        "registered with OpenCTI: what jobs carry, none (the entity), stix_bundle (plus its "
+        "bundle) or deferred (nothing: the connector reads it)",
     )
     # Intake held at or above (lis_async/intake/threshold.py).
     queue_threshold: float = _pycti(
         500.0,
         "no new jobs while OpenCTI reports the connector's queue at or above this many MB "
-        "(10^6 bytes)",
+        "(10^6 bytes), checked every heartbeat while the push queue holds messages "
+        "(docs/protocol.md §2.3)",
         gt=0,
         group="limits",
     )
@@ -358,11 +375,14 @@ class ConnectorSettings(_Section):
 
 
 class LastInfoSecSettings(_Section):
+    """The LastInfoSec API: the key, the endpoint, retries, the rate, the gates and the cache."""
+
     api_key_cti: SecretStr = _upstream(
         ...,
         "LastInfoSec API key (never logged)",
         legacy_env=("CONFIG_LIS_APIKEY_CTI",),
         secret_file=True,
+        examples=["ChangeMe"],
     )
     # Before base_url: its validator reads it. The key travels in the query string, so plain
     # http is refused unless asked for (the simulators on loopback).
@@ -475,7 +495,8 @@ class MqSettings(_Section):
     )
     use_ssl_passphrase: SecretStr | None = _pycti(None, "the key's passphrase (never logged)")
     use_ssl_reject_unauthorized: Bool = _pycti(
-        True, "check the broker's certificate and host name (pycti's default: false)"
+        True,
+        "check the broker's certificate and host name (pycti checks only when it is true)",
     )
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
@@ -596,7 +617,7 @@ class Settings(_Section):
     def summary(self) -> dict[str, Any]:
         """Effective settings for the start-up log line; secrets masked."""
         out: dict[str, Any] = {}
-        for section in _SECTIONS:
+        for section in SECTIONS:
             model: BaseModel = getattr(self, section)
             for key, val in model.model_dump(by_alias=True).items():
                 if isinstance(val, SecretStr):
@@ -610,7 +631,7 @@ class Settings(_Section):
 
 
 # Every (section, key) the loader reads. The env name is always SECTION_KEY.
-_SECTIONS: Final[Mapping[str, type[_Section]]] = {
+SECTIONS: Final[Mapping[str, type[_Section]]] = {
     "opencti": OpenCTISettings,
     "connector": ConnectorSettings,
     "lastinfosec": LastInfoSecSettings,
@@ -620,7 +641,7 @@ _SECTIONS: Final[Mapping[str, type[_Section]]] = {
 
 
 def _keys(section: str) -> list[str]:
-    model = _SECTIONS[section]
+    model = SECTIONS[section]
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
@@ -634,7 +655,7 @@ def settings_fields() -> list[tuple[str, str, FieldInfo]]:
     """(section, key, field) of every setting, in declaration order."""
     return [
         (section, f.alias or name, f)
-        for section, model in _SECTIONS.items()
+        for section, model in SECTIONS.items()
         for name, f in model.model_fields.items()
     ]
 
@@ -664,9 +685,9 @@ def env_name(section: str, key: str) -> str:
 
 def all_env_names() -> list[str]:
     """Every variable the loader reads, refused pycti settings included."""
-    names = [env_name(s, k) for s in _SECTIONS for k in _keys(s)]
+    names = [env_name(s, k) for s in SECTIONS for k in _keys(s)]
     return (
-        names + list(LEGACY_ENV) + unsupported.env_names() + [f"{n}_FILE" for n in _secret_names()]
+        names + list(LEGACY_ENV) + unsupported.env_names() + [f"{n}_FILE" for n in secret_names()]
     )
 
 
@@ -677,7 +698,7 @@ SECRET_FILE_SETTINGS: Final = tuple(
 )
 
 
-def _secret_names() -> list[str]:
+def secret_names() -> list[str]:
     names = [env_name(s, k) for s, k in SECRET_FILE_SETTINGS]
     return names + [e for e, target in LEGACY_ENV.items() if target in SECRET_FILE_SETTINGS]
 
@@ -699,7 +720,7 @@ def _secret_files(env: Mapping[str, str]) -> dict[str, str]:
     forms are set."""
     out: dict[str, str] = {}
     problems: list[str] = []
-    for name in _secret_names():
+    for name in secret_names():
         path = env.get(f"{name}_FILE")
         if path is None:
             continue
@@ -750,8 +771,8 @@ def _read_yaml(path: Path | None) -> Mapping[str, Any]:
 
 
 def _merge(src: _Sources) -> dict[str, dict[str, Any]]:
-    raw: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
-    for section in _SECTIONS:
+    raw: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for section in SECTIONS:
         block = src.yaml_data.get(section)
         if isinstance(block, Mapping):
             for key, val in block.items():
@@ -765,7 +786,7 @@ def _merge(src: _Sources) -> dict[str, dict[str, Any]]:
     for legacy, (sec, key) in LEGACY_ENV.items():
         if is_set(src.env.get(legacy)):
             raw[sec][key] = src.env[legacy]
-    for section in _SECTIONS:
+    for section in SECTIONS:
         for key in _keys(section):
             name = env_name(section, key)
             if is_set(src.env.get(name)):

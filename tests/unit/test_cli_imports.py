@@ -1,6 +1,7 @@
 """``lis-async run`` and ``check`` never import the benchmark, the simulator or their
 dependencies: a fresh interpreter builds the command line, parses ``run``, ``check``, ``bench``
-arguments and ``--help``, imports what ``run`` and ``check`` import, and lists its modules."""
+arguments and ``--help``, imports what ``run`` and ``check`` import, and lists its modules.
+``lis-async settings`` imports the settings alone."""
 
 from __future__ import annotations
 
@@ -59,3 +60,24 @@ def test_the_check_sees_the_benchmark() -> None:
     """The same listing does show them once the benchmark is imported."""
     modules = imported_modules(PARSE + "import lis_async.bench.orchestrate\n")
     assert {"lis_async.sim.world", "lis_async.bench.phase", "psutil"} <= set(forbidden(modules))
+
+
+SETTINGS = """
+import contextlib, io, sys
+from lis_async.cli import main
+
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    assert main(["settings"]) == 0
+assert "CONNECTOR_JOBS_IN_FLIGHT" in out.getvalue()
+"""
+
+
+def test_lis_async_settings_imports_only_the_settings() -> None:
+    """An operator's `lis-async settings` loads the model, not the worker: no broker, platform,
+    HTTP or Redis client, no benchmark."""
+    modules = imported_modules(SETTINGS)
+    assert "lis_async.settings.reference" in modules
+    heavy = ("pycti", "aio_pika", "aiohttp", "redis", "lis_async.app", "lis_async.broker")
+    assert [m for m in modules if m.split(".")[0] in heavy or m in heavy] == []
+    assert forbidden(modules) == []
