@@ -49,8 +49,8 @@ GROUPS: Final[Mapping[str, str]] = {
     "limits": "Limits",
 }
 _GROUP_INTROS: Final[Mapping[str, str]] = {
-    "limits": "How much work is taken and sent at once: the throughput and safety bounds, from "
-    "their sections above.",
+    "limits": "How much work is taken and sent at once: the throughput and safety bounds of the "
+    "connector and of LastInfoSec.",
 }
 _ORIGIN_NOTES: Final[Mapping[str, str]] = {
     "upstream": "a setting of the upstream LastInfoSec connector, same name and meaning",
