@@ -783,12 +783,8 @@ async def test_broker_connection_closed_twice_logs_two_quiet_pairs() -> None:
         finally:
             await stop_async(proc)
         log = worker_log(proc)
-    assert log.count("WARNING lis_async.amqp: broker connection lost") == 2, log[
-        -4000:
-    ]
-    assert log.count("INFO    lis_async.amqp: broker connection back after") == 2, log[
-        -4000:
-    ]
+    assert log.count("WARNING lis_async.amqp: broker connection lost") == 2, log[-4000:]
+    assert log.count("INFO    lis_async.amqp: broker connection back after") == 2, log[-4000:]
     assert "Traceback" not in log, log[-4000:]
     assert " ERROR " not in log, log[-4000:]
 
