@@ -6,6 +6,8 @@
   mention exists (a dotted name may end in a module-level name of its module).
 - The code's pointers into the docs hold: the ``docs/x.md`` files, the ``docs/protocol.md §N``
   sections and the ``docs/x.md, "Heading"`` headings named in lis_async/ and tests/.
+- docs/architecture.md's package map names every package and top-level module, and its layer
+  order is the one tests/unit/test_layers.py enforces.
 - README.md stays short: the details live in docs/.
 """
 
@@ -17,6 +19,8 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+
+from tests.unit.test_layers import LAYERS
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = sorted([ROOT / "README.md", ROOT / "BENCHMARKS.md", *(ROOT / "docs").rglob("*.md")])
@@ -171,6 +175,28 @@ def test_protocol_md_cites_its_own_sections() -> None:
 def test_readme_stays_short() -> None:
     lines = read(ROOT / "README.md").count("\n")
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines: move the details into docs/"
+
+
+def architecture_map() -> tuple[list[set[str]], str]:
+    """The layers docs/architecture.md states, top to bottom, and its package-map table."""
+    text = read(ROOT / "docs" / "architecture.md")
+    stated = re.search(r"Layers, top to bottom:(.+?)\.\s", text, re.S)
+    assert stated, "docs/architecture.md states no layer order"
+    layers = [set(re.findall(r"`(\w+)`", layer)) for layer in stated.group(1).split(">")]
+    section = text[text.index("## Package map") : text.index("## One job")]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    return layers, table
+
+
+def test_architecture_states_the_enforced_layers_and_maps_every_package() -> None:
+    layers, table = architecture_map()
+    assert layers == [layer for layer in LAYERS if layer != {"__main__"}]
+    package = ROOT / "lis_async"
+    for sub in package.iterdir():
+        if (sub / "__init__.py").exists():
+            assert f"`{sub.name}/`" in table, f"the package map has no row for {sub.name}/"
+        elif sub.suffix == ".py" and not sub.name.startswith("_"):
+            assert f"`{sub.stem}`" in table, f"the package map does not name {sub.stem}"
 
 
 # ----------------------------------------------------------------------------- the code
