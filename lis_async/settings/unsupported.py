@@ -4,7 +4,7 @@ The upstream connector runs on pycti's ``OpenCTIConnectorHelper``, so every vari
 part of what an operator may already have set. The ones lis-async honours are settings of
 :mod:`lis_async.settings.model`; the ones below are accepted only with the value that says what
 lis-async does anyway (``CONNECTOR_LISTEN_PROTOCOL=AMQP``) and otherwise stop the start with one
-line naming the variable and saying why (exit code 2). The README's pycti table lists both kinds.
+line naming the variable and saying why (exit code 2). docs/configuration.md lists both kinds.
 
 Values are compared the way pycti reads them: environment first, then ``config.yml``; an empty
 value is "not set" (config's one rule); booleans in any of pycti's spellings.
