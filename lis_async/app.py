@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lis_async.broker.connection import BrokerWatch, queue_depth
@@ -50,6 +50,8 @@ EXIT_STARTUP = 2  # could not start (registration refused, platform unreachable)
 # Registration retries: 2, 4, 8, 16, 30 s (a platform still starting up), then give up.
 _REGISTER_BACKOFF = Backoff(base_s=2.0, max_s=30.0, floor=1.0)
 _REGISTER_ATTEMPTS = 6
+# A background loop that keeps failing is restarted after 2, 4, 8, 16, 30, 30... s.
+_SUPERVISE_BACKOFF = Backoff(base_s=2.0, max_s=30.0, floor=1.0)
 
 
 def _warn_unused_settings(s: Settings) -> None:
@@ -119,6 +121,7 @@ class App:
         self.health_server: HealthServer | None = None  # /healthz, /readyz
         self.metrics_server: HealthServer | None = None  # /metrics (+ health), when exposed
         self._tasks: set[asyncio.Task[None]] = set()
+        self.background_restarts: dict[str, int] = {}  # task name -> restarts (see _spawn)
         self._stop = asyncio.Event()
         self.fatal: str | None = None
         self.ready = asyncio.Event()  # set once consuming (tests and the demo wait on it)
@@ -137,11 +140,34 @@ class App:
             log.critical("FATAL, the worker stops taking jobs: %s", reason)
         self._stop.set()
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+    def _spawn(self, loop_fn: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``loop_fn()`` (a loop meant to last as long as the worker) as a background task,
+        restarted whenever it fails or ends (:meth:`_supervise`)."""
+        task: asyncio.Task[None] = asyncio.ensure_future(self._supervise(loop_fn, name))
         task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _supervise(self, loop_fn: Callable[[], Awaitable[None]], name: str) -> None:
+        """A background loop that fails (a bug, a value it did not expect) or ends is logged at
+        ERROR, with its traceback, and started again after a growing pause: none dies
+        silently. ``background_restarts`` counts the restarts (logged, and in ``/readyz``)."""
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await loop_fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.error("background task %s failed: restarting it", name, exc_info=True)
+            else:
+                log.error("background task %s ended unexpectedly: restarting it", name)
+            self.background_restarts[name] = self.background_restarts.get(name, 0) + 1
+            # A loop that ran a while before failing starts again at once, one that keeps
+            # failing waits up to 30 s.
+            failures = 1 if time.monotonic() - started > 60 else failures + 1
+            await asyncio.sleep(_SUPERVISE_BACKOFF.delay(failures) if failures > 1 else 0.1)
 
     # -- readiness ---------------------------------------------------------------------------
     def checks(self) -> dict[str, bool]:
@@ -197,7 +223,7 @@ class App:
             reg.amqp.port,
         )
         self.health = health = PlatformHealth(self.platform.probe)
-        self._spawn(self.platform.heartbeat(health), "heartbeat")
+        self._spawn(functools.partial(self.platform.heartbeat, health), "heartbeat")
         self.lis = self._lastinfosec_client()
         await self.lis.start()
         if self.redis is not None:
@@ -215,18 +241,21 @@ class App:
         )
         await self.publisher.start()
         self.pipeline = self._pipeline(reg, retry_backoff, health)
-        self._spawn(self.pipeline.ping_long_works(), "work-ping")
+        self._spawn(self.pipeline.ping_long_works, "work-ping")
         self.consumer = self._consumer(reg, watch)
         health.add_listener(self.consumer.set_intake)
         if backpressure is not None:
             consumer = self.consumer
             backpressure.add_listener(lambda hold: consumer.hold_intake("backpressure", hold))
-            self._spawn(backpressure.run(), "backpressure")
+            self._spawn(backpressure.run, "backpressure")
         self._hold_on_queue_threshold(self.consumer)
         await self._start_servers()
         await self.consumer.start()
         if s.connector.consumer_timeout_s:
-            self._spawn(self.consumer.watch(0.8 * s.connector.consumer_timeout_s), "watchdog")
+            self._spawn(
+                functools.partial(self.consumer.watch, 0.8 * s.connector.consumer_timeout_s),
+                "watchdog",
+            )
         if s.connector.priority_lanes:
             self.mover = Mover(
                 reg.listen,
@@ -294,9 +323,15 @@ class App:
 
         self.redis = link = RedisLink(s)
         lis, r = s.lastinfosec, s.redis
-        limiter = ClusterLimiter(link, lis.rate_per_s, lis.rate_burst, r.fallback_rate_share)
-        shared = SharedAnswerCache(link)
-        self._spawn(link.maintain(), "redis")
+        limiter = ClusterLimiter(
+            link,
+            lis.rate_per_s,
+            lis.rate_burst,
+            r.fallback_rate_share,
+            max_pause_s=lis.backoff_max_s,
+        )
+        shared = SharedAnswerCache.of(link, s)
+        self._spawn(link.maintain, "redis")
         self.metrics.add_collector(ClusterCollector(link, limiter, shared, self.metrics.name))
         log.info("cluster mode: quota and cache shared through Redis %s", link.where)
         return LastInfoSecClient(
@@ -334,7 +369,7 @@ class App:
         )
         qt.add_listener(lambda hold: consumer.hold_intake("queue_threshold", hold))
         self.platform.info_source = qt.connector_info
-        self._spawn(qt.run(), "queue-threshold")
+        self._spawn(qt.run, "queue-threshold")
 
     def _connector_queue_bytes(self) -> float | None:
         qt = self.queue_threshold
@@ -343,6 +378,8 @@ class App:
     def details(self) -> dict[str, Any]:
         """The ``details`` of ``/readyz``: what an operator wants to see beside the checks."""
         out: dict[str, Any] = {"redis": "off"}
+        if self.background_restarts:
+            out["background_restarts"] = dict(self.background_restarts)
         link = self.redis
         if link is not None:
             out["redis"] = "shared" if link.shared else "fallback"
@@ -367,7 +404,7 @@ class App:
         assert consumer is not None and lis is not None
         m.add_collector(LisStatsCollector(lis.stats, m.name))
         lis.stats.latency_observer = m.lis_latency.observe
-        self._spawn(self._sample_queue_depth(), "queue-depth")
+        self._spawn(self._sample_queue_depth, "queue-depth")
         m.add_collector(
             GaugeCallback(m.name("lis_jobs_running"), "Jobs in flight", lambda: consumer.in_flight)
         )

@@ -25,7 +25,8 @@ async def run_check(settings: Settings, out: Callable[[str], None] = print) -> i
     def report(ok: bool, what: str, detail: str) -> None:
         nonlocal failures
         failures += 0 if ok else 1
-        out(f"{'PASS' if ok else 'FAIL'} {what}: {detail}")
+        # redact: an error text may quote a URL or a secret (the settings' are registered)
+        out(redact(f"{'PASS' if ok else 'FAIL'} {what}: {detail}"))
 
     reg = await _check_opencti(settings, report)
     await _check_rabbitmq(reg, report)

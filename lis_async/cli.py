@@ -10,6 +10,7 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from lis_async.redact import SecretFilter, register_secrets
 from lis_async.settings.model import SettingsError, load_settings
 
 
@@ -32,10 +33,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"lis-async: {exc}", file=sys.stderr)
         return 2
+    register_secrets(settings.secrets())  # masked in every log line (SecretFilter)
     setup_logging(
         settings.connector.log_level,
         settings.opencti.json_logging,
-        filters=(ExpectedReconnection(),),
+        filters=(ExpectedReconnection(), SecretFilter()),
     )
 
     async def main() -> int:
@@ -81,6 +83,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"FAIL settings: {exc}")
         return 2
+    register_secrets(settings.secrets())  # masked in every line the check prints
     print("PASS settings")
     for line in settings.ignored:  # removed settings (lis_async/settings/removed.py)
         print(f"WARN settings: {line}")

@@ -1,32 +1,52 @@
 """Masking secrets in any text that may be logged, raised or sent to the platform.
 
-One helper for every secret (LastInfoSec API key, OpenCTI token, RabbitMQ and proxy passwords):
+One helper for every secret (LastInfoSec API key, OpenCTI token, RabbitMQ, Redis and proxy
+passwords, the cluster cache key):
 
 * ``api_key=<value>`` query parameters (raw and percent-encoded ``api_key%3D``) are masked
-  whatever their value;
-* the userinfo of a URL (``scheme://user:pass@host``) is masked;
-* each secret given is masked where it stands as a whole token, raw or percent-encoded: not
-  inside a longer word. A one-letter key ``k`` is masked in ``api_key=k`` or ``Bearer k`` but
-  leaves ``not known`` alone, which a plain ``str.replace`` would turn into ``not ***nown``.
+  whatever their value, and so is the value of any password-like query parameter
+  (``password``, ``pass``, ``pwd``, ``secret``, ``token``, ``key``, ``auth``...: redis-py reads
+  ``?password=``);
+* the userinfo of a URL (``scheme://user:pass@host``) is masked up to the LAST ``@`` (a raw
+  ``@`` inside a password must not leak the password's tail);
+* each secret given, and each secret registered with :func:`register_secrets` (the settings'
+  secrets, those found in URLs included, registered at start-up), is masked where it stands as
+  a whole token, raw or percent-encoded: not inside a longer word. A one-letter key ``k`` is
+  masked in ``api_key=k`` or ``Bearer k`` but leaves ``not known`` alone, which a plain
+  ``str.replace`` would turn into ``not ***nown``.
 
 A token boundary is any character that cannot be part of a key or token: everything except
 letters, digits and ``-._~`` (the characters RFC 3986 leaves unreserved, which is what API keys,
 UUID tokens and JWTs are made of).
+
+:class:`SecretFilter` applies the same masking to every log record (the CLI installs it).
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import traceback
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Final
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 MASK: Final = "***"
 
 _API_KEY_RE: Final = re.compile(r"(?i)(api_key(?:=|%3D))[^&\s#\"'<>;,)]*")
-_USERINFO_RE: Final = re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://)[^/\s@]+@")
+#: Words that make a query parameter's value a secret (``redis_password``, ``x-api-key``...).
+_SECRET_WORDS: Final = r"(?:password|passwd|pass|pwd|secret|token|key|auth|credential)"
+_SECRET_PARAM_RE: Final = re.compile(
+    rf"(?i)([?&;][\w.\-~%]*{_SECRET_WORDS}[\w.\-~%]*(?:=|%3D))[^&\s#\"'<>;,)]*"
+)
+_SECRET_KEY_RE: Final = re.compile(rf"(?i){_SECRET_WORDS}")
+# Greedy up to the last "@" before the authority ends (a "/" or a blank): a raw "@" in a
+# password is then masked with the rest of the userinfo.
+_USERINFO_RE: Final = re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://)[^/\s]*@")
 _TOKEN_CHARS: Final = r"A-Za-z0-9\-._~"
+
+_registered: set[str] = set()
 
 
 @lru_cache(maxsize=64)
@@ -36,19 +56,73 @@ def _secret_re(secret: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![{_TOKEN_CHARS}])(?:{alternatives})(?![{_TOKEN_CHARS}])")
 
 
+def register_secrets(secrets: Iterable[str]) -> None:
+    """Mask these values in every later :func:`redact` and every log record that goes through
+    :class:`SecretFilter` (the process's secrets, from the settings)."""
+    _registered.update(s for s in secrets if s)
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every ``api_key=`` value, URL userinfo and whole-token secret masked."""
-    for secret in secrets:
+    """``text`` with every ``api_key=`` and password-like parameter value, URL userinfo and
+    whole-token secret (given or registered) masked."""
+    for secret in (*secrets, *_registered):
         if secret:
             text = _secret_re(secret).sub(MASK, text)
     text = _API_KEY_RE.sub(rf"\1{MASK}", text)
+    text = _SECRET_PARAM_RE.sub(rf"\1{MASK}", text)
     if "@" in text:
         text = _USERINFO_RE.sub(rf"\1{MASK}@", text)
     return text
 
 
 def mask_url(url: str) -> str:
-    """A URL with its userinfo masked (proxy and base URLs may carry credentials)."""
-    if "@" not in url:
-        return url
-    return _USERINFO_RE.sub(rf"\1{MASK}@", url)
+    """A URL with its userinfo (everything up to its last ``@``) and the values of its
+    password-like query parameters masked (proxy, OpenCTI and Redis URLs may carry credentials).
+    An ``@`` elsewhere (a path, a query) masks a little more than needed, never less."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        rest = f"{MASK}@{rest.rpartition('@')[2]}"
+    return _SECRET_PARAM_RE.sub(rf"\1{MASK}", scheme + sep + rest)
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The secrets a URL holds, raw and percent-decoded, for :func:`register_secrets`: its
+    password (the userinfo up to its last ``@``; all of it when there is no ``:``, as in
+    ``redis://password@host``) and the values of its password-like query parameters."""
+    if not url:
+        return []
+    found: list[str] = []
+    _, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo = rest.rpartition("@")[0]
+        user, colon, password = userinfo.partition(":")
+        found.append(password if colon else user)
+    try:
+        query = urlsplit(url).query
+    except ValueError:
+        query = url.partition("?")[2]
+    for pair in re.split(r"[&;]", query):
+        name, eq, value = pair.partition("=")
+        if eq and _SECRET_KEY_RE.search(unquote(name)):
+            found.append(value)
+    found += [unquote(f) for f in found]
+    return sorted({f for f in found if f})
+
+
+class SecretFilter(logging.Filter):
+    """Masks what :func:`redact` masks, registered secrets included, in every record's message
+    and traceback. Installed on the log handler by the CLI: a URL or an exception text that a
+    module forgot to redact still never shows a password."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: let logging report it as it always does
+            return True
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and record.exc_text is None:
+            text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            record.exc_text = redact(text)
+        return True

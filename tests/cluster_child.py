@@ -46,7 +46,7 @@ async def lookup(url: str, prefix: str, base: str, value: str) -> dict[str, Any]
         url, prefix, LASTINFOSEC_BASE_URL=base, LASTINFOSEC_RATE_PER_S="100"
     )
     link = RedisLink(settings)
-    shared = SharedAnswerCache(link)
+    shared = SharedAnswerCache.of(link, settings)
     client = LastInfoSecClient(settings.lastinfosec, trust_env=False, shared_cache=shared)
     async with client:
         result = await client.lookup_value("search_host", value)

@@ -294,6 +294,8 @@ FIELDS_MISSING_6_8_9: Final = frozenset({"Connector.jwks", "Connector.version", 
 
 #: The machine's Redis (CI starts one when none answers); tests use unique key prefixes.
 REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+#: REDIS_CACHE_KEY of the cluster tests' workers (cluster mode requires one).
+CACHE_KEY: Final = "test-cache-key-0123456789abcdef"
 
 
 def cluster_settings(url: str, prefix: str | None = None, **env: str) -> Settings:
@@ -306,6 +308,7 @@ def cluster_settings(url: str, prefix: str | None = None, **env: str) -> Setting
             "CONNECTOR_ID": str(uuid.uuid4()),
             "CONFIG_LIS_APIKEY_CTI": "test-lis-key",
             "REDIS_URL": url,
+            "REDIS_CACHE_KEY": CACHE_KEY,
             "REDIS_KEY_PREFIX": prefix or f"test-{uuid.uuid4()}",
             "LASTINFOSEC_ALLOW_HTTP": "true",  # the LastInfoSec double serves http on loopback
             **env,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 import sys
 import uuid
 from collections.abc import Sequence
@@ -106,6 +107,8 @@ class ReplicaRunner:
         self.runner = runner
         self.cfg = runner.cfg
         self.redis = redis_process(self.cfg.redis_url)
+        # One REDIS_CACHE_KEY shared by the replicas of every phase (cluster mode requires one).
+        self.cache_key = secrets.token_hex(32)
 
     async def run(self, spec: ReplicaSpec) -> ReplicaPhaseResult:
         """Run one replica phase in a fresh world; the workers are stopped whatever happens."""
@@ -170,7 +173,11 @@ class ReplicaRunner:
             "LASTINFOSEC_RATE_PER_S": f"{result.rate_per_replica:g}",
         }
         if result.shared:
-            overrides |= {"REDIS_URL": cfg.redis_url, "REDIS_KEY_PREFIX": result.redis_key_prefix}
+            overrides |= {
+                "REDIS_URL": cfg.redis_url,
+                "REDIS_KEY_PREFIX": result.redis_key_prefix,
+                "REDIS_CACHE_KEY": self.cache_key,
+            }
         env = connector_env(cfg, world, "lis_async", cfg.in_flight, overrides)
         log_path = self.runner.workdir / f"{result.name}-{index}.log"
         child = Child(f"replica {index}", connector_argv("lis_async"), env, log_path)

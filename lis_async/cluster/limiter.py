@@ -28,22 +28,48 @@ from typing import Final
 from lis_async.cluster.link import RedisLink
 from lis_async.lastinfosec.limiter import PriorityGate, SlidingWindowLimiter
 
+# Nothing read from Redis is trusted (docs/security.md, "Cluster mode and Redis"): a key of
+# another type is deleted, a pause further away than the back-off maximum is cut to it, a
+# non-numeric pause is no pause, and grants or urgent marks stamped in the future (none of ours
+# is) are dropped. At worst a hostile value then holds the replicas one window or one back-off
+# maximum, never for good.
+#
 # KEYS[1] the window (a sorted set of grant times, µs), KEYS[2] the pause-until (µs), KEYS[3]
 # the urgent waiters (a sorted set of replica ids scored by when their mark expires, µs).
 # ARGV[1] capacity, ARGV[2] window (µs), ARGV[3] a unique member for this grant, ARGV[4] this
-# replica's id when the acquire is urgent, else '', ARGV[5] how long an urgent mark lives (µs).
+# replica's id when the acquire is urgent, else '', ARGV[5] how long an urgent mark lives (µs),
+# ARGV[6] the longest pause (µs).
 # Returns -n when granted (n: the grants now in the window, this one included), else the µs to
 # wait before asking again.
 ACQUIRE_LUA: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = tonumber(ARGV[2])
+local longest = tonumber(ARGV[6])
+for _, key in ipairs({KEYS[1], KEYS[3]}) do
+  local kind = redis.call('TYPE', key).ok
+  if kind ~= 'none' and kind ~= 'zset' then redis.call('DEL', key) end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], string.format('(%d', now + 1000000), '+inf')
+redis.call('ZREMRANGEBYSCORE', KEYS[3],
+  string.format('(%d', now + tonumber(ARGV[5]) + 1000000), '+inf')
 local urgent = ARGV[4] ~= ''
 if urgent then
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[4])
   redis.call('PEXPIRE', KEYS[3], math.ceil(tonumber(ARGV[5]) / 1000) + 1000)
 end
-local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
+local pause = 0
+local kind = redis.call('TYPE', KEYS[2]).ok
+if kind == 'string' then
+  pause = tonumber(redis.call('GET', KEYS[2])) or 0
+elseif kind ~= 'none' then
+  redis.call('DEL', KEYS[2])
+end
+if pause ~= pause then pause = 0 end
+if pause > now + longest then
+  pause = now + longest
+  redis.call('SET', KEYS[2], string.format('%d', pause), 'PX', math.ceil(longest / 1000) + 1)
+end
 if pause > now then return pause - now end
 if not urgent then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', string.format('%d', now))
@@ -62,13 +88,21 @@ local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return math.max(1, tonumber(oldest[2]) + window - now + 1)
 """
 
-# KEYS[1] the pause-until (µs); ARGV[1] the pause (µs). Extends, never shortens, the pause.
-# Returns the µs left.
+# KEYS[1] the pause-until (µs); ARGV[1] the pause (µs), ARGV[2] the longest pause (µs). Extends,
+# never shortens, a pause of ours; a value that is no pause of ours (not a number, further away
+# than the longest pause) is replaced. Returns the µs left.
 PAUSE_LUA: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local target = now + tonumber(ARGV[1])
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local current = 0
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'string' then
+  current = tonumber(redis.call('GET', KEYS[1])) or 0
+elseif kind ~= 'none' then
+  redis.call('DEL', KEYS[1])
+end
+if current ~= current or current > now + tonumber(ARGV[2]) then current = 0 end
 if target > current then
   local ttl_ms = math.ceil(tonumber(ARGV[1]) / 1000) + 1
   redis.call('SET', KEYS[1], string.format('%d', target), 'PX', ttl_ms)
@@ -98,7 +132,11 @@ class ClusterLimiter:
         rate_per_s: float,
         burst: int | None = None,
         fallback_share: float | None = None,
+        *,
+        max_pause_s: float = 30.0,
     ) -> None:
+        """``max_pause_s``: the longest 429 pause (LASTINFOSEC_BACKOFF_MAX_S); a longer one
+        read from Redis is cut to it."""
         self._link = link
         self._rate = rate_per_s
         self._capacity = burst or max(1, round(rate_per_s))
@@ -108,6 +146,10 @@ class ClusterLimiter:
         # covers it). It costs 2.5 % of the rate.
         self._window_us = round(self._capacity / rate_per_s * 1_000_000 * (1 + _MARGIN))
         self._fallback_share = fallback_share
+        self._max_pause_us = max(1, round(max_pause_s * 1_000_000))
+        # The longest wait the script can ask for: a pause, or the window (plus the margin the
+        # script allows grants stamped slightly ahead).
+        self._max_wait_us = max(self._max_pause_us, self._window_us) + 1_000_000
         self._fallback: tuple[float, SlidingWindowLimiter] | None = None
         self._gate = PriorityGate()
         # An urgent waiter renews its mark at every poll, at least every window: two windows
@@ -180,8 +222,11 @@ class ClusterLimiter:
             member,
             replica if urgent else "",
             self._mark_us,
+            self._max_pause_us,
         ]
-        return int(await self._acquire_script(keys=self._keys, args=args))
+        got = await self._acquire_script(keys=self._keys, args=args)
+        # A bounded wait whatever comes back (docs/security.md): never longer than a pause.
+        return min(self._max_wait_us, int(got)) if isinstance(got, int) else self._max_wait_us
 
     def _restamp(self, member: str) -> None:
         """The grant reached this replica late (a busy event loop): its request leaves about
@@ -201,7 +246,8 @@ class ClusterLimiter:
 
     async def pause(self, delay_s: float) -> None:
         """Every replica waits ``delay_s`` before its next request (a 429 was answered)."""
-        delay_us = max(1, round(delay_s * 1_000_000))
+        delay_us = min(self._max_pause_us, max(1, round(delay_s * 1_000_000)))
+        args = [delay_us, self._max_pause_us]
         await self._link.run(
-            "rate pause", lambda: self._pause_script(keys=self._keys[1:2], args=[delay_us])
+            "rate pause", lambda: self._pause_script(keys=self._keys[1:2], args=args)
         )

@@ -23,7 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from lis_async.redact import mask_url, redact
+from lis_async.redact import mask_url, redact, url_secrets
 from lis_async.settings.model import Settings
 
 log = logging.getLogger("lis_async.cluster")
@@ -37,6 +37,46 @@ REGISTRY_INTERVAL_S: Final = 1.0
 # own), and the bound of one connection attempt.
 PROBE_INTERVAL_S: Final = 2.0
 CONNECT_TIMEOUT_S: Final = 1.0
+# The most replicas a count read from Redis may say (a planted count of 1,000,000 would set each
+# replica's fallback rate to a millionth). A cluster larger than this sets
+# REDIS_FALLBACK_RATE_SHARE itself.
+MAX_REPLICAS: Final = 64
+
+# KEYS[1] the registry (a sorted set of replica ids scored by their last refresh, Redis's clock,
+# s), KEYS[2] the peak count; ARGV[1] this replica, ARGV[2] REPLICA_TTL_S, ARGV[3] MAX_REPLICAS.
+# Returns {replicas seen, peak}. What no replica writes is dropped: a key of another type,
+# refreshes stamped in the future, a peak that is not a count up to MAX_REPLICAS or that has no
+# expiry (docs/security.md, "Cluster mode and Redis").
+REGISTER_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[2])
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'none' and kind ~= 'zset' then redis.call('DEL', KEYS[1]) end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], string.format('(%f', now + 5), '+inf')
+redis.call('EXPIRE', KEYS[1], math.ceil(ttl * 4))
+local seen = math.min(redis.call('ZCARD', KEYS[1]), tonumber(ARGV[3]))
+local peak = 0
+kind = redis.call('TYPE', KEYS[2]).ok
+if kind == 'string' then
+  peak = tonumber(redis.call('GET', KEYS[2]))
+  local pttl = redis.call('PTTL', KEYS[2])
+  if peak == nil or peak ~= math.floor(peak) or peak < 1 or peak > tonumber(ARGV[3])
+      or pttl < 0 or pttl > 600000 then
+    redis.call('DEL', KEYS[2])
+    peak = 0
+  end
+elseif kind ~= 'none' then
+  redis.call('DEL', KEYS[2])
+end
+if seen > peak then
+  redis.call('SET', KEYS[2], seen, 'EX', 600)
+  peak = seen
+end
+return {seen, peak}
+"""
 
 
 @dataclass(slots=True)
@@ -63,7 +103,7 @@ class RedisLink:
         self.prefix = settings.redis_key_prefix
         self.replica_id = replica_id or uuid.uuid4().hex
         self.where = mask_url(r.url)
-        self._secrets = _url_secrets(r.url)
+        self._secrets = url_secrets(r.url)
         self._timeout_s = r.timeout_s
         # The bound of one call: the command's own timeout (redis-py's socket_timeout) plus,
         # when the pool has to open a connection first, the connect timeout.
@@ -82,6 +122,7 @@ class RedisLink:
             health_check_interval=0,
             client_name="lis-async",
         )
+        self._register_script = self.client.register_script(REGISTER_LUA)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -156,26 +197,16 @@ class RedisLink:
     async def register_replica(self) -> None:
         """Refresh this replica's entry and count the replicas seen lately. The largest count
         of the last ten minutes is kept too: a replica that (re)starts alone first still falls
-        back to its share of a cluster it belongs to."""
-        key, peak_key = self.key("replicas"), self.key("replicas", "peak")
-
-        async def op() -> Any:
-            now = time.time()
-            pipe = self.client.pipeline(transaction=False)
-            pipe.get(peak_key)
-            pipe.zadd(key, {self.replica_id: now})
-            pipe.zremrangebyscore(key, "-inf", now - REPLICA_TTL_S)
-            pipe.zcard(key)
-            pipe.expire(key, int(REPLICA_TTL_S * 4))
-            return await pipe.execute()
-
-        result = await self.run("replica registry", op)
+        back to its share of a cluster it belongs to. Both counts are bounded by
+        :data:`MAX_REPLICAS` (docs/security.md, "Cluster mode and Redis")."""
+        keys = [self.key("replicas"), self.key("replicas", "peak")]
+        args: list[str | int | float] = [self.replica_id, REPLICA_TTL_S, MAX_REPLICAS]
+        result = await self.run(
+            "replica registry", lambda: self._register_script(keys=keys, args=args)
+        )
         if result is None:
             return
-        seen = max(1, int(result[3]))
-        peak = int(result[0] or 0)
-        if seen > peak:
-            await self.run("replica registry", lambda: self.client.set(peak_key, seen, ex=600))
+        seen, peak = (_count(v) for v in [*result, None, None][:2])
         self.stats.replicas_seen = max(seen, peak)
 
     async def maintain(self) -> None:
@@ -210,13 +241,10 @@ class RedisLink:
             log.debug("closing Redis: %s", self.redact(str(exc)))
 
 
-def _url_secrets(url: str) -> list[str]:
-    """The password of a Redis URL (``redis://:pw@host`` or ``redis://user:pw@host``), raw and
-    as written, for redaction."""
-    from urllib.parse import unquote, urlsplit
-
+def _count(value: Any) -> int:
+    """A replica count read from Redis, within 1..MAX_REPLICAS (1 when it is no number)."""
     try:
-        password = urlsplit(url).password
-    except ValueError:
-        return []
-    return [password, unquote(password)] if password else []
+        count = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 1
+    return min(MAX_REPLICAS, max(1, count))

@@ -10,12 +10,15 @@ order the changes happened, and the subclass writes its one log line per change.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 __all__ = ["IntakeHold", "Listener"]
 
 Listener = Callable[[bool], Awaitable[None]]  # True: hold intake, False: release it
+
+log = logging.getLogger("lis_async.intake")
 
 
 class IntakeHold:
@@ -43,7 +46,14 @@ class IntakeHold:
         for listener in self._listeners:
             task = asyncio.ensure_future(listener(engaged))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._listener_done)
+
+    def _listener_done(self, task: asyncio.Task[None]) -> None:
+        """A listener that failed is logged at ERROR (never silent): intake may then not follow
+        this hold until its next change."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("intake hold listener failed", exc_info=task.exception())
 
     def _announce(self, engaged: bool, held_s: float) -> None:
         """The subclass's log line for a change (``held_s``: how long the hold lasted)."""

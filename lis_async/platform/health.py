@@ -87,6 +87,9 @@ class PlatformHealth:
                 break  # it answers: the pipeline will meet the refusal and stop the worker
             except PlatformError:
                 continue
+            except Exception:  # a bug must not leave the gate closed for good: probe again
+                log.exception("OpenCTI probe failed unexpectedly; probing again")
+                continue
             break
         down_for = time.monotonic() - (self._down_since or time.monotonic())
         self._down_since = None

@@ -37,7 +37,7 @@ from pydantic.fields import FieldInfo
 from lis_async.enrichment.job import SUPPORTED_TYPES, normalise_tlp
 from lis_async.enrichment.markings import normalise_pap
 from lis_async.errors import SettingsError
-from lis_async.redact import mask_url
+from lis_async.redact import mask_url, url_secrets
 from lis_async.settings import removed, unsupported
 from lis_async.settings.tls import AmqpTls, is_pem, mq_context
 
@@ -552,6 +552,11 @@ class MqSettings(_Section):
         return self
 
 
+#: The shortest REDIS_CACHE_KEY accepted (a guessable key would let anyone who can write to
+#: Redis forge cached answers).
+MIN_CACHE_KEY_CHARS: Final = 16
+
+
 class RedisSettings(_Section):
     """Cluster mode: replicas on one connector id share the LastInfoSec quota and the answer
     cache through Redis (docs/architecture.md, "Cluster mode"). Unset ``url``: every replica
@@ -563,6 +568,7 @@ class RedisSettings(_Section):
         "redis://[user:password@]host:port/db, rediss:// for TLS, unix:///path?db=N; unset: "
         "no cluster mode",
         repr=False,
+        secret_file=True,
     )
     # Two connectors never share a quota by accident.
     key_prefix: OptStr = _own(None, "prefix of every Redis key; default: lis-async:<connector.id>")
@@ -577,6 +583,14 @@ class RedisSettings(_Section):
         gt=0,
         le=1,
     )
+    cache_key: SecretStr | None = _own(
+        None,
+        "the secret (16 characters or more, the same on every replica) that authenticates the "
+        "answers cached in Redis (HMAC-SHA256); required with url; never logged "
+        "(docs/security.md, 'Cluster mode and Redis')",
+        repr=False,
+        secret_file=True,
+    )
 
     @field_validator("url")
     @classmethod
@@ -587,6 +601,23 @@ class RedisSettings(_Section):
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return v
+
+    @field_validator("cache_key")
+    @classmethod
+    def _cache_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().strip()) < MIN_CACHE_KEY_CHARS:
+            raise ValueError(f"must be at least {MIN_CACHE_KEY_CHARS} characters")
+        return v
+
+    @model_validator(mode="after")
+    def _cache_key_with_url(self) -> RedisSettings:
+        if self.url is not None and self.cache_key is None:
+            raise ValueError(
+                "REDIS_CACHE_KEY (redis.cache_key) is required with REDIS_URL: the replicas "
+                "authenticate the answers they share in Redis with it (set the same random "
+                "value, e.g. `openssl rand -hex 32`, on every replica)"
+            )
+        return self
 
 
 class Settings(_Section):
@@ -613,6 +644,29 @@ class Settings(_Section):
         """The proxy for LastInfoSec requests: upstream reads ``PROXY_HTTPS``, then
         ``PROXY_HTTP``, for its (https) API calls."""
         return self.opencti.proxy_https or self.opencti.proxy_http
+
+    def secrets(self) -> list[str]:
+        """Every secret value of these settings, those found in URLs included, for
+        :func:`lis_async.redact.register_secrets`."""
+        found = [
+            self.opencti.token.get_secret_value(),
+            self.lastinfosec.api_key_cti.get_secret_value(),
+        ]
+        for secret in (self.mq.password, self.redis.cache_key):
+            if secret is not None:
+                found.append(secret.get_secret_value())
+        if self.opencti.custom_headers is not None:
+            headers = parse_custom_headers(self.opencti.custom_headers.get_secret_value())
+            found += headers.values()
+        for url in (
+            self.opencti.url,
+            self.opencti.proxy_http,
+            self.opencti.proxy_https,
+            self.lastinfosec.base_url,
+            self.redis.url,
+        ):
+            found += url_secrets(url)
+        return [f for f in found if f]
 
     def summary(self) -> dict[str, Any]:
         """Effective settings for the start-up log line; secrets masked."""

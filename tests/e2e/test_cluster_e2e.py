@@ -13,6 +13,7 @@ import pytest
 from lis_async.sim.lastinfosec import LisSimConfig
 from lis_async.sim.world import SimWorld
 from tests.helpers import (
+    CACHE_KEY,
     FAST_ENV,
     LIGHT_WORKER,
     QUIET_PRODUCER,
@@ -54,6 +55,7 @@ async def test_two_workers_outlive_a_redis_outage_within_the_quota() -> None:
                     | {
                         "LASTINFOSEC_RATE_PER_S": str(RATE),
                         "REDIS_URL": redis.url,
+                        "REDIS_CACHE_KEY": CACHE_KEY,
                         "CONNECTOR_HEALTH_PORT": str(port),
                         # Each request is logged as it is sent: the times the limiters hold to
                         # (the double's own stamps lag under this test process's load).

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from lis_async.cluster.cache import SharedAnswerCache
+from lis_async.cluster.cache import EntryRules, SharedAnswerCache
 from lis_async.cluster.limiter import ClusterLimiter
 from lis_async.cluster.link import RedisLink
 from lis_async.lastinfosec import LastInfoSecClient
@@ -167,7 +167,7 @@ async def test_the_shared_cache_survives_a_restart() -> None:
         s = settings(REDIS_URL, LASTINFOSEC_BASE_URL=str(lis.base_url))
         for _replica in range(2):  # the second one starts with an empty in-process cache
             link = RedisLink(s)
-            shared = SharedAnswerCache(link)
+            shared = SharedAnswerCache.of(link, s)
             async with LastInfoSecClient(s.lastinfosec, trust_env=False, shared_cache=shared) as c:
                 found = await c.lookup_value("search_host", "bad.example.com")
                 assert found.found and found.bundles
@@ -214,7 +214,7 @@ async def test_a_hung_redis_costs_one_bounded_timeout() -> None:
         s = settings(redis.url, REDIS_TIMEOUT_S="0.2")
         link = RedisLink(s)
         limiter = ClusterLimiter(link, 1000)
-        shared = SharedAnswerCache(link, 10, 5)
+        shared = SharedAnswerCache(link, EntryRules.of(s), 10, 5)
         try:
             await limiter.acquire()
             assert link.shared
@@ -265,7 +265,9 @@ async def test_the_redis_password_never_shows(caplog: pytest.LogCaptureFixture) 
         bad = RedisLink(wrong)
         metrics = Metrics()
         limiter = ClusterLimiter(bad, 10)
-        metrics.add_collector(ClusterCollector(bad, limiter, SharedAnswerCache(bad, 1, 1)))
+        metrics.add_collector(
+            ClusterCollector(bad, limiter, SharedAnswerCache(bad, EntryRules.of(wrong), 1, 1))
+        )
         try:
             assert await link.check()
             with pytest.raises(RuntimeError) as info:
