@@ -79,10 +79,11 @@ def mask_url(url: str) -> str:
     """A URL with its userinfo (everything up to its last ``@``) and the values of its
     password-like query parameters masked (proxy, OpenCTI and Redis URLs may carry credentials).
     An ``@`` elsewhere (a path, a query) masks a little more than needed, never less."""
-    scheme, sep, rest = url.partition("://")
+    # The query first: a raw "@" in a query value must not pass for the end of a userinfo.
+    scheme, sep, rest = _SECRET_PARAM_RE.sub(rf"\1{MASK}", url).partition("://")
     if sep and "@" in rest:
         rest = f"{MASK}@{rest.rpartition('@')[2]}"
-    return _SECRET_PARAM_RE.sub(rf"\1{MASK}", scheme + sep + rest)
+    return scheme + sep + rest
 
 
 def url_secrets(url: str | None) -> list[str]:
@@ -92,10 +93,13 @@ def url_secrets(url: str | None) -> list[str]:
     if not url:
         return []
     found: list[str] = []
-    _, sep, rest = url.partition("://")
+    _, sep, rest = _SECRET_PARAM_RE.sub(rf"\1{MASK}", url).partition("://")
     if sep and "@" in rest:
-        userinfo = rest.rpartition("@")[0]
-        user, colon, password = userinfo.partition(":")
+        # The authority ends at the first "/", "?" or "#" after an "@"; a password holding
+        # one of them raw has its userinfo end at the last "@" of the URL.
+        end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+        head = rest[:end] if "@" in rest[:end] else rest
+        user, colon, password = head.rpartition("@")[0].partition(":")
         found.append(password if colon else user)
     try:
         query = urlsplit(url).query

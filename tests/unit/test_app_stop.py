@@ -44,7 +44,7 @@ async def test_a_close_that_hangs_is_left_behind_and_the_rest_still_close(
         except asyncio.CancelledError:
             await release.wait()  # ignores its cancellation
 
-    app._spawn(stuck_task(), "stuck")
+    app._spawn(stuck_task, "stuck")
     caplog.set_level(logging.INFO, "lis_async")
     started = time.monotonic()
     await asyncio.wait_for(app.stop(), 5)
