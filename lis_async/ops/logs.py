@@ -26,7 +26,8 @@ class _JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         if record.exc_info:
-            doc["exc_info"] = self.formatException(record.exc_info)
+            # exc_text: set (redacted) by lis_async.redact.SecretFilter
+            doc["exc_info"] = record.exc_text or self.formatException(record.exc_info)
         return orjson.dumps(doc).decode()
 
 

@@ -3,6 +3,7 @@ both may come from files, and no form of Redis, proxy or OpenCTI URL shows its p
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from urllib.parse import quote
@@ -104,3 +105,26 @@ def test_every_url_secret_of_the_settings_is_registered_for_the_logs(
     )
     assert SecretFilter().filter(record)
     assert record.getMessage() == "AUTH failed: ***"
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+def test_tracebacks_are_masked_in_both_log_formats(json_lines: bool) -> None:
+    from lis_async.ops.logs import _JsonFormatter
+
+    register_secrets(url_secrets("redis://:tr4ceback@Pw@127.0.0.1:6379/0"))
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(SecretFilter())
+    handler.setFormatter(_JsonFormatter() if json_lines else logging.Formatter())
+    logger = logging.getLogger("lis_async.test_secret_filter")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise ConnectionError("AUTH tr4ceback@Pw refused by redis://:tr4ceback@Pw@h:6379")
+        except ConnectionError:
+            logger.error("Redis %s failed", "redis://:tr4ceback@Pw@h:6379", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "ConnectionError" in text and "***" in text
+    assert "tr4ceback" not in text and "@Pw" not in text, text
