@@ -5,7 +5,7 @@ for found and not-found answers, kept by Redis (so a restart loses nothing). Key
 (``<prefix>:answer:<endpoint>:<sha256>``): a hostile value cannot shape a key, and keys stay
 short. The in-process cache stays in front of this one.
 
-Nothing read from Redis is trusted (docs/security.md, "Cluster mode and Redis"): an entry is
+Nothing read from Redis is trusted (docs/security.md#cluster-mode-and-redis): an entry is
 authenticated with HMAC-SHA256 under ``REDIS_CACHE_KEY`` (over its key name, its found flag, its
 signed expiry and its bundles, so an entry cannot be moved to another value nor replayed past
 its life); its size is checked in Redis before it is read; an entry without an expiry or with a
@@ -113,7 +113,7 @@ _GROWTH: Final = 1 / 1000
 
 @dataclass(frozen=True, slots=True)
 class EntryRules:
-    """What an entry must satisfy (docs/security.md, "Cluster mode and Redis")."""
+    """What an entry must satisfy (docs/security.md#cluster-mode-and-redis)."""
 
     key: bytes = field(repr=False)  # REDIS_CACHE_KEY: authenticates every entry
     max_answer_bytes: int  # LASTINFOSEC_MAX_ANSWER_BYTES: the inflated bundles at most

@@ -28,7 +28,7 @@ from typing import Final
 from lis_async.cluster.link import RedisLink
 from lis_async.lastinfosec.limiter import PriorityGate, SlidingWindowLimiter
 
-# Nothing read from Redis is trusted (docs/security.md, "Cluster mode and Redis"): a key of
+# Nothing read from Redis is trusted (docs/security.md#cluster-mode-and-redis): a key of
 # another type is deleted, a pause further away than the back-off maximum is cut to it, a
 # non-numeric pause is no pause, and grants or urgent marks stamped in the future (none of ours
 # is) are dropped. At worst a hostile value then holds the replicas one window or one back-off

@@ -46,7 +46,7 @@ MAX_REPLICAS: Final = 64
 # s), KEYS[2] the peak count; ARGV[1] this replica, ARGV[2] REPLICA_TTL_S, ARGV[3] MAX_REPLICAS.
 # Returns {replicas seen, peak}. What no replica writes is dropped: a key of another type,
 # refreshes stamped in the future, a peak that is not a count up to MAX_REPLICAS or that has no
-# expiry (docs/security.md, "Cluster mode and Redis").
+# expiry (docs/security.md#cluster-mode-and-redis).
 REGISTER_LUA: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -198,7 +198,7 @@ class RedisLink:
         """Refresh this replica's entry and count the replicas seen lately. The largest count
         of the last ten minutes is kept too: a replica that (re)starts alone first still falls
         back to its share of a cluster it belongs to. Both counts are bounded by
-        :data:`MAX_REPLICAS` (docs/security.md, "Cluster mode and Redis")."""
+        :data:`MAX_REPLICAS` (docs/security.md#cluster-mode-and-redis)."""
         keys = [self.key("replicas"), self.key("replicas", "peak")]
         args: list[str | int | float] = [self.replica_id, REPLICA_TTL_S, MAX_REPLICAS]
         result = await self.run(

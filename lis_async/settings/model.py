@@ -587,7 +587,7 @@ class RedisSettings(_Section):
         None,
         "the secret (16 characters or more, the same on every replica) that authenticates the "
         "answers cached in Redis (HMAC-SHA256); required with url; never logged "
-        "(docs/security.md, 'Cluster mode and Redis')",
+        "(docs/security.md#cluster-mode-and-redis)",
         repr=False,
         secret_file=True,
     )

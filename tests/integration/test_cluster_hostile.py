@@ -1,7 +1,7 @@
-"""Cluster mode trusts nothing it reads from Redis (issue #20, findings 1 and 2; docs/security.md,
-"Cluster mode and Redis"). Each test plants what someone else with write access to the Redis
-could, in a redis-server of the module's own, and checks that lookups still get LastInfoSec's
-answer, the limiter still grants, and the replica count stays sane."""
+"""Cluster mode trusts nothing it reads from Redis (issue #20, findings 1 and 2;
+docs/security.md#cluster-mode-and-redis). Each test plants what someone else with write access
+to the Redis could, in a redis-server of the module's own, and checks that lookups still get
+LastInfoSec's answer, the limiter still grants, and the replica count stays sane."""
 
 from __future__ import annotations
 
