@@ -149,6 +149,7 @@ async def test_a_redis_overwritten_with_hostile_values_changes_nothing_for_the_j
             finally:
                 stop_process(proc)
     log = worker_log(proc)
+    print(f"first run {first_s:.1f} s, second {second_s:.1f} s, peak RSS {peak_kb / 1024:.0f} MiB")
     assert peak_kb < PEAK_RSS_LIMIT_KB, f"peak RSS {peak_kb / 1024:.0f} MiB"
     assert "rejected" in log and "Traceback" not in log, log[-3000:]
     assert "background task" not in log  # no loop failed
