@@ -50,7 +50,8 @@ EXIT_STARTUP = 2  # could not start (registration refused, platform unreachable)
 # Registration retries: 2, 4, 8, 16, 30 s (a platform still starting up), then give up.
 _REGISTER_BACKOFF = Backoff(base_s=2.0, max_s=30.0, floor=1.0)
 _REGISTER_ATTEMPTS = 6
-# A background loop that keeps failing is restarted after 2, 4, 8, 16, 30, 30... s.
+# A background loop that fails is restarted after 0.1 s; one that keeps failing (within a
+# minute of its start) after 4, 8, 16, 30, 30... s.
 _SUPERVISE_BACKOFF = Backoff(base_s=2.0, max_s=30.0, floor=1.0)
 
 
@@ -164,8 +165,6 @@ class App:
             else:
                 log.error("background task %s ended unexpectedly: restarting it", name)
             self.background_restarts[name] = self.background_restarts.get(name, 0) + 1
-            # A loop that ran a while before failing starts again at once, one that keeps
-            # failing waits up to 30 s.
             failures = 1 if time.monotonic() - started > 60 else failures + 1
             await asyncio.sleep(_SUPERVISE_BACKOFF.delay(failures) if failures > 1 else 0.1)
 

@@ -652,7 +652,7 @@ class Settings(_Section):
             self.opencti.token.get_secret_value(),
             self.lastinfosec.api_key_cti.get_secret_value(),
         ]
-        for secret in (self.mq.password, self.redis.cache_key):
+        for secret in (self.mq.password, self.mq.use_ssl_passphrase, self.redis.cache_key):
             if secret is not None:
                 found.append(secret.get_secret_value())
         if self.opencti.custom_headers is not None:
