@@ -108,7 +108,7 @@ class RedisLink:
         # The bound of one call: the command's own timeout (redis-py's socket_timeout) plus,
         # when the pool has to open a connection first, the connect timeout.
         self._bound_s = r.timeout_s + CONNECT_TIMEOUT_S
-        self._probe_s = probe_interval_s
+        self.probe_interval_s = probe_interval_s
         self.stats = LinkStats()
         self.shared = True  # optimistic: the first failure says otherwise
         self._down_since: float | None = None
@@ -215,13 +215,13 @@ class RedisLink:
         while True:
             if not self.shared:
                 if not await self._probe():
-                    await asyncio.sleep(self._probe_s)
+                    await asyncio.sleep(self.probe_interval_s)
                     continue
                 last_registry = 0.0
             if time.monotonic() - last_registry >= REGISTRY_INTERVAL_S:
                 await self.register_replica()
                 last_registry = time.monotonic()
-            await asyncio.sleep(min(self._probe_s, REGISTRY_INTERVAL_S))
+            await asyncio.sleep(min(self.probe_interval_s, REGISTRY_INTERVAL_S))
 
     async def check(self) -> str:
         """One PING for ``lis-async check``; raises a redacted RuntimeError when it fails."""

@@ -10,6 +10,6 @@ Errors are in :mod:`lis_async.errors`; the result type in :mod:`lis_async.enrich
 """
 
 from lis_async.lastinfosec.client import LastInfoSecClient, LisStats
-from lis_async.lastinfosec.limiter import SlidingWindowLimiter
+from lis_async.lastinfosec.limiter import PacedLimiter
 
-__all__ = ["LastInfoSecClient", "LisStats", "SlidingWindowLimiter"]
+__all__ = ["LastInfoSecClient", "LisStats", "PacedLimiter"]

@@ -36,7 +36,7 @@ from lis_async.errors import (
     NothingToLookUp,
 )
 from lis_async.lastinfosec.cache import AnswerCache, CachedAnswer, CacheKey, SharedCache
-from lis_async.lastinfosec.limiter import RateLimiter, SlidingWindowLimiter
+from lis_async.lastinfosec.limiter import PacedLimiter, RateLimiter
 from lis_async.lastinfosec.outage import PROBE_INTERVAL_S, OutageGate
 from lis_async.lastinfosec.wire import (
     ENDPOINTS,
@@ -126,7 +126,7 @@ class LastInfoSecClient:
     ) -> None:
         """``proxy``: explicit proxy URL (``PROXY_HTTP(S)``); with ``trust_env``, else the
         environment's ``HTTP(S)_PROXY`` / ``NO_PROXY``. ``clock``: the cache's expiry clock.
-        ``limiter`` / ``shared_cache``: cluster mode's (default: a local sliding window, no
+        ``limiter`` / ``shared_cache``: cluster mode's (default: a local paced limiter, no
         shared cache). ``outage_probe_s``: seconds between probes while LastInfoSec is down
         (tests make it short)."""
         self._settings = s = settings
@@ -147,9 +147,7 @@ class LastInfoSecClient:
         self._proxy: str | None = proxy
         self._proxy_auth: aiohttp.BasicAuth | None = None
         self._sem = asyncio.Semaphore(s.concurrency)
-        self._limiter: RateLimiter = limiter or SlidingWindowLimiter.per_second(
-            s.rate_per_s, s.rate_burst
-        )
+        self._limiter: RateLimiter = limiter or PacedLimiter(s.rate_per_s, s.rate_burst or 1)
         self._shared = shared_cache
         self._outage = OutageGate(outage_probe_s)
         cache_on = s.cache_size > 0 and (s.cache_ttl_s > 0 or s.cache_negative_ttl_s > 0)

@@ -1,10 +1,10 @@
-"""The client-wide rate limit toward LastInfoSec: an exact sliding window."""
+"""The client-wide rate limit toward LastInfoSec: evenly paced grants (GCRA)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Protocol
+from typing import Final, Protocol
 
 
 class RateLimiter(Protocol):
@@ -62,30 +62,49 @@ class PriorityGate:
         self._held = False
 
 
-class SlidingWindowLimiter:
-    """At most ``capacity`` acquisitions in any ``window_s`` seconds; urgent acquisitions first,
-    then first come first served.
+#: How far behind its schedule a paced limiter may run and catch up, as a share of the interval.
+#: A waiter wakes a little after its time (the event loop's latency, ~1 ms); without slack every
+#: such delay would push the whole schedule back, and at 30 req/s a 2 ms delay per grant costs
+#: 6 % of the rate. A quarter interval keeps the busiest one-second window at ``rate + 1`` even
+#: with a request reaching LastInfoSec up to three quarters of an interval late
+#: (docs/architecture.md, "Design decisions and their trade-offs").
+CATCH_UP: Final = 0.25
+
+
+class PacedLimiter:
+    """GCRA (the generic cell rate algorithm): one grant every ``1 / rate_per_s`` seconds, with a
+    burst allowance of ``burst`` grants (1: evenly paced); urgent acquisitions first, then first
+    come first served.
+
+    A sliding window (what this replaced) hands a whole window's grants out at once as soon as the
+    window allows; they leave the loop over tens of milliseconds on a loaded machine, and the tail
+    of one burst and the head of the next then land in the same second at LastInfoSec. Pacing
+    spreads them: at most ``rate + burst`` requests reach the API in any one second.
 
     Written here rather than taken from aiolimiter: its leaky bucket starts full and refills
-    during any lull, so it lets up to twice the rate through within one second, while users set
-    ``rate_per_s`` to stay under a provider's per-second quota. Keeping the times of the last
-    ``capacity`` acquisitions gives the exact guarantee and still sustains the full rate.
+    during any lull (twice the rate within one second), and it has no priority.
     """
 
-    __slots__ = ("_capacity", "_gate", "_times", "_window")
+    __slots__ = ("_gate", "_interval", "_slack", "_tat", "_tolerance", "granted")
 
-    def __init__(self, capacity: int, window_s: float) -> None:
-        self._capacity = capacity
-        self._window = window_s
-        self._times: deque[float] = deque()
-        self._gate = PriorityGate()  # one waiter at a time watches the window
+    def __init__(self, rate_per_s: float, burst: int = 1) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("rate_per_s must be > 0 and burst >= 1")
+        self._interval = 1.0 / rate_per_s
+        self._tolerance = (burst - 1) * self._interval
+        self._slack = CATCH_UP * self._interval
+        self._tat = -float("inf")  # the theoretical time of the next grant (loop clock)
+        self._gate = PriorityGate()  # one waiter at a time watches the schedule
+        self.granted = 0
 
-    @classmethod
-    def per_second(cls, rate_per_s: float, burst: int | None = None) -> SlidingWindowLimiter:
-        """``burst`` requests per ``burst / rate_per_s`` seconds; by default one second's worth
-        (at least one)."""
-        capacity = burst or max(1, round(rate_per_s))
-        return cls(capacity, capacity / rate_per_s)
+    @property
+    def interval_s(self) -> float:
+        return self._interval
+
+    def hold_until(self, when: float) -> None:
+        """Grant nothing before ``when`` (loop clock): cluster mode's failover (one window after
+        the last shared grant, see failover in docs/cluster.md)."""
+        self._tat = max(self._tat, when + self._tolerance)
 
     async def pause(self, delay_s: float) -> None:
         """Nothing to share: the client pauses its own requests (``LastInfoSecClient``)."""
@@ -94,14 +113,14 @@ class SlidingWindowLimiter:
         await self._gate.acquire(urgent)
         try:
             loop = asyncio.get_running_loop()
-            times = self._times
             while True:
                 now = loop.time()
-                while times and times[0] <= now - self._window:
-                    times.popleft()
-                if len(times) < self._capacity:
-                    times.append(now)
+                tat = max(self._tat, now - self._slack)
+                wait = tat - self._tolerance - now
+                if wait <= 0:
+                    self._tat = tat + self._interval
+                    self.granted += 1
                     return
-                await asyncio.sleep(times[0] + self._window - now)
+                await asyncio.sleep(wait)
         finally:
             self._gate.release()

@@ -417,7 +417,7 @@ class LastInfoSecSettings(_Section):
     )
     rate_burst: int | None = _own(
         None,
-        "sliding-window size, requests; default: one second's worth (rate_per_s)",
+        "burst allowance, requests granted at once before pacing resumes; default 1 (evenly paced)",
         ge=1,
         group="limits",
     )

@@ -95,12 +95,13 @@ async def test_two_workers_outlive_a_redis_outage_within_the_quota() -> None:
     fallback = [t for t in times if stopped_at + 1 <= t < restarted_at]
     after = [t for t in times if t >= resumed_at + 1]  # the last fallback window has passed
     assert len(shared) > 2 * RATE and len(fallback) > RATE  # both phases did real work
-    # The cluster's rate in shared mode, and the fallback share (1 / the 2 replicas seen)
-    # keeps the sum within it once the old shared window has passed.
-    assert busiest_window(shared) <= RATE
-    assert busiest_window(fallback) <= RATE
+    # The cluster's rate in shared mode, and the fallback shares (1 / the 2 replicas seen)
+    # keep the sum within it.
+    # Paced grants: at most rate + 1 in any second, where LastInfoSec counts them.
+    assert busiest_window(shared) <= RATE + 1, "shared"
+    assert busiest_window(fallback) <= RATE + 1, "fallback"
     if after:
-        assert busiest_window(after) <= RATE
+        assert busiest_window(after) <= RATE + 1, "after"
     for log in logs:  # one line per transition, not one per job
         cluster = "\n".join(line for line in log.splitlines() if "lis_async.cluster" in line)
         assert log.count("falling back to the local rate limit") == 1, cluster

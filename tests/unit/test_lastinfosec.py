@@ -927,32 +927,43 @@ async def test_environment_proxy_is_resolved_once_and_no_proxy_honoured(
         await client.close()
 
 
-async def test_sliding_window_limiter_never_exceeds_capacity_in_any_window() -> None:
-    from lis_async.lastinfosec import SlidingWindowLimiter
+async def test_paced_limiter_spreads_grants_evenly() -> None:
+    """One grant per interval, never a burst: grant k comes no sooner than k intervals after the
+    first (less the quarter-interval catch-up), where a sliding window would hand out a whole
+    window's worth at once. With a burst allowance, that many come at once, then pacing."""
+    from lis_async.lastinfosec import PacedLimiter
+    from lis_async.lastinfosec.limiter import CATCH_UP
 
-    limiter = SlidingWindowLimiter(10, 0.2)
     loop = asyncio.get_running_loop()
-    times: list[float] = []
 
-    async def one() -> None:
-        await limiter.acquire()
-        times.append(loop.time())
+    async def grants(limiter: PacedLimiter, n: int) -> list[float]:
+        times: list[float] = []
 
-    await asyncio.gather(*(one() for _ in range(35)))
-    times.sort()
-    # Any 0.2 s window holds at most 10 acquisitions ...
-    for i in range(len(times) - 10):
-        assert times[i + 10] - times[i] >= 0.2 - 1e-6
-    # ... and the limiter sustains its rate: 35 acquisitions in just over three windows.
-    assert times[-1] - times[0] < 1.5  # one at a time per window would take 7 s
+        async def one() -> None:
+            await limiter.acquire()
+            times.append(loop.time())
+
+        await asyncio.gather(*(one() for _ in range(n)))
+        return sorted(times)
+
+    interval = 0.01
+    times = await grants(PacedLimiter(1 / interval), 30)
+    for k, t in enumerate(times):
+        assert t - times[0] >= k * interval - CATCH_UP * interval - 1e-6, k
+    assert times[-1] - times[0] < 30 * interval * 3  # paced, not serialised behind sleeps
+
+    times = await grants(PacedLimiter(1 / interval, burst=5), 15)
+    assert times[4] - times[0] < interval  # the burst allowance: five at once
+    for k in range(5, 15):
+        assert times[k] - times[0] >= (k - 4) * interval - CATCH_UP * interval - 1e-6, k
 
 
 async def test_urgent_acquisitions_overtake_the_waiting_ones() -> None:
     """An analyst's lookup waits for one grant at most, not for the auto-enrichment requests
     queued before it; the others keep their arrival order."""
-    from lis_async.lastinfosec import SlidingWindowLimiter
+    from lis_async.lastinfosec import PacedLimiter
 
-    limiter = SlidingWindowLimiter(1, 0.05)
+    limiter = PacedLimiter(20)
     order: list[str] = []
 
     async def one(name: str, urgent: bool = False) -> None:
