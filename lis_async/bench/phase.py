@@ -28,7 +28,7 @@ import psutil
 
 from lis_async.bench.config import BenchConfig
 from lis_async.bench.feed import Feed, Jobs, build_world, preregister
-from lis_async.bench.measure import Child, Stopwatch, find_rabbitmq, summary_ms
+from lis_async.bench.measure import Child, Stopwatch, busiest_window, find_rabbitmq, summary_ms
 from lis_async.bench.processes import Profiler, connector_child
 from lis_async.bench.progress import Progress, bar
 from lis_async.bench.results import BenchError, Connector, PhaseResult
@@ -284,6 +284,7 @@ def lastinfosec_figures(r: PhaseResult, stats: LisSimStats) -> None:
     r.lis_requests = stats.total
     r.lis_max_concurrent = stats.max_concurrent
     r.lis_max_per_window = stats.max_per_window()
+    r.lis_max_sliding_1s = busiest_window([q.time for q in stats.requests])
     r.lis_by_status = {str(k): v for k, v in sorted(stats.by_status.items())}
     r.lis_sustained_per_s = sustained_rate(stats.per_window, stats.total, r.span_s)
     if stats.per_window:

@@ -97,8 +97,11 @@ def targets(
     if lis:
         _target(out, "worker_cpu_ms_per_job", lis.worker_cpu_ms_per_job, 6.0, False, "aim 3 ms")
     if cfg.rate is not None and lis:
-        _target(out, "rate_sustained_per_s", lis.lis_sustained_per_s, 0.94 * cfg.rate, True, "")
+        _target(out, "rate_sustained_per_s", lis.lis_sustained_per_s, 0.97 * cfg.rate, True, "")
         _target(out, "rate_max_per_window", float(lis.lis_max_per_window), cfg.rate, False, "")
+        sliding = float(lis.lis_max_sliding_1s)
+        note = "any one-second window at the API: rate + 1"
+        _target(out, "rate_max_sliding_1s", sliding, cfg.rate + 1, False, note)
     if rss:
         note = f"{rss.jobs} jobs queued, {rss.in_flight} in flight"
         _target(out, "peak_rss_mb", rss.peak_rss_mb, 200.0, False, note)

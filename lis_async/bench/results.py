@@ -47,6 +47,9 @@ class PhaseResult:
     lis_requests: int = 0
     lis_max_concurrent: int = 0
     lis_max_per_window: int = 0
+    #: most requests in any sliding one-second window at the double (its last 10,000 requests):
+    #: where LastInfoSec counts its quota, when requests arrive
+    lis_max_sliding_1s: int = 0
     lis_sustained_per_s: float = math.nan
     #: requests in each one-second window, from the first request's to the last one's
     lis_per_second: list[int] = field(default_factory=list)

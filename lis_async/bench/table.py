@@ -75,6 +75,7 @@ def _rows(paced: PhaseResult | None) -> list[tuple[str, Getter, int, bool]]:
         ("LastInfoSec requests", lambda p: float(p.lis_requests), 0, False),
         ("LastInfoSec max concurrent", lambda p: float(p.lis_max_concurrent), 0, False),
         ("LastInfoSec max in 1 s", lambda p: float(p.lis_max_per_window), 0, False),
+        ("LastInfoSec max in 1 s (sliding)", lambda p: float(p.lis_max_sliding_1s), 0, False),
         ("bench process CPU / job (ms)", lambda p: p.per_job(p.bench_cpu_s), 2, False),
         ("bench process (cores busy)", busy(lambda p: p.bench_cpu_s), 2, False),
         ("RabbitMQ CPU / job (ms)", lambda p: p.per_job(p.rabbitmq_cpu_s), 2, False),
