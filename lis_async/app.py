@@ -418,6 +418,12 @@ class App:
                 "1 while LastInfoSec answers, 0 during an outage (lookups wait on one probe)",
                 lambda: 0.0 if lis.outage_down else 1.0,
             ),
+            (
+                "lis_lastinfosec_rate_limit",
+                "LastInfoSec requests per second allowed (LASTINFOSEC_RATE_PER_S): all replicas "
+                "together in cluster mode, this worker's own otherwise",
+                lambda: self.settings.lastinfosec.rate_per_s,
+            ),
         ):
             m.add_collector(GaugeCallback(m.name(name), doc, fn))
         if s.health_port:
