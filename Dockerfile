@@ -48,6 +48,10 @@ ENV PYTHONUNBUFFERED=1 \
 
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels -c /wheels/constraints.txt 'lis-async[demo]' \
+    && if python -c "import importlib.util as u, sys; sys.exit(u.find_spec('magic') is None)"; then \
+        apt-get update && apt-get install -y --no-install-recommends libmagic1 \
+        && rm -rf /var/lib/apt/lists/*; fi \
+    && lis-async --help >/dev/null \
     && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin connector
 USER 10001:10001
 ENTRYPOINT ["lis-async"]
@@ -65,12 +69,20 @@ ENV CONNECTOR_TYPE=INTERNAL_ENRICHMENT \
 # The wheels are bind-mounted from the builder, not copied: they never land in an image layer.
 # Only what `run` and `check` need: no extras, and the simulators and the benchmark
 # (lis_async/sim, lis_async/bench: tools for the demo, the tests and `lis-async bench`) are
-# removed from the installed package; `run` and `check` never import them. Last, the installer
-# goes too: nothing in the running container can fetch and install code.
+# removed from the installed package; `run` and `check` never import them.
+# pycti 6.x imports python-magic, which needs libmagic (Debian's libmagic1) when it is imported:
+# installed when the chosen pycti brought python-magic (pycti 7 does not). Then the image proves
+# it starts: the command line, and every module `run` and `check` import (pycti included).
+# Last, the installer goes too: nothing in the running container can fetch and install code.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels -c /wheels/constraints.txt lis-async \
     && site=$(python -c "import lis_async, os; print(os.path.dirname(lis_async.__file__))") \
     && rm -rf "$site/sim" "$site/bench" \
+    && if python -c "import importlib.util as u, sys; sys.exit(u.find_spec('magic') is None)"; then \
+        apt-get update && apt-get install -y --no-install-recommends libmagic1 \
+        && rm -rf /var/lib/apt/lists/*; fi \
+    && lis-async --help >/dev/null && lis-async health --help >/dev/null \
+    && python -c "import lis_async.app, lis_async.check, lis_async.ops.logs" \
     && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin connector \
     && pip uninstall -y pip setuptools wheel
 
@@ -84,12 +96,13 @@ USER 10001:10001
 # served only when CONNECTOR_EXPOSE_METRICS=true).
 EXPOSE 9095 9096
 
-# The health server starts once the connector is registered: give it a start period. Follows
-# CONNECTOR_HEALTH_PORT (0 = disabled = always healthy) and CONNECTOR_HEALTH_HOST (a wildcard
-# address is asked on 127.0.0.1) when set in the environment; values changed only in config.yml
-# are not seen here.
+# The health server starts once the connector is registered: give it a start period.
+# `lis-async health` asks /healthz (standard library only): it follows CONNECTOR_HEALTH_PORT
+# (0 = disabled = always healthy) and CONNECTOR_HEALTH_HOST (a wildcard address is asked on
+# 127.0.0.1) when set in the environment, else 9096; values changed only in config.yml are not
+# seen here.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('CONNECTOR_HEALTH_PORT') or '9096'; port == '0' and sys.exit(0); host = (os.environ.get('CONNECTOR_HEALTH_HOST') or '').strip(); host = '127.0.0.1' if host in ('', '0.0.0.0', '::') else host; host = '[' + host + ']' if ':' in host else host; urllib.request.urlopen('http://' + host + ':' + port + '/healthz', timeout=3)"]
+    CMD ["lis-async", "health"]
 
 ENTRYPOINT ["lis-async"]
 CMD ["run"]

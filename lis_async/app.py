@@ -31,7 +31,7 @@ from lis_async.intake.threshold import QueueThreshold
 from lis_async.lastinfosec import LastInfoSecClient
 from lis_async.ops.health import HealthServer
 from lis_async.ops.metrics import ClusterCollector, GaugeCallback, LisStatsCollector, Metrics
-from lis_async.platform.client import Platform, Registration
+from lis_async.platform.client import BYTES_PER_MB, Platform, Registration
 from lis_async.platform.health import PlatformHealth
 from lis_async.redact import redact
 from lis_async.retry import Backoff
@@ -367,8 +367,19 @@ class App:
             push_depth=push_depth,
         )
         qt.add_listener(lambda hold: consumer.hold_intake("queue_threshold", hold))
-        self.platform.info_source = qt.connector_info
+        self.platform.info_source = lambda: qt.connector_info(self.lane_size_mb() or 0.0)
         self._spawn(qt.run, "queue-threshold")
+
+    def lane_size_mb(self) -> float | None:
+        """The priority lane's size in OpenCTI's unit (MB, 10^6 bytes): its sampled depth times
+        the mean size of the jobs moved into it (None: lanes off, or nothing known yet). The
+        heartbeat adds it to ``queue_messages_size``, which OpenCTI's connector page shows
+        against the queue threshold (docs/protocol.md §2.2)."""
+        mover, depth = self.mover, self.lane_depth
+        mean = mover.mean_body_bytes if mover is not None else None
+        if depth is None or mean is None:
+            return None
+        return depth * mean / BYTES_PER_MB
 
     def _connector_queue_bytes(self) -> float | None:
         qt = self.queue_threshold
@@ -453,6 +464,12 @@ class App:
                 "lis_lastinfosec_up",
                 "1 while LastInfoSec answers, 0 during an outage (lookups wait on one probe)",
                 lambda: 0.0 if lis.outage_down else 1.0,
+            ),
+            (
+                "lis_lastinfosec_rate_limit",
+                "LastInfoSec requests per second allowed (LASTINFOSEC_RATE_PER_S): all replicas "
+                "together in cluster mode, this worker's own otherwise",
+                lambda: self.settings.lastinfosec.rate_per_s,
             ),
         ):
             m.add_collector(GaugeCallback(m.name(name), doc, fn))

@@ -1,4 +1,8 @@
-"""``lis-async run | demo | bench | check | settings``."""
+"""``lis-async run | demo | bench | check | settings | health``.
+
+Only the standard library at module level: ``lis-async health`` (the image's HEALTHCHECK, every
+30 s) and ``--help`` load nothing else; each command imports what it needs.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,6 @@ import os
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
-
-from lis_async.redact import SecretFilter, register_secrets
-from lis_async.settings.model import SettingsError, load_settings
 
 
 def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
@@ -27,6 +28,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lis_async.app import App
     from lis_async.broker.connection import ExpectedReconnection
     from lis_async.ops.logs import setup_logging
+    from lis_async.redact import SecretFilter, register_secrets
+    from lis_async.settings.model import SettingsError, load_settings
 
     try:
         settings = load_settings(args.config)
@@ -77,6 +80,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from lis_async.check import run_check
+    from lis_async.redact import register_secrets
+    from lis_async.settings.model import SettingsError, load_settings
 
     try:
         settings = load_settings(args.config)
@@ -129,6 +134,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(argv)
 
 
+#: Addresses that mean "every interface": the check asks on loopback instead.
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def health_url(host: str | None, port: int) -> str:
+    """``/healthz`` of a health server bound to ``host`` (a wildcard: asked on 127.0.0.1)."""
+    host = (host or "").strip()
+    host = "127.0.0.1" if host in _WILDCARDS else host
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """GET ``/healthz`` of the local worker: exit 0 when it answers 200, 1 otherwise (the
+    image's HEALTHCHECK). Port 0 (the health server disabled) is healthy: nothing to ask. The
+    port and host default to CONNECTOR_HEALTH_PORT and CONNECTOR_HEALTH_HOST of the environment;
+    values set only in config.yml are not read here (that would load the settings model)."""
+    import urllib.error
+    import urllib.request
+
+    port = (
+        args.port if args.port is not None else int(os.environ.get("CONNECTOR_HEALTH_PORT") or 9096)
+    )
+    if port == 0:
+        return 0
+    host = args.host if args.host is not None else os.environ.get("CONNECTOR_HEALTH_HOST")
+    url = health_url(host, port)
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            ok = resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"lis-async health: {url}: {exc}", file=sys.stderr)
+        return 1
+    if not ok:
+        print(f"lis-async health: {url}: HTTP {resp.status}", file=sys.stderr)
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lis-async",
@@ -179,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--root", default=".", help="the repository root (default: the current directory)"
     )
     settings.set_defaults(fn=cmd_settings)
+    health = sub.add_parser(
+        "health",
+        help="exit 0 if the local worker's /healthz answers (the image's HEALTHCHECK)",
+    )
+    health.add_argument(
+        "--port", type=int, help="health port (default: $CONNECTOR_HEALTH_PORT, else 9096)"
+    )
+    health.add_argument(
+        "--host", help="health host (default: $CONNECTOR_HEALTH_HOST; a wildcard asks 127.0.0.1)"
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    health.set_defaults(fn=cmd_health)
     # A pass-through: every argument after `bench` (`--help` included) goes to the benchmark's
     # own parser. This parser's only prefix character is NUL, which no command-line argument
     # can contain: `--jobs` and the like are then part of the remainder, not unknown options.

@@ -17,5 +17,7 @@ imports this package. Its modules, from the command line down:
 * ``record``, ``table``, ``plot``: the JSON record, the printed table, the sweep's PNG;
 * ``measure``: process sampling and statistics; ``progress``: the status line on stderr;
 * ``classic``: the reference connector, built like the upstream one; ``profile``: the py-spy
-  profile summary.
+  profile summary;
+* ``dashboard``: a picture of the Grafana dashboard's queries over a demo run
+  (``python -m lis_async.bench.dashboard``; a real Prometheus evaluates them, matplotlib draws).
 """

@@ -142,6 +142,13 @@ class Mover:
         self._turn = asyncio.Lock()  # one move starts per loop turn (see _move)
         self._idle = asyncio.Event()
         self._idle.set()
+        self.moved = 0  # jobs moved (confirmed in the lane) by this mover
+        self.moved_bytes = 0  # ... and the size of their bodies
+
+    @property
+    def mean_body_bytes(self) -> float | None:
+        """The mean body size of the jobs this mover moved (None before the first)."""
+        return self.moved_bytes / self.moved if self.moved else None
 
     async def start(self, conn: AbstractRobustConnection) -> None:
         """Declare the lane and start moving, on a channel of its own on ``conn``."""
@@ -196,6 +203,8 @@ class Mover:
                 await self._redeclare()
             return
         await settle(message.ack())
+        self.moved += 1
+        self.moved_bytes += len(message.body)
         self._on_moved(level)
 
     async def _redeclare(self) -> None:

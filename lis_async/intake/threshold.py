@@ -81,10 +81,12 @@ class QueueThreshold(IntakeHold):
         if above != self.engaged:
             self._set(above)
 
-    def connector_info(self) -> dict[str, Any]:
-        """What the heartbeat's ``connectorInfo`` says of it (pycti's ``ConnectorInfo``)."""
+    def connector_info(self, extra_mb: float = 0.0) -> dict[str, Any]:
+        """What the heartbeat's ``connectorInfo`` says of it (pycti's ``ConnectorInfo``):
+        ``queue_messages_size`` is OpenCTI's figure plus ``extra_mb`` (the priority lane's size,
+        which the platform does not count: docs/protocol.md §2.2)."""
         size = self.details.size_mb if self.details is not None else 0.0
-        return {"buffering": self.engaged, "queue_messages_size": size}
+        return {"buffering": self.engaged, "queue_messages_size": size + extra_mb}
 
     def _no_answer(self, exc: Exception) -> None:
         if not self.unanswered:

@@ -86,3 +86,20 @@ async def test_lis_async_runs_on_the_pycti_floor() -> None:
         finally:
             code = await stop_async(proc)
         assert code == 0, worker_log(proc)[-3000:]
+
+
+def test_start_up_imports_on_the_pycti_floor() -> None:
+    """What the image runs at build time and at start, under the floor's interpreter: the
+    command line, the health check's parser, and every module `run` and `check` import (pycti
+    6.8.9 imports python-magic, which needs libmagic: the Dockerfile installs libmagic1 then)."""
+    python = floor_python()
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    for args in (
+        ["-m", "lis_async.cli", "--help"],
+        ["-m", "lis_async.cli", "health", "--help"],
+        ["-c", "import magic, lis_async.app, lis_async.check, lis_async.ops.logs"],
+    ):
+        done = subprocess.run(
+            [python, *args], capture_output=True, text=True, timeout=120, env=env, cwd="/"
+        )
+        assert done.returncode == 0, (args, done.stderr[-3000:])

@@ -81,3 +81,20 @@ def test_lis_async_settings_imports_only_the_settings() -> None:
     heavy = ("pycti", "aio_pika", "aiohttp", "redis", "lis_async.app", "lis_async.broker")
     assert [m for m in modules if m.split(".")[0] in heavy or m in heavy] == []
     assert forbidden(modules) == []
+
+
+HEALTH = """
+import sys
+from lis_async.cli import main
+
+assert main(["health", "--port", "0"]) == 0  # the health server disabled: healthy
+"""
+
+
+def test_health_command_imports_only_the_standard_library() -> None:
+    """`lis-async health` runs every 30 s in the container (the image's HEALTHCHECK): it loads
+    neither the settings model nor any I/O library."""
+    modules = imported_modules(HEALTH)
+    heavy = ("pydantic", "aiohttp", "aio_pika", "pycti", "yaml", "orjson", "uvloop", "redis")
+    assert {m for m in modules if m.split(".")[0] in heavy} == set()
+    assert {m for m in modules if m.startswith("lis_async")} == {"lis_async", "lis_async.cli"}

@@ -335,8 +335,26 @@ def test_dockerfile_runtime_contract() -> None:
     assert set(" ".join(instruction(final, "EXPOSE")).split()) == {"9095", "9096"}
     health = instruction(final, "HEALTHCHECK")
     assert len(health) == 1
-    assert "/healthz" in health[0] and "9096" in health[0]
+    # `lis-async health`: /healthz on CONNECTOR_HEALTH_PORT, by default the settings' default.
+    assert _healthcheck_argv()[-1:] == ["health"]
     assert "curl" not in health[0] and "wget" not in health[0]
+    from lis_async.cli import health_url
+    from lis_async.settings.model import ConnectorSettings
+
+    default_port = ConnectorSettings.model_fields["health_port"].default
+    assert str(default_port) in " ".join(instruction(final, "EXPOSE")).split()
+    assert health_url(None, default_port) == f"http://127.0.0.1:{default_port}/healthz"
+
+
+def test_dockerfile_proves_the_image_starts() -> None:
+    """The product image runs its command line and imports what `run` and `check` import at
+    build time, libmagic installed first when the chosen pycti brought python-magic."""
+    (install,) = [r for r in instruction(final_stage(), "RUN") if "pip install" in r]
+    assert "libmagic1" in install and "find_spec('magic')" in install
+    assert "lis-async --help" in install and "lis-async health --help" in install
+    assert "import lis_async.app, lis_async.check" in install
+    order = [install.index(s) for s in ("pip install", "libmagic1", "lis-async --help")]
+    assert order == sorted(order)
 
 
 def test_dockerfile_copy_sources_exist() -> None:
@@ -374,8 +392,8 @@ def _healthcheck_argv() -> list[str]:
     match = re.search(r"\bCMD\s+(\[.*\])\s*$", health)
     assert match, "HEALTHCHECK must use the exec form"
     argv = json.loads(match.group(1))
-    assert argv[0] == "python"
-    return [sys.executable, *argv[1:]]
+    assert argv[0] == "lis-async"  # the console script: this checkout's lis_async.cli here
+    return [sys.executable, "-m", "lis_async.cli", *argv[1:]]
 
 
 async def _run_healthcheck(port: int | None, host: str | None = None) -> int:
