@@ -12,6 +12,11 @@
 # Every package comes from a pinned set: constraints.txt (the default pycti), or
 # constraints/pycti-$PYCTI_VERSION.txt (`bash .ci/pin <version>` writes one). The build fails
 # when there is no pinned set for the requested pycti.
+#
+# The base image of every stage is to be pinned by digest (python:3.12-slim@sha256:...), so that
+# a rebuild gets the same bytes. NOT PINNED YET: no registry was reachable where this was
+# written, and a digest is never typed by hand. `bash .ci/pin-base` resolves it and rewrites the
+# FROM lines; run it again to refresh the pin (Python or Debian security releases, monthly).
 
 # --- builder: wheels of the project and of every dependency ------------------------------------
 FROM python:3.12-slim AS builder

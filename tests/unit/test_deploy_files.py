@@ -296,8 +296,8 @@ def test_sample_required_values_are_changeme() -> None:
 def test_dockerfile_base_images() -> None:
     froms = instruction(dockerfile_instructions(), "FROM")
     assert froms
-    for args in froms:
-        assert args.split()[0] == "python:3.12-slim", args
+    for args in froms:  # pinned by digest once `bash .ci/pin-base` could resolve one
+        assert re.fullmatch(r"python:3\.12-slim(@sha256:[0-9a-f]{64})?", args.split()[0]), args
 
 
 def test_dockerfile_product_image_carries_no_tools() -> None:
@@ -318,7 +318,7 @@ def test_dependency_floors_carry_the_security_fixes() -> None:
 
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     floors = {d.split(">=")[0].strip(): d for d in deps["dependencies"]}
-    assert floors["aiohttp"].startswith("aiohttp>=3.13.4")
+    assert floors["aiohttp"].startswith("aiohttp>=3.14.3")
     assert floors["orjson"].startswith("orjson>=3.11.6")
 
 
