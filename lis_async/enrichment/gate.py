@@ -1,9 +1,12 @@
 """The max-TLP / max-PAP gate: may this observable be sent to LastInfoSec? It fails closed.
 
 Every marking the entity carries (:func:`lis_async.enrichment.markings.collect`) is resolved to its
-definition, in this order: the standard TLP and PAP ids (case-insensitive), what the job itself
-says (GraphQL ``objectMarking`` nodes, a playbook bundle's ``marking-definition`` objects), this
-worker's cache, and last the platform (``markingDefinition(id)``, docs/protocol.md §8.6). Then:
+definition: a standard TLP or PAP id (case-insensitive) is what it is; any other id is what the
+platform says (``markingDefinition(id)``, docs/protocol.md §8.6, kept in this worker's cache). What
+the job itself says about a marking (GraphQL ``objectMarking`` nodes, a playbook bundle's
+``marking-definition`` objects: anyone who can write a playbook step or to the listen queue writes
+those) can only make the verdict stricter: it is judged beside the platform's definition, never
+instead of it, and the platform is asked unless the job's word alone already refuses. Then:
 
 * a TLP above ``max_tlp``, or a PAP above ``max_pap`` when a PAP gate is set, refuses;
 * a TLP or PAP marking whose level is not a known one (a custom ``TLP:ORANGE``) refuses;
@@ -119,14 +122,22 @@ class MarkingGate:
             known = bundle_definitions(objects if isinstance(objects, list) else ()) | known
         levels = _Levels()
         for ref in obs.marking_refs:
-            definition = await self._resolve(ref.lower(), known, read)
-            levels = _merge(levels, ref, definition)
+            key = ref.lower()
+            standard = STANDARD_MARKINGS.get(key)
+            if standard is not None:
+                levels = _merge(levels, ref, standard)
+                continue
+            claimed = known.get(key)  # the job's word: it may only add restrictions
+            if claimed is not None:
+                levels = _merge(levels, ref, claimed)
+                if self._verdict(_merge(_Levels(), ref, claimed)) is not None:
+                    continue  # refused on the job's word alone: the platform cannot lift it
+            levels = _merge(levels, ref, await self._resolve(key, read))
         return self._verdict(levels)
 
-    async def _resolve(
-        self, key: str, known: Mapping[str, MarkingDef], read: ReadMarking
-    ) -> MarkingDef | None:
-        found = STANDARD_MARKINGS.get(key) or known.get(key) or self._cache.get(key)
+    async def _resolve(self, key: str, read: ReadMarking) -> MarkingDef | None:
+        """The platform's definition of a custom marking (cached), or None if it has none."""
+        found = self._cache.get(key)
         if found is not None:
             return found
         node = await read(key)

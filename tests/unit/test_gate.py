@@ -252,3 +252,64 @@ def test_standard_pap_ids_are_opencti_s() -> None:
 
     for ident, marking in STANDARD_MARKINGS.items():
         assert MarkingDefinition.generate_id(marking.definition_type, marking.definition) == ident
+
+
+# --------------------------------------------------------------------------------------------------
+# What the job says about a marking can only make the verdict stricter (issue #20, finding 5)
+
+CLEAR_NODE = {"standard_id": CUSTOM_RED, "definition_type": "TLP", "definition": "TLP:CLEAR"}
+
+
+async def test_an_object_marking_node_cannot_lower_a_custom_red() -> None:
+    platform = Platform()  # the platform says CUSTOM_RED is TLP:RED
+    job = domain_job({"object_marking_refs": [CUSTOM_RED], "objectMarking": [CLEAR_NODE]})
+    reason = await refusal(job, platform=platform)
+    assert reason == "TLP:RED is above the max TLP TLP:AMBER: not sent to LastInfoSec"
+    assert platform.asked == [CUSTOM_RED]
+
+
+async def test_a_playbook_bundle_cannot_lower_a_custom_red() -> None:
+    body = json.loads(job_body("playbook_url.json"))
+    bundle = body["event"]["bundle"]
+    bundle["objects"][0]["object_marking_refs"] = [CUSTOM_RED]
+    bundle["objects"].append(
+        {
+            "type": "marking-definition",
+            "spec_version": "2.1",
+            "id": CUSTOM_RED,
+            "created": "2024-01-01T00:00:00.000Z",
+            "definition_type": "TLP",
+            "name": "TLP:CLEAR",
+            "definition": {"tlp": "clear"},
+        }
+    )
+    reason = await refusal(parse_job(json.dumps(body).encode()))
+    assert reason == "TLP:RED is above the max TLP TLP:AMBER: not sent to LastInfoSec"
+
+
+async def test_a_lenient_claim_about_a_marking_the_platform_lacks_is_refused() -> None:
+    job = domain_job({"object_marking_refs": [CUSTOM_RED], "objectMarking": [CLEAR_NODE]})
+    reason = await refusal(job, platform=Platform(known={}))
+    assert reason is not None and reason.startswith(f"marking {CUSTOM_RED} cannot be resolved")
+
+
+async def test_a_stricter_claim_wins_over_the_platform() -> None:
+    lenient = {
+        CUSTOM_RED: {"standard_id": CUSTOM_RED, "definition_type": "TLP", "definition": "TLP:CLEAR"}
+    }
+    platform = Platform(lenient)
+    red = {"standard_id": CUSTOM_RED, "definition_type": "TLP", "definition": "TLP:RED"}
+    pap = {"standard_id": CUSTOM_RED, "definition_type": "PAP", "definition": "PAP:RED"}
+    job = domain_job({"object_marking_refs": [CUSTOM_RED], "objectMarking": [red]})
+    assert await refusal(job, platform=platform) == (
+        "TLP:RED is above the max TLP TLP:AMBER: not sent to LastInfoSec"
+    )
+    assert platform.asked == []  # refused on the job's word: nothing to ask
+    # A claim that does not refuse by itself (a PAP without a PAP gate) still asks the platform,
+    # and with both lenient the observable goes.
+    job = domain_job({"object_marking_refs": [CUSTOM_RED], "objectMarking": [pap]})
+    assert await refusal(job, platform=platform) is None
+    assert platform.asked == [CUSTOM_RED]
+    assert await refusal(job, max_pap="PAP:AMBER", platform=platform) == (
+        "PAP:RED is above the max PAP PAP:AMBER: not sent to LastInfoSec"
+    )
