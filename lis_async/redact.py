@@ -130,3 +130,46 @@ class SecretFilter(logging.Filter):
             text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
             record.exc_text = redact(text)
         return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Untrusted values (an observable's value, a hash) in work messages and log lines
+
+#: The most characters of a value a work message or log line shows.
+SHOWN_CHARS: Final = 200
+_AUTHORITY_START: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://|//")
+
+
+def _userinfo_span(url: str) -> tuple[int, int] | None:
+    """Where the userinfo of ``url`` stands, ``@`` included: ``(start, end)``, or None. A value
+    without ``scheme://`` is read as an authority first (``alice:pw@host/x``), as
+    ``urllib.parse`` reads it once ``http://`` is prepended. Linear time, whatever the value."""
+    m = _AUTHORITY_START.match(url)
+    start = m.end() if m else 0
+    end = len(url)
+    for sep in "/?#":
+        found = url.find(sep, start, end)
+        if found != -1:
+            end = found
+    at = url.rfind("@", start, end)
+    return (start, at + 1) if at != -1 else None
+
+
+def strip_userinfo(url: str) -> str:
+    """``url`` without its userinfo: ``https://alice:pw@host/x`` -> ``https://host/x``."""
+    span = _userinfo_span(url)
+    return url if span is None else url[: span[0]] + url[span[1] :]
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """An untrusted value as a work message or a log line may show it: a URL's userinfo masked
+    (``https://***@host``), control characters escaped (no forged log lines, no terminal
+    escapes), at most ``limit`` characters, with the full length said when cut."""
+    span = _userinfo_span(value)
+    if span is not None:
+        value = value[: span[0]] + MASK + "@" + value[span[1] :]
+    text = value if len(value) <= limit else value[:limit]
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        text = text[:limit]
+    return text if len(value) <= limit else f"{text}... ({len(value)} characters)"

@@ -48,6 +48,7 @@ from lis_async.errors import (
     PlatformUnavailable,
     WorkNotAlive,
 )
+from lis_async.redact import shown
 from lis_async.retry import Backoff
 
 log = logging.getLogger("lis_async.pipeline")
@@ -177,7 +178,7 @@ class Pipeline:
             log.info(
                 "job work=%s entity=%s outcome=%s elapsed_ms=%d: %s",
                 job.work_id or "playbook",
-                _printable(str(job.entity_type)),
+                shown(str(job.entity_type)),
                 result.outcome,
                 (time.monotonic() - started) * 1000,
                 _printable(result.message),
@@ -306,7 +307,7 @@ class Pipeline:
             )
         except Exception as exc:  # a LastInfoSec answer we cannot turn into STIX
             text = _printable(str(exc))
-            log.warning("cannot build a bundle for %s: %s", _printable(obs.display), text)
+            log.warning("cannot build a bundle for %s: %s", shown(obs.display), text)
             return Result(
                 Outcome.FAILED, f"Cannot build a STIX bundle from the answer: {text}"[:500]
             )
@@ -354,7 +355,8 @@ class Pipeline:
         out."""
         if obs.entity_type not in self._policy.scope:
             return Result(
-                Outcome.SKIPPED, f"{obs.entity_type} is not in this connector's scope, skipped"
+                Outcome.SKIPPED,
+                f"{shown(obs.entity_type)} is not in this connector's scope, skipped",
             )
         refusal = await self._gate.refusal(job, obs, self._read_marking)
         if refusal is not None:
@@ -376,7 +378,7 @@ class Pipeline:
         except LisError as exc:  # retries exhausted, bad answer: the work ends in error
             return Result(Outcome.FAILED, f"LastInfoSec lookup failed: {exc}")
         if not found.found:
-            return Result(Outcome.NOT_FOUND, f"{found.query} not found in LastInfoSec")
+            return Result(Outcome.NOT_FOUND, f"{shown(found.query)} not found in LastInfoSec")
         return found
 
     async def _deliver(self, run: _Run, delivery: Delivery) -> None:

@@ -1,9 +1,14 @@
 """What goes on the wire to and from LastInfoSec: the query for an observable, URL pieces, and
-the reading of answers. Pure functions, no I/O (docs/lastinfosec.md describes the API)."""
+the reading of answers. Pure functions, no I/O (docs/lastinfosec.md describes the API).
+
+Nothing is sent that is not the value it claims to be (docs/security.md, "Values"): a hash is
+hex of its algorithm's length, a host name a valid one, and a URL goes without its userinfo."""
 
 from __future__ import annotations
 
 import email.utils
+import ipaddress
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -16,40 +21,95 @@ from lis_async.enrichment.job import BY_ENTITY_TYPE, Observable
 from lis_async.enrichment.nesting import MAX_DEPTH, too_deep
 from lis_async.enrichment.ports import LookupResult
 from lis_async.errors import LisBadAnswer, LisFatalError, NothingToLookUp
+from lis_async.redact import shown, strip_userinfo
 
 Endpoint = Literal["search_hash", "search_host", "search"]
 EndpointStyle = Literal["search_hash_host", "search"]
 ENDPOINTS: Final[tuple[Endpoint, ...]] = ("search_hash", "search_host", "search")
 
 HASH_PREFERENCE: Final = ("SHA-256", "SHA-1", "MD5")
+#: Hex digits of each hash algorithm (SHA-512 is checked too, though never sent).
+HASH_HEX_DIGITS: Final = {"MD5": 32, "SHA-1": 40, "SHA-256": 64, "SHA-512": 128}
+_HEX: Final = re.compile(r"[0-9a-f]+")  # hashes are lower-cased when the job is read
+#: A host name's limits (RFC 1035, on its IDNA form): 253 characters, labels of 1 to 63
+#: letters, digits, hyphens or underscores (which DNS carries and malicious names use).
+MAX_HOST_CHARS: Final = 253
+_LABEL: Final = re.compile(r"[a-z0-9_-]{1,63}")
 DETAIL_CHARS: Final = 300
 
 
+def valid_hash(algo: str, digest: str) -> bool:
+    """``digest`` is hex of ``algo``'s length."""
+    return len(digest) == HASH_HEX_DIGITS.get(algo) and _HEX.fullmatch(digest) is not None
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is not a host name LastInfoSec can be asked about, or None: an IP address,
+    or a name whose IDNA form (``bücher.de`` -> ``xn--bcher-kva.de``, which is what the limits
+    apply to) is at most 253 characters of valid labels; a final dot is allowed."""
+    name = host.rstrip(".")
+    if not name:
+        return "is empty"
+    if len(name) > 4 * MAX_HOST_CHARS:  # no IDNA work on a huge value
+        return f"is {len(host)} characters long (a host name has at most {MAX_HOST_CHARS})"
+    try:
+        ipaddress.ip_address(name)
+        return None
+    except ValueError:
+        pass
+    try:
+        # yarl applies IDNA (UTS #46, IDNA 2003 fallback) and rejects invalid host characters.
+        encoded = URL.build(scheme="http", host=name).raw_host or ""
+    except (ValueError, UnicodeError):
+        return "is not a valid host name"
+    if len(encoded) > MAX_HOST_CHARS:
+        return f"is {len(encoded)} characters long (a host name has at most {MAX_HOST_CHARS})"
+    if not all(_LABEL.fullmatch(label) for label in encoded.split(".")):
+        return "is not a valid host name (labels of 1 to 63 letters, digits, - or _)"
+    return None
+
+
+def _hash_query(obs: Observable, post: bool) -> tuple[Endpoint, str]:
+    invalid: list[str] = []
+    for algo in HASH_PREFERENCE:
+        digest = obs.hashes.get(algo)
+        if not digest:
+            continue
+        if valid_hash(algo, digest):
+            return ("search" if post else "search_hash", digest)
+        invalid.append(f"{algo} {shown(digest)} is not {HASH_HEX_DIGITS[algo]} hex digits")
+    if invalid:
+        raise NothingToLookUp("file has no valid hash to look up: " + "; ".join(invalid))
+    raise NothingToLookUp(
+        "file has no MD5, SHA-1 or SHA-256 hash to look up"
+        + (" (SHA-512 is not supported by LastInfoSec)" if "SHA-512" in obs.hashes else "")
+    )
+
+
 def query_for(obs: Observable, style: EndpointStyle) -> tuple[Endpoint, str]:
-    """``(endpoint, value)`` to send for ``obs``, or :class:`NothingToLookUp`."""
+    """``(endpoint, value)`` to send for ``obs``, or :class:`NothingToLookUp` (nothing valid to
+    send: the job completes with that message and nothing goes out)."""
     etype = obs.entity_type
     kind = BY_ENTITY_TYPE[etype].lookup if etype in BY_ENTITY_TYPE else None
     post = style == "search"
     if kind == "hash":
-        for algo in HASH_PREFERENCE:
-            digest = obs.hashes.get(algo)
-            if digest:
-                return ("search" if post else "search_hash", digest)
-        raise NothingToLookUp(
-            "file has no MD5, SHA-1 or SHA-256 hash to look up"
-            + (" (SHA-512 is not supported by LastInfoSec)" if "SHA-512" in obs.hashes else "")
-        )
+        return _hash_query(obs, post)
     value = (obs.value or "").strip()
     if kind is not None and not value:
         raise NothingToLookUp(f"{etype} has no value to look up")
-    if kind == "host" or (kind == "url" and post):
+    if kind == "host":
+        problem = host_problem(value)
+        if problem is not None:
+            raise NothingToLookUp(f"{etype} value {shown(value)} {problem}: not looked up")
         return ("search" if post else "search_host", value)
     if kind == "url":
         host = url_host(value)
-        if host is None:
-            raise NothingToLookUp("Url has no host to look up")
-        return ("search_host", host)
-    raise NothingToLookUp(f"entity type {etype!r} is not supported by LastInfoSec")
+        problem = "has no host" if host is None else host_problem(host)
+        if host is None or problem is not None:
+            raise NothingToLookUp(f"Url {shown(value)} {problem}: not looked up")
+        # The userinfo (``alice:S3cret@``) is a credential, not part of what is looked up.
+        return ("search", strip_userinfo(value)) if post else ("search_host", host)
+    raise NothingToLookUp(f"entity type '{shown(etype)}' is not supported by LastInfoSec")
 
 
 def path_segment(value: str) -> str:

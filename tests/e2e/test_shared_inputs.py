@@ -6,6 +6,7 @@ RabbitMQ."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -103,3 +104,55 @@ async def test_a_job_cannot_lower_a_custom_red_marking() -> None:
         assert world.platform.works[manual.work_id].messages[-1] == REFUSED
         (call,) = world.platform.playbook_calls  # answered with its bundle, unsent
         assert call["valid"]
+
+
+# ------------------------------------------------------------------------------------------
+# findings 6 and 7: values are checked before they are sent; URL credentials never leave
+
+
+def _set(**fields: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(body: dict[str, Any]) -> None:
+        entity = _entity(body)
+        entity.update(fields)
+        _put_entity(body, entity)
+
+    return edit
+
+
+CREDENTIALS_URL = "https://alice:S3cret@intranet.example/login?token=abc"
+
+
+async def test_values_are_checked_and_credentials_stripped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In ``search`` style (the whole value in a POST body): a 200,000-character "SHA-256" and an
+    invalid domain complete their work with a short message and no request; a URL with
+    credentials is looked up without them, and no work message or log line shows them."""
+    caplog.set_level(logging.INFO, "lis_async")
+    env = {"LASTINFOSEC_ENDPOINT_STYLE": "search"}
+    async with world_with_worker(
+        env=env, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
+    ) as run:
+        world = run.world
+        world.lis.config.known_share = 0.0  # "not found": the message names the value
+        huge = edited(world, "manual", "StixFile", _set(hashes={"SHA-256": "a" * 200_000}))
+        bad_host = edited(world, "auto_create", "Domain-Name", _set(value="bad host/../x"))
+        url = edited(world, "manual", "Url", _set(value=CREDENTIALS_URL))
+        jobs = [huge, bad_host, url]
+        for job in jobs:
+            await world.producer.publish(job)
+        works = [str(j.work_id) for j in jobs]
+        assert await world.platform.wait_works(works, timeout=30)
+        assert world.lis.stats.values == ["https://intranet.example/login?token=abc"]
+        messages = {w: world.platform.works[w].messages[-1] for w in works}
+        assert messages[works[0]].startswith("file has no valid hash to look up: SHA-256 aaaa")
+        assert messages[works[1]].startswith("Domain-Name value bad host/../x is not a valid")
+        assert messages[works[2]] == (
+            "https://intranet.example/login?token=abc not found in LastInfoSec"
+        )
+        for work in works:
+            assert not world.platform.works[work].in_error
+            assert len(messages[work]) < 500, messages[work]
+    assert "S3cret" not in caplog.text and "a" * 1000 not in caplog.text
+    job_lines = [r.getMessage() for r in caplog.records if r.name == "lis_async.pipeline"]
+    assert len(job_lines) == 3 and max(map(len, job_lines)) < 600, job_lines

@@ -34,7 +34,7 @@ from lis_async.errors import (
     NothingToLookUp,
 )
 from lis_async.lastinfosec import LastInfoSecClient
-from lis_async.lastinfosec.wire import retry_after_s
+from lis_async.lastinfosec.wire import path_segment, retry_after_s
 from lis_async.redact import redact
 from lis_async.settings.model import LastInfoSecSettings
 
@@ -209,6 +209,88 @@ def test_query_for_hosts_and_unsupported() -> None:
         "http://bücher.example/x",
     )
     assert post.query_for(obs("Hostname", "h.example")) == ("search", "h.example")
+
+
+@pytest.mark.parametrize(
+    ("algo", "digest"),
+    [
+        ("SHA_256", "a" * 200_000),  # the 200 KB "SHA-256" of issue #20
+        ("SHA_256", "a" * 63),
+        ("SHA_256", "g" * 64),
+        ("SHA_1", SHA1 + "0"),
+        ("MD5", MD5[:-1] + " "),
+        ("MD5", MD5[:-1] + "/"),
+    ],
+)
+def test_hashes_are_hex_of_their_length(algo: str, digest: str) -> None:
+    for style in ("search_hash_host", "search"):
+        with pytest.raises(NothingToLookUp) as caught:
+            new_client(endpoint_style=style).query_for(obs("StixFile", "f.exe", **{algo: digest}))
+        assert "is not" in str(caught.value) and "hex digits" in str(caught.value)
+        assert len(str(caught.value)) < 400  # the value is cut where it is shown
+
+
+def test_a_bad_hash_gives_way_to_a_good_one() -> None:
+    client = new_client()
+    assert client.query_for(obs("StixFile", "f.exe", SHA_256="nothex", MD5=MD5)) == (
+        "search_hash",
+        MD5,
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a" * 254,
+        ".".join(["a" * 63] * 4) + "a",  # 256 characters
+        "a" * 64 + ".example",
+        "a..example",
+        "bad example.com",
+        "bad/example.com",
+        "bad\u202eexample.com",
+        "x" * 200_000,
+    ],
+)
+def test_invalid_host_names_are_not_looked_up(value: str) -> None:
+    for style in ("search_hash_host", "search"):
+        for etype in ("Domain-Name", "Hostname"):
+            with pytest.raises(NothingToLookUp, match=r": not looked up$") as caught:
+                new_client(endpoint_style=style).query_for(obs(etype, value))
+            assert len(str(caught.value)) < 400
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a" * 63 + ".example",
+        ".".join(["a" * 63] * 3) + "." + "a" * 61,  # 253 characters
+        "_dmarc.example.com",
+        "xn--bcher-kva.example",
+        "bücher.example",
+        "example.com.",
+        "192.0.2.1",
+        "2001:db8::1",
+    ],
+)
+def test_valid_host_names_are_looked_up(value: str) -> None:
+    assert new_client().query_for(obs("Domain-Name", value)) == ("search_host", value)
+
+
+def test_url_credentials_never_leave() -> None:
+    value = "https://alice:S3cret@intranet.example/login?token=abc"
+    post = new_client(endpoint_style="search")
+    assert post.query_for(obs("Url", value)) == (
+        "search",
+        "https://intranet.example/login?token=abc",
+    )
+    assert post.query_for(obs("Url", "alice:S3cret@intranet.example/x")) == (
+        "search",
+        "intranet.example/x",
+    )
+    assert new_client().query_for(obs("Url", value)) == ("search_host", "intranet.example")
+    with pytest.raises(NothingToLookUp) as caught:
+        post.query_for(obs("Url", "https://alice:S3cret@bad_host!/x"))
+    assert "S3cret" not in str(caught.value) and "https://***@bad_host!/x" in str(caught.value)
 
 
 def test_query_for_parsed_jobs() -> None:
@@ -439,20 +521,31 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize(("value", "segment"), HOSTILE)
-async def test_hostile_values_keep_the_path(value: str, segment: str) -> None:
+def test_a_value_is_one_path_segment(value: str, segment: str) -> None:
+    """The path encoding, a second line behind the value checks (which refuse all of these
+    but the IDN)."""
+    assert path_segment(value) == segment
+
+
+@pytest.mark.parametrize(("value", "_segment"), HOSTILE[:-1])
+async def test_hostile_values_are_not_sent(value: str, _segment: str) -> None:
+    async with make_client() as client:
+        with aioresponses() as m:
+            for style_obs in (domain(value), obs("StixFile", None, SHA_256=value)):
+                with pytest.raises(NothingToLookUp, match="not"):
+                    await client.lookup(style_obs)
+            assert n_requests(m) == 0
+
+
+async def test_an_idn_goes_as_given() -> None:
     async with make_client() as client:
         with aioresponses() as m:
             m.get(HOST_RE, status=422)
-            m.get(HASH_RE, status=422)
-            res = await client.lookup(domain(value))
-            await client.lookup(obs("StixFile", None, SHA_256=value))
-        (_, url1, _), (_, url2, _) = requested(m)
-    assert not res.found and res.query == value
-    assert url1.raw_path == "/v2/stix21/search_host/" + segment
-    assert url2.raw_path == "/v2/stix21/search_hash/" + segment
-    for url in (url1, url2):
-        assert url.raw_query_string == f"api_key={KEY}&platform=opencti"
-        assert url.raw_fragment == ""
+            res = await client.lookup(domain("évil.example"))
+        ((_, url, _),) = requested(m)
+    assert not res.found and res.query == "évil.example"
+    assert url.raw_path == "/v2/stix21/search_host/%C3%A9vil.example"
+    assert url.raw_query_string == f"api_key={KEY}&platform=opencti"
 
 
 @asynccontextmanager
@@ -482,16 +575,13 @@ async def test_hostile_values_on_the_wire() -> None:
     job = parse_job((JOBS / "hostile_value_path_traversal.json").read_bytes())
     assert job.observable is not None
     async with serve(handler) as base, make_client(base_url=base, api_key_cti="k/e?y#&=") as client:
-        res = await client.lookup(job.observable)
-        await client.lookup(domain("a%2Fb"))
-        await client.lookup(domain(".."))
+        for hostile in (job.observable, domain("a%2Fb"), domain("..")):
+            with pytest.raises(NothingToLookUp, match=": not looked up"):
+                await client.lookup(hostile)
+        res = await client.lookup(domain("évil.example"))
     assert not res.found
     qs = "?api_key=k%2Fe%3Fy%23%26%3D&platform=opencti"
-    assert seen == [
-        ("/v2/stix21/search_host/..%2F..%2Fv2%2Fadmin%3Fx%3D1%23" + qs, "GET"),
-        ("/v2/stix21/search_host/a%252Fb" + qs, "GET"),
-        ("/v2/stix21/search_host/%2E%2E" + qs, "GET"),
-    ]
+    assert seen == [("/v2/stix21/search_host/%C3%A9vil.example" + qs, "GET")]
 
 
 # ---------------------------------------------------------------------------------------------

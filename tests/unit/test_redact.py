@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 import pytest
 
-from lis_async.redact import mask_url, redact
+from lis_async.redact import SHOWN_CHARS, mask_url, redact, shown, strip_userinfo
 
 LONG = "K3y-0123456789abcdef-SECRET-" + "x" * 200
 
@@ -52,3 +52,30 @@ def test_url_userinfo_masked() -> None:
 def test_empty_secrets_and_plain_text_unchanged() -> None:
     assert redact("nothing to hide", ["", ""]) == "nothing to hide"
     assert redact("") == ""
+
+
+# ------------------------------------------------------------------------------------------
+# untrusted values in work messages and log lines (issue #20, findings 6 and 7)
+
+
+def test_shown_masks_url_userinfo() -> None:
+    url = "https://alice:S3cret@intranet.example/login?token=abc"
+    assert shown(url) == "https://***@intranet.example/login?token=abc"
+    assert strip_userinfo(url) == "https://intranet.example/login?token=abc"
+    assert shown("alice:S3cret@intranet.example/x") == "***@intranet.example/x"
+    assert strip_userinfo("//alice@h:8080/x") == "//h:8080/x"
+    # an @ in the path, query or fragment is not userinfo
+    for text in ("http://h/a@b", "http://h/?q=a@b#c@d", "bad.example.com"):
+        assert shown(text) == text and strip_userinfo(text) == text
+
+
+def test_shown_cuts_and_escapes() -> None:
+    huge = "a" * 200_000
+    text = shown(huge)
+    assert text == "a" * SHOWN_CHARS + "... (200000 characters)"
+    assert shown("x\r\nFAKE LOG LINE \x1b[31m") == "x\\r\\nFAKE LOG LINE \\x1b[31m"
+    escaped = shown("\n" * 300)
+    assert escaped.startswith("\\n" * 100) and escaped.endswith("... (300 characters)")
+    # the userinfo is masked before the cut: a long password never shows in part
+    long_secret = "https://alice:" + "S" * 500 + "@h/x"
+    assert "S" not in shown(long_secret) and shown(long_secret) == "https://***@h/x"
