@@ -19,9 +19,11 @@ reshape the platform. :func:`vet` returns fresh copies of what may go, and count
 * relationships and sightings must have both ends in the bundle (the answer, the enriched
   observable, a playbook's objects); other references (a report's ``object_refs``, embedded
   ``*_refs``) to objects outside the bundle are pruned;
-* ``x_opencti_*`` properties, granted refs, the OpenCTI extensions and granular markings from the
-  answer are stripped (the connector's own organisation sharing is added afterwards,
-  docs/protocol.md §4.6);
+* of OpenCTI's own properties, only those LastInfoSec may set (:data:`OPENCTI_ALLOWED`: an
+  indicator's ``x_opencti_score``), each with its value checked; every other ``x_opencti_*``
+  property (files, granted refs, workflow, ids...), granted refs, the OpenCTI extensions and
+  granular markings from the answer are stripped (the connector's own organisation sharing is
+  added afterwards, docs/protocol.md §4.6);
 * every object gets at least the enriched observable's markings.
 """
 
@@ -30,7 +32,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
@@ -41,7 +43,16 @@ from lis_async.enrichment.ids import CONTENT_ID_TYPES, content_id, identity_id
 from lis_async.enrichment.job import LEGACY_HOSTNAME, STIX_EXT_OCTI, STIX_EXT_OCTI_SCO, Observable
 from lis_async.enrichment.markings import STANDARD_MARKINGS, classify
 
-__all__ = ["ALLOWED_TYPES", "AUTHOR", "AUTHOR_ID", "REASONS", "Vetted", "summary", "vet"]
+__all__ = [
+    "ALLOWED_TYPES",
+    "AUTHOR",
+    "AUTHOR_ID",
+    "OPENCTI_ALLOWED",
+    "REASONS",
+    "Vetted",
+    "summary",
+    "vet",
+]
 
 AUTHOR_ID: Final = identity_id("LastInfoSec", "organization")
 #: The one LastInfoSec identity: ``created_by_ref`` of everything the connector sends. It carries
@@ -81,6 +92,26 @@ ALLOWED_TYPES: Final = _OBSERVABLES | frozenset(
         "sighting",
     }
 )
+
+
+def _score(value: Any) -> int | None:
+    """An OpenCTI score: an integer (not a bool, not a float, not a string), clamped to 0-100."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return max(0, min(100, value))
+
+
+#: The OpenCTI properties LastInfoSec may set, by STIX type: property -> its check (the value
+#: to keep, or None: the property is dropped). Everything else named ``x_opencti_*`` is
+#: stripped. Documented in docs/security.md ("What an answer may carry").
+#:
+#: * ``indicator.x_opencti_score``: how malicious LastInfoSec rates the indicator, 0-100
+#:   (LastInfoSec sends 50, 75 or 90 by risk level); OpenCTI shows it as the indicator's score
+#:   and its decay rules start from it. pycti's connector pushes it unchanged.
+OPENCTI_ALLOWED: Final[Mapping[str, Mapping[str, Callable[[Any], Any]]]] = MappingProxyType(
+    {"indicator": MappingProxyType({"x_opencti_score": _score})}
+)
+_NO_OPENCTI: Final[Mapping[str, Callable[[Any], Any]]] = MappingProxyType({})
 _EDGES: Final = frozenset({"relationship", "sighting"})
 _NOT_REWRITTEN: Final = frozenset({"created_by_ref", "object_marking_refs"})
 _STRIPPED_KEYS: Final = frozenset({"granted_refs", "granted_refs_ids", "granular_markings"})
@@ -210,9 +241,15 @@ class _Vetting:
 
     def clean(self, obj: dict[str, Any]) -> None:
         stripped = False
+        allowed = OPENCTI_ALLOWED.get(obj["type"], _NO_OPENCTI)
         for key in [k for k in obj if k.startswith("x_opencti_") or k in _STRIPPED_KEYS]:
-            del obj[key]
-            stripped = True
+            check = allowed.get(key)
+            value = check(obj[key]) if check is not None else None
+            if value is None:
+                del obj[key]
+                stripped = True
+            else:
+                obj[key] = value
         exts = obj.get("extensions")
         if isinstance(exts, dict):
             for ext_id in (STIX_EXT_OCTI, STIX_EXT_OCTI_SCO):

@@ -483,6 +483,16 @@ def _host_of(obs: dict[str, Any], value: str) -> str:
     return f"dl-{digest[:10]}.example.net"
 
 
+#: The scores LastInfoSec gives its indicators, by risk level (low, medium, high).
+RISK_SCORES = (50, 75, 90)
+
+
+def risk_score(name: str) -> int:
+    """The indicator's ``x_opencti_score``: one of :data:`RISK_SCORES`, fixed per value."""
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).digest()
+    return RISK_SCORES[digest[0] % len(RISK_SCORES)]
+
+
 def _indicator(ind_id: str, name: str, pattern: str, full: bool) -> dict[str, Any]:
     ind: dict[str, Any] = {
         "type": "indicator",
@@ -494,6 +504,7 @@ def _indicator(ind_id: str, name: str, pattern: str, full: bool) -> dict[str, An
         "pattern_type": "stix",
         "pattern_version": "2.1",
         "valid_from": VALID_FROM,
+        "x_opencti_score": risk_score(name),
     }
     if full:
         ind["labels"] = ["malicious"]

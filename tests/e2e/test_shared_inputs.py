@@ -156,3 +156,30 @@ async def test_values_are_checked_and_credentials_stripped(
     assert "S3cret" not in caplog.text and "a" * 1000 not in caplog.text
     job_lines = [r.getMessage() for r in caplog.records if r.name == "lis_async.pipeline"]
     assert len(job_lines) == 3 and max(map(len, job_lines)) < 600, job_lines
+
+
+# ------------------------------------------------------------------------------------------
+# finding 11: vetting keeps what LastInfoSec may say, an indicator's score
+
+
+async def test_indicators_reach_opencti_with_their_score() -> None:
+    """As pycti's connector pushes them: every indicator of the answers carries LastInfoSec's
+    score (50, 75 or 90); nothing else OpenCTI-specific comes from the answer."""
+    async with world_with_worker(producer_options=QUIET_PRODUCER) as run:
+        world = run.world
+        world.lis.config.known_share = 1.0
+        jobs = [
+            world.producer.make_job(world.producer.next_index(), kind="manual", entity_type=t)
+            for t in ("StixFile", "Domain-Name", "Hostname", "Url")
+        ]
+        for job in jobs:
+            await world.producer.publish(job)
+        works = [str(j.work_id) for j in jobs]
+        assert await world.platform.wait_works(works, timeout=30)
+        assert await world.worker.wait_idle(timeout=30)
+        indicators = [
+            o for w in works for o in world.worker.objects_by_work[w] if o["type"] == "indicator"
+        ]
+        assert len(indicators) >= len(jobs)
+        assert {o.get("x_opencti_score") for o in indicators} <= {50, 75, 90}
+        assert all("x_opencti_score" in o for o in indicators), indicators

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from pycti import Identity, Malware, Report
 
 from lis_async.enrichment.bundle import build
@@ -178,3 +179,77 @@ def test_relationship_cycles_and_chains() -> None:
     r1_out = next(r for r in rels if r["source_ref"] == DOMAIN_ID)
     assert any(r["target_ref"] == r1_out["id"] for r in rels)  # r2, pointing at r1's new id
     assert result.dropped["edge"] == 2  # the cycle
+
+
+# ------------------------------------------------------------------------------------------
+# what LastInfoSec may set of OpenCTI's own properties (issue #20, finding 11)
+
+
+def _answer_with(indicator_props: dict[str, Any], **others: Any) -> dict[str, Any]:
+    sdo = {"spec_version": "2.1", "created": HOSTILE_T, "modified": HOSTILE_T}
+    indicator = {
+        **sdo,
+        "type": "indicator",
+        "id": "indicator--2b2b2b2b-1111-4222-8333-000000000001",
+        "pattern": "[domain-name:value = 'bad.example.com']",
+        "pattern_type": "stix",
+        "valid_from": HOSTILE_T,
+        **indicator_props,
+    }
+    malware = {
+        **sdo,
+        "type": "malware",
+        "id": "malware--2b2b2b2b-1111-4222-8333-000000000002",
+        "name": "Scored",
+        "is_family": True,
+        **others,
+    }
+    return {"type": "bundle", "id": "bundle--1", "objects": [indicator, malware]}
+
+
+def _vetted(answer: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+    result = build(job(), [answer], confidence=50)
+    by_type = {o["type"]: o for o in result.bundle["objects"] if o["id"] != DOMAIN_ID}
+    return by_type["indicator"], by_type["malware"], dict(result.dropped)
+
+
+@pytest.mark.parametrize(
+    ("score", "kept"),
+    [(50, 50), (75, 75), (90, 90), (0, 0), (100, 100), (150, 100), (-5, 0)],
+)
+def test_an_indicator_keeps_its_score_clamped(score: int, kept: int) -> None:
+    indicator, _, dropped = _vetted(_answer_with({"x_opencti_score": score}))
+    assert indicator["x_opencti_score"] == kept
+    assert dropped.get("octi", 0) == 0
+
+
+@pytest.mark.parametrize("score", ["90", 90.0, 75.5, True, None, [90], {"score": 90}])
+def test_a_score_that_is_not_an_integer_is_dropped(score: Any) -> None:
+    indicator, _, dropped = _vetted(_answer_with({"x_opencti_score": score}))
+    assert "x_opencti_score" not in indicator
+    assert dropped["octi"] == 1
+
+
+def test_only_the_allowed_properties_stay() -> None:
+    """The score stays on the indicator; everything else OpenCTI-specific goes, on the indicator
+    and elsewhere (a malware's score included)."""
+    indicator, malware, dropped = _vetted(
+        _answer_with(
+            {
+                "x_opencti_score": 75,
+                "x_opencti_files": [{"name": "x.exe", "data": "TVqQ"}],
+                "x_opencti_workflow_id": "b9a4bf09-0000-4000-8000-000000000000",
+                "x_opencti_id": "b9a4bf09-0000-4000-8000-000000000001",
+                "x_opencti_granted_refs": [FOREIGN_ORG],
+                "x_opencti_detection": True,
+            },
+            x_opencti_score=100,
+        )
+    )
+    assert [k for k in opencti_keys(indicator) if k != "x_opencti_granted_refs"] == [
+        "x_opencti_score"
+    ]
+    assert indicator["x_opencti_score"] == 75
+    assert FOREIGN_ORG not in json.dumps(indicator)
+    assert opencti_keys(malware) == []
+    assert dropped["octi"] == 2
