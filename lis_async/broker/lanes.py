@@ -35,6 +35,7 @@ from aio_pika.abc import (
 )
 
 from lis_async.broker.connection import reason, settle
+from lis_async.enrichment.job import HEAD_BYTES, MAX_BODY_BYTES, read_internal
 
 log: Final = logging.getLogger("lis_async.lanes")
 
@@ -77,14 +78,21 @@ def lane_arguments(expire_s: float) -> dict[str, Any]:
 
 
 def priority(body: bytes) -> int:
-    """:data:`URGENT` for a manual job or a playbook step, else :data:`NORMAL`. A body that
-    cannot be read is moved as it is, at the normal priority: the pipeline acks it and marks
-    its work in error."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
+    """:data:`URGENT` for a manual job or a playbook step, else :data:`NORMAL`. Only
+    ``internal`` is read, from the start of the body where the platform writes it
+    (:func:`~lis_async.enrichment.job.read_internal`); a small body that does not open with it is
+    parsed whole. A body over the job size limit is never parsed here. A body that cannot be
+    read is moved as it is, at the normal priority: the pipeline acks it and marks its work in
+    error."""
+    if len(body) > MAX_BODY_BYTES:
         return NORMAL
-    internal = doc.get("internal") if isinstance(doc, dict) else None
+    internal = read_internal(body)
+    if internal is None and len(body) <= HEAD_BYTES:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return NORMAL
+        internal = doc.get("internal") if isinstance(doc, dict) else None
     if not isinstance(internal, dict):
         return NORMAL
     if internal.get("mode") == "manual" or internal.get("playbook") is not None:

@@ -7,6 +7,7 @@ the one list of observable types the connector enriches (:data:`OBSERVABLE_TYPES
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from lis_async.enrichment.markings import (
     collect,
     normalise_tlp,
 )
-from lis_async.enrichment.nesting import MAX_DEPTH, too_deep
+from lis_async.enrichment.nesting import MAX_DEPTH, MAX_VALUES, too_deep, too_many_values
 from lis_async.errors import JobError
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "normalise_tlp",
     "parse_job",
     "parse_observable",
+    "read_internal",
 ]
 
 
@@ -90,6 +92,12 @@ HASH_KEYS: Final[Mapping[str, str]] = MappingProxyType(
 
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 MAX_VALUE_CHARS: Final = 8192
+#: How much of a body :func:`read_internal` reads: ``internal`` is a few hundred bytes.
+HEAD_BYTES: Final = 64 * 1024
+_INTERNAL_FIRST: Final = re.compile(rb'\s*\{\s*"internal"\s*:\s*')
+# The standard library's decoder reads one JSON value at an offset and stops at its end
+# (raw_decode), which orjson cannot do.
+_DECODER: Final = json.JSONDecoder()
 
 # Identifiers as OpenCTI writes them (docs/protocol.md §3.1): work ids `work_<uuid>_<ISO time>`,
 # user, draft and playbook ids (UUIDs, stream ids), STIX ids. They end up in HTTP headers (the
@@ -405,9 +413,28 @@ def parse_job(body: bytes) -> Job:
         raise JobError(f"unreadable job body ({type(exc).__name__})") from None
 
 
+def read_internal(body: bytes) -> Any:
+    """The body's ``internal`` when the body opens with it, as the platform writes it
+    (docs/protocol.md §3), read from its first :data:`HEAD_BYTES` alone: the rest of the body
+    is neither read nor parsed, whatever its size. None when it is not there or not readable."""
+    head = body[:HEAD_BYTES]
+    start = _INTERNAL_FIRST.match(head)
+    if start is None:
+        return None
+    try:  # the match is ASCII: its end is the same offset in the decoded text
+        value, _ = _DECODER.raw_decode(head.decode("utf-8", "ignore"), start.end())
+    except (ValueError, RecursionError):
+        return None
+    return value
+
+
 def _document(body: bytes) -> Mapping[str, Any]:
     if len(body) > MAX_BODY_BYTES:
-        raise JobError(f"job body is {len(body)} bytes (limit {MAX_BODY_BYTES})")
+        work_id = _read_work_id(read_internal(body))
+        raise JobError(f"job body is {len(body)} bytes (limit {MAX_BODY_BYTES})", work_id)
+    if too_many_values(body):
+        work_id = _read_work_id(read_internal(body))
+        raise JobError(f"job body holds more than {MAX_VALUES} JSON values", work_id)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:

@@ -57,6 +57,9 @@ T = TypeVar("T")
 # pycti pings a work every 5 minutes while its job runs (docs/protocol.md §4.3): the platform
 # only bumps the work's updated_at, which keeps long jobs from looking stuck.
 WORK_PING_INTERVAL_S: Final = 300.0
+#: Bodies up to this size (a job is usually a few kilobytes) are parsed on the event loop;
+#: larger ones in a thread, so that one job cannot stall the others.
+PARSE_INLINE_BYTES: Final = 64 * 1024
 #: The work message of a job that failed for a reason the connector did not foresee.
 INTERNAL_ERROR: Final = "internal error, see the connector log"
 # What can end a job early and must not be contained: the worker stops, or the work is gone.
@@ -162,7 +165,12 @@ class Pipeline:
         """A listen-queue body, end to end, with its one log line."""
         started = time.monotonic()
         try:
-            job = parse_job(body)
+            # A large body is parsed off the event loop (its values are bounded: see
+            # lis_async.enrichment.nesting); the usual few kilobytes stay on it.
+            if len(body) > PARSE_INLINE_BYTES:
+                job = await asyncio.to_thread(parse_job, body)
+            else:
+                job = parse_job(body)
         except JobError as exc:
             result = await self._reject(exc)
             log.warning(

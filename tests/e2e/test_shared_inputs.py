@@ -13,6 +13,8 @@ from typing import Any
 import orjson
 import pytest
 
+from lis_async.enrichment.job import MAX_BODY_BYTES
+from lis_async.enrichment.nesting import MAX_VALUES
 from lis_async.sim.producer import ProducedJob
 from lis_async.sim.world import SimWorld
 from tests.helpers import LIGHT_WORKER, QUIET_PRODUCER, world_with_worker
@@ -183,3 +185,45 @@ async def test_indicators_reach_opencti_with_their_score() -> None:
         assert len(indicators) >= len(jobs)
         assert {o.get("x_opencti_score") for o in indicators} <= {50, 75, 90}
         assert all("x_opencti_score" in o for o in indicators), indicators
+
+
+# ------------------------------------------------------------------------------------------
+# finding 9: huge bodies neither stall the worker nor get parsed above the limit
+
+
+async def test_huge_bodies_end_their_work_in_error_and_the_others_go_on() -> None:
+    """Through the lane mover and the pipeline: 14 MiB of five million empty lists (under the
+    16 MiB limit) and a 17 MiB body, both manual, end their works in error without being
+    parsed; the ordinary jobs published with them are enriched."""
+    async with world_with_worker(producer_options=QUIET_PRODUCER) as run:
+        world = run.world
+        world.lis.config.known_share = 1.0
+
+        def entity_text(text: str) -> Callable[[dict[str, Any]], None]:
+            def edit(body: dict[str, Any]) -> None:
+                body["event"]["stix_entity"] = text
+
+            return edit
+
+        lists = edited(
+            world, "manual", "Domain-Name", entity_text("[" + ",".join(["[]"] * 5_000_000) + "]")
+        )
+        oversize = edited(world, "manual", "Domain-Name", entity_text("x" * (17 * 2**20)))
+        assert 14 * 2**20 < len(lists.body) < MAX_BODY_BYTES < len(oversize.body)
+        ordinary = [
+            world.producer.make_job(world.producer.next_index(), kind="auto_create")
+            for _ in range(10)
+        ]
+        for job in [lists, oversize, *ordinary]:
+            await world.producer.publish(job)
+        works = [str(j.work_id) for j in [lists, oversize, *ordinary]]
+        assert await world.platform.wait_works(works, timeout=60)
+        errors = {w: world.platform.works[w].errors for w in works[:2]}
+        assert errors[works[0]][-1]["message"] == (
+            f"Invalid enrichment job: job body holds more than {MAX_VALUES} JSON values"
+        )
+        assert errors[works[1]][-1]["message"] == (
+            f"Invalid enrichment job: job body is {len(oversize.body)} bytes "
+            f"(limit {MAX_BODY_BYTES})"
+        )
+        assert not [w for w in works[2:] if world.platform.works[w].in_error]

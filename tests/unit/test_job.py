@@ -8,14 +8,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lis_async.enrichment.job import (
+    MAX_BODY_BYTES,
     Job,
     JobError,
     PlaybookContext,
     normalise_tlp,
     parse_job,
     parse_observable,
+    read_internal,
 )
 from lis_async.enrichment.markings import MarkingDef
+from lis_async.enrichment.nesting import MAX_VALUES
 from tests.helpers import FIXTURES, job_body
 
 WORK = "work_6f0e1b2c-3d4e-4f50-8a6b-7c8d9e0f1a2b_2026-11-20T10:00:02.415Z"
@@ -351,3 +354,56 @@ def test_parse_job_random_bytes(body: bytes) -> None:
         parse_job(body)
     except JobError:
         pass
+
+
+# ------------------------------------------------------------------------------------------
+# huge bodies (issue #20, finding 9)
+
+
+def _with_entity(stix_entity: str) -> bytes:
+    body = _body()
+    body["event"]["stix_entity"] = stix_entity
+    return json.dumps(body).encode()
+
+
+def test_a_body_of_millions_of_values_is_refused_before_parsing() -> None:
+    """14 MiB of empty lists (under the 16 MiB limit) in the entity: refused on its count, on
+    its work, not parsed (orjson alone took seconds to build it)."""
+    body = _with_entity("[" + ",".join(["[]"] * 5_000_000) + "]")
+    assert len(body) < MAX_BODY_BYTES
+    with pytest.raises(JobError) as info:
+        parse_job(body)
+    assert info.value.work_id == WORK
+    assert str(info.value) == f"job body holds more than {MAX_VALUES} JSON values"
+
+
+def test_a_body_within_the_value_limit_parses() -> None:
+    entity = json.loads(_body()["event"]["stix_entity"])
+    entity["x_padding"] = [0] * (MAX_VALUES - 1000)
+    job = parse_job(_with_entity(json.dumps(entity)))
+    assert job.observable is not None and job.work_id == WORK
+
+
+def test_a_body_over_the_size_limit_fails_on_its_work() -> None:
+    body = _with_entity("x" * MAX_BODY_BYTES)
+    with pytest.raises(JobError) as info:
+        parse_job(body)
+    assert info.value.work_id == WORK
+    assert str(info.value) == f"job body is {len(body)} bytes (limit {MAX_BODY_BYTES})"
+
+
+@pytest.mark.parametrize(
+    ("body", "internal"),
+    [
+        (b'{"internal": {"mode": "manual"}, "event": ' + b"\xff" * 100_000, {"mode": "manual"}),
+        (b' \n{ "internal" :\t{"work_id": null}}', {"work_id": None}),
+        (b'{"internal": "manual"}', "manual"),
+        (b'{"event": {}, "internal": {"mode": "manual"}}', None),  # not first: not read
+        (b'{"internal": {"mode": "manual", "x": "' + b"a" * 70_000 + b'"}}', None),  # too long
+        (b'{"internal": ' + b"[" * 5000, None),
+        (b"[1, 2]", None),
+        (b"", None),
+    ],
+)
+def test_read_internal_reads_the_head_only(body: bytes, internal: object) -> None:
+    assert read_internal(body) == internal

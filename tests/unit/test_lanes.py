@@ -7,6 +7,7 @@ import pytest
 
 from lis_async.app import lookahead
 from lis_async.broker.lanes import NORMAL, URGENT, lane_arguments, lane_name, priority
+from lis_async.enrichment.job import MAX_BODY_BYTES
 from tests.helpers import job_body
 
 
@@ -58,3 +59,28 @@ def test_lookahead_fits_half_the_consumer_timeout(
     in_flight: int, rate: float, timeout: float, expected: int
 ) -> None:
     assert lookahead(in_flight, rate, timeout) == expected
+
+
+# ------------------------------------------------------------------------------------------
+# the mover reads only what it needs (issue #20, finding 9)
+
+
+def test_the_mover_reads_internal_only() -> None:
+    """A manual job is urgent whatever follows ``internal``: the rest of the body is not read
+    (here it is not even JSON)."""
+    head = b'{"internal": {"work_id": "w", "mode": "manual"}, "event": '
+    assert priority(head + b"\xff" * (4 * 1024 * 1024)) == URGENT
+    assert priority(head.replace(b"manual", b"auto") + b"[" * 100_000) == NORMAL
+
+
+def test_a_body_over_the_limit_is_never_parsed() -> None:
+    """It goes to the normal lane, where the pipeline refuses it (and ends its work in error)."""
+    body = orjson.dumps({"internal": {"mode": "manual"}, "event": "x" * MAX_BODY_BYTES})
+    assert priority(body) == NORMAL
+
+
+def test_a_small_body_that_does_not_open_with_internal_is_read_whole() -> None:
+    body = orjson.dumps({"configuration": {}, "internal": {"mode": "manual"}, "event": {}})
+    assert priority(body) == URGENT
+    padded = orjson.dumps({"event": {"x": "a" * 100_000}, "internal": {"mode": "manual"}})
+    assert priority(padded) == NORMAL  # large and out of the platform's order: not parsed

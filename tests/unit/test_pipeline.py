@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
 import pytest
 
+from lis_async.enrichment import pipeline as pipeline_module
 from lis_async.enrichment.delivery import Delivery
-from lis_async.enrichment.job import Observable
-from lis_async.enrichment.pipeline import Outcome, Pipeline, Policy
+from lis_async.enrichment.job import Job, Observable
+from lis_async.enrichment.pipeline import PARSE_INLINE_BYTES, Outcome, Pipeline, Policy
 from lis_async.enrichment.ports import LookupResult
 from lis_async.errors import (
     FatalError,
@@ -544,3 +546,25 @@ async def test_entity_type_cannot_forge_log_lines(caplog: pytest.LogCaptureFixtu
     lines = [r.getMessage() for r in caplog.records if r.name == "lis_async.pipeline"]
     assert any("X\\r\\nFAKE LINE" in line for line in lines), lines
     assert not any("\n" in line or "\r" in line for line in lines)
+
+
+async def test_a_large_body_is_parsed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #20, finding 9: a body over PARSE_INLINE_BYTES is parsed in a thread, so the loop
+    serves the other jobs meanwhile; the usual small body stays on the loop (no thread hop)."""
+    threads: list[threading.Thread] = []
+    real_parse = pipeline_module.parse_job
+
+    def parse_and_record(body: bytes) -> Job:
+        threads.append(threading.current_thread())
+        return real_parse(body)
+
+    monkeypatch.setattr(pipeline_module, "parse_job", parse_and_record)
+    lookup = FakeLookup(HOST_ANSWER)
+    pipeline, _, _ = make(lookup)
+    small = job_body("auto_create_domain_green.json")
+    large = with_entity("auto_create_domain_green.json", x_padding="a" * PARSE_INLINE_BYTES)
+    assert len(small) <= PARSE_INLINE_BYTES < len(large)
+    for body in (small, large):
+        assert (await pipeline.handle(body)).outcome is Outcome.ENRICHED
+    assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
+    assert [o.value for o in lookup.seen] == ["bad.example.com"] * 2
