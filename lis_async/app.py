@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from lis_async.broker.connection import BrokerWatch, queue_depth
 from lis_async.broker.consumer import Consumer
-from lis_async.broker.lanes import EXPIRE_S, Mover, declare_lane, lane_name
+from lis_async.broker.lanes import Lanes, Mover
 from lis_async.broker.publisher import Publisher
 from lis_async.enrichment.pipeline import Pipeline, Policy, Result
 from lis_async.errors import PlatformAuthError, PlatformError
@@ -110,7 +110,7 @@ class App:
         self.lis: LastInfoSecClient | None = None
         self.publisher: Publisher | None = None
         self.consumer: Consumer | None = None
-        self.mover: Mover | None = None  # priority lanes (connector.priority_lanes)
+        self.lanes: Lanes | None = None  # priority lanes (connector.priority_lanes)
         self.lane_depth: int | None = None  # sampled with the listen queue's
         self.pipeline: Pipeline | None = None
         self.registration: Registration | None = None
@@ -126,6 +126,11 @@ class App:
         self._stop = asyncio.Event()
         self.fatal: str | None = None
         self.ready = asyncio.Event()  # set once consuming (tests and the demo wait on it)
+
+    @property
+    def mover(self) -> Mover | None:
+        """The lane mover, while priority lanes run."""
+        return self.lanes.mover if self.lanes is not None else None
 
     # -- signals and fatal errors ------------------------------------------------------------
     def request_stop(self) -> None:
@@ -241,6 +246,9 @@ class App:
         await self.publisher.start()
         self.pipeline = self._pipeline(reg, retry_backoff, health)
         self._spawn(self.pipeline.ping_long_works, "work-ping")
+        if s.connector.priority_lanes:
+            self.lanes = Lanes(reg.listen, s.connector.id, self.metrics.moved, reg.amqp)
+            await self.lanes.check()  # a foreign queue may hold the lane's name
         self.consumer = self._consumer(reg, watch)
         health.add_listener(self.consumer.set_intake)
         if backpressure is not None:
@@ -255,15 +263,9 @@ class App:
                 functools.partial(self.consumer.watch, 0.8 * s.connector.consumer_timeout_s),
                 "watchdog",
             )
-        if s.connector.priority_lanes:
-            self.mover = Mover(
-                reg.listen,
-                self.consumer.queue_name,
-                EXPIRE_S,
-                on_moved=self.metrics.moved,
-            )
-            assert self.consumer.connection is not None
-            await self.mover.start(self.consumer.connection)
+        if self.lanes is not None:
+            await self.lanes.start(self.consumer)
+            self._spawn(functools.partial(self.lanes.watch, self.consumer), "lanes")
         self.ready.set()
         log.info(
             "consuming %s%s with %d jobs in flight, LastInfoSec %d concurrent at %.1f req/s",
@@ -279,9 +281,8 @@ class App:
         c = self.settings.connector
         declare = None
         queue = reg.listen
-        if c.priority_lanes:
-            queue = lane_name(c.id)
-            declare = functools.partial(declare_lane, name=queue, expire_s=EXPIRE_S)
+        if self.lanes is not None and not self.lanes.foreign:
+            queue, declare = self.lanes.name, self.lanes.declare
         return Consumer(
             reg.amqp,
             queue,
@@ -397,6 +398,8 @@ class App:
         if self.mover is not None and self.consumer is not None:
             out["lane"] = self.consumer.queue_name
             out["lane_messages"] = self.lane_depth
+        if self.lanes is not None and self.lanes.foreign:
+            out["lane_refused"] = list(self.lanes.foreign)  # a foreign queue holds its name
         bp = self.backpressure
         if bp is not None:
             out["backpressure"] = bp.engaged

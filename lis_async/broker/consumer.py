@@ -225,6 +225,29 @@ class Consumer:
             elif not self._holds and self._tag is None and self.accepting:
                 self._tag = await queue.consume(self._on_message, no_ack=False)
 
+    async def switch(self, queue_name: str, declare: Declare | None) -> None:
+        """Consume ``queue_name`` instead (declared by ``declare``, else passively), on the same
+        channel: the jobs in flight from the old queue go on and are settled as usual. Nothing
+        changes if the declare fails. The priority lanes use it to leave a lane whose name a
+        foreign queue holds for the listen queue, and to come back (lis_async.app)."""
+        conn, channel = self._conn, self._channel
+        if conn is None or channel is None:
+            raise RuntimeError("the consumer is not started")
+        if declare is not None:
+            queue = await declare(conn, channel)
+        else:
+            queue = await channel.declare_queue(queue_name, passive=True)
+        async with self._intake_lock:
+            old, tag, self._tag = self._queue, self._tag, None
+            if old is not None and tag is not None:
+                try:
+                    await old.cancel(tag)
+                except Exception as exc:
+                    log.info("cancelling the consumer of %s failed: %s", self._queue_name, exc)
+            self._queue, self._queue_name, self._declare = queue, queue_name, declare
+            if not self._holds and self.accepting:
+                self._tag = await queue.consume(self._on_message, no_ack=False)
+
     @property
     def paused(self) -> bool:
         """True while something holds intake (see :meth:`hold_intake`)."""

@@ -14,18 +14,31 @@ between leaves a copy in each queue: duplicates are bounded by :data:`MOVE_PREFE
 copy redelivered from the listen queue carries :data:`REDELIVERED_HEADER` so that the pipeline
 treats it as the redelivery it is (it adds only the expectations its work lacks).
 
+Whose queue is it? The lane's name can be declared by anyone with configure rights on the vhost,
+with dead-lettering, a TTL, a length limit or another type. :func:`check_lane` reads the
+arguments of whatever holds the name (a refused declare names one that differs: it is matched and
+the declare tried again), and :func:`declare_lane` raises :class:`ForeignLane` unless the queue is
+ours: our arguments, another expiry allowed (an older replica's). The worker then consumes the
+listen queue directly and checks again every :data:`LANE_RECHECK_S` (docs/security.md, "The
+lane").
+
 Design and trade-offs: docs/architecture.md, "Priority lanes".
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import re
 import uuid
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
 
 import aio_pika
+import aiormq.exceptions
 import orjson
 from aio_pika.abc import (
     AbstractChannel,
@@ -34,7 +47,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from lis_async.broker.connection import reason, settle
+from lis_async.broker.connection import AmqpParams, connect, reason, settle
 from lis_async.enrichment.job import HEAD_BYTES, MAX_BODY_BYTES, read_internal
 
 log: Final = logging.getLogger("lis_async.lanes")
@@ -63,6 +76,94 @@ def lane_name(connector_id: str) -> str:
     """The lane of a connector. The platform's queues are ``listen_<id>`` and ``push_<id>``
     (docs/protocol.md §1.3): a name with a dot and this prefix cannot be one of them."""
     return f"lis-async.lanes.{connector_id}"
+
+
+#: While the lane's name is held by a foreign queue, it is checked again this often (and when
+#: the mover meets one); the listen queue is consumed directly meanwhile.
+LANE_RECHECK_S: Final = 60.0
+#: A refused declare names one argument that differs; this many probes name them all.
+_MAX_PROBES: Final = 12
+_INEQUIVALENT: Final = re.compile(
+    r"inequivalent arg '(?P<key>[^']*)' for queue .*: received .* but current is "
+    r"(?:(?P<none>none)|'(?P<same>[^']*)'|the value '(?P<value>[^']*)' of type '(?P<type>\w+)')"
+)
+_STRING_TYPES: Final = frozenset({"longstr", "shortstr", "binary"})
+_ABSENT: Final = object()
+
+
+class ForeignLane(Exception):
+    """The lane's name is held by a queue that is not a lane (see :func:`check_lane`)."""
+
+    def __init__(self, name: str, differences: tuple[str, ...]) -> None:
+        super().__init__(f"the queue {name} is not a lane: {', '.join(differences)}")
+        self.name = name
+        self.differences = differences
+
+
+@dataclass(frozen=True, slots=True)
+class LaneCheck:
+    """What holds the lane's name. ``foreign``: how it differs from a lane, one entry per
+    argument (empty: it is a lane, or there was none and it now is). ``arguments``: what to
+    declare it with (ours, with the expiry an older replica gave it)."""
+
+    arguments: dict[str, Any] = field(default_factory=dict)
+    foreign: tuple[str, ...] = ()
+
+
+def _current(match: re.Match[str], sent: Any) -> Any:
+    """The existing queue's value of the argument a refusal names (``_ABSENT``: it has none)."""
+    if match["none"]:
+        return _ABSENT
+    if match["same"] is not None:  # the broker's short form: the same type as was sent
+        text, kind = match["same"], ("longstr" if isinstance(sent, str) else "long")
+        if isinstance(sent, bool):
+            kind = "bool"
+    else:
+        text, kind = match["value"], match["type"]
+    if kind in _STRING_TYPES:
+        return text
+    if kind == "bool":
+        return text == "true"
+    try:
+        return float(text) if kind in ("float", "double") else int(text)
+    except ValueError:
+        return text
+
+
+async def check_lane(conn: AbstractRobustConnection, name: str, expire_s: float) -> LaneCheck:
+    """Declare the lane with our arguments on throw-away channels (a refused declare closes its
+    channel). Each refusal names one argument and the existing queue's value of it, which the
+    next declare takes, until one matches: an ``x-expires`` of its own (an older replica's
+    ``CONNECTOR_LANES_EXPIRE_S``) is still a lane; any other difference, or a difference in
+    ``durable`` or ``exclusive``, makes the queue foreign. No queue: it is declared, ours."""
+    ours = lane_arguments(expire_s)
+    probe = dict(ours)
+    found: list[str] = []
+    for _ in range(_MAX_PROBES):
+        try:
+            async with conn.channel(publisher_confirms=False) as channel:
+                await channel.declare_queue(name, durable=True, arguments=probe)
+        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+            match = _INEQUIVALENT.search(str(exc))
+            if match is None or not match["key"].startswith("x-"):  # durable, unreadable...
+                detail = reason(exc) if match is None else f"{match['key']} differs"
+                return LaneCheck(probe, (*found, detail))
+            key = match["key"]
+            current = _current(match, probe.get(key))
+            found.append(f"{key} missing" if current is _ABSENT else f"{key}={current!r}")
+            if current is _ABSENT:
+                probe.pop(key, None)
+            else:
+                probe[key] = current
+        except aiormq.exceptions.ChannelLockedResource:
+            return LaneCheck(probe, (*found, "exclusive to another connection"))
+        else:
+            others = {k: v for k, v in probe.items() if k != "x-expires"}
+            lane = isinstance(probe.get("x-expires"), int) and others == {
+                k: v for k, v in ours.items() if k != "x-expires"
+            }
+            return LaneCheck(probe, () if lane else tuple(found))
+    return LaneCheck(probe, (*found, "more arguments"))
 
 
 def lane_arguments(expire_s: float) -> dict[str, Any]:
@@ -111,18 +212,20 @@ def redelivered(message: AbstractIncomingMessage) -> bool:
 async def declare_lane(
     conn: AbstractRobustConnection, channel: AbstractChannel, name: str, expire_s: float
 ) -> AbstractQueue:
-    """Declare the lane on ``channel`` (idempotent). If it exists with other arguments
-    (another expiry, set by an older version on another replica), use it as it
-    is, with a warning: refusing to start would strand the jobs it holds. The arguments are
-    tried on a throw-away channel first, since a refused declare closes its channel."""
-    arguments = lane_arguments(expire_s)
-    try:
-        async with conn.channel(publisher_confirms=False) as probe:
-            await probe.declare_queue(name, durable=True, arguments=arguments)
-    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
-        log.warning("the lane %s exists with other arguments; using it as it is (%s)", name, exc)
-        return await channel.declare_queue(name, passive=True)
-    return await channel.declare_queue(name, durable=True, arguments=arguments)
+    """Declare the lane on ``channel`` (idempotent), after :func:`check_lane`. Raises
+    :class:`ForeignLane` when the name is held by a queue that is not a lane. A lane with
+    an older replica's expiry is used as it is, with a warning."""
+    check = await check_lane(conn, name, expire_s)
+    if check.foreign:
+        raise ForeignLane(name, check.foreign)
+    if check.arguments != lane_arguments(expire_s):
+        log.warning(
+            "the lane %s expires after %s ms, as an older replica declared it "
+            "(CONNECTOR_LANES_EXPIRE_S); using it as it is",
+            name,
+            check.arguments.get("x-expires"),
+        )
+    return await channel.declare_queue(name, durable=True, arguments=check.arguments)
 
 
 class Mover:
@@ -135,12 +238,14 @@ class Mover:
         expire_s: float,
         *,
         on_moved: Callable[[int], None] = lambda _priority: None,
+        on_foreign: Callable[[], None] = lambda: None,
         publish_timeout_s: float = PUBLISH_TIMEOUT_S,
     ) -> None:
         self._listen = listen
         self._lane = lane
         self._expire_s = expire_s
         self._on_moved = on_moved
+        self._on_foreign = on_foreign  # the lane's name is held by a foreign queue now
         self._publish_timeout = publish_timeout_s
         self._conn: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -159,11 +264,16 @@ class Mover:
         return self.moved_bytes / self.moved if self.moved else None
 
     async def start(self, conn: AbstractRobustConnection) -> None:
-        """Declare the lane and start moving, on a channel of its own on ``conn``."""
+        """Declare the lane and start moving, on a channel of its own on ``conn``. Raises
+        :class:`ForeignLane` (and moves nothing) when the lane's name holds a foreign queue."""
         channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
         self._conn, self._channel = conn, channel
         await channel.set_qos(prefetch_count=MOVE_PREFETCH)
-        await declare_lane(conn, channel, self._lane, self._expire_s)
+        try:
+            await declare_lane(conn, channel, self._lane, self._expire_s)
+        except BaseException:
+            await channel.close()
+            raise
         # Passive: the platform owns the listen queue (see lis_async.broker.consumer).
         self._queue = await channel.declare_queue(self._listen, passive=True)
         self._tag = await self._queue.consume(self._move, no_ack=False)
@@ -220,19 +330,144 @@ class Mover:
         if conn is not None and channel is not None:
             try:
                 await declare_lane(conn, channel, self._lane, self._expire_s)
+            except ForeignLane:
+                # Not one more job into it: stop moving (the deliveries stay in the listen
+                # queue) and let the worker fall back to the listen queue.
+                await self._cancel()
+                self._on_foreign()
             except Exception as exc:
                 log.warning("declaring the lane %s again failed: %s", self._lane, reason(exc))
 
-    async def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop taking listen deliveries and let the moves under way finish (their deliveries
-        are requeued by the broker if they do not)."""
+    async def _cancel(self) -> None:
+        """No more listen deliveries (a move that starts after this requeues its delivery)."""
         queue, tag, self._tag = self._queue, self._tag, None
         if queue is not None and tag is not None:
             try:
                 await queue.cancel(tag)
             except Exception as exc:
                 log.info("cancelling the mover failed: %s", reason(exc))
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop taking listen deliveries and let the moves under way finish (their deliveries
+        are requeued by the broker if they do not)."""
+        await self._cancel()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
             pass
+
+
+class _Consumer(Protocol):
+    """What :class:`Lanes` needs of :class:`lis_async.broker.consumer.Consumer`."""
+
+    accepting: bool
+
+    @property
+    def connection(self) -> AbstractRobustConnection | None: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def switch(
+        self,
+        queue_name: str,
+        declare: Callable[[AbstractRobustConnection, AbstractChannel], Awaitable[AbstractQueue]]
+        | None,
+    ) -> None: ...
+
+
+class Lanes:
+    """A worker's priority lanes: its :class:`Mover`, and the guard against a foreign queue
+    under the lane's name. While one holds it, nothing is moved into it and the consumer takes
+    the listen queue directly, first in first out; :meth:`watch` checks again every
+    :data:`LANE_RECHECK_S` (and at once when the mover met one) and switches the consumer back
+    once an operator deleted it (or over, when one appears)."""
+
+    def __init__(
+        self, listen: str, connector_id: str, on_moved: Callable[[int], None], params: AmqpParams
+    ) -> None:
+        self.name = lane_name(connector_id)
+        self.mover: Mover | None = None
+        #: How the queue holding the lane's name differs from a lane (empty: it is ours).
+        self.foreign: tuple[str, ...] = ()
+        self._listen = listen
+        self._on_moved = on_moved
+        self._params = params
+        self._recheck = asyncio.Event()
+        self.declare = functools.partial(declare_lane, name=self.name, expire_s=EXPIRE_S)
+
+    @property
+    def queue(self) -> str:
+        """The queue the consumer takes: the lane, or the listen queue while it is refused."""
+        return self._listen if self.foreign else self.name
+
+    async def check(self) -> None:
+        """Before the consumer starts: whose queue the lane's name holds (a connection of its
+        own, closed after)."""
+        conn = await connect(self._params, "lis-async lane check")
+        try:
+            self._checked(await check_lane(conn, self.name, EXPIRE_S))
+        finally:
+            await conn.close()
+
+    def _checked(self, check: LaneCheck) -> None:
+        if check.foreign and check.foreign != self.foreign:
+            log.error(
+                "the queue %s exists with arguments other than the priority lane's (%s): "
+                "nothing is moved into it; the listen queue %s is consumed directly, first in "
+                "first out, until an operator deletes that queue (checked every %g s)",
+                self.name,
+                ", ".join(check.foreign),
+                self._listen,
+                LANE_RECHECK_S,
+            )
+        elif not check.foreign and self.foreign:
+            log.warning(
+                "the foreign queue %s is gone: priority lanes resume (declared and fed from %s)",
+                self.name,
+                self._listen,
+            )
+        self.foreign = check.foreign
+
+    async def start(self, consumer: _Consumer) -> None:
+        """Start moving, unless the lane is refused (the consumer then takes the listen queue)."""
+        if self.foreign:
+            return
+        conn = consumer.connection
+        if conn is None:
+            raise RuntimeError("the consumer is not connected")
+        mover = Mover(
+            self._listen, self.name, EXPIRE_S, on_moved=self._on_moved, on_foreign=self._recheck.set
+        )
+        await mover.start(conn)
+        self.mover = mover
+
+    async def watch(self, consumer: _Consumer) -> None:
+        """Forever: check the lane's name every :data:`LANE_RECHECK_S` (at once when the mover
+        asks) and switch the consumer between the lane and the listen queue accordingly."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._recheck.wait(), LANE_RECHECK_S)
+            self._recheck.clear()
+            conn = consumer.connection
+            if conn is None or not consumer.connected or not consumer.accepting:
+                continue
+            try:
+                await self._recheck_once(consumer, conn)
+            except Exception as exc:
+                log.warning("checking the priority lane %s failed: %s", self.name, reason(exc))
+
+    async def _recheck_once(self, consumer: _Consumer, conn: AbstractRobustConnection) -> None:
+        self._checked(await check_lane(conn, self.name, EXPIRE_S))
+        if self.foreign and self.mover is not None:
+            mover, self.mover = self.mover, None
+            await mover.stop()
+            await consumer.switch(self._listen, None)
+        elif not self.foreign and self.mover is None:
+            await consumer.switch(self.name, self.declare)
+            await self.start(consumer)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop the mover (see :meth:`Mover.stop`)."""
+        if self.mover is not None:
+            await self.mover.stop(timeout_s)

@@ -13,11 +13,19 @@ from typing import Any
 import orjson
 import pytest
 
+from lis_async.broker import lanes
 from lis_async.enrichment.job import MAX_BODY_BYTES
 from lis_async.enrichment.nesting import MAX_VALUES
 from lis_async.sim.producer import ProducedJob
 from lis_async.sim.world import SimWorld
-from tests.helpers import LIGHT_WORKER, QUIET_PRODUCER, world_with_worker
+from tests.helpers import (
+    LIGHT_WORKER,
+    QUIET_PRODUCER,
+    app_only,
+    poll,
+    work_ids,
+    world_with_worker,
+)
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -227,3 +235,103 @@ async def test_huge_bodies_end_their_work_in_error_and_the_others_go_on() -> Non
             f"(limit {MAX_BODY_BYTES})"
         )
         assert not [w for w in works[2:] if world.platform.works[w].in_error]
+
+
+# ------------------------------------------------------------------------------------------
+# finding 4: a queue someone else declared under the lane's name is never used
+
+RED = "marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed"
+
+
+async def _messages(world: SimWorld, name: str) -> int:
+    async with world.admin_channel() as channel:
+        queue = await channel.declare_queue(name, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+async def test_a_foreign_queue_under_the_lane_name_is_refused(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue pre-declared under the lane's name dead-letters whatever it gets into another
+    queue: the worker refuses it (an ERROR naming the arguments), consumes the listen queue
+    directly and moves nothing into it, a TLP:RED job included; once an operator deletes it,
+    the worker declares its own lane and moves jobs into it again."""
+    caplog.set_level(logging.INFO, "lis_async")
+    monkeypatch.setattr(lanes, "LANE_RECHECK_S", 0.5)
+    async with SimWorld(producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as world:
+        lane, stolen = world.names()["lane"], f"stolen-{world.connector_id}"
+        async with world.admin_channel() as channel:
+            await channel.declare_queue(stolen, durable=True)
+            await channel.declare_queue(
+                lane,
+                durable=True,
+                arguments={
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": stolen,
+                    "x-message-ttl": 0,
+                },
+            )
+        try:
+            async with app_only(world) as run:
+                await world.start_worker_emulation()
+                assert run.app.mover is None
+                assert run.app.details()["lane_refused"]
+                red = edited(world, "manual", "Domain-Name", _set(object_marking_refs=[RED]))
+                jobs = [red, *await world.producer.publish_many(10, kind="manual")]
+                await world.producer.publish(red)
+                assert await world.platform.wait_works([str(j.work_id) for j in jobs], 30)
+                assert (
+                    world.platform.works[str(red.work_id)]
+                    .messages[-1]
+                    .startswith("TLP:RED is above the max TLP")
+                )
+                assert await _messages(world, stolen) == 0
+                assert await _messages(world, lane) == 0
+                errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+                assert any(
+                    "x-dead-letter-exchange=''" in e
+                    and f"x-dead-letter-routing-key='{stolen}'" in e
+                    for e in errors
+                ), errors
+
+                async with world.admin_channel() as channel:  # the operator deletes it
+                    await channel.queue_delete(lane)
+                assert await poll(lambda: run.app.mover is not None, 15)
+                assert "lane_refused" not in run.app.details()
+                manual = await world.producer.publish_many(3, kind="manual")
+                assert await world.platform.wait_works(work_ids(manual), 30)
+                moved = run.app.metrics.render().decode()
+                assert 'lis_jobs_moved_total{lane="urgent"} 3.0' in moved
+                assert "priority lanes resume" in caplog.text
+        finally:
+            async with world.admin_channel() as channel:
+                await channel.queue_delete(stolen)
+                await channel.queue_delete(lane)
+
+
+async def test_a_lane_replaced_by_a_foreign_queue_is_left(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the worker runs, its lane is deleted and a foreign queue declared under its name:
+    at the next check the mover stops and the consumer takes the listen queue; jobs complete and
+    none goes into that queue."""
+    caplog.set_level(logging.INFO, "lis_async")
+    monkeypatch.setattr(lanes, "LANE_RECHECK_S", 0.5)
+    async with SimWorld(producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as world:
+        lane = world.names()["lane"]
+        try:
+            async with app_only(world) as run:
+                await world.start_worker_emulation()
+                assert run.app.mover is not None
+                async with world.admin_channel() as channel:
+                    await channel.queue_delete(lane)
+                    await channel.declare_queue(lane, durable=True, arguments={"x-max-length": 1})
+                assert await poll(lambda: run.app.mover is None, 15)
+                assert "x-max-length=1" in run.app.details()["lane_refused"]
+                jobs = await world.producer.publish_many(10, kind="manual")
+                assert await world.platform.wait_works(work_ids(jobs), 30)
+                assert await _messages(world, lane) == 0
+                assert "x-max-length=1" in caplog.text
+        finally:
+            async with world.admin_channel() as channel:
+                await channel.queue_delete(lane)

@@ -1,0 +1,104 @@
+"""Whose queue holds the lane's name (issue #20, finding 4), against the real RabbitMQ: a lane is
+recognised, another replica's expiry too, and anything else is named, argument by argument."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+
+from lis_async.broker.lanes import EXPIRE_S, check_lane, lane_arguments, lane_name
+
+pytestmark = pytest.mark.rabbitmq
+URL = "amqp://guest:guest@127.0.0.1:5672/"
+OURS = lane_arguments(EXPIRE_S)
+
+
+@pytest.fixture
+async def conn() -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    connection = await aio_pika.connect_robust(URL)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def name(conn: aio_pika.abc.AbstractRobustConnection) -> AsyncIterator[str]:
+    """A lane name of a connector id of its own; the queue is deleted after the test."""
+    lane = lane_name(str(uuid.uuid4()))
+    yield lane
+    async with conn.channel() as channel:
+        await channel.queue_delete(lane)
+
+
+async def _declare(
+    conn: aio_pika.abc.AbstractRobustConnection, name: str, durable: bool = True, **args: Any
+) -> None:
+    async with conn.channel() as channel:
+        await channel.declare_queue(name, durable=durable, arguments=args)
+
+
+async def test_no_queue_becomes_a_lane(
+    conn: aio_pika.abc.AbstractRobustConnection, name: str
+) -> None:
+    check = await check_lane(conn, name, EXPIRE_S)
+    assert check.foreign == () and check.arguments == OURS
+    assert await check_lane(conn, name, EXPIRE_S) == check  # it exists now, as ours
+
+
+async def test_a_lane_of_an_older_replica_with_another_expiry_is_ours(
+    conn: aio_pika.abc.AbstractRobustConnection, name: str
+) -> None:
+    await _declare(conn, name, **{**OURS, "x-expires": 60_000})
+    check = await check_lane(conn, name, EXPIRE_S)
+    assert check.foreign == () and check.arguments == {**OURS, "x-expires": 60_000}
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (
+            {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "stolen"},
+            ["x-dead-letter-exchange=''", "x-dead-letter-routing-key='stolen'"],
+        ),
+        ({"x-message-ttl": 0}, ["x-message-ttl=0"]),
+        ({"x-max-length": 5, "x-overflow": "reject-publish"}, ["x-max-length=5", "x-overflow="]),
+        ({"x-max-priority": 9}, ["x-max-priority=9"]),
+        ({"x-queue-type": "quorum", "x-max-priority": None}, ["x-queue-type='quorum'"]),
+        ({"x-max-priority": None, "x-expires": None}, ["x-max-priority missing"]),
+    ],
+)
+async def test_a_foreign_queue_is_named_argument_by_argument(
+    conn: aio_pika.abc.AbstractRobustConnection, name: str, args: dict[str, Any], named: list[str]
+) -> None:
+    declared = {k: v for k, v in {**OURS, **args}.items() if v is not None}
+    if declared.get("x-queue-type") == "quorum":
+        declared.pop("x-expires", None)
+    await _declare(conn, name, **declared)
+    check = await check_lane(conn, name, EXPIRE_S)
+    assert check.foreign, check
+    text = ", ".join(check.foreign)
+    for part in named:
+        assert part in text, text
+    async with conn.channel() as channel:  # the probes changed nothing
+        queue = await channel.declare_queue(name, passive=True)
+        assert queue.declaration_result.message_count == 0
+
+
+async def test_a_transient_or_exclusive_queue_is_foreign(
+    conn: aio_pika.abc.AbstractRobustConnection, name: str
+) -> None:
+    await _declare(conn, name, durable=False, **OURS)
+    assert (await check_lane(conn, name, EXPIRE_S)).foreign == ("durable differs",)
+    async with conn.channel() as channel:
+        await channel.queue_delete(name)
+    other = await aio_pika.connect_robust(URL)
+    try:
+        channel = await other.channel()
+        await channel.declare_queue(name, exclusive=True)
+        check = await check_lane(conn, name, EXPIRE_S)
+        assert check.foreign == ("exclusive to another connection",)
+    finally:
+        await other.close()
