@@ -19,8 +19,8 @@ with dead-lettering, a TTL, a length limit or another type. :func:`check_lane` r
 arguments of whatever holds the name (a refused declare names one that differs: it is matched and
 the declare tried again), and :func:`declare_lane` raises :class:`ForeignLane` unless the queue is
 ours: our arguments, another expiry allowed (an older replica's). The worker then consumes the
-listen queue directly and checks again every :data:`LANE_RECHECK_S` (docs/security.md, "The
-lane").
+listen queue directly and checks again every :data:`LANE_RECHECK_S`
+(docs/security.md, "A lane of our own").
 
 Design and trade-offs: docs/architecture.md, "Priority lanes".
 """

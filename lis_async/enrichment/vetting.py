@@ -103,7 +103,7 @@ def _score(value: Any) -> int | None:
 
 #: The OpenCTI properties LastInfoSec may set, by STIX type: property -> its check (the value
 #: to keep, or None: the property is dropped). Everything else named ``x_opencti_*`` is
-#: stripped. Documented in docs/security.md ("What an answer may carry").
+#: stripped. Documented in docs/security.md ("The answer filter").
 #:
 #: * ``indicator.x_opencti_score``: how malicious LastInfoSec rates the indicator, 0-100
 #:   (LastInfoSec sends 50, 75 or 90 by risk level); OpenCTI shows it as the indicator's score

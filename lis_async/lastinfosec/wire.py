@@ -1,8 +1,9 @@
 """What goes on the wire to and from LastInfoSec: the query for an observable, URL pieces, and
 the reading of answers. Pure functions, no I/O (docs/lastinfosec.md describes the API).
 
-Nothing is sent that is not the value it claims to be (docs/security.md, "Values"): a hash is
-hex of its algorithm's length, a host name a valid one, and a URL goes without its userinfo."""
+Nothing is sent that is not the value it claims to be: a hash is hex of its algorithm's length, a
+host name a valid one, and a URL goes without its userinfo
+(docs/security.md, "Values checked before they are sent")."""
 
 from __future__ import annotations
 

@@ -117,7 +117,8 @@ async def test_every_hostile_body_is_settled_once_without_crash_or_path_change(
             )
             assert "?" + query == QUERY, path
         values = {v for v in stats.values if v}
-        # Values that are no host name or hash are not sent at all (docs/security.md, "Values").
+        # Values that are no host name or hash are not sent at all: docs/security.md,
+        # "Values checked before they are sent".
         refused = {"../../v2/admin?x=1#", "../../../v2/stix21/search_host/evil.com?x=#"}
         assert not values & (refused | {control.strip()}), values
 
