@@ -179,16 +179,17 @@ def lane_arguments(expire_s: float) -> dict[str, Any]:
 
 
 def priority(body: bytes) -> int:
-    """:data:`URGENT` for a manual job or a playbook step, else :data:`NORMAL`. Only
-    ``internal`` is read, from the start of the body where the platform writes it
-    (:func:`~lis_async.enrichment.job.read_internal`); a small body that does not open with it is
-    parsed whole. A body over the job size limit is never parsed here. A body that cannot be
-    read is moved as it is, at the normal priority: the pipeline acks it and marks its work in
-    error."""
+    """:data:`URGENT` for a manual job or a playbook step, else :data:`NORMAL`. A usual body (up
+    to :data:`~lis_async.enrichment.job.HEAD_BYTES`) is parsed whole; of a larger one only
+    ``internal`` is read, from its head where the platform writes it
+    (:func:`~lis_async.enrichment.job.read_internal`), and a body over the job size limit is not
+    read at all. A body that cannot be read is moved as it is, at the normal priority: the
+    pipeline acks it and marks its work in error."""
     if len(body) > MAX_BODY_BYTES:
         return NORMAL
-    internal = read_internal(body)
-    if internal is None and len(body) <= HEAD_BYTES:
+    if len(body) > HEAD_BYTES:
+        internal = read_internal(body)
+    else:
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
