@@ -183,8 +183,10 @@ async def test_draft_job_is_judged_the_same() -> None:
     assert (await refusal(job) or "").startswith("TLP:RED is above the max TLP")
 
 
-async def test_playbook_bundle_marking_objects_resolve_custom_ids() -> None:
-    body = json.loads(job_body("playbook_url.json"))
+def playbook_marking_custom_red_as(level: str) -> dict[str, Any]:
+    """The playbook job's body, its entity marked CUSTOM_RED and its bundle defining CUSTOM_RED
+    as the TLP ``level`` (``"red"``, ``"clear"``)."""
+    body: dict[str, Any] = json.loads(job_body("playbook_url.json"))
     bundle = body["event"]["bundle"]
     bundle["objects"][0]["object_marking_refs"] = [CUSTOM_RED]
     bundle["objects"].append(
@@ -194,10 +196,16 @@ async def test_playbook_bundle_marking_objects_resolve_custom_ids() -> None:
             "id": CUSTOM_RED,
             "created": "2024-01-01T00:00:00.000Z",
             "definition_type": "TLP",
-            "name": "TLP:RED",
-            "definition": {"tlp": "red"},
+            "name": f"TLP:{level.upper()}",
+            "definition": {"tlp": level},
         }
     )
+    return body
+
+
+async def test_playbook_bundle_marking_objects_resolve_custom_ids() -> None:
+    body = playbook_marking_custom_red_as("red")
+    bundle = body["event"]["bundle"]
     platform = Platform(known={})
     job = parse_job(json.dumps(body).encode())
     assert (await refusal(job, platform=platform) or "").startswith("TLP:RED is above the max TLP")
@@ -269,20 +277,7 @@ async def test_an_object_marking_node_cannot_lower_a_custom_red() -> None:
 
 
 async def test_a_playbook_bundle_cannot_lower_a_custom_red() -> None:
-    body = json.loads(job_body("playbook_url.json"))
-    bundle = body["event"]["bundle"]
-    bundle["objects"][0]["object_marking_refs"] = [CUSTOM_RED]
-    bundle["objects"].append(
-        {
-            "type": "marking-definition",
-            "spec_version": "2.1",
-            "id": CUSTOM_RED,
-            "created": "2024-01-01T00:00:00.000Z",
-            "definition_type": "TLP",
-            "name": "TLP:CLEAR",
-            "definition": {"tlp": "clear"},
-        }
-    )
+    body = playbook_marking_custom_red_as("clear")
     reason = await refusal(parse_job(json.dumps(body).encode()))
     assert reason == "TLP:RED is above the max TLP TLP:AMBER: not sent to LastInfoSec"
 
