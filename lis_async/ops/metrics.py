@@ -1,9 +1,14 @@
-"""Prometheus metrics: the worker's registry and the collectors read at scrape time."""
+"""Prometheus metrics: the worker's registry and the collectors read at scrape time.
+
+The collectors read the LastInfoSec client's and cluster mode's counters through the Protocols
+below (ops sits beside :mod:`lis_async.lastinfosec` and above nothing of :mod:`lis_async.cluster`:
+it never imports them).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -94,10 +99,33 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class LisCounters(Protocol):
+    """The LastInfoSec client's counters (:class:`lis_async.lastinfosec.LisStats`)."""
+
+    @property
+    def responses_by_status(self) -> Mapping[int, int]: ...
+    @property
+    def cache_hits(self) -> int: ...
+    @property
+    def shared_cache_hits(self) -> int: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def throttled(self) -> int: ...
+    @property
+    def timeouts(self) -> int: ...
+    @property
+    def connection_errors(self) -> int: ...
+    @property
+    def cache_misses(self) -> int: ...
+    @property
+    def coalesced(self) -> int: ...
+
+
 class LisStatsCollector(Collector):
     """Exports the LastInfoSec client's counters (``LisStats``) at scrape time."""
 
-    def __init__(self, stats: Any, name: Callable[[str], str] = str) -> None:
+    def __init__(self, stats: LisCounters, name: Callable[[str], str] = str) -> None:
         self._stats = stats
         self._name = name
 
@@ -106,7 +134,7 @@ class LisStatsCollector(Collector):
         req = CounterMetricFamily(
             self._name("lis_api_requests"), "LastInfoSec HTTP answers", labels=["status"]
         )
-        for status, n in sorted(getattr(s, "responses_by_status", {}).items()):
+        for status, n in sorted(s.responses_by_status.items()):
             req.add_metric([str(status)], n)
         yield req
         hits = CounterMetricFamily(
@@ -114,27 +142,79 @@ class LisStatsCollector(Collector):
             "Lookups answered from a cache, by level",
             labels=["level"],
         )
-        hits.add_metric(["local"], float(getattr(s, "cache_hits", 0)))
-        hits.add_metric(["shared"], float(getattr(s, "shared_cache_hits", 0)))
+        hits.add_metric(["local"], float(s.cache_hits))
+        hits.add_metric(["shared"], float(s.shared_cache_hits))
         yield hits
-        for name, attr, doc in (
-            ("lis_api_retries", "retries", "LastInfoSec retries"),
-            ("lis_api_throttled", "throttled", "LastInfoSec 429 answers"),
-            ("lis_api_timeouts", "timeouts", "LastInfoSec timeouts"),
-            ("lis_api_connection_errors", "connection_errors", "LastInfoSec connection errors"),
-            ("lis_cache_misses", "cache_misses", "Lookups not in the in-process cache"),
-            ("lis_coalesced", "coalesced", "Lookups served by an identical lookup in flight"),
+        for name, value, doc in (
+            ("lis_api_retries", s.retries, "LastInfoSec retries"),
+            ("lis_api_throttled", s.throttled, "LastInfoSec 429 answers"),
+            ("lis_api_timeouts", s.timeouts, "LastInfoSec timeouts"),
+            ("lis_api_connection_errors", s.connection_errors, "LastInfoSec connection errors"),
+            ("lis_cache_misses", s.cache_misses, "Lookups not in the in-process cache"),
+            ("lis_coalesced", s.coalesced, "Lookups served by an identical lookup in flight"),
         ):
             c = CounterMetricFamily(self._name(name), doc)
-            c.add_metric([], float(getattr(s, attr, 0)))
+            c.add_metric([], float(value))
             yield c
+
+
+class LinkCounters(Protocol):
+    """The Redis link's counters (:class:`lis_async.cluster.link.LinkStats`)."""
+
+    @property
+    def errors(self) -> int: ...
+    @property
+    def transitions(self) -> int: ...
+    @property
+    def replicas_seen(self) -> int: ...
+
+
+class RedisLinkView(Protocol):
+    """The Redis link (:class:`lis_async.cluster.link.RedisLink`)."""
+
+    @property
+    def shared(self) -> bool:
+        """True while Redis answers (shared mode), False in fallback."""
+        ...
+
+    @property
+    def stats(self) -> LinkCounters: ...
+
+
+class ClusterLimiterView(Protocol):
+    """The cluster-wide rate limit (:class:`lis_async.cluster.limiter.ClusterLimiter`)."""
+
+    @property
+    def granted_shared(self) -> int: ...
+    @property
+    def fallback_share(self) -> float: ...
+    @property
+    def last_window(self) -> int: ...
+
+
+class WaitCounters(Protocol):
+    @property
+    def waits(self) -> int: ...
+    @property
+    def waits_answered(self) -> int: ...
+
+
+class SharedCacheView(Protocol):
+    """The shared answer cache (:class:`lis_async.cluster.cache.SharedAnswerCache`)."""
+
+    @property
+    def stats(self) -> WaitCounters: ...
 
 
 class ClusterCollector(Collector):
     """Cluster mode's state (``lis_async.cluster``), read at scrape time."""
 
     def __init__(
-        self, link: Any, limiter: Any, cache: Any, name: Callable[[str], str] = str
+        self,
+        link: RedisLinkView,
+        limiter: ClusterLimiterView,
+        cache: SharedCacheView,
+        name: Callable[[str], str] = str,
     ) -> None:
         self._link, self._limiter, self._cache = link, limiter, cache
         self._name = name
@@ -156,26 +236,11 @@ class ClusterCollector(Collector):
             c = CounterMetricFamily(self._name(name), doc)
             c.add_metric([], float(value))
             yield c
-        for name, value, doc in (
+        for name, gauge, doc in (
             ("lis_cluster_replicas", link.stats.replicas_seen, "Replicas seen on this quota"),
             ("lis_redis_fallback_share", self._limiter.fallback_share, "Rate share if Redis fails"),
             ("lis_cluster_quota_used", self._limiter.last_window, "Requests in the last window"),
         ):
             g = GaugeMetricFamily(self._name(name), doc)
-            g.add_metric([], float(value))
+            g.add_metric([], float(gauge))
             yield g
-
-
-class GaugeCallback(Collector):
-    """A gauge read at scrape time from ``fn``; a sample is left out while ``fn`` returns
-    None (not known yet)."""
-
-    def __init__(self, name: str, doc: str, fn: Callable[[], float | None]) -> None:
-        self._name, self._doc, self._fn = name, doc, fn
-
-    def collect(self) -> Iterable[Any]:
-        g = GaugeMetricFamily(self._name, self._doc)
-        value = self._fn()
-        if value is not None:
-            g.add_metric([], float(value))
-        yield g
