@@ -270,7 +270,10 @@ class Platform:
                 o.token.get_secret_value(),
                 log_level="warning" if level == "debug" else level,
                 ssl_verify=o.ssl_verify,
-                json_logging=o.json_logging,
+                # Never pycti's JSON set-up: it replaces the root handler (basicConfig with
+                # force=True), dropping ours; ours writes pycti's records in pycti's format
+                # already (lis_async/ops/logs.py, docs/telemetry.md).
+                json_logging=False,
                 custom_headers=o.custom_headers.get_secret_value() if o.custom_headers else None,
                 perform_health_check=False,
             )
