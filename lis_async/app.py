@@ -24,13 +24,13 @@ from lis_async.broker.connection import BrokerWatch, queue_depth
 from lis_async.broker.consumer import Consumer
 from lis_async.broker.lanes import EXPIRE_S, Mover, declare_lane, lane_name
 from lis_async.broker.publisher import Publisher
-from lis_async.enrichment.pipeline import Pipeline, Policy, Result
+from lis_async.enrichment.pipeline import Outcome, Pipeline, Policy, Result
 from lis_async.errors import PlatformAuthError, PlatformError
 from lis_async.intake.backpressure import Backpressure
 from lis_async.intake.hold import Hold
 from lis_async.intake.threshold import QueueThreshold
 from lis_async.lastinfosec import LastInfoSecClient
-from lis_async.ops.gauges import WorkerGauges, readiness_checks, readiness_details
+from lis_async.ops.gauges import PyctiGauges, WorkerGauges, readiness_checks, readiness_details
 from lis_async.ops.health import HealthServer
 from lis_async.ops.metrics import ClusterCollector, LisStatsCollector, Metrics
 from lis_async.platform.client import BYTES_PER_MB, Platform, Registration
@@ -69,6 +69,9 @@ def _warn_unused_settings(s: Settings) -> None:
 #: is logged and left behind, so that the process still exits: unacked jobs return to the
 #: queue when its connections drop.
 STEP_TIMEOUT_S = 10.0
+
+#: Outcomes pycti's errors_total counts: the work ended in error, the body could not be read.
+_IN_ERROR = frozenset({Outcome.FAILED, Outcome.INVALID})
 
 
 class _Closable(Protocol):
@@ -129,6 +132,11 @@ class App:
         self.fatal: str | None = None
         self.ready = asyncio.Event()  # set once consuming (tests and the demo wait on it)
 
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested or a fatal error stopped intake."""
+        return self._stop.is_set()
+
     # -- signals and fatal errors ------------------------------------------------------------
     def request_stop(self) -> None:
         if self._stop.is_set():
@@ -184,9 +192,17 @@ class App:
     async def _handle(self, body: bytes, redelivered: bool) -> Result:
         assert self.pipeline is not None
         started = time.monotonic()
-        result = await self.pipeline.handle(body, redelivered)
+        try:
+            result = await self.pipeline.handle(body, redelivered)
+        except Exception:
+            self.metrics.errors.inc()  # pycti's errors_total counts a handler that raised
+            raise
         self.metrics.observe_job(
-            result.outcome.value, time.monotonic() - started, result.objects, result.bundles
+            result.outcome.value,
+            time.monotonic() - started,
+            result.objects,
+            result.bundles,
+            error=result.outcome in _IN_ERROR,
         )
         return result
 
@@ -402,6 +418,7 @@ class App:
                 rate_per_s=self.settings.lastinfosec.rate_per_s,
             )
         )
+        m.add_collector(PyctiGauges(self, m.name))
         if s.health_port:
             self.health_server = HealthServer(
                 self.checks, None, host=s.health_host, port=s.health_port, details=self.details

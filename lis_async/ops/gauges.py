@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, StateSetMetricFamily
 from prometheus_client.registry import Collector
 
-from lis_async.ops.metrics import RedisLinkView
+from lis_async.ops.metrics import LisCounters, RedisLinkView, client_errors
 
-__all__ = ["Worker", "WorkerGauges", "readiness_checks", "readiness_details"]
+__all__ = ["PyctiGauges", "Worker", "WorkerGauges", "readiness_checks", "readiness_details"]
 
 
 class Connected(Protocol):
@@ -42,6 +42,16 @@ class Heartbeat(Protocol):
     @property
     def last_heartbeat(self) -> float | None:
         """Monotonic time of the last successful ping (None: none yet)."""
+        ...
+
+    @property
+    def pings(self) -> int:
+        """Heartbeat pings that went through."""
+        ...
+
+    @property
+    def ping_errors(self) -> int:
+        """Heartbeat pings that failed."""
         ...
 
 
@@ -84,6 +94,8 @@ class LastInfoSec(Protocol):
 
     @property
     def outage_down(self) -> bool: ...
+    @property
+    def stats(self) -> LisCounters: ...
 
 
 class Worker(Protocol):
@@ -118,6 +130,11 @@ class Worker(Protocol):
     @property
     def background_restarts(self) -> Mapping[str, int]:
         """Restarts of each background task that failed, by task name."""
+        ...
+
+    @property
+    def stopping(self) -> bool:
+        """True once the worker stops taking jobs for good (stop signal, fatal error)."""
         ...
 
 
@@ -209,6 +226,43 @@ class WorkerGauges(Collector):
             if value is not None:
                 g.add_metric([], float(value))
             yield g
+
+
+#: pycti's ``state`` enum and its states (OpenCTIMetricHandler).
+STATES: Final = ("idle", "running", "stopped")
+
+
+def connector_state(w: Worker) -> str:
+    """pycti's ``state``: ``running`` while jobs are in flight, ``idle`` while none is,
+    ``stopped`` once the worker stops taking jobs."""
+    if w.stopping:
+        return "stopped"
+    return "running" if w.consumer is not None and w.consumer.in_flight else "idle"
+
+
+class PyctiGauges(Collector):
+    """pycti's connector metrics that are read at scrape time: ``ping_api_total``,
+    ``ping_api_errors_total``, ``client_errors_total`` and the ``state`` enum (the counters
+    bumped per job are :class:`lis_async.ops.metrics.Metrics`'s). Same names, help texts and
+    prefix as pycti's (docs/telemetry.md)."""
+
+    def __init__(self, worker: Worker, name: Callable[[str], str]) -> None:
+        self._worker = worker
+        self._name = name
+
+    def collect(self) -> Iterable[Any]:
+        w = self._worker
+        lis = w.lis
+        for name, doc, value in (
+            ("ping_api", "Number of pings to the API", w.platform.pings),
+            ("ping_api_errors", "Number of errors when pinging the API", w.platform.ping_errors),
+            ("client_errors", "Number of client errors", client_errors(lis.stats) if lis else 0),
+        ):
+            yield CounterMetricFamily(self._name(name), doc, value=float(value))
+        state = connector_state(w)
+        yield StateSetMetricFamily(
+            self._name("state"), "State of connector", {s: s == state for s in STATES}
+        )
 
 
 def readiness_checks(w: Worker, heartbeat_max_age_s: float) -> dict[str, bool]:

@@ -8,7 +8,7 @@ it never imports them).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -67,6 +67,24 @@ class Metrics:
             registry=r,
         )
 
+        # pycti's connector metrics (pycti's OpenCTIMetricHandler: same names, help texts and
+        # namespace/subsystem prefix), with the meanings of docs/telemetry.md. client_errors_total
+        # and state are read at scrape time (lis_async.ops.gauges.PyctiGauges).
+        self.bundles_sent = Counter(
+            "bundles_sent_total", "Number of bundles sent", namespace=ns, subsystem=sub, registry=r
+        )
+        self.records_sent = Counter(
+            "records_sent_total",
+            "Number of records (objects per bundle) sent",
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.runs = Counter("runs_total", "Number of runs", namespace=ns, subsystem=sub, registry=r)
+        self.errors = Counter(
+            "errors_total", "Number of errors", namespace=ns, subsystem=sub, registry=r
+        )
+
         self.jobs_moved = Counter(
             "lis_jobs_moved",
             "Jobs moved from the listen queue into the priority lane, by lane",
@@ -84,13 +102,22 @@ class Metrics:
         """A collector's metric name with this registry's prefix."""
         return metric_name(name, self.namespace, self.subsystem)
 
-    def observe_job(self, outcome: str, seconds: float, objects: int, bundles: int) -> None:
+    def observe_job(
+        self, outcome: str, seconds: float, objects: int, bundles: int, error: bool = False
+    ) -> None:
+        """One job handled (pycti: one run); ``error``: it ended in error (pycti's
+        ``error_count``)."""
         self.jobs.labels(outcome).inc()
         self.job_seconds.observe(seconds)
+        self.runs.inc()
+        if error:
+            self.errors.inc()
         if objects:
             self.objects.inc(objects)
+            self.records_sent.inc(objects)
         if bundles:
             self.publishes.inc(bundles)
+            self.bundles_sent.inc(bundles)
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
@@ -120,6 +147,20 @@ class LisCounters(Protocol):
     def cache_misses(self) -> int: ...
     @property
     def coalesced(self) -> int: ...
+    @property
+    def bad_answers(self) -> int: ...
+
+
+#: Answers that are not a failure of the client: found, or not found (docs/lastinfosec.md).
+_ANSWERED: Final = frozenset({200, 404, 422})
+
+
+def client_errors(s: LisCounters) -> int:
+    """LastInfoSec requests that brought no usable answer (pycti's ``client_error_count``, what
+    a connector counts when the API it wraps fails): timeouts, connection errors, answers other
+    than found or not found (429, 5xx, 401/403, a redirect...) and unreadable answers."""
+    refused = sum(n for status, n in s.responses_by_status.items() if status not in _ANSWERED)
+    return s.timeouts + s.connection_errors + refused + s.bad_answers
 
 
 class LisStatsCollector(Collector):
