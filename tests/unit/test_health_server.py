@@ -7,6 +7,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import resource
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -165,3 +168,21 @@ async def test_a_failure_of_its_own_is_an_error_and_a_500(
         await s.close()
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert [r.name for r in errors] == ["lis_async.health"] and errors[0].exc_info
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit_at_start_up() -> None:
+    """`lis-async run` raises its soft limit (often 1,024) to the hard one, so that idle
+    connections cannot take the descriptors RabbitMQ, OpenCTI and LastInfoSec need."""
+    code = (
+        "import resource; from lis_async.cli import raise_open_files_limit as r; "
+        "print(r(), resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2048))
+
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=limit, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(256, 2048) (2048, 2048)"
