@@ -1,9 +1,9 @@
 """The health server: ``/healthz``, ``/readyz`` and ``/metrics`` (aiohttp's low-level server).
 
 It listens on every interface by default, so it is built not to be exhausted by whoever can
-reach it (docs/telemetry.md, "Health server limits"): at most :data:`MAX_CONNECTIONS` connections
-(any more are closed at once, before a byte is read), each closed when it has not brought a
-whole request within :data:`IDLE_TIMEOUT_S` (from its opening or its last answer: an idle
+reach it (docs/telemetry.md, "Health server limits"): at most :data:`MAX_CONNECTIONS`
+connections (any more are closed at once, before a byte is read), each closed when it has not
+brought a whole request within :data:`IDLE_TIMEOUT_S` (from its opening or its last answer: an idle
 connection, and a request sent a byte at a time, are cut alike), request lines and headers
 capped to a few KiB, and a malformed request is the client's problem: logged at DEBUG, never
 with a traceback at ERROR.
