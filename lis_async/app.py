@@ -24,13 +24,15 @@ from lis_async.broker.connection import BrokerWatch, queue_depth
 from lis_async.broker.consumer import Consumer
 from lis_async.broker.lanes import Lanes, Mover
 from lis_async.broker.publisher import Publisher
-from lis_async.enrichment.pipeline import Pipeline, Policy, Result
+from lis_async.enrichment.pipeline import Outcome, Pipeline, Policy, Result
 from lis_async.errors import PlatformAuthError, PlatformError
 from lis_async.intake.backpressure import Backpressure
+from lis_async.intake.hold import Hold
 from lis_async.intake.threshold import QueueThreshold
 from lis_async.lastinfosec import LastInfoSecClient
+from lis_async.ops.gauges import PyctiGauges, WorkerGauges, readiness_checks, readiness_details
 from lis_async.ops.health import HealthServer
-from lis_async.ops.metrics import ClusterCollector, GaugeCallback, LisStatsCollector, Metrics
+from lis_async.ops.metrics import ClusterCollector, LisStatsCollector, Metrics
 from lis_async.platform.client import BYTES_PER_MB, Platform, Registration
 from lis_async.platform.health import PlatformHealth
 from lis_async.redact import redact
@@ -67,6 +69,9 @@ def _warn_unused_settings(s: Settings) -> None:
 #: is logged and left behind, so that the process still exits: unacked jobs return to the
 #: queue when its connections drop.
 STEP_TIMEOUT_S = 10.0
+
+#: Outcomes pycti's errors_total counts: the work ended in error, the body could not be read.
+_IN_ERROR = frozenset({Outcome.FAILED, Outcome.INVALID})
 
 
 class _Closable(Protocol):
@@ -132,6 +137,16 @@ class App:
         """The lane mover, while priority lanes run."""
         return self.lanes.mover if self.lanes is not None else None
 
+    @property
+    def lane_refused(self) -> tuple[str, ...]:
+        """The arguments of a foreign queue holding the lane's name (empty: none)."""
+        return self.lanes.foreign if self.lanes is not None else ()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested or a fatal error stopped intake."""
+        return self._stop.is_set()
+
     # -- signals and fatal errors ------------------------------------------------------------
     def request_stop(self) -> None:
         if self._stop.is_set():
@@ -175,24 +190,29 @@ class App:
 
     # -- readiness ---------------------------------------------------------------------------
     def checks(self) -> dict[str, bool]:
-        hb = self.platform.last_heartbeat
+        """The ``checks`` of ``/readyz`` (:func:`lis_async.ops.gauges.readiness_checks`)."""
         # Fresh: within three heartbeats (OpenCTI itself drops a connector after 5 minutes).
-        max_age = 3 * self.settings.connector.heartbeat_interval_s
-        return {
-            "consumer": bool(self.consumer and self.consumer.connected),
-            "publisher": bool(self.publisher and self.publisher.connected),
-            "heartbeat": hb is not None and time.monotonic() - hb < max_age,
-            "accepting": bool(self.consumer and self.consumer.accepting),
-            "platform": self.health is None or self.health.up,
-        }
+        return readiness_checks(self, 3 * self.settings.connector.heartbeat_interval_s)
+
+    def details(self) -> dict[str, Any]:
+        """The ``details`` of ``/readyz`` (:func:`lis_async.ops.gauges.readiness_details`)."""
+        return readiness_details(self)
 
     # -- run ---------------------------------------------------------------------------------
     async def _handle(self, body: bytes, redelivered: bool) -> Result:
         assert self.pipeline is not None
         started = time.monotonic()
-        result = await self.pipeline.handle(body, redelivered)
+        try:
+            result = await self.pipeline.handle(body, redelivered)
+        except Exception:
+            self.metrics.errors.inc()  # pycti's errors_total counts a handler that raised
+            raise
         self.metrics.observe_job(
-            result.outcome.value, time.monotonic() - started, result.objects, result.bundles
+            result.outcome.value,
+            time.monotonic() - started,
+            result.objects,
+            result.bundles,
+            error=result.outcome in _IN_ERROR,
         )
         return result
 
@@ -234,7 +254,7 @@ class App:
             await self.redis.warm_up(min(16, s.lastinfosec.concurrency))
         retry_backoff = Backoff(max_s=s.connector.platform_retry_max_s)
         watch = BrokerWatch(lambda: self.consumer.in_flight if self.consumer else 0)
-        backpressure = self._backpressure(reg)
+        self.backpressure = backpressure = self._backpressure()
         self.publisher = Publisher(
             reg.amqp,
             reg.push_exchange,
@@ -250,12 +270,11 @@ class App:
             self.lanes = Lanes(reg.listen, s.connector.id, self.metrics.moved, reg.amqp)
             await self.lanes.check()  # a foreign queue may hold the lane's name
         self.consumer = self._consumer(reg, watch)
-        health.add_listener(self.consumer.set_intake)
+        self.queue_threshold = qt = self._queue_threshold()
+        self._hold_intake(self.consumer)
         if backpressure is not None:
-            consumer = self.consumer
-            backpressure.add_listener(lambda hold: consumer.hold_intake("backpressure", hold))
             self._spawn(backpressure.run, "backpressure")
-        self._hold_on_queue_threshold(self.consumer)
+        self._spawn(qt.run, "queue-threshold")
         await self._start_servers()
         await self.consumer.start()
         if s.connector.consumer_timeout_s:
@@ -338,38 +357,33 @@ class App:
             lis, proxy=s.lastinfosec_proxy, limiter=limiter, shared_cache=shared
         )
 
-    def _backpressure(self, reg: Registration) -> Backpressure | None:
+    # -- intake holds (lis_async/intake/hold.py) ----------------------------------------------
+    async def _push_depth(self) -> int | None:
+        """Messages in the push queue (None: not known), for the holds that watch it."""
+        publisher, reg = self.publisher, self.registration
+        if publisher is None or reg is None:
+            return None
+        return await publisher.queue_depth(reg.push)
+
+    def _backpressure(self) -> Backpressure | None:
+        """The push-queue watermarks, when ``connector.push_high_watermark`` is set."""
         c = self.settings.connector
         if not c.push_high_watermark:
             return None
+        return Backpressure(self._push_depth, c.push_high_watermark, c.push_low_watermark)
 
-        async def depth() -> int | None:
-            return await self.publisher.queue_depth(reg.push) if self.publisher else None
-
-        self.backpressure = Backpressure(depth, c.push_high_watermark, c.push_low_watermark)
-        return self.backpressure
-
-    def _hold_on_queue_threshold(self, consumer: Consumer) -> None:
+    def _queue_threshold(self) -> QueueThreshold:
         """pycti's CONNECTOR_QUEUE_THRESHOLD, checked at the heartbeat's pace and reported in
         it (lis_async/intake/threshold.py)."""
         c = self.settings.connector
-        registration = self.registration
-
-        async def push_depth() -> int | None:
-            publisher = self.publisher
-            if publisher is None or registration is None:
-                return None
-            return await publisher.queue_depth(registration.push)
-
-        self.queue_threshold = qt = QueueThreshold(
+        qt = QueueThreshold(
             self.platform.queue_details,
             c.queue_threshold,
             c.heartbeat_interval_s,
-            push_depth=push_depth,
+            push_depth=self._push_depth,
         )
-        qt.add_listener(lambda hold: consumer.hold_intake("queue_threshold", hold))
         self.platform.info_source = lambda: qt.connector_info(self.lane_size_mb() or 0.0)
-        self._spawn(qt.run, "queue-threshold")
+        return qt
 
     def lane_size_mb(self) -> float | None:
         """The priority lane's size in OpenCTI's unit (MB, 10^6 bytes): its sampled depth times
@@ -382,100 +396,35 @@ class App:
             return None
         return depth * mean / BYTES_PER_MB
 
-    def _connector_queue_bytes(self) -> float | None:
-        qt = self.queue_threshold
-        return float(qt.details.size_bytes) if qt is not None and qt.details else None
+    def holds(self) -> list[Hold]:
+        """Every hold built: the platform health gate, the watermarks, the queue threshold."""
+        parts: list[Hold | None] = [self.health, self.backpressure, self.queue_threshold]
+        return [hold for hold in parts if hold is not None]
 
-    def details(self) -> dict[str, Any]:
-        """The ``details`` of ``/readyz``: what an operator wants to see beside the checks."""
-        out: dict[str, Any] = {"redis": "off"}
-        if self.background_restarts:
-            out["background_restarts"] = dict(self.background_restarts)
-        link = self.redis
-        if link is not None:
-            out["redis"] = "shared" if link.shared else "fallback"
-            out["replicas_seen"] = link.stats.replicas_seen
-        if self.mover is not None and self.consumer is not None:
-            out["lane"] = self.consumer.queue_name
-            out["lane_messages"] = self.lane_depth
-        if self.lanes is not None and self.lanes.foreign:
-            out["lane_refused"] = list(self.lanes.foreign)  # a foreign queue holds its name
-        bp = self.backpressure
-        if bp is not None:
-            out["backpressure"] = bp.engaged
-            out["push_queue_messages"] = bp.estimate
-        qt = self.queue_threshold
-        if qt is not None:
-            out["queue_threshold"] = qt.engaged
-            out["connector_queue_bytes"] = qt.details.size_bytes if qt.details else None
-        return out
+    def _hold_intake(self, consumer: Consumer) -> None:
+        """The one place intake is subscribed to the holds: each tells the consumer, under its
+        reason, when it starts and stops holding intake."""
+        for hold in self.holds():
+            hold.add_listener(functools.partial(consumer.hold_intake, hold.reason))
 
+    # -- health and metrics servers ---------------------------------------------------------
     async def _start_servers(self) -> None:
         s = self.settings.connector
         m = self.metrics
-        consumer, lis = self.consumer, self.lis
-        assert consumer is not None and lis is not None
+        lis = self.lis
+        assert lis is not None
         m.add_collector(LisStatsCollector(lis.stats, m.name))
         lis.stats.latency_observer = m.lis_latency.observe
         self._spawn(self._sample_queue_depth, "queue-depth")
         m.add_collector(
-            GaugeCallback(m.name("lis_jobs_running"), "Jobs in flight", lambda: consumer.in_flight)
-        )
-        health = self.health
-        if self.settings.connector.priority_lanes:
-            m.add_collector(
-                GaugeCallback(
-                    m.name("lis_lane_messages"),
-                    "Jobs waiting in the priority lane (sampled every 5 s)",
-                    lambda: self.lane_depth,
-                )
+            WorkerGauges(
+                self,
+                m.name,
+                lanes=s.priority_lanes,
+                rate_per_s=self.settings.lastinfosec.rate_per_s,
             )
-        for name, doc, fn in (
-            (
-                "lis_heartbeat_age",
-                "Seconds since the last successful connector ping",
-                lambda: time.monotonic() - (self.platform.last_heartbeat or 0.0),
-            ),
-            (
-                "lis_platform_up",
-                "1 while OpenCTI answers, 0 while jobs wait on the platform health gate",
-                lambda: 1.0 if health is None or health.up else 0.0,
-            ),
-            (
-                "lis_backpressure",
-                "1 while intake is held because the push queue is above its high watermark",
-                lambda: 1.0 if self.backpressure and self.backpressure.engaged else 0.0,
-            ),
-            (
-                "lis_push_queue_messages",
-                "Messages in the push queue (sampled every second, estimated between samples)",
-                lambda: float(self.backpressure.estimate) if self.backpressure else 0.0,
-            ),
-            (
-                "lis_queue_threshold_hold",
-                "1 while intake is held because OpenCTI reports the connector's queue at or "
-                "above CONNECTOR_QUEUE_THRESHOLD",
-                lambda: 1.0 if self.queue_threshold and self.queue_threshold.engaged else 0.0,
-            ),
-            (
-                "lis_connector_queue_bytes",
-                "Bytes in the connector's queue as OpenCTI last reported them "
-                "(connector_queue_details.messages_size)",
-                lambda: self._connector_queue_bytes(),
-            ),
-            (
-                "lis_lastinfosec_up",
-                "1 while LastInfoSec answers, 0 during an outage (lookups wait on one probe)",
-                lambda: 0.0 if lis.outage_down else 1.0,
-            ),
-            (
-                "lis_lastinfosec_rate_limit",
-                "LastInfoSec requests per second allowed (LASTINFOSEC_RATE_PER_S): all replicas "
-                "together in cluster mode, this worker's own otherwise",
-                lambda: self.settings.lastinfosec.rate_per_s,
-            ),
-        ):
-            m.add_collector(GaugeCallback(m.name(name), doc, fn))
+        )
+        m.add_collector(PyctiGauges(self, m.name))
         if s.health_port:
             self.health_server = HealthServer(
                 self.checks, None, host=s.health_host, port=s.health_port, details=self.details

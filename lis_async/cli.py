@@ -24,6 +24,24 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
         return asyncio.run(coro)
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """The soft limit of open files raised to the hard one (often 1,024 of 524,288): the
+    connections of the health server, RabbitMQ, OpenCTI and LastInfoSec share it
+    (docs/telemetry.md). Returns (before, after); a limit that cannot be raised stays."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Linux refuses an unlimited number of open files: take a large finite one then.
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, target
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from lis_async.app import App
     from lis_async.broker.connection import ExpectedReconnection
@@ -42,6 +60,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings.opencti.json_logging,
         filters=(ExpectedReconnection(), SecretFilter()),
     )
+    before, after = raise_open_files_limit()
+    if after != before:
+        logging.getLogger("lis_async.cli").info(
+            "open files limit raised from %d to %d", before, after
+        )
 
     async def main() -> int:
         return await App(settings).run()

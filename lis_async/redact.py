@@ -1,4 +1,5 @@
-"""Masking secrets in any text that may be logged, raised or sent to the platform.
+"""Masking secrets in any text that may be logged, raised or sent to the platform, and escaping
+what must not reach a log line raw (:func:`escape_controls`).
 
 One helper for every secret (LastInfoSec API key, OpenCTI token, RabbitMQ, Redis and proxy
 passwords, the cluster cache key):
@@ -27,6 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
+import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Final
@@ -132,6 +134,31 @@ class SecretFilter(logging.Filter):
         return True
 
 
+# Escaping: a short function over unicodedata rather than a dependency (the logging libraries
+# escape for JSON, not bidirectional controls nor terminal escapes). docs/telemetry.md, "Logs".
+_ESCAPED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def _escape_char(c: str) -> str:
+    code = ord(c)
+    if code < 0x100:
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def escape_controls(text: str, keep: str = "") -> str:
+    """``text`` with every control, format (bidirectional overrides such as U+202E, zero-width
+    characters), surrogate and line/paragraph separator character written as a Python escape
+    (``\\x1b``, ``\\r``, ``\\u202e``), except those in ``keep``: a value from outside can then
+    neither forge a log line nor drive a terminal nor reorder what a reader sees."""
+    if text.isprintable():  # the fast path: nothing to escape (tabs and newlines are not)
+        return text
+    return "".join(
+        _escape_char(c) if c not in keep and unicodedata.category(c) in _ESCAPED_CATEGORIES else c
+        for c in text
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Untrusted values (an observable's value, a hash) in work messages and log lines
 
@@ -169,7 +196,5 @@ def shown(value: str, limit: int = SHOWN_CHARS) -> str:
     if span is not None:
         value = value[: span[0]] + MASK + "@" + value[span[1] :]
     text = value if len(value) <= limit else value[:limit]
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-        text = text[:limit]
+    text = escape_controls(text)[:limit]
     return text if len(value) <= limit else f"{text}... ({len(value)} characters)"

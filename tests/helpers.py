@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -188,6 +190,23 @@ def start_worker_process(
 def worker_log(proc: WorkerProcess) -> str:
     """Everything the worker process wrote so far."""
     return proc.log_path.read_text(errors="replace")
+
+
+def log_records(text: str) -> list[dict[str, Any]]:
+    """The JSON lines of a worker's log (pycti's format, the default), parsed; any other line
+    (something the interpreter itself wrote) is left out."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def record_time(record: Mapping[str, Any]) -> float:
+    """A JSON log record's ``timestamp`` (UTC, ``...Z``) as epoch seconds."""
+    stamp = datetime.strptime(record["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    return stamp.replace(tzinfo=UTC).timestamp()
 
 
 def stop_process(

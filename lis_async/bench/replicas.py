@@ -321,7 +321,12 @@ def log_warnings(child: Child) -> list[str]:
         text = child.log_path.read_text(errors="replace")
     except OSError:
         return []
-    levels = (" WARNING ", " ERROR ", " CRITICAL ")
+    # Plain lines (OPENCTI_JSON_LOGGING=false) and pycti's JSON lines (the default).
+    levels = [
+        form.format(lv)
+        for lv in ("WARNING", "ERROR", "CRITICAL")
+        for form in (" {} ", '"level":"{}"')
+    ]
     return [line for line in text.splitlines() if any(lv in line for lv in levels)]
 
 

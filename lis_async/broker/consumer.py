@@ -201,13 +201,10 @@ class Consumer:
                     max_hold_s,
                 )
 
-    async def set_intake(self, up: bool) -> None:
-        """Platform health listener: no new deliveries while the platform is down."""
-        await self.hold_intake("platform", not up)
-
     async def hold_intake(self, reason: str, hold: bool) -> None:
         """Stop taking deliveries while any ``reason`` holds intake (the platform is down, the
-        push queue is full); jobs in flight go on. Take them again once none holds it."""
+        push queue is full: :mod:`lis_async.intake.hold`); jobs in flight go on. Take them
+        again once none holds it."""
         async with self._intake_lock:
             if hold:
                 self._holds.add(reason)

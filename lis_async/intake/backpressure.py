@@ -29,6 +29,8 @@ log: Final = logging.getLogger("lis_async.backpressure")
 class Backpressure(IntakeHold):
     """Push-queue watermarks (see the module docstring)."""
 
+    reason = "backpressure"
+
     def __init__(
         self,
         depth: Callable[[], Awaitable[int | None]],

@@ -1,10 +1,20 @@
-"""One reason to hold the consumer's intake: whether it holds, since when, and who to tell.
+"""The reasons to hold the consumer's intake, behind one interface.
 
-:class:`IntakeHold` is the part the push-queue watermarks (:mod:`lis_async.intake.backpressure`) and
-the platform's queue threshold (:mod:`lis_async.intake.threshold`) share: each decides when to
-hold by its own rule and calls :meth:`IntakeHold._set` on a change; the listeners
-(:meth:`lis_async.broker.consumer.Consumer.hold_intake` with the subclass's reason) are told in the
-order the changes happened, and the subclass writes its one log line per change.
+:class:`Hold` is what every hold implements and all :mod:`lis_async.app` knows of one: a
+``reason`` (the consumer's name for it), whether it is ``engaged``, and listeners told
+``True`` when it starts to hold intake and ``False`` when it releases it. The app subscribes
+:meth:`lis_async.broker.consumer.Consumer.hold_intake` to every hold in one place. The holds:
+
+- the platform health gate (:class:`lis_async.platform.health.PlatformHealth`, reason
+  ``"platform"``): OpenCTI is down;
+- the push-queue watermarks (:class:`lis_async.intake.backpressure.Backpressure`,
+  ``"backpressure"``);
+- pycti's queue threshold (:class:`lis_async.intake.threshold.QueueThreshold`,
+  ``"queue_threshold"``).
+
+:class:`IntakeHold` is the part the last two share: each decides when to hold by its own rule and
+calls :meth:`IntakeHold._set` on a change; the listeners are told in the order the changes
+happened, and the subclass writes its one log line per change.
 """
 
 from __future__ import annotations
@@ -13,16 +23,37 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import ClassVar, Protocol
 
-__all__ = ["IntakeHold", "Listener"]
+__all__ = ["Hold", "IntakeHold", "Listener"]
 
 Listener = Callable[[bool], Awaitable[None]]  # True: hold intake, False: release it
 
 log = logging.getLogger("lis_async.intake")
 
 
+class Hold(Protocol):
+    """One reason to hold intake (see the module docstring)."""
+
+    @property
+    def reason(self) -> str:
+        """The consumer's name for this hold (one per kind of hold)."""
+        ...
+
+    @property
+    def engaged(self) -> bool:
+        """True while it holds intake."""
+        ...
+
+    def add_listener(self, listener: Listener) -> None:
+        """``listener(True)`` when the hold starts, ``listener(False)`` when it ends."""
+        ...
+
+
 class IntakeHold:
     """Engaged or not, the transitions counted, the listeners told (see the module docstring)."""
+
+    reason: ClassVar[str]
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
@@ -33,6 +64,10 @@ class IntakeHold:
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    async def run(self) -> None:
+        """Forever: watch what the rule depends on and hold or release intake."""
+        raise NotImplementedError
 
     def _set(self, engaged: bool) -> None:
         """Record a change (the caller checked it is one), log it, tell the listeners."""

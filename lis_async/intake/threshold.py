@@ -43,6 +43,8 @@ log: Final = logging.getLogger("lis_async.queue_threshold")
 class QueueThreshold(IntakeHold):
     """The threshold rule (see the module docstring)."""
 
+    reason = "queue_threshold"
+
     def __init__(
         self,
         read: Callable[[], Awaitable[QueueDetails]],

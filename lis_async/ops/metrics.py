@@ -1,9 +1,14 @@
-"""Prometheus metrics: the worker's registry and the collectors read at scrape time."""
+"""Prometheus metrics: the worker's registry and the collectors read at scrape time.
+
+The collectors read the LastInfoSec client's and cluster mode's counters through the Protocols
+below (ops sits beside :mod:`lis_async.lastinfosec` and above nothing of :mod:`lis_async.cluster`:
+it never imports them).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -62,6 +67,24 @@ class Metrics:
             registry=r,
         )
 
+        # pycti's connector metrics (pycti's OpenCTIMetricHandler: same names, help texts and
+        # namespace/subsystem prefix), with the meanings of docs/telemetry.md. client_errors_total
+        # and state are read at scrape time (lis_async.ops.gauges.PyctiGauges).
+        self.bundles_sent = Counter(
+            "bundles_sent_total", "Number of bundles sent", namespace=ns, subsystem=sub, registry=r
+        )
+        self.records_sent = Counter(
+            "records_sent_total",
+            "Number of records (objects per bundle) sent",
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.runs = Counter("runs_total", "Number of runs", namespace=ns, subsystem=sub, registry=r)
+        self.errors = Counter(
+            "errors_total", "Number of errors", namespace=ns, subsystem=sub, registry=r
+        )
+
         self.jobs_moved = Counter(
             "lis_jobs_moved",
             "Jobs moved from the listen queue into the priority lane, by lane",
@@ -79,13 +102,22 @@ class Metrics:
         """A collector's metric name with this registry's prefix."""
         return metric_name(name, self.namespace, self.subsystem)
 
-    def observe_job(self, outcome: str, seconds: float, objects: int, bundles: int) -> None:
+    def observe_job(
+        self, outcome: str, seconds: float, objects: int, bundles: int, error: bool = False
+    ) -> None:
+        """One job handled (pycti: one run); ``error``: it ended in error (pycti's
+        ``error_count``)."""
         self.jobs.labels(outcome).inc()
         self.job_seconds.observe(seconds)
+        self.runs.inc()
+        if error:
+            self.errors.inc()
         if objects:
             self.objects.inc(objects)
+            self.records_sent.inc(objects)
         if bundles:
             self.publishes.inc(bundles)
+            self.bundles_sent.inc(bundles)
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
@@ -94,10 +126,47 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class LisCounters(Protocol):
+    """The LastInfoSec client's counters (:class:`lis_async.lastinfosec.LisStats`)."""
+
+    @property
+    def responses_by_status(self) -> Mapping[int, int]: ...
+    @property
+    def cache_hits(self) -> int: ...
+    @property
+    def shared_cache_hits(self) -> int: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def throttled(self) -> int: ...
+    @property
+    def timeouts(self) -> int: ...
+    @property
+    def connection_errors(self) -> int: ...
+    @property
+    def cache_misses(self) -> int: ...
+    @property
+    def coalesced(self) -> int: ...
+    @property
+    def bad_answers(self) -> int: ...
+
+
+#: Answers that are not a failure of the client: found, or not found (docs/lastinfosec.md).
+_ANSWERED: Final = frozenset({200, 404, 422})
+
+
+def client_errors(s: LisCounters) -> int:
+    """LastInfoSec requests that brought no usable answer (pycti's ``client_error_count``, what
+    a connector counts when the API it wraps fails): timeouts, connection errors, answers other
+    than found or not found (429, 5xx, 401/403, a redirect...) and unreadable answers."""
+    refused = sum(n for status, n in s.responses_by_status.items() if status not in _ANSWERED)
+    return s.timeouts + s.connection_errors + refused + s.bad_answers
+
+
 class LisStatsCollector(Collector):
     """Exports the LastInfoSec client's counters (``LisStats``) at scrape time."""
 
-    def __init__(self, stats: Any, name: Callable[[str], str] = str) -> None:
+    def __init__(self, stats: LisCounters, name: Callable[[str], str] = str) -> None:
         self._stats = stats
         self._name = name
 
@@ -106,7 +175,7 @@ class LisStatsCollector(Collector):
         req = CounterMetricFamily(
             self._name("lis_api_requests"), "LastInfoSec HTTP answers", labels=["status"]
         )
-        for status, n in sorted(getattr(s, "responses_by_status", {}).items()):
+        for status, n in sorted(s.responses_by_status.items()):
             req.add_metric([str(status)], n)
         yield req
         hits = CounterMetricFamily(
@@ -114,27 +183,79 @@ class LisStatsCollector(Collector):
             "Lookups answered from a cache, by level",
             labels=["level"],
         )
-        hits.add_metric(["local"], float(getattr(s, "cache_hits", 0)))
-        hits.add_metric(["shared"], float(getattr(s, "shared_cache_hits", 0)))
+        hits.add_metric(["local"], float(s.cache_hits))
+        hits.add_metric(["shared"], float(s.shared_cache_hits))
         yield hits
-        for name, attr, doc in (
-            ("lis_api_retries", "retries", "LastInfoSec retries"),
-            ("lis_api_throttled", "throttled", "LastInfoSec 429 answers"),
-            ("lis_api_timeouts", "timeouts", "LastInfoSec timeouts"),
-            ("lis_api_connection_errors", "connection_errors", "LastInfoSec connection errors"),
-            ("lis_cache_misses", "cache_misses", "Lookups not in the in-process cache"),
-            ("lis_coalesced", "coalesced", "Lookups served by an identical lookup in flight"),
+        for name, value, doc in (
+            ("lis_api_retries", s.retries, "LastInfoSec retries"),
+            ("lis_api_throttled", s.throttled, "LastInfoSec 429 answers"),
+            ("lis_api_timeouts", s.timeouts, "LastInfoSec timeouts"),
+            ("lis_api_connection_errors", s.connection_errors, "LastInfoSec connection errors"),
+            ("lis_cache_misses", s.cache_misses, "Lookups not in the in-process cache"),
+            ("lis_coalesced", s.coalesced, "Lookups served by an identical lookup in flight"),
         ):
             c = CounterMetricFamily(self._name(name), doc)
-            c.add_metric([], float(getattr(s, attr, 0)))
+            c.add_metric([], float(value))
             yield c
+
+
+class LinkCounters(Protocol):
+    """The Redis link's counters (:class:`lis_async.cluster.link.LinkStats`)."""
+
+    @property
+    def errors(self) -> int: ...
+    @property
+    def transitions(self) -> int: ...
+    @property
+    def replicas_seen(self) -> int: ...
+
+
+class RedisLinkView(Protocol):
+    """The Redis link (:class:`lis_async.cluster.link.RedisLink`)."""
+
+    @property
+    def shared(self) -> bool:
+        """True while Redis answers (shared mode), False in fallback."""
+        ...
+
+    @property
+    def stats(self) -> LinkCounters: ...
+
+
+class ClusterLimiterView(Protocol):
+    """The cluster-wide rate limit (:class:`lis_async.cluster.limiter.ClusterLimiter`)."""
+
+    @property
+    def granted_shared(self) -> int: ...
+    @property
+    def fallback_share(self) -> float: ...
+    @property
+    def last_window(self) -> int: ...
+
+
+class WaitCounters(Protocol):
+    @property
+    def waits(self) -> int: ...
+    @property
+    def waits_answered(self) -> int: ...
+
+
+class SharedCacheView(Protocol):
+    """The shared answer cache (:class:`lis_async.cluster.cache.SharedAnswerCache`)."""
+
+    @property
+    def stats(self) -> WaitCounters: ...
 
 
 class ClusterCollector(Collector):
     """Cluster mode's state (``lis_async.cluster``), read at scrape time."""
 
     def __init__(
-        self, link: Any, limiter: Any, cache: Any, name: Callable[[str], str] = str
+        self,
+        link: RedisLinkView,
+        limiter: ClusterLimiterView,
+        cache: SharedCacheView,
+        name: Callable[[str], str] = str,
     ) -> None:
         self._link, self._limiter, self._cache = link, limiter, cache
         self._name = name
@@ -156,26 +277,11 @@ class ClusterCollector(Collector):
             c = CounterMetricFamily(self._name(name), doc)
             c.add_metric([], float(value))
             yield c
-        for name, value, doc in (
+        for name, gauge, doc in (
             ("lis_cluster_replicas", link.stats.replicas_seen, "Replicas seen on this quota"),
             ("lis_redis_fallback_share", self._limiter.fallback_share, "Rate share if Redis fails"),
             ("lis_cluster_quota_used", self._limiter.last_window, "Requests in the last window"),
         ):
             g = GaugeMetricFamily(self._name(name), doc)
-            g.add_metric([], float(value))
+            g.add_metric([], float(gauge))
             yield g
-
-
-class GaugeCallback(Collector):
-    """A gauge read at scrape time from ``fn``; a sample is left out while ``fn`` returns
-    None (not known yet)."""
-
-    def __init__(self, name: str, doc: str, fn: Callable[[], float | None]) -> None:
-        self._name, self._doc, self._fn = name, doc, fn
-
-    def collect(self) -> Iterable[Any]:
-        g = GaugeMetricFamily(self._name, self._doc)
-        value = self._fn()
-        if value is not None:
-            g.add_metric([], float(value))
-        yield g

@@ -230,6 +230,8 @@ class Platform:
         self._http: aiohttp.ClientSession | None = None
         self._proxy: str | None = None
         self.last_heartbeat: float | None = None  # monotonic time of the last successful ping
+        self.pings = 0  # heartbeat pings that went through (pycti's ping_api_total)
+        self.ping_errors = 0  # ... and that failed (pycti's ping_api_errors_total)
         # What the heartbeat's connectorInfo adds (the queue threshold's buffering and size).
         self.info_source: Callable[[], Mapping[str, Any]] | None = None
 
@@ -270,7 +272,10 @@ class Platform:
                 o.token.get_secret_value(),
                 log_level="warning" if level == "debug" else level,
                 ssl_verify=o.ssl_verify,
-                json_logging=o.json_logging,
+                # Never pycti's JSON set-up: it replaces the root handler (basicConfig with
+                # force=True), dropping ours; ours writes pycti's records in pycti's format
+                # already (lis_async/ops/logs.py, docs/telemetry.md).
+                json_logging=False,
                 custom_headers=o.custom_headers.get_secret_value() if o.custom_headers else None,
                 perform_health_check=False,
             )
@@ -502,7 +507,9 @@ class Platform:
         while True:
             try:
                 await self.ping_connector()
+                self.pings += 1
             except PlatformError as exc:
+                self.ping_errors += 1
                 log.warning("connector heartbeat failed: %s", exc)
                 if health is not None and isinstance(exc, PlatformUnavailable):
                     health.unavailable("heartbeat", exc)

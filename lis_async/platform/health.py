@@ -7,6 +7,10 @@ prefetch does not fill with jobs that cannot report), and a single probe asks th
 :data:`PROBE_INTERVAL_S`. The probe's first success opens the gate (one INFO line with the
 outage's length): every waiting job goes on at once and intake resumes. GraphQL errors (the
 platform answered) never close it: those calls are retried one by one with back-off.
+
+Toward intake it is one of the holds (:class:`lis_async.intake.hold.Hold`, reason
+``"platform"``): ``engaged`` while the gate is closed, its listeners told ``True`` when it
+closes and ``False`` when it opens.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ log: Final = logging.getLogger("lis_async.platform")
 #: CONNECTOR_PLATFORM_PROBE_S, see lis_async/settings/removed.py).
 PROBE_INTERVAL_S: Final = 1.0
 
-Listener = Callable[[bool], Awaitable[None]]  # called with True when up, False when down
+Listener = Callable[[bool], Awaitable[None]]  # True: hold intake (down), False: release it (up)
 
 
 class PlatformHealth:
     """The gate (see the module docstring). ``probe`` is a cheap call that raises
     :class:`~lis_async.errors.PlatformError` while the platform is down."""
+
+    reason = "platform"
 
     def __init__(
         self, probe: Callable[[], Awaitable[object]], probe_interval_s: float = PROBE_INTERVAL_S
@@ -47,6 +53,11 @@ class PlatformHealth:
     @property
     def up(self) -> bool:
         return self._down_since is None
+
+    @property
+    def engaged(self) -> bool:
+        """The intake hold's view: True while the platform is down."""
+        return self._down_since is not None
 
     def _event(self) -> asyncio.Event:
         if self._up is None:
@@ -78,7 +89,7 @@ class PlatformHealth:
         self._prober.set_name("platform-probe")
 
     async def _probe_until_up(self) -> None:
-        await self._notify(False)
+        await self._notify(True)
         while True:
             await asyncio.sleep(self._interval)
             try:
@@ -95,12 +106,12 @@ class PlatformHealth:
         self._down_since = None
         self._event().set()
         log.info("OpenCTI answers again after %.1f s: jobs resume, intake resumed", down_for)
-        await self._notify(True)
+        await self._notify(False)
 
-    async def _notify(self, up: bool) -> None:
+    async def _notify(self, hold: bool) -> None:
         for listener in self._listeners:
             try:
-                await listener(up)
+                await listener(hold)
             except Exception:  # a listener must never stop the probe
                 log.exception("platform health listener failed")
 

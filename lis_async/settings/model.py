@@ -162,7 +162,7 @@ class OpenCTISettings(_Section):
         examples=["ChangeMe"],
     )
     ssl_verify: Bool = _pycti(True, "verify OpenCTI's TLS certificate")
-    json_logging: Bool = _pycti(False, "log lines as JSON")
+    json_logging: Bool = _pycti(True, "log lines as JSON, in pycti 7's format (false: plain lines)")
     proxy_http: OptStr = _upstream(
         None,
         "proxy for LastInfoSec requests (HTTP(S)_PROXY and NO_PROXY are honoured too)",

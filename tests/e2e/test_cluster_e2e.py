@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime
 
 import aiohttp
 import pytest
@@ -20,7 +19,9 @@ from tests.helpers import (
     PrivateRedis,
     busiest_window,
     free_port,
+    log_records,
     poll,
+    record_time,
     start_worker_process,
     stop_process,
     work_ids,
@@ -110,12 +111,11 @@ async def test_two_workers_outlive_a_redis_outage_within_the_quota() -> None:
 
 def _request_times(log: str) -> list[float]:
     """Epoch times of the "LastInfoSec request" debug lines of a worker's log."""
-    out = []
-    for line in log.splitlines():
-        if "lis_async.lastinfosec: LastInfoSec request " in line:
-            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
-            out.append(stamp.timestamp())
-    return out
+    return [
+        record_time(r)
+        for r in log_records(log)
+        if r["name"] == "lis_async.lastinfosec" and r["message"].startswith("LastInfoSec request ")
+    ]
 
 
 async def _ready(port: int) -> bool:

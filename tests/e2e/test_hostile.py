@@ -20,6 +20,7 @@ from tests.helpers import (
     LIGHT_WORKER,
     QUIET_PRODUCER,
     jobs_queued,
+    log_records,
     poll,
     ready_count,
     start_worker_process,
@@ -303,10 +304,14 @@ async def test_invalid_key_mid_run_stops_the_worker_with_exit_3_and_keeps_the_qu
             await stop_async(proc, signal.SIGKILL)
         log_text = worker_log(proc)
         assert code == 3, log_text[-3000:]
-        assert (
-            "CRITICAL lis_async.app: FATAL, the worker stops taking jobs: LastInfoSec rejected the API key"
-            in log_text
-        )
+        assert any(
+            r["level"] == "CRITICAL"
+            and r["name"] == "lis_async.app"
+            and r["message"].startswith(
+                "FATAL, the worker stops taking jobs: LastInfoSec rejected the API key"
+            )
+            for r in log_records(log_text)
+        ), log_text[-3000:]
         assert world.lis_api_key not in log_text
 
         # It did not burn the queue into errors: no work in error, most jobs still queued.

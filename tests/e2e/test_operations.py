@@ -162,7 +162,13 @@ async def test_pycti_metrics_prefix_and_queue_threshold_in_a_run(
             assert (
                 "octi_lis_lis_jobs_running" in names and "octi_lis_lis_api_retries_total" in names
             )
-            assert all(n.startswith("octi_lis_lis_") for n in names), names
+            # ours (lis_*) and pycti's connector metrics, all under the prefix
+            pycti = re.compile(
+                r"octi_lis_(bundles_sent|records_sent|runs|ping_api|ping_api_errors|errors"
+                r"|client_errors)_(total|created)|octi_lis_state"
+            )
+            assert all(n.startswith("octi_lis_lis_") or pycti.fullmatch(n) for n in names), names
+            assert "octi_lis_bundles_sent_total" in names and "octi_lis_state" in names
             connector = world.platform.connectors[run.app.settings.connector.id]
             assert await poll(lambda: connector.connector_info is not None, 10)
             assert connector.connector_info is not None

@@ -90,8 +90,8 @@ def _family_names(family: Any) -> set[str]:
 
 async def _exported() -> frozenset[str]:
     """The names in the worker's registry once its metrics are wired as app.py wires them: the
-    Metrics, the LastInfoSec collector and the gauges of ``App._start_servers`` (run for real on
-    stand-in parts), and the cluster collector ``App`` adds in cluster mode."""
+    Metrics, the LastInfoSec collector and the gauge collectors of ``App._start_servers`` (run
+    for real on stand-in parts), and the cluster collector ``App`` adds in cluster mode."""
     app = App(load_settings(env=BASE_ENV))
     consumer = SimpleNamespace(in_flight=0, connected=False)
     app.consumer, app.lis = consumer, SimpleNamespace(stats=LisStats(), outage_down=False)  # type: ignore[assignment]
@@ -147,7 +147,9 @@ def test_the_worker_registry_is_collected() -> None:
         "lis_jobs_total",  # Metrics, a labelled counter without samples yet
         "lis_listen_queue_messages",
         "lis_api_throttled_total",  # LisStatsCollector
-        "lis_heartbeat_age",  # a GaugeCallback of App._start_servers
+        "lis_heartbeat_age",  # ops.gauges.WorkerGauges, wired by App._start_servers
+        "runs_total",  # pycti's connector metrics (Metrics)
+        "state",  # ops.gauges.PyctiGauges
         "lis_redis_shared",  # ClusterCollector
     ):
         assert name in names, sorted(names)

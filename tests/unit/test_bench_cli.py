@@ -288,6 +288,15 @@ def test_log_warnings(tmp_path: Path) -> None:
     child = Child("replica 1", ["true"], {}, log)
     assert [line.split()[2] for line in log_warnings(child)] == ["WARNING", "ERROR"]
     assert log_warnings(Child("replica 2", ["true"], {}, tmp_path / "none.log")) == []
+    # pycti's JSON lines, the default format
+    json_log = tmp_path / "replicas-3.log"
+    json_log.write_text(
+        '{"timestamp":"2026-12-01T19:13:50.001000Z","level":"INFO","name":"x","message":"a"}\n'
+        '{"timestamp":"2026-12-01T19:13:50.002000Z","level":"WARNING","name":"x","message":"b"}\n'
+    )
+    assert [json.loads(line)["message"] for line in log_warnings(Child("3", [], {}, json_log))] == [
+        "b"
+    ]
 
 
 def _replica_phase(shared: bool, requests: int, cpu_ms: float) -> ReplicaPhaseResult:

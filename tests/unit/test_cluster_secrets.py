@@ -109,13 +109,14 @@ def test_every_url_secret_of_the_settings_is_registered_for_the_logs(
 
 @pytest.mark.parametrize("json_lines", [False, True])
 def test_tracebacks_are_masked_in_both_log_formats(json_lines: bool) -> None:
-    from lis_async.ops.logs import _JsonFormatter
+    from lis_async.ops.logs import EscapeControls, PyctiJsonFormatter
 
     register_secrets(url_secrets("redis://:tr4ceback@Pw@127.0.0.1:6379/0"))
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.addFilter(SecretFilter())
-    handler.setFormatter(_JsonFormatter() if json_lines else logging.Formatter())
+    handler.addFilter(EscapeControls())  # as setup_logging adds it: it rebuilds the traceback
+    handler.setFormatter(PyctiJsonFormatter() if json_lines else logging.Formatter())
     logger = logging.getLogger("lis_async.test_secret_filter")
     logger.addHandler(handler)
     try:
