@@ -1,4 +1,4 @@
-"""How deeply untrusted JSON may nest (job bodies, LastInfoSec answers).
+"""How deeply untrusted JSON may nest (job bodies, LastInfoSec answers), and copying it.
 
 orjson parses up to 1024 levels but serialises only 255, and Python's own recursion (``json``,
 ``copy.deepcopy``, pycti's splitter) stops near 1000: a document nested between those bounds
@@ -9,9 +9,13 @@ comes in, so that every later step can serialise what it holds.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from typing import Any, Final
 
-__all__ = ["MAX_DEPTH", "too_deep"]
+import orjson
+
+__all__ = ["MAX_DEPTH", "json_copy", "too_deep"]
 
 MAX_DEPTH: Final = 64
 
@@ -31,3 +35,24 @@ def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
             if isinstance(child, dict | list | tuple):
                 stack.append((child, depth + 1))
     return False
+
+
+def json_copy(value: Any) -> Any:
+    """A deep copy of JSON data, as plain dicts and lists. An orjson round trip costs much less
+    than ``copy.deepcopy``; what orjson cannot write (Mapping proxies, integers past 64 bits) is
+    copied the slow way."""
+    try:
+        return orjson.loads(orjson.dumps(value))
+    except (TypeError, ValueError):
+        return _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    """Deep copy turning every Mapping into a dict and every tuple into a list."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, str | int | float):
+        return value
+    return copy.deepcopy(value)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lis_async.enrichment.delivery import Delivery
-from lis_async.enrichment.job import Observable, parse_job
+from lis_async.enrichment.job import Observable, PlaybookJob, parse_job
 from lis_async.enrichment.pipeline import INTERNAL_ERROR, Outcome, Pipeline, Policy, Result
 from lis_async.enrichment.ports import LookupResult
 from lis_async.errors import (
@@ -371,7 +371,7 @@ def _expected_work(body: bytes) -> tuple[str | None, bool]:
         if exc.playbook is not None:
             return None, True
         return exc.work_id, False
-    return (None, True) if job.playbook is not None else (job.work_id, False)
+    return (None, True) if isinstance(job, PlaybookJob) else (job.work_id, False)
 
 
 @settings(
