@@ -184,7 +184,7 @@ class PlaybookJob(_JobFields):
     """A playbook step: answered once with a bundle (playbookStepExecution), no work."""
 
     playbook: PlaybookContext
-    observable: Observable  # the entity's object in the playbook bundle
+    observable: Observable  # event.stix_entity, else its object in the bundle: never deferred
 
     @property
     def urgent(self) -> bool:
