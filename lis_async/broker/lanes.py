@@ -62,10 +62,9 @@ REDELIVERED_HEADER: Final = "x-lis-redelivered"
 EXPIRE_S: Final = 604_800.0
 #: Listen deliveries being moved at once. Publishes are pipelined (their confirms are awaited
 #: together) and a move starts per loop turn (see Mover._move), so a small prefetch keeps the
-#: mover at its best (measured on a 2-core machine: ~1,200 jobs/s at 16, against 650-820 at
-#: 32-256 without the one-per-turn rule) while the broker's bursts of deliveries stay small:
-#: aiormq reads a burst in one step, and a step of 128 deliveries delayed everything else by
-#: tens of milliseconds. It also bounds the duplicates a crash can leave.
+#: mover at its best while the broker's bursts of deliveries stay small: aiormq reads a burst
+#: in one step, and a large step delays everything else on the event loop. It also bounds the
+#: duplicates a crash can leave.
 MOVE_PREFETCH: Final = 16
 #: A lane publish not confirmed within this long (a broker alarm blocks publishers) gives its
 #: listen delivery back to the queue rather than hold it toward the consumer timeout.

@@ -116,9 +116,9 @@ class Publisher:
             raise PublishError(bodies, "publisher channel is not open")
         try:
             # aio-pika's Exchange.publish builds a Message object per body only to hand its
-            # body and properties to this same aiormq call; with ~11 messages per job that was
-            # a measurable share of the worker's CPU (BENCHMARKS.md). The robust channel's
-            # current underlying channel is asked for at every delivery (reconnections).
+            # body and properties to this same aiormq call, and a job publishes one message per
+            # STIX object: the hot path calls aiormq directly. The robust channel's current
+            # underlying channel is asked for at every delivery (reconnections).
             underlay = await channel.get_underlay_channel()
             # One deadline for the whole delivery rather than a timer per message.
             async with asyncio.timeout(self._timeout):

@@ -1,8 +1,9 @@
 """Enrichment: one job from its listen-queue body to the push messages, with no I/O library.
 
-- ``job``: a listen-queue body parsed into an immutable ``Job`` (and its ``Observable``).
+- ``job``: a listen-queue body parsed into an immutable ``WorkJob`` or ``PlaybookJob`` (and its
+  ``Observable``).
 - ``markings``: the standard TLP and PAP marking ids, where an entity carries markings.
-- ``nesting``: how deeply untrusted JSON may nest.
+- ``nesting``: how deeply untrusted JSON may nest; copying it.
 - ``gate``: the max-TLP / max-PAP gate (fails closed).
 - ``vetting``: what of a LastInfoSec answer may reach OpenCTI.
 - ``ids``: pycti's deterministic STIX ids.

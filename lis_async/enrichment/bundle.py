@@ -2,23 +2,19 @@
 
 Pure functions, no I/O, plain dicts only (no ``stix2`` objects on the hot path; ``stix2`` and pycti
 are not even imported here). Inputs are never mutated: the LastInfoSec answer may be cached and
-shared between jobs, and the :class:`~lis_async.enrichment.job.Job` is immutable by contract.
-Everything put
-in the output is a fresh copy, so callers (pycti's splitter adds ``nb_deps`` and prunes refs) may
-mutate the result freely.
+shared between jobs, and the :data:`~lis_async.enrichment.job.Job` is immutable by contract.
+Everything put in the output is a fresh copy, so callers (pycti's splitter adds ``nb_deps`` and
+prunes refs) may mutate the result freely.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
-
-import orjson
 
 from lis_async.enrichment.ids import relationship_id
 from lis_async.enrichment.job import (
@@ -29,7 +25,9 @@ from lis_async.enrichment.job import (
     SUPPORTED_TYPES,
     Job,
     Observable,
+    PlaybookJob,
 )
+from lis_async.enrichment.nesting import json_copy
 from lis_async.enrichment.vetting import AUTHOR, AUTHOR_ID, summary, vet
 
 __all__ = [
@@ -92,25 +90,6 @@ _UNESCAPE: Final = re.compile(r"\\(.)")
 
 # --------------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _clone(value: Any) -> Any:
-    """Deep copy of JSON data; an orjson round trip is ~10x faster than ``copy.deepcopy``."""
-    try:
-        return orjson.loads(orjson.dumps(value))
-    except (TypeError, ValueError):  # not plain JSON (Mapping proxies, big ints...): slow path
-        return _plain(value)
-
-
-def _plain(value: Any) -> Any:
-    """Deep copy turning every Mapping into a dict and every tuple into a list."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, str | int | float):
-        return value
-    return copy.deepcopy(value)
 
 
 def _norm_host(value: str) -> str:
@@ -244,7 +223,7 @@ def _add_external_reference(entity: dict[str, Any]) -> None:
 
 def _enriched_observable(observable: Observable, *, strip_internal: bool) -> dict[str, Any]:
     """The entity as received (copied), carrying the LastInfoSec external reference."""
-    entity: dict[str, Any] = _clone(dict(observable.stix))
+    entity: dict[str, Any] = json_copy(dict(observable.stix))
     if entity.get("type") == _LEGACY_HOSTNAME:
         entity["type"] = "hostname"
     ident = entity.get("id")
@@ -455,7 +434,7 @@ def build(job: Job, lis_bundles: Sequence[Mapping[str, Any]], *, confidence: int
     if observable is None:
         raise ValueError("job has no observable to enrich (resolve the entity first)")
     obs_id = _observable_id(observable)
-    enriched = _enriched_observable(observable, strip_internal=job.playbook is None)
+    enriched = _enriched_observable(observable, strip_internal=not isinstance(job, PlaybookJob))
     objects, seen = _leading_objects(job, enriched, (obs_id, observable.stix_id))
 
     vetted = vet(lis_bundles, observable, seen)
@@ -493,14 +472,13 @@ def _leading_objects(
     """What comes before the LastInfoSec objects, and the ids already taken: the enriched
     observable alone, or (playbook jobs) the incoming playbook objects with the entity replaced
     in place by the enriched observable."""
-    playbook = job.playbook
     objects: list[dict[str, Any]] = []
     seen: set[str] = set(entity_ids)
-    if playbook is None:
+    if not isinstance(job, PlaybookJob):
         return [enriched], seen
-    incoming = playbook.bundle.get("objects")
+    incoming = job.playbook.bundle.get("objects")
     placed = False
-    for item in _clone(incoming if isinstance(incoming, list) else []):
+    for item in json_copy(incoming if isinstance(incoming, list) else []):
         ident = item.get("id") if isinstance(item, dict) else None
         if ident in entity_ids:
             if placed:
@@ -517,7 +495,7 @@ def _leading_objects(
 def _bundle_of(job: Job, objects: list[dict[str, Any]]) -> dict[str, Any]:
     """The bundle around ``objects``: a deterministic id, or the playbook bundle's own id and
     properties."""
-    playbook = job.playbook
+    playbook = job.playbook if isinstance(job, PlaybookJob) else None
     if playbook is not None and isinstance(playbook.bundle.get("id"), str):
         bundle_id = str(playbook.bundle["id"])
     else:
@@ -528,26 +506,22 @@ def _bundle_of(job: Job, objects: list[dict[str, Any]]) -> dict[str, Any]:
     # No `spec_version` on a STIX 2.1 bundle (that property exists in 2.0 only; stix2 would then
     # parse the bundle as 2.0). Playbook bundles keep whatever the platform sent.
     if playbook is not None:
-        extra: dict[str, Any] = _clone(
+        extra: dict[str, Any] = json_copy(
             {k: v for k, v in playbook.bundle.items() if k not in ("type", "id", "objects")}
         )
         return {"type": "bundle", **extra, "id": bundle_id, "objects": objects}
     return {"type": "bundle", "id": bundle_id, "objects": objects}
 
 
-def playbook_passthrough(job: Job) -> dict[str, Any]:
+def playbook_passthrough(job: PlaybookJob) -> dict[str, Any]:
     """The incoming playbook bundle, copied, with the entity's organisations propagated.
 
     For playbook jobs that found nothing or were skipped: the playbook step must still answer with
     the whole bundle (docs/protocol.md §7), and pycti propagates ``granted_refs`` to playbook
     bundles too.
-    Raises ``ValueError`` for a job that is not a playbook job.
     """
-    playbook = job.playbook
-    if playbook is None:
-        raise ValueError("not a playbook job")
-    bundle: dict[str, Any] = _clone(dict(playbook.bundle))
+    bundle: dict[str, Any] = json_copy(dict(job.playbook.bundle))
     objects = bundle.get("objects")
-    if isinstance(objects, list) and job.observable is not None:
+    if isinstance(objects, list):
         propagate_organisations(objects, job.observable.granted_refs)
     return bundle

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from lis_async.enrichment.job import Job, Observable
+from lis_async.enrichment.job import Job, Observable, PlaybookJob
 from lis_async.enrichment.markings import (
     PAP_ORDER,
     STANDARD_MARKINGS,
@@ -117,7 +117,7 @@ class MarkingGate:
                 f"{self._above()}, not sent to LastInfoSec"
             )
         known = dict(obs.marking_defs)
-        if job.playbook is not None:
+        if isinstance(job, PlaybookJob):
             objects = job.playbook.bundle.get("objects")
             known = bundle_definitions(objects if isinstance(objects, list) else ()) | known
         levels = _Levels()

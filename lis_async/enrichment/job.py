@@ -1,4 +1,5 @@
-"""Enrichment jobs: a listen-queue body (bytes) parsed into an immutable :class:`Job`.
+"""Enrichment jobs: a listen-queue body (bytes) parsed into an immutable :data:`Job`: a
+:class:`WorkJob` (its work is reported to) or a :class:`PlaybookJob` (its step is answered).
 
 Pure data, no I/O. Every malformed body raises :class:`~lis_async.errors.JobError` (carrying the
 work id when it could be read); nothing else escapes :func:`parse_job`. This module also holds
@@ -12,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeAlias
 
 import orjson
 
@@ -43,6 +44,8 @@ __all__ = [
     "Observable",
     "ObservableType",
     "PlaybookContext",
+    "PlaybookJob",
+    "WorkJob",
     "normalise_tlp",
     "parse_job",
     "parse_observable",
@@ -139,10 +142,6 @@ class Observable:
     unreadable_markings: int = 0  # marking entries that are not an id: the gate refuses them
 
     @property
-    def supported(self) -> bool:
-        return self.entity_type in SUPPORTED_TYPES
-
-    @property
     def display(self) -> str:
         """A short human label for messages: the value, else the strongest hash."""
         for key in ("SHA-256", "SHA-1", "MD5"):
@@ -163,27 +162,46 @@ class PlaybookContext:
 
 
 @dataclass(frozen=True, slots=True)
-class Job:
-    work_id: str | None
+class _JobFields:
+    """What both kinds of job carry."""
+
     applicant_id: str | None
     draft_id: str | None
     mode: str | None  # "manual" | "auto"
     trigger: str | None  # "create" | "update"
     entity_id: str
     entity_type: str | None  # absent in playbook jobs
-    observable: Observable | None  # None when the platform sent no stix_entity (deferred)
-    playbook: PlaybookContext | None = None
 
-    @property
-    def is_playbook(self) -> bool:
-        return self.playbook is not None
+
+@dataclass(frozen=True, slots=True)
+class WorkJob(_JobFields):
+    """An enrichment with a work: reported to with toReceived, addExpectations, toProcessed."""
+
+    work_id: str
+    observable: Observable | None  # None when the platform sent no stix_entity (deferred)
 
     @property
     def urgent(self) -> bool:
-        """Someone waits on this job (an analyst's manual enrichment, a playbook step): it
-        takes the priority lane and the rate limiter's next request (docs/architecture.md,
-        Priority lanes)."""
-        return self.mode == "manual" or self.playbook is not None
+        """Someone waits on this job (an analyst's manual enrichment): it takes the priority
+        lane and the rate limiter's next request (docs/architecture.md, Priority lanes)."""
+        return self.mode == "manual"
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybookJob(_JobFields):
+    """A playbook step: answered once with a bundle (playbookStepExecution), no work."""
+
+    playbook: PlaybookContext
+    observable: Observable  # event.stix_entity, else its object in the bundle: never deferred
+
+    @property
+    def urgent(self) -> bool:
+        """A playbook waits on every step: always urgent."""
+        return True
+
+
+#: A parsed job, of one kind or the other.
+Job: TypeAlias = WorkJob | PlaybookJob
 
 
 def _opt_str(obj: Mapping[str, Any], key: str, what: str, work_id: str | None) -> str | None:
@@ -498,14 +516,30 @@ def _job(
         entity_type = _checked(entity_type, _TYPE_NAME, "event.entity_type", work_id)
     entity = _job_entity(event, entity_id, playbook, work_id)
     observable = parse_observable(entity, entity_type, work_id) if entity is not None else None
-    return Job(
-        work_id=work_id,
+    if entity_type is None and observable is not None:
+        entity_type = observable.entity_type
+    if playbook is not None:
+        if observable is None:  # not reached: _job_entity finds it in the bundle or raises
+            raise JobError(f"playbook bundle holds no object with id {entity_id}", work_id)
+        return PlaybookJob(
+            applicant_id=applicant_id,
+            draft_id=draft_id,
+            mode=mode,
+            trigger=trigger,
+            entity_id=entity_id,
+            entity_type=entity_type,
+            playbook=playbook,
+            observable=observable,
+        )
+    if work_id is None:  # not reached: _parse_job refuses a job with neither
+        raise JobError("internal.work_id is missing and the job is not a playbook step")
+    return WorkJob(
         applicant_id=applicant_id,
         draft_id=draft_id,
         mode=mode,
         trigger=trigger,
         entity_id=entity_id,
-        entity_type=entity_type or (observable.entity_type if observable else None),
+        entity_type=entity_type,
+        work_id=work_id,
         observable=observable,
-        playbook=playbook,
     )

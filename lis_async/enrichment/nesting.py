@@ -1,5 +1,5 @@
-"""How deeply untrusted JSON may nest (job bodies, LastInfoSec answers), and how many values it
-may hold.
+"""How deeply untrusted JSON may nest (job bodies, LastInfoSec answers), how many values it may
+hold, and copying it.
 
 orjson parses up to 1024 levels but serialises only 255, and Python's own recursion (``json``,
 ``copy.deepcopy``, pycti's splitter) stops near 1000: a document nested between those bounds
@@ -14,9 +14,13 @@ anything is parsed, from the bytes that open a value (:data:`MAX_VALUES`).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from typing import Any, Final
 
-__all__ = ["MAX_DEPTH", "MAX_VALUES", "too_deep", "too_many_values"]
+import orjson
+
+__all__ = ["MAX_DEPTH", "MAX_VALUES", "json_copy", "too_deep", "too_many_values"]
 
 MAX_DEPTH: Final = 64
 #: Typical STIX runs about 32 bytes per value, so this meets the 16 MiB job body limit; real jobs
@@ -49,3 +53,24 @@ def too_many_values(data: bytes, limit: int = MAX_VALUES) -> bool:
     object counts twice, and bytes inside strings count too (which is how JSON carried in a
     string, a job's ``stix_entity``, is counted with the rest)."""
     return data.count(b"[") + data.count(b"{") + data.count(b",") > limit
+
+
+def json_copy(value: Any) -> Any:
+    """A deep copy of JSON data, as plain dicts and lists. An orjson round trip costs much less
+    than ``copy.deepcopy``; what orjson cannot write (Mapping proxies, integers past 64 bits) is
+    copied the slow way."""
+    try:
+        return orjson.loads(orjson.dumps(value))
+    except (TypeError, ValueError):
+        return _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    """Deep copy turning every Mapping into a dict and every tuple into a list."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, str | int | float):
+        return value
+    return copy.deepcopy(value)

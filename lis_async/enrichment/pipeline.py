@@ -1,6 +1,9 @@
 """One job, from received to processed. Knows no transport: it talks to the ports.
 
-    received -> policy (scope, max TLP/PAP gate) -> lookup -> bundle -> deliver -> processed
+A work job: toReceived is started, the job is *prepared* (observable, policy: scope and max
+TLP/PAP gate, lookup, bundle) meanwhile, toReceived is awaited, the bundle is *delivered*
+(expectations, push messages), toProcessed. A playbook step: the same preparation, then one
+playbookStepExecution with the bundle (the incoming one when nothing was added).
 
 :meth:`Pipeline.run` returns a :class:`Result` for every job the consumer may ack. It raises only
 :class:`~lis_async.errors.FatalError` (the worker must stop: the job goes back to the queue) and
@@ -22,14 +25,23 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import orjson
 
 from lis_async.enrichment import bundle as stix
-from lis_async.enrichment.delivery import Delivery, prepare
+from lis_async.enrichment.delivery import Delivery
+from lis_async.enrichment.delivery import prepare as push_messages
 from lis_async.enrichment.gate import MarkingGate
-from lis_async.enrichment.job import Job, Observable, PlaybookContext, parse_job, parse_observable
+from lis_async.enrichment.job import (
+    Job,
+    Observable,
+    PlaybookContext,
+    PlaybookJob,
+    WorkJob,
+    parse_job,
+    parse_observable,
+)
 from lis_async.enrichment.ports import (
     Lookup,
     LookupResult,
@@ -48,7 +60,7 @@ from lis_async.errors import (
     PlatformUnavailable,
     WorkNotAlive,
 )
-from lis_async.redact import shown
+from lis_async.redact import escape_controls, shown
 from lis_async.retry import Backoff
 
 log = logging.getLogger("lis_async.pipeline")
@@ -66,14 +78,6 @@ INTERNAL_ERROR: Final = "internal error, see the connector log"
 _NOT_CONTAINED: Final = (FatalError, WorkNotAlive)
 
 
-def _printable(text: str) -> str:
-    """``text`` with control characters escaped: an observable's value (in messages) must not
-    be able to forge log lines (CR/LF) or send terminal escapes."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _execution_start() -> str:
     """A playbook step's start, in pycti's format (docs/protocol.md §7)."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
@@ -83,15 +87,31 @@ def _dumps(bundle: Mapping[str, Any]) -> str:
     return orjson.dumps(bundle).decode()
 
 
-def _passthrough_json(job: Job) -> str:
+def _label(job: Job) -> str:
+    """How the log names a job: its work id, or "playbook"."""
+    return job.work_id if isinstance(job, WorkJob) else "playbook"
+
+
+def _passthrough_json(job: PlaybookJob) -> str:
     """The playbook bundle as received (organisations propagated), as JSON; an empty bundle
     with the same id if even that cannot be written (parsing bounds the nesting, so it can)."""
     try:
         return _dumps(stix.playbook_passthrough(job))
     except Exception:
         log.exception("cannot write the playbook bundle back: answering an empty bundle")
-        bundle_id = job.playbook.bundle.get("id") if job.playbook is not None else None
+        bundle_id = job.playbook.bundle.get("id")
         return _dumps({"type": "bundle", "id": str(bundle_id), "objects": []})
+
+
+async def _settle(received: asyncio.Future[None]) -> None:
+    """Cancel ``received`` if it still runs, else mark its outcome retrieved (a contained
+    failure may have ended the job before it was awaited)."""
+    if not received.done():
+        received.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await received
+    elif not received.cancelled():
+        received.exception()
 
 
 class Outcome(StrEnum):
@@ -122,13 +142,23 @@ class Policy:
 
 @dataclass(slots=True)
 class _Run:
-    """Per-job progress, so a retried step never repeats a step that already went through."""
+    """A work job's progress, so a retried step never repeats a step that already went
+    through."""
 
-    job: Job
+    job: WorkJob
     redelivered: bool
     started: float = field(default_factory=time.monotonic)
     expectations_added: bool = False
-    received: asyncio.Future[None] | None = None  # the toReceived report, sent concurrently
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared(Generic[T]):
+    """A prepared job: its bundle, and what goes out of it (``out``: a work's push messages,
+    a playbook step's bundle as JSON)."""
+
+    found: LookupResult
+    built: stix.Built
+    out: T
 
 
 class Pipeline:
@@ -178,18 +208,18 @@ class Pipeline:
                 exc.work_id,
                 result.outcome,
                 (time.monotonic() - started) * 1000,
-                _printable(str(exc)),
+                escape_controls(str(exc)),
             )
             return result
         result = await self.run(job, redelivered)
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "job work=%s entity=%s outcome=%s elapsed_ms=%d: %s",
-                job.work_id or "playbook",
+                _label(job),
                 shown(str(job.entity_type)),
                 result.outcome,
                 (time.monotonic() - started) * 1000,
-                _printable(result.message),
+                escape_controls(result.message),
             )
         return result
 
@@ -228,14 +258,12 @@ class Pipeline:
                 return
 
     async def run(self, job: Job, redelivered: bool = False) -> Result:
+        if isinstance(job, PlaybookJob):
+            return await self._run_playbook(job)
         run = _Run(job, redelivered)
-        if job.playbook is not None:
-            return await self._run_playbook(run)
-        if job.work_id is None:  # parse_job never builds such a job; narrows the type
-            return Result(Outcome.INVALID, "Invalid enrichment job: no work id and no playbook")
         self.in_flight[job.work_id] = (run.started, job.draft_id)
         try:
-            return await self._run_work(run, job.work_id)
+            return await self._run_work(run)
         except WorkNotAlive:
             log.warning("work %s is no longer alive on the platform: job dropped", job.work_id)
             return Result(Outcome.DROPPED, "work no longer alive")
@@ -252,47 +280,127 @@ class Pipeline:
         except Exception:
             log.exception(
                 "internal error in job work=%s entity=%s",
-                job.work_id or "playbook",
-                _printable(job.entity_id),
+                _label(job),
+                escape_controls(job.entity_id),
             )
             return Result(Outcome.FAILED, INTERNAL_ERROR)
 
     # -- jobs with a work --------------------------------------------------------------------
-    async def _run_work(self, run: _Run, work_id: str) -> Result:
+    async def _run_work(self, run: _Run) -> Result:
         job = run.job
-        # toReceived goes out while the observable is looked up (one platform round trip less
-        # on every job's latency); it only has to land before the next report, which awaits it.
-        received = run.received = asyncio.ensure_future(
-            self._retry("toReceived", lambda: self._platform.work_received(work_id, job.draft_id))
+        # toReceived goes out while the job is prepared (one platform round trip less on every
+        # job's latency); it only has to land before the next report, which awaits it.
+        received = asyncio.ensure_future(
+            self._retry(
+                "toReceived", lambda: self._platform.work_received(job.work_id, job.draft_id)
+            )
         )
         try:
-            result = await self._contained(job, self._enrich_received(run, received))
+            result = await self._contained(job, self._enrich(run, received))
         finally:
-            if not received.done():
-                received.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await received
-            elif not received.cancelled():
-                received.exception()  # retrieved: a contained failure may have skipped it
+            await _settle(received)
         in_error = result.outcome is Outcome.FAILED
         await self._contained(
             job,
             self._retry(
                 "toProcessed",
                 lambda: self._platform.work_processed(
-                    work_id, result.message, in_error, job.draft_id
+                    job.work_id, result.message, in_error, job.draft_id
                 ),
             ),
         )
         return result
 
-    async def _enrich_received(self, run: _Run, received: asyncio.Future[None]) -> Result:
-        result = await self._enrich(run)
+    async def _enrich(self, run: _Run, received: asyncio.Future[None]) -> Result:
+        """Prepare, await toReceived (the platform hears "received" before any expectation),
+        deliver."""
+        job = run.job
+        prepared = await self._prepare(
+            job,
+            lambda bundle: push_messages(
+                bundle,
+                applicant_id=job.applicant_id or self._policy.connector_user_id,
+                draft_id=job.draft_id,
+                work_id=job.work_id,
+            ),
+        )
+        if not isinstance(prepared, Result) and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "work %s: %d object(s) from %d LastInfoSec bundle(s), %d push message(s), "
+                "%d dropped by the splitter",
+                job.work_id,
+                len(prepared.built.bundle["objects"]),
+                len(prepared.found.bundles),
+                len(prepared.out.bodies),
+                prepared.out.incompatible,
+            )
         await received
+        if isinstance(prepared, Result):
+            return prepared
+        delivery = prepared.out
+        await self._deliver(run, delivery)
+        return Result(
+            Outcome.ENRICHED,
+            f"Sent {delivery.objects} object(s) in {len(delivery.bodies)} bundle(s)"
+            + prepared.built.left_out(),
+            objects=delivery.objects,
+            bundles=len(delivery.bodies),
+        )
+
+    async def _deliver(self, run: _Run, delivery: Delivery) -> None:
+        job = run.job
+        work_id, draft_id = job.work_id, job.draft_id
+        if not run.expectations_added:
+            n = len(delivery.bodies)
+            if run.redelivered:
+                # The first attempt may have recorded its expectations before it was lost:
+                # adding them again would leave the work waiting for ever, not adding them
+                # would let it read "complete" before the objects are imported. Ask the work.
+                recorded = await self._retry(
+                    "read work tracking",
+                    lambda: self._platform.work_expectations(work_id, draft_id),
+                )
+                n = max(0, n - recorded)
+            if n:
+                await self._retry(
+                    "addExpectations",
+                    lambda: self._platform.add_expectations(work_id, n, draft_id),
+                )
+            run.expectations_added = True
+        await self._publisher.publish(delivery)
+
+    # -- playbook jobs -----------------------------------------------------------------------
+    async def _run_playbook(self, job: PlaybookJob) -> Result:
+        """One playbookStepExecution, whatever happens: the platform waits for it."""
+        execution_start = _execution_start()
+        answer = await self._contained(job, self._playbook_answer(job))
+        if isinstance(answer, Result):  # contained: the bundle goes back as received
+            result, bundle_json = answer, _passthrough_json(job)
+        else:
+            result, bundle_json = answer
+        await self._contained(
+            job,
+            self._retry(
+                "playbookStepExecution",
+                lambda: self._platform.playbook_step(job.playbook, execution_start, bundle_json),
+            ),
+        )
         return result
 
-    async def _enrich(self, run: _Run) -> Result:
-        job = run.job
+    async def _playbook_answer(self, job: PlaybookJob) -> tuple[Result, str]:
+        """Playbooks always get the whole bundle back, even when nothing was added."""
+        prepared = await self._prepare(job, _dumps)
+        if isinstance(prepared, Result):
+            return prepared, _passthrough_json(job)
+        n = len(prepared.built.bundle.get("objects", []))
+        return Result(
+            Outcome.ENRICHED, f"Returned {n} object(s) to the playbook" + prepared.built.left_out()
+        ), prepared.out  # objects/bundles stay 0: nothing is published for a playbook
+
+    # -- preparation, for both kinds -------------------------------------------------------
+    async def _prepare(self, job: Job, out: Callable[[dict[str, Any]], T]) -> _Prepared[T] | Result:
+        """Observable, policy, lookup, bundle (and ``out`` of it): all a job needs before
+        anything goes out. A Result when the job ends here (skipped, not found, failed)."""
         obs = await self._observable(job)
         if isinstance(obs, Result):
             return obs
@@ -306,39 +414,13 @@ class Pipeline:
             return found
         try:
             built = stix.build(job, found.bundles, confidence=self._policy.confidence)
-            bundle = built.bundle
-            delivery = prepare(
-                bundle,
-                applicant_id=job.applicant_id or self._policy.connector_user_id,
-                draft_id=job.draft_id,
-                work_id=job.work_id,
-            )
+            return _Prepared(found, built, out(built.bundle))
         except Exception as exc:  # a LastInfoSec answer we cannot turn into STIX
-            text = _printable(str(exc))
+            text = escape_controls(str(exc))
             log.warning("cannot build a bundle for %s: %s", shown(obs.display), text)
             return Result(
                 Outcome.FAILED, f"Cannot build a STIX bundle from the answer: {text}"[:500]
             )
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "work %s: %d object(s) from %d LastInfoSec bundle(s), %d push message(s), "
-                "%d dropped by the splitter",
-                job.work_id,
-                len(bundle["objects"]),
-                len(found.bundles),
-                len(delivery.bodies),
-                delivery.incompatible,
-            )
-        if run.received is not None:
-            await run.received  # the platform hears "received" before any expectation
-        await self._deliver(run, delivery)
-        return Result(
-            Outcome.ENRICHED,
-            f"Sent {delivery.objects} object(s) in {len(delivery.bodies)} bundle(s)"
-            + built.left_out(),
-            objects=delivery.objects,
-            bundles=len(delivery.bodies),
-        )
 
     async def _observable(self, job: Job) -> Observable | Result:
         if job.observable is not None:
@@ -388,72 +470,6 @@ class Pipeline:
         if not found.found:
             return Result(Outcome.NOT_FOUND, f"{shown(found.query)} not found in LastInfoSec")
         return found
-
-    async def _deliver(self, run: _Run, delivery: Delivery) -> None:
-        job = run.job
-        assert job.work_id is not None
-        work_id, draft_id = job.work_id, job.draft_id
-        if not run.expectations_added:
-            n = len(delivery.bodies)
-            if run.redelivered:
-                # The first attempt may have recorded its expectations before it was lost:
-                # adding them again would leave the work waiting for ever, not adding them
-                # would let it read "complete" before the objects are imported. Ask the work.
-                recorded = await self._retry(
-                    "read work tracking",
-                    lambda: self._platform.work_expectations(work_id, draft_id),
-                )
-                n = max(0, n - recorded)
-            if n:
-                await self._retry(
-                    "addExpectations",
-                    lambda: self._platform.add_expectations(work_id, n, draft_id),
-                )
-            run.expectations_added = True
-        await self._publisher.publish(delivery)
-
-    # -- playbook jobs -----------------------------------------------------------------------
-    async def _run_playbook(self, run: _Run) -> Result:
-        """One playbookStepExecution, whatever happens: the platform waits for it."""
-        job, ctx = run.job, run.job.playbook
-        assert ctx is not None
-        execution_start = _execution_start()
-        built = await self._contained(job, self._playbook_bundle(job))
-        if isinstance(built, Result):  # contained: the bundle goes back as received
-            result, bundle_json = built, _passthrough_json(job)
-        else:
-            result, bundle_json = built
-        await self._contained(
-            job,
-            self._retry(
-                "playbookStepExecution",
-                lambda: self._platform.playbook_step(ctx, execution_start, bundle_json),
-            ),
-        )
-        return result
-
-    async def _playbook_bundle(self, job: Job) -> tuple[Result, str]:
-        """Playbooks always get the whole bundle back, even when nothing was added."""
-        obs = job.observable
-        if obs is None:
-            return Result(Outcome.FAILED, "playbook bundle holds no entity"), _passthrough_json(job)
-        found: LookupResult | Result | None = await self._policy_check(job, obs)
-        if found is None:
-            found = await self._look_up(obs, job.urgent)
-        if isinstance(found, Result):
-            return found, _passthrough_json(job)
-        try:
-            built = stix.build(job, found.bundles, confidence=self._policy.confidence)
-            bundle_json = _dumps(built.bundle)
-        except Exception as exc:
-            text = _printable(str(exc))
-            return Result(
-                Outcome.FAILED, f"Cannot build a STIX bundle: {text}"[:500]
-            ), _passthrough_json(job)
-        n = len(built.bundle.get("objects", []))
-        return Result(
-            Outcome.ENRICHED, f"Returned {n} object(s) to the playbook" + built.left_out()
-        ), bundle_json  # objects/bundles stay 0: nothing is published for a playbook
 
     # -- shared ------------------------------------------------------------------------------
     async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:

@@ -18,11 +18,9 @@ CacheKey = tuple[str, str]  # (endpoint, value sent)
 
 @dataclass(frozen=True, slots=True)
 class CachedAnswer:
-    """A cached answer: the bundles as zlib-compressed compact JSON. Parsed dicts take about
-    ten times the memory (a 10 000-entry cache of 12-object answers: ~130 MB as dicts, about
-    15 MB compressed: a 5.5 KB answer packs into 1.2 KB), and every hit needs its own copy
-    anyway (callers may mutate what they get). Compressing and inflating a 12-object answer
-    costs tens of microseconds."""
+    """A cached answer: the bundles as zlib-compressed compact JSON. Parsed dicts take many
+    times the memory, and every hit needs its own copy anyway (callers may mutate what they
+    get); compressing and inflating an answer costs little next to a request."""
 
     found: bool
     bundles_z: bytes

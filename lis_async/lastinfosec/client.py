@@ -106,10 +106,63 @@ class _Response:
     location: str | None = None  # a redirect's target
 
 
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """One lookup's HTTP request, built once and carried through its attempts."""
+
+    endpoint: str
+    value: str  # the value looked up
+    url: URL = field(repr=False)  # carries the API key
+    body: bytes | None  # the JSON body of a POST (``search``); None for a GET
+    seg: str  # the URL's path after the endpoint, for the debug log
+    started: float  # time.monotonic()
+    deadline: float  # retries stop here (``retry_budget_s``)
+
+    @property
+    def key(self) -> CacheKey:
+        return (self.endpoint, self.value)
+
+
+class _Throttle:
+    """The client-wide pause after a 429: every request waits it out, not only the one that was
+    throttled. Without ``Retry-After``, its length grows with the pauses the whole client went
+    through (one step per pause, not per 429 of the same round), not with one request's
+    attempts: fresh requests would keep it near zero and the client would go on hammering a
+    throttled API. Any other answer starts it from the bottom again."""
+
+    def __init__(self, backoff: Backoff) -> None:
+        self._backoff = backoff
+        self._resume_at = 0.0  # loop time before which no request may start
+        self._level = 0  # pauses in a row without Retry-After; 0 after another answer
+
+    async def wait(self) -> None:
+        """Return once no pause is on."""
+        loop = asyncio.get_running_loop()
+        while True:
+            delay = self._resume_at - loop.time()
+            if delay <= 0:
+                return
+            await asyncio.sleep(delay)
+
+    def next_pause_s(self) -> float:
+        """The pause after a 429 without ``Retry-After``."""
+        if asyncio.get_running_loop().time() >= self._resume_at:  # first 429 since the last pause
+            self._level += 1
+        return self._backoff.delay(self._level)
+
+    def pause(self, delay_s: float) -> None:
+        resume = asyncio.get_running_loop().time() + delay_s
+        if resume > self._resume_at:
+            self._resume_at = resume
+
+    def reset(self) -> None:
+        """An answer other than 429: the next pause starts from the bottom."""
+        self._level = 0
+
+
 class LastInfoSecClient:
     """Asyncio LastInfoSec client (implements :class:`~lis_async.enrichment.ports.Lookup`); see
-    the module
-    docstring for the order of a lookup. Built from the validated settings; ``start`` and
+    the module docstring for the order of a lookup. Built from the validated settings; ``start`` and
     ``close`` are idempotent, and it is an async context manager."""
 
     def __init__(
@@ -139,7 +192,7 @@ class LastInfoSecClient:
         self._qs_redacted = "?api_key=***&platform=opencti"
         self._backoff = Backoff(s.backoff_base_s, s.backoff_max_s)
         # The 429 pause keeps half its length whatever the jitter: it must not collapse.
-        self._throttle_backoff = Backoff(s.backoff_base_s, s.backoff_max_s, floor=0.5)
+        self._throttle = _Throttle(Backoff(s.backoff_base_s, s.backoff_max_s, floor=0.5))
         self._explicit_proxy = proxy
         self._trust_env = trust_env
         self._user_agent = user_agent
@@ -155,8 +208,6 @@ class LastInfoSecClient:
         self._cache = AnswerCache(s.cache_size, clock, s.cache_max_bytes) if cache_on else None
         self._inflight: dict[CacheKey, asyncio.Task[LookupResult]] = {}
         self._urgent: set[CacheKey] = set()  # in-flight lookups an urgent job waits on
-        self._resume_at = 0.0  # loop time before which no request may start (429 pause)
-        self._throttle_level = 0  # 429 pauses in a row without Retry-After; 0 after an answer
 
     def __repr__(self) -> str:
         return f"LastInfoSecClient({self._settings!r})"
@@ -287,7 +338,7 @@ class LastInfoSecClient:
                     self._cache.put(key, shared_answer, ttl_s)
                 return shared_answer.result()
         try:
-            result = await self._request(endpoint, value)
+            result = await self._request(self._new_request(endpoint, value))
         except BaseException:
             if shared is not None:  # waiting replicas stop waiting (shielded: may be cancelled)
                 await asyncio.shield(shared.release(key))
@@ -309,151 +360,122 @@ class LastInfoSecClient:
             await shared.release(key)
         return result
 
-    # ---- pauses ------------------------------------------------------------------------
+    # ---- one request, top to bottom ----------------------------------------------------
 
-    async def _wait_pause(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            delay = self._resume_at - loop.time()
-            if delay <= 0:
-                return
-            await asyncio.sleep(delay)
+    def _new_request(self, endpoint: str, value: str) -> _Request:
+        seg = "" if endpoint == "search" else path_segment(value)
+        started = time.monotonic()
+        return _Request(
+            endpoint=endpoint,
+            value=value,
+            url=URL(self._prefix[endpoint] + seg + self._qs, encoded=True),
+            body=orjson.dumps({"value": value}) if endpoint == "search" else None,
+            seg=seg,
+            started=started,
+            deadline=started + self._settings.retry_budget_s,
+        )
 
-    def _pause_client(self, delay_s: float) -> None:
-        resume = asyncio.get_running_loop().time() + delay_s
-        if resume > self._resume_at:
-            self._resume_at = resume
-
-    def _throttle_pause_s(self) -> float:
-        """The client-wide pause after a 429 without ``Retry-After``. It grows with the pauses
-        the whole client went through (one step per pause, not per 429 of the same round), not
-        with one request's attempts: fresh requests would keep it near zero and the client would
-        go on hammering a throttled API."""
-        if asyncio.get_running_loop().time() >= self._resume_at:  # first 429 since the last pause
-            self._throttle_level += 1
-        return self._throttle_backoff.delay(self._throttle_level)
-
-    def _retry_delay_s(self, failure: _Transient, attempt: int) -> float:
-        if failure.retry_after_s is not None:
-            return min(failure.retry_after_s, self._settings.backoff_max_s)
-        if failure.throttled:
-            return self._throttle_pause_s()
-        return self._backoff.delay(attempt)
-
-    # ---- HTTP --------------------------------------------------------------------------
-
-    async def _request(self, endpoint: str, value: str) -> LookupResult:
+    async def _request(self, req: _Request) -> LookupResult:
         """The lookup's HTTP exchanges: transient failures (5xx, 429, timeouts, connection
         errors) are retried for up to ``retry_budget_s``, waiting an outage out with the whole
         client (:class:`~lis_async.lastinfosec.outage.OutageGate`); then the job gives up."""
-        seg = "" if endpoint == "search" else path_segment(value)
-        url = URL(self._prefix[endpoint] + seg + self._qs, encoded=True)
-        body = orjson.dumps({"value": value}) if endpoint == "search" else None
-        started = time.monotonic()
-        deadline = started + self._settings.retry_budget_s
         gate = self._outage
         attempt = 0
         while True:
             attempt += 1
-            probe = await self._admit(gate, deadline, endpoint, attempt, started)
+            probe = await self._admit(req, attempt)
             try:
-                result = await self._limited_attempt(url, body, endpoint, value, seg)
+                result = await self._attempt(req)
             except _Transient as failure:
-                if not failure.throttled:
+                if failure.throttled:  # a 429 is an answer: LastInfoSec is up, only busy
+                    await gate.answered(probe)
+                else:
                     await gate.failed(failure.cause, probe)
-                else:  # a 429 is an answer: LastInfoSec is up, only busy
-                    gate.last_answer = time.monotonic()
-                    if probe or gate.down:
-                        await gate.answered()
-                if time.monotonic() >= deadline:
-                    raise self._exhausted(endpoint, attempt, started, failure) from None
-                await self._before_retry(failure, endpoint, attempt)
+                if time.monotonic() >= req.deadline:
+                    raise self._exhausted(req, attempt, failure) from None
+                await self._before_retry(req, failure, attempt)
                 continue
             except LisError:
-                await gate.answered()  # an answer, even a bad one: LastInfoSec is up
+                await gate.answered(probe)  # an answer, even a bad one: LastInfoSec is up
                 raise
             except BaseException:
                 if probe:
                     await gate.release()
                 raise
-            gate.last_answer = time.monotonic()
-            if probe or gate.down:
-                await gate.answered()
+            await gate.answered(probe)
             return result
 
-    async def _admit(
-        self, gate: OutageGate, deadline: float, endpoint: str, attempt: int, started: float
-    ) -> bool:
-        """The outage gate, within this lookup's budget."""
+    async def _admit(self, req: _Request, attempt: int) -> bool:
+        """The outage gate, within this lookup's budget: True when this attempt is the probe."""
+        gate = self._outage
         if not gate.down:
             return False
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            async with asyncio.timeout(max(0.0, req.deadline - time.monotonic())):
                 return await gate.admit()
         except TimeoutError:
-            raise self._exhausted(endpoint, attempt - 1, started, None) from None
-
-    async def _limited_attempt(
-        self, url: URL, body: bytes | None, endpoint: str, value: str, seg: str
-    ) -> LookupResult:
-        await self._wait_pause()
-        await self._limiter.acquire(urgent=(endpoint, value) in self._urgent)
-        async with self._sem:
-            if self._resume_at > asyncio.get_running_loop().time():
-                await self._wait_pause()  # a 429 arrived while this one was queued
-            return await self._attempt(url, body, endpoint, value, seg)
+            raise self._exhausted(req, attempt - 1, None) from None
 
     def _exhausted(
-        self, endpoint: str, attempts: int, started: float, failure: _Transient | None
+        self, req: _Request, attempts: int, failure: _Transient | None
     ) -> LisRetriesExhausted:
         gate = self._outage
         cause = failure.cause if failure is not None else gate.cause or "LastInfoSec down"
         outage = f"; LastInfoSec down for {gate.down_for_s():.0f} s" if gate.down else ""
         return LisRetriesExhausted(
-            f"LastInfoSec {endpoint} lookup gave up after "
-            f"{time.monotonic() - started:.0f} s (budget {self._settings.retry_budget_s:g} s, "
+            f"LastInfoSec {req.endpoint} lookup gave up after "
+            f"{time.monotonic() - req.started:.0f} s (budget "
+            f"{self._settings.retry_budget_s:g} s, "
             f"{attempts} attempt{'s' if attempts != 1 else ''}{outage}); last cause: {cause}",
             attempts=attempts,
             status=failure.status if failure is not None else None,
         )
 
-    async def _before_retry(self, failure: _Transient, endpoint: str, attempt: int) -> None:
+    async def _before_retry(self, req: _Request, failure: _Transient, attempt: int) -> None:
         self.stats.retries += 1
         if self._outage.down and not failure.throttled:
             return  # the outage gate spaces the probes; it logged the outage once
-        delay = self._retry_delay_s(failure, attempt)
+        if failure.retry_after_s is not None:
+            delay = min(failure.retry_after_s, self._settings.backoff_max_s)
+        elif failure.throttled:
+            delay = self._throttle.next_pause_s()
+        else:
+            delay = self._backoff.delay(attempt)
         logger.warning(
             "LastInfoSec %s attempt %d failed (%s); retrying in %.2f s%s",
-            endpoint,
+            req.endpoint,
             attempt,
             failure.cause,
             delay,
             " (whole client paused)" if failure.throttled else "",
         )
         if failure.throttled:
-            self._pause_client(delay)  # every request waits, not only this one
+            self._throttle.pause(delay)  # every request waits, not only this one
             await self._limiter.pause(delay)  # cluster mode: every replica too
         elif delay > 0:
             await asyncio.sleep(delay)
 
-    async def _attempt(
-        self, url: URL, body: bytes | None, endpoint: str, value: str, seg: str
-    ) -> LookupResult:
-        """One HTTP exchange turned into a result. Raises :class:`_Transient` (a retry may
-        help) or a final :class:`LisError`."""
-        if logger.isEnabledFor(_DEBUG):
-            logger.debug(
-                "LastInfoSec request %s %s",
-                "GET" if body is None else "POST",
-                mask_url(self._prefix[endpoint]) + seg + self._qs_redacted,
-            )
-        t0 = time.perf_counter()
-        response = await self._exchange(url, body, endpoint)
-        elapsed = time.perf_counter() - t0
-        self._count_answer(response.status, elapsed, len(response.data))
-        return self._interpret(response, endpoint, value)
+    async def _attempt(self, req: _Request) -> LookupResult:
+        """One attempt: the 429 pause, the rate limiter, a connection slot, then one HTTP
+        exchange turned into a result. Raises :class:`_Transient` (a retry may help) or a final
+        :class:`LisError`."""
+        throttle = self._throttle
+        await throttle.wait()
+        await self._limiter.acquire(urgent=req.key in self._urgent)
+        async with self._sem:
+            await throttle.wait()  # a 429 may have arrived while this one was queued
+            if logger.isEnabledFor(_DEBUG):
+                logger.debug(
+                    "LastInfoSec request %s %s",
+                    "GET" if req.body is None else "POST",
+                    mask_url(self._prefix[req.endpoint]) + req.seg + self._qs_redacted,
+                )
+            t0 = time.perf_counter()
+            response = await self._exchange(req)
+            self._count_answer(response, time.perf_counter() - t0)
+            return self._interpret(response, req)
 
-    async def _exchange(self, url: URL, body: bytes | None, endpoint: str) -> _Response:
+    async def _exchange(self, req: _Request) -> _Response:
         """The HTTP request, aiohttp's errors mapped (never chained: they carry the URL)."""
         session = self._session
         if session is None:
@@ -464,38 +486,36 @@ class LastInfoSecClient:
         t0 = time.perf_counter()
         failure: _Transient | LisError
         try:
-            return await self._send(session, url, body)
+            return await self._send(session, req)
         except TimeoutError:
             stats.timeouts += 1
             failure = _Transient(f"timeout after {self._settings.timeout_s:g} s")
         except (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch) as exc:
             cause = self.redact(f"TLS error: {type(exc).__name__}: {exc}")
-            failure = LisError(f"LastInfoSec {endpoint} request failed: {cause}")
+            failure = LisError(f"LastInfoSec {req.endpoint} request failed: {cause}")
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             stats.connection_errors += 1
             failure = _Transient(self.redact(f"{type(exc).__name__}: {exc}"))
         except aiohttp.ClientError as exc:
             cause = self.redact(f"{type(exc).__name__}: {exc}")
-            failure = LisError(f"LastInfoSec {endpoint} request failed: {cause}")
+            failure = LisError(f"LastInfoSec {req.endpoint} request failed: {cause}")
         finally:
             stats.in_flight -= 1
         if logger.isEnabledFor(_DEBUG):
             logger.debug(
                 "LastInfoSec %s failed after %.1f ms: %s",
-                endpoint,
+                req.endpoint,
                 (time.perf_counter() - t0) * 1000,
                 failure,
             )
         raise failure  # outside the except blocks: the aiohttp exception is not chained
 
-    async def _send(
-        self, session: aiohttp.ClientSession, url: URL, body: bytes | None
-    ) -> _Response:
+    async def _send(self, session: aiohttp.ClientSession, req: _Request) -> _Response:
         async with session.request(
-            "GET" if body is None else "POST",
-            url,
-            data=body,
-            headers=_POST_HEADERS if body is not None else None,
+            "GET" if req.body is None else "POST",
+            req.url,
+            data=req.body,
+            headers=_POST_HEADERS if req.body is not None else None,
             proxy=self._proxy,
             proxy_auth=self._proxy_auth,
             # A redirect would carry the API key (it is in the query string) to wherever the
@@ -516,19 +536,28 @@ class LastInfoSecClient:
                 return _Response(status, await resp.content.read(_DETAIL_BYTES))
             return _Response(status)
 
-    def _count_answer(self, status: int, elapsed: float, size: int) -> None:
+    def _count_answer(self, response: _Response, elapsed: float) -> None:
+        """Metrics of an answered attempt: its status, its latency."""
         by_status = self.stats.responses_by_status
-        by_status[status] = by_status.get(status, 0) + 1
-        if status != 429:
-            self._throttle_level = 0
+        by_status[response.status] = by_status.get(response.status, 0) + 1
         observer = self.stats.latency_observer
         if observer is not None:
             observer(elapsed)
         if logger.isEnabledFor(_DEBUG):
-            logger.debug("LastInfoSec answer %d, %d bytes, %.1f ms", status, size, elapsed * 1000)
+            logger.debug(
+                "LastInfoSec answer %d, %d bytes, %.1f ms",
+                response.status,
+                len(response.data),
+                elapsed * 1000,
+            )
 
-    def _interpret(self, response: _Response, endpoint: str, value: str) -> LookupResult:
-        status = response.status
+    def _interpret(self, response: _Response, req: _Request) -> LookupResult:
+        endpoint, status = req.endpoint, response.status
+        if status == 429:
+            self.stats.throttled += 1
+            wait = retry_after_s(response.retry_after)
+            raise _Transient("HTTP 429 (rate limited)", 429, wait, throttled=True)
+        self._throttle.reset()  # any other answer ends a run of 429 pauses
         if status == 200:
             try:
                 if response.too_big:
@@ -540,7 +569,7 @@ class LastInfoSecClient:
                 return parse_answer(
                     response.data,
                     endpoint,
-                    value,
+                    req.value,
                     self.redact,
                     self._settings.max_answer_objects,
                 )
@@ -548,11 +577,7 @@ class LastInfoSecClient:
                 self.stats.bad_answers += 1
                 raise
         if status in (404, 422):
-            return LookupResult(False, (), value, endpoint)
-        if status == 429:
-            self.stats.throttled += 1
-            wait = retry_after_s(response.retry_after)
-            raise _Transient("HTTP 429 (rate limited)", 429, wait, throttled=True)
+            return LookupResult(False, (), req.value, endpoint)
         if status >= 500:
             raise _Transient(f"HTTP {status}", status)
         if 300 <= status < 400:

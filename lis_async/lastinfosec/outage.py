@@ -35,16 +35,26 @@ class OutageGate:
         self._interval = probe_interval_s
         self._after = outage_after_s
         self._cond: asyncio.Condition | None = None  # made on first use, in the loop
-        self.last_answer = time.monotonic()  # set by the client on every answer
-        self.down_since: float | None = None
-        self.cause = ""
+        self._last_answer = time.monotonic()
+        self._down_since: float | None = None
+        self._cause = ""
         self._probing = False
         self._next_probe = 0.0
-        self.outages = 0
+        self._outages = 0
 
     @property
     def down(self) -> bool:
-        return self.down_since is not None
+        return self._down_since is not None
+
+    @property
+    def cause(self) -> str:
+        """The last transient failure seen while down ("" before the first outage)."""
+        return self._cause
+
+    @property
+    def outages(self) -> int:
+        """Outages so far."""
+        return self._outages
 
     def _condition(self) -> asyncio.Condition:
         if self._cond is None:
@@ -53,14 +63,15 @@ class OutageGate:
 
     async def admit(self) -> bool:
         """Return at once while up (False). While down, return when it is this caller's turn
-        to probe (True): it must then call :meth:`failed` or :meth:`answered`."""
-        if self.down_since is None:
+        to probe (True): it must then call :meth:`failed`, :meth:`answered` or
+        :meth:`release`."""
+        if self._down_since is None:
             return False
         cond = self._condition()
         async with cond:
-            while self.down_since is not None and self._probing:
+            while self._down_since is not None and self._probing:
                 await cond.wait()
-            if self.down_since is None:
+            if self._down_since is None:
                 return False
             self._probing = True
             delay = self._next_probe - time.monotonic()
@@ -79,35 +90,38 @@ class OutageGate:
         now = time.monotonic()
         cond = self._condition()
         async with cond:
-            if self.down_since is None and now - self.last_answer >= self._after:
-                self.down_since = now
-                self.outages += 1
+            if self._down_since is None and now - self._last_answer >= self._after:
+                self._down_since = now
+                self._outages += 1
                 log.warning(
                     "LastInfoSec unreachable (%s): lookups wait, one probe every %.1f s",
                     cause,
                     self._interval,
                 )
-            if self.down_since is not None:
-                self.cause = cause
+            if self._down_since is not None:
+                self._cause = cause
                 if probe or not self._probing:
                     self._next_probe = now + self._interval
             if probe:
                 self._probing = False
                 cond.notify_all()
 
-    async def answered(self) -> None:
-        """LastInfoSec answered (called only while down or after a probe): it is up."""
+    async def answered(self, probe: bool) -> None:
+        """LastInfoSec answered (a 429 or an error answer count): it is up. ``probe``: the
+        request was the probe (its turn ends)."""
         now = time.monotonic()
-        self.last_answer = now
+        self._last_answer = now
+        if not probe and self._down_since is None:
+            return  # up, and no probe turn to end (one is only taken while down)
         cond = self._condition()
         async with cond:
-            if self.down_since is not None:
+            if self._down_since is not None:
                 log.info(
                     "LastInfoSec answers again after %.1f s of outage (last cause: %s)",
-                    now - self.down_since,
-                    self.cause,
+                    now - self._down_since,
+                    self._cause,
                 )
-                self.down_since = None
+                self._down_since = None
             self._probing = False
             cond.notify_all()
 
@@ -119,5 +133,5 @@ class OutageGate:
             cond.notify_all()
 
     def down_for_s(self) -> float:
-        since = self.down_since
+        since = self._down_since
         return 0.0 if since is None else time.monotonic() - since

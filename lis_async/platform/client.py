@@ -6,8 +6,7 @@ pycti builds the connection: URL, ``Authorization``, ``User-Agent: pycti/<versio
 * the per-job work reports (``toReceived``, ``addExpectations``, ``toProcessed``, ``ping``) go
   out on the event loop through one pooled aiohttp session with exactly pycti's request (same
   URL, headers, GraphQL documents and variables). Sent through pycti's synchronous ``requests``
-  in a thread pool they cost the worker about a quarter of its CPU per job, most of it in GIL
-  hand-offs between the pool and the loop (see BENCHMARKS.md);
+  in a thread pool, every job would pay for GIL hand-offs between the pool and the loop;
 * everything else (registration, heartbeat, the queue-threshold check, playbook steps, entity
   reads) runs through pycti's own ``requests`` session in this module's bounded thread pool,
   never on the event loop.

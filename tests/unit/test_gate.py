@@ -12,6 +12,7 @@ import pytest
 from lis_async.enrichment.gate import MarkingCache, MarkingGate
 from lis_async.enrichment.job import Job, parse_job
 from lis_async.enrichment.markings import STANDARD_MARKINGS
+from tests.fakes import FakePlatform
 from tests.helpers import job_body
 
 CLEAR = "marking-definition--613f2e26-407d-48c7-9eca-b8e91df99dc9"
@@ -35,16 +36,14 @@ PLATFORM = {
 }
 
 
-class Platform:
-    """markingDefinition(id), recording what was asked."""
+def platform_knowing(known: dict[str, dict[str, Any]] | None = None) -> FakePlatform:
+    """markingDefinition(id) answers ``known`` (default: PLATFORM)."""
+    return FakePlatform(markings=PLATFORM if known is None else known)
 
-    def __init__(self, known: dict[str, dict[str, Any]] | None = None) -> None:
-        self.known = PLATFORM if known is None else known
-        self.asked: list[str] = []
 
-    async def read(self, marking_id: str) -> dict[str, Any] | None:
-        self.asked.append(marking_id)
-        return self.known.get(marking_id)
+def asked(platform: FakePlatform) -> list[str]:
+    """The marking ids read from the platform, in order."""
+    return [call[1] for call in platform.calls if call[0] == "marking"]
 
 
 def domain_job(entity_changes: dict[str, Any], name: str = "auto_create_domain_green") -> Job:
@@ -59,11 +58,11 @@ async def refusal(
     job: Job,
     max_tlp: str = "TLP:AMBER",
     max_pap: str | None = None,
-    platform: Platform | None = None,
+    platform: FakePlatform | None = None,
 ) -> str | None:
     assert job.observable is not None
     gate = MarkingGate(max_tlp, max_pap)
-    return await gate.refusal(job, job.observable, (platform or Platform()).read)
+    return await gate.refusal(job, job.observable, (platform or platform_knowing()).read_marking)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,35 +93,35 @@ async def test_standard_tlp_ids(refs: list[str], refused: bool) -> None:
 
 
 async def test_custom_tlp_marking_is_resolved_on_the_platform_once() -> None:
-    platform = Platform()
+    platform = platform_knowing()
     gate = MarkingGate("TLP:AMBER")
     job = domain_job({"object_marking_refs": [GREEN, CUSTOM_RED]})
     assert job.observable is not None
     for _ in range(3):
-        reason = await gate.refusal(job, job.observable, platform.read)
+        reason = await gate.refusal(job, job.observable, platform.read_marking)
         assert reason == "TLP:RED is above the max TLP TLP:AMBER: not sent to LastInfoSec"
-    assert platform.asked == [CUSTOM_RED]  # cached in the worker; standard ids never asked
+    assert asked(platform) == [CUSTOM_RED]  # cached in the worker; standard ids never asked
 
 
 async def test_marking_nobody_can_resolve_is_above_the_max() -> None:
-    platform = Platform()
+    platform = platform_knowing()
     reason = await refusal(domain_job({"object_marking_refs": [GREEN, UNKNOWN]}), platform=platform)
     assert reason == (
         f"marking {UNKNOWN} cannot be resolved (it may be a TLP or a PAP): treated as above "
         "the max TLP TLP:AMBER, not sent to LastInfoSec"
     )
-    assert platform.asked == [UNKNOWN]
+    assert asked(platform) == [UNKNOWN]
 
 
 async def test_unresolved_markings_are_not_cached() -> None:
     cache = MarkingCache()
     gate = MarkingGate("TLP:AMBER", cache=cache)
-    platform = Platform(known={})
+    platform = platform_knowing(known={})
     job = domain_job({"object_marking_refs": [CUSTOM_RED]})
     assert job.observable is not None
-    assert await gate.refusal(job, job.observable, platform.read) is not None
-    platform.known = PLATFORM  # the marking shows up on the platform
-    assert await gate.refusal(job, job.observable, platform.read) == (
+    assert await gate.refusal(job, job.observable, platform.read_marking) is not None
+    platform.markings = dict(PLATFORM)  # the marking shows up on the platform
+    assert await gate.refusal(job, job.observable, platform.read_marking) == (
         "TLP:RED is above the max TLP TLP:AMBER: not sent to LastInfoSec"
     )
     assert len(cache) == 1
@@ -133,7 +132,7 @@ async def test_unknown_tlp_level_is_above_the_max() -> None:
         UNKNOWN: {"standard_id": UNKNOWN, "definition_type": "TLP", "definition": "TLP:ORANGE"}
     }
     reason = await refusal(
-        domain_job({"object_marking_refs": [UNKNOWN]}), platform=Platform(orange)
+        domain_job({"object_marking_refs": [UNKNOWN]}), platform=platform_knowing(orange)
     )
     assert reason == (
         "TLP:ORANGE is not a known TLP level: treated as above the max TLP TLP:AMBER, not sent "
@@ -149,7 +148,9 @@ async def test_a_statement_named_like_a_tlp_counts_as_that_tlp() -> None:
     named = {
         UNKNOWN: {"standard_id": UNKNOWN, "definition_type": "statement", "definition": "tlp:red"}
     }
-    reason = await refusal(domain_job({"object_marking_refs": [UNKNOWN]}), platform=Platform(named))
+    reason = await refusal(
+        domain_job({"object_marking_refs": [UNKNOWN]}), platform=platform_knowing(named)
+    )
     assert reason is not None and reason.startswith("TLP:RED is above the max TLP")
 
 
@@ -163,11 +164,11 @@ async def test_red_only_in_the_opencti_extension() -> None:
 async def test_red_only_in_object_marking_nodes() -> None:
     """pycti's flat entity and GraphQL records carry objectMarking nodes that say what the
     marking is: no platform read needed, even for a custom id."""
-    platform = Platform(known={})
+    platform = platform_knowing(known={})
     node = {"standard_id": CUSTOM_RED, "definition_type": "TLP", "definition": "TLP:RED"}
     job = domain_job({"object_marking_refs": [], "objectMarking": [node]})
     assert (await refusal(job, platform=platform) or "").startswith("TLP:RED is above")
-    assert platform.asked == []
+    assert asked(platform) == []
 
 
 async def test_unreadable_marking_entries_are_above_the_max() -> None:
@@ -206,10 +207,10 @@ def playbook_marking_custom_red_as(level: str) -> dict[str, Any]:
 async def test_playbook_bundle_marking_objects_resolve_custom_ids() -> None:
     body = playbook_marking_custom_red_as("red")
     bundle = body["event"]["bundle"]
-    platform = Platform(known={})
+    platform = platform_knowing(known={})
     job = parse_job(json.dumps(body).encode())
     assert (await refusal(job, platform=platform) or "").startswith("TLP:RED is above the max TLP")
-    assert platform.asked == []
+    assert asked(platform) == []
     # Without the marking object, the platform is asked; it does not know it: refused too.
     del bundle["objects"][-1]
     assert (
@@ -218,10 +219,10 @@ async def test_playbook_bundle_marking_objects_resolve_custom_ids() -> None:
 
 
 async def test_open_gate_reads_nothing() -> None:
-    platform = Platform()
+    platform = platform_knowing()
     job = domain_job({"object_marking_refs": [RED, UNKNOWN, CUSTOM_PAP]})
     assert await refusal(job, max_tlp="TLP:RED", platform=platform) is None
-    assert platform.asked == []
+    assert asked(platform) == []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,11 +270,11 @@ CLEAR_NODE = {"standard_id": CUSTOM_RED, "definition_type": "TLP", "definition":
 
 
 async def test_an_object_marking_node_cannot_lower_a_custom_red() -> None:
-    platform = Platform()  # the platform says CUSTOM_RED is TLP:RED
+    platform = platform_knowing()  # the platform says CUSTOM_RED is TLP:RED
     job = domain_job({"object_marking_refs": [CUSTOM_RED], "objectMarking": [CLEAR_NODE]})
     reason = await refusal(job, platform=platform)
     assert reason == "TLP:RED is above the max TLP TLP:AMBER: not sent to LastInfoSec"
-    assert platform.asked == [CUSTOM_RED]
+    assert asked(platform) == [CUSTOM_RED]
 
 
 async def test_a_playbook_bundle_cannot_lower_a_custom_red() -> None:
@@ -284,7 +285,7 @@ async def test_a_playbook_bundle_cannot_lower_a_custom_red() -> None:
 
 async def test_a_lenient_claim_about_a_marking_the_platform_lacks_is_refused() -> None:
     job = domain_job({"object_marking_refs": [CUSTOM_RED], "objectMarking": [CLEAR_NODE]})
-    reason = await refusal(job, platform=Platform(known={}))
+    reason = await refusal(job, platform=platform_knowing(known={}))
     assert reason is not None and reason.startswith(f"marking {CUSTOM_RED} cannot be resolved")
 
 
@@ -292,19 +293,19 @@ async def test_a_stricter_claim_wins_over_the_platform() -> None:
     lenient = {
         CUSTOM_RED: {"standard_id": CUSTOM_RED, "definition_type": "TLP", "definition": "TLP:CLEAR"}
     }
-    platform = Platform(lenient)
+    platform = platform_knowing(lenient)
     red = {"standard_id": CUSTOM_RED, "definition_type": "TLP", "definition": "TLP:RED"}
     pap = {"standard_id": CUSTOM_RED, "definition_type": "PAP", "definition": "PAP:RED"}
     job = domain_job({"object_marking_refs": [CUSTOM_RED], "objectMarking": [red]})
     assert await refusal(job, platform=platform) == (
         "TLP:RED is above the max TLP TLP:AMBER: not sent to LastInfoSec"
     )
-    assert platform.asked == []  # refused on the job's word: nothing to ask
+    assert asked(platform) == []  # refused on the job's word: nothing to ask
     # A claim that does not refuse by itself (a PAP without a PAP gate) still asks the platform,
     # and with both lenient the observable goes.
     job = domain_job({"object_marking_refs": [CUSTOM_RED], "objectMarking": [pap]})
     assert await refusal(job, platform=platform) is None
-    assert platform.asked == [CUSTOM_RED]
+    assert asked(platform) == [CUSTOM_RED]
     assert await refusal(job, max_pap="PAP:AMBER", platform=platform) == (
         "PAP:RED is above the max PAP PAP:AMBER: not sent to LastInfoSec"
     )

@@ -12,6 +12,8 @@ from lis_async.enrichment.job import (
     Job,
     JobError,
     PlaybookContext,
+    PlaybookJob,
+    WorkJob,
     normalise_tlp,
     parse_job,
     parse_observable,
@@ -43,7 +45,7 @@ def test_manual_stixfile_amber_shared() -> None:
     }
     assert obs.marking_refs == (AMBER,)
     assert obs.granted_refs == (ORG,)
-    assert not job.is_playbook
+    assert isinstance(job, WorkJob) and job.urgent  # manual: an analyst waits
     with pytest.raises(dataclasses.FrozenInstanceError):
         job.work_id = "x"  # type: ignore[misc]
 
@@ -85,7 +87,7 @@ def test_url_with_stix_objects_string() -> None:
 
 def test_playbook_job() -> None:
     job = parse_job(job_body("playbook_url.json"))
-    assert job.work_id is None and job.is_playbook and job.playbook is not None
+    assert isinstance(job, PlaybookJob) and job.urgent
     assert job.applicant_id == "c49fe040-2dad-412d-af07-ce639204ad55"
     assert job.playbook.step_id == "c8d7e6f5-a4b3-4c2d-9e1f-0a9b8c7d6e5f"
     assert job.playbook.bundle["id"].startswith("bundle--")

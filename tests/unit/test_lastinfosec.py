@@ -1100,8 +1100,7 @@ async def test_outage_gate_lets_one_probe_through_per_interval() -> None:
             sent.append((time.monotonic() - t0, probe))
             await asyncio.sleep(0.01)  # the request
             if up.is_set():
-                gate.last_answer = time.monotonic()
-                await gate.answered()
+                await gate.answered(probe)
                 return time.monotonic()
             await gate.failed("HTTP 503", probe)
 

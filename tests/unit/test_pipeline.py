@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import base64
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import orjson
 import pytest
 
 from lis_async.enrichment import pipeline as pipeline_module
-from lis_async.enrichment.delivery import Delivery
-from lis_async.enrichment.job import Job, Observable
-from lis_async.enrichment.pipeline import PARSE_INLINE_BYTES, Outcome, Pipeline, Policy
-from lis_async.enrichment.ports import LookupResult
+from lis_async.enrichment.job import Job
+from lis_async.enrichment.pipeline import PARSE_INLINE_BYTES, Outcome
 from lis_async.errors import (
     FatalError,
     LisFatalError,
@@ -23,117 +20,14 @@ from lis_async.errors import (
     PlatformError,
     WorkNotAlive,
 )
-from lis_async.retry import Backoff
-from tests.helpers import FIXTURES, job_body
+from tests.fakes import FakeLookup, make_pipeline
+from tests.helpers import FIXTURES, hostile_answer, job_body
 
 ANSWER = orjson.loads((FIXTURES / "lastinfosec" / "search_hash_200.json").read_bytes())["message"]
 HOST_ANSWER = orjson.loads(
     (FIXTURES / "lastinfosec" / "search_host_200_two_bundles.json").read_bytes()
 )["message"]
 WORK = "work_6f0e1b2c-3d4e-4f50-8a6b-7c8d9e0f1a2b_2026-11-20T10:00:02.415Z"
-
-
-class FakeLookup:
-    def __init__(
-        self, bundles: Sequence[dict[str, Any]] = (), error: Exception | None = None
-    ) -> None:
-        self.bundles = tuple(bundles)
-        self.error = error
-        self.seen: list[Observable] = []
-        self.urgent: list[bool] = []
-
-    async def lookup(self, obs: Observable, *, urgent: bool = False) -> LookupResult:
-        self.seen.append(obs)
-        self.urgent.append(urgent)
-        if self.error:
-            raise self.error
-        return LookupResult(
-            found=bool(self.bundles),
-            bundles=self.bundles,
-            query=obs.display,
-            endpoint="search_host",
-        )
-
-
-class FakePlatform:
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-        self.fail: dict[str, list[Exception]] = {}
-        self.entity: dict[str, Any] | None = None
-        self.recorded = 0  # expectations the work already has (work_expectations)
-        self.markings: dict[str, dict[str, Any]] = {}
-
-    def _maybe_fail(self, name: str) -> None:
-        errors = self.fail.get(name)
-        if errors:
-            raise errors.pop(0)
-
-    async def work_received(self, work_id: str, draft_id: str | None) -> None:
-        self._maybe_fail("received")
-        self.calls.append(("received", work_id, draft_id))
-
-    async def add_expectations(self, work_id: str, n: int, draft_id: str | None) -> None:
-        self._maybe_fail("expectations")
-        self.calls.append(("expectations", work_id, n))
-
-    async def work_processed(
-        self, work_id: str, message: str, in_error: bool, draft_id: str | None
-    ) -> None:
-        self._maybe_fail("processed")
-        self.calls.append(("processed", work_id, message, in_error))
-
-    async def ping_work(self, work_id: str, draft_id: str | None) -> None:
-        self.calls.append(("ping", work_id))
-
-    async def work_expectations(self, work_id: str, draft_id: str | None) -> int:
-        self._maybe_fail("tracking")
-        self.calls.append(("tracking", work_id))
-        return self.recorded
-
-    async def playbook_step(self, ctx: Any, execution_start: str, bundle_json: str) -> None:
-        self._maybe_fail("playbook")
-        self.calls.append(("playbook", ctx.step_id, orjson.loads(bundle_json)))
-
-    async def read_observable(self, entity_id: str, draft_id: str | None) -> dict[str, Any] | None:
-        self.calls.append(("read", entity_id))
-        return self.entity
-
-    async def read_marking(self, marking_id: str) -> dict[str, Any] | None:
-        self.calls.append(("marking", marking_id))
-        return self.markings.get(marking_id)
-
-    def names(self) -> list[str]:
-        return [c[0] for c in self.calls]
-
-
-class FakePublisher:
-    def __init__(self) -> None:
-        self.published: list[bytes] = []
-        self.deliveries = 0
-
-    async def publish(self, delivery: Delivery) -> None:
-        self.deliveries += 1
-        self.published.extend(delivery.bodies)
-
-
-def make(
-    lookup: FakeLookup, max_tlp: str = "TLP:AMBER", max_pap: str | None = None
-) -> tuple[Pipeline, FakePlatform, FakePublisher]:
-    platform, publisher = FakePlatform(), FakePublisher()
-    pipeline = Pipeline(
-        lookup=lookup,
-        platform=platform,
-        publisher=publisher,
-        policy=Policy(
-            scope=frozenset({"StixFile", "Domain-Name", "Hostname", "Url"}),
-            max_tlp=max_tlp,
-            confidence=70,
-            connector_user_id="connector-user",
-            max_pap=max_pap,
-        ),
-        backoff=Backoff(base_s=0.001, max_s=0.01),
-    )
-    return pipeline, platform, publisher
 
 
 def decode(body: bytes) -> dict[str, Any]:
@@ -144,7 +38,7 @@ def decode(body: bytes) -> dict[str, Any]:
 
 async def test_received_is_reported_before_expectations_even_when_slow() -> None:
     """toReceived runs alongside the lookup but always lands before addExpectations."""
-    pipeline, platform, _ = make(FakeLookup(ANSWER))
+    pipeline, platform, _ = make_pipeline(FakeLookup(ANSWER))
     platform.fail = {"received": [PlatformError("HTTP 502")] * 3}  # retried while the lookup runs
     result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
     assert result.outcome is Outcome.ENRICHED
@@ -162,13 +56,13 @@ async def test_received_is_reported_before_expectations_even_when_slow() -> None
 async def test_manual_and_playbook_lookups_are_urgent(fixture: str, urgent: bool) -> None:
     """An analyst or a playbook waits on these: their lookups go first at the rate limiter."""
     lookup = FakeLookup(ANSWER)
-    pipeline, _, _ = make(lookup)
+    pipeline, _, _ = make_pipeline(lookup)
     await pipeline.handle(job_body(fixture))
     assert lookup.urgent == [urgent]
 
 
 async def test_dead_work_at_received_drops_the_job_without_publishing() -> None:
-    pipeline, platform, publisher = make(FakeLookup(ANSWER))
+    pipeline, platform, publisher = make_pipeline(FakeLookup(ANSWER))
     platform.fail = {"received": [WorkNotAlive()]}
     result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
     assert result.outcome is Outcome.DROPPED
@@ -176,7 +70,7 @@ async def test_dead_work_at_received_drops_the_job_without_publishing() -> None:
 
 
 async def test_enriched_job_reports_in_protocol_order() -> None:
-    pipeline, platform, publisher = make(FakeLookup(ANSWER))
+    pipeline, platform, publisher = make_pipeline(FakeLookup(ANSWER))
     result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
     assert result.outcome is Outcome.ENRICHED
     n = len(publisher.published)
@@ -201,7 +95,7 @@ async def test_enriched_job_reports_in_protocol_order() -> None:
 
 
 async def test_not_found_completes_with_a_message() -> None:
-    pipeline, platform, publisher = make(FakeLookup(()))
+    pipeline, platform, publisher = make_pipeline(FakeLookup(()))
     result = await pipeline.handle(job_body("auto_create_domain_green.json"))
     assert result.outcome is Outcome.NOT_FOUND
     assert platform.calls[-1] == (
@@ -215,7 +109,7 @@ async def test_not_found_completes_with_a_message() -> None:
 
 async def test_red_observable_is_never_looked_up() -> None:
     lookup = FakeLookup(HOST_ANSWER)
-    pipeline, platform, _ = make(lookup)
+    pipeline, platform, _ = make_pipeline(lookup)
     result = await pipeline.handle(job_body("auto_update_hostname_red_draft.json"))
     assert result.outcome is Outcome.SKIPPED and lookup.seen == []
     assert "TLP:RED is above the max TLP TLP:AMBER" in platform.calls[-1][2]
@@ -224,13 +118,13 @@ async def test_red_observable_is_never_looked_up() -> None:
 
 async def test_max_tlp_is_configurable() -> None:
     lookup = FakeLookup(())
-    pipeline, _, _ = make(lookup, max_tlp="TLP:GREEN")
+    pipeline, _, _ = make_pipeline(lookup, max_tlp="TLP:GREEN")
     result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
     assert result.outcome is Outcome.SKIPPED and lookup.seen == []
 
 
 async def test_nothing_to_look_up_is_skipped() -> None:
-    pipeline, platform, _ = make(
+    pipeline, platform, _ = make_pipeline(
         FakeLookup(
             error=NothingToLookUp(
                 "invoice.pdf.exe has no MD5, SHA-1 or SHA-256: nothing to look up"
@@ -243,7 +137,7 @@ async def test_nothing_to_look_up_is_skipped() -> None:
 
 
 async def test_exhausted_retries_end_the_work_in_error() -> None:
-    pipeline, platform, _ = make(
+    pipeline, platform, _ = make_pipeline(
         FakeLookup(
             error=LisRetriesExhausted("LastInfoSec answered 503 after 6 attempts", attempts=6)
         )
@@ -259,7 +153,7 @@ async def test_exhausted_retries_end_the_work_in_error() -> None:
 
 
 async def test_invalid_key_is_fatal_and_the_work_is_not_processed() -> None:
-    pipeline, platform, _ = make(
+    pipeline, platform, _ = make_pipeline(
         FakeLookup(error=LisFatalError("LastInfoSec rejected the API key"))
     )
     with pytest.raises(FatalError):
@@ -268,7 +162,7 @@ async def test_invalid_key_is_fatal_and_the_work_is_not_processed() -> None:
 
 
 async def test_platform_failures_are_retried_until_they_go_through() -> None:
-    pipeline, platform, _ = make(FakeLookup(ANSWER))
+    pipeline, platform, _ = make_pipeline(FakeLookup(ANSWER))
     platform.fail = {
         "received": [PlatformError("OpenCTI unreachable: ConnectionError")] * 3,
         "expectations": [PlatformError("DATABASE_ERROR")],
@@ -280,7 +174,7 @@ async def test_platform_failures_are_retried_until_they_go_through() -> None:
 
 
 async def test_work_not_alive_drops_the_job() -> None:
-    pipeline, platform, _ = make(FakeLookup(()))
+    pipeline, platform, _ = make_pipeline(FakeLookup(()))
     platform.fail = {"processed": [WorkNotAlive()]}
     result = await pipeline.handle(job_body("auto_create_domain_green.json"))
     assert result.outcome is Outcome.DROPPED
@@ -289,7 +183,7 @@ async def test_work_not_alive_drops_the_job() -> None:
 
 async def test_one_delivery_per_job_after_its_expectations() -> None:
     # Retrying unconfirmed messages is the publisher's job (tests/integration/test_amqp.py).
-    pipeline, platform, publisher = make(FakeLookup(ANSWER))
+    pipeline, platform, publisher = make_pipeline(FakeLookup(ANSWER))
     platform.fail = {"expectations": [PlatformError("HTTP 502")]}
     result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
     assert result.outcome is Outcome.ENRICHED
@@ -300,7 +194,7 @@ async def test_one_delivery_per_job_after_its_expectations() -> None:
 
 
 async def test_redelivered_job_does_not_add_expectations_the_work_already_has() -> None:
-    pipeline, platform, publisher = make(FakeLookup(ANSWER))
+    pipeline, platform, publisher = make_pipeline(FakeLookup(ANSWER))
     platform.recorded = 100  # the first attempt added them before it was lost
     result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"), redelivered=True)
     assert result.outcome is Outcome.ENRICHED and publisher.published
@@ -308,14 +202,14 @@ async def test_redelivered_job_does_not_add_expectations_the_work_already_has() 
 
 
 async def test_redelivered_job_adds_the_expectations_the_first_attempt_did_not() -> None:
-    pipeline, platform, publisher = make(FakeLookup(ANSWER))
+    pipeline, platform, publisher = make_pipeline(FakeLookup(ANSWER))
     platform.fail = {"tracking": [PlatformError("DATABASE_ERROR")]}  # retried like any report
     result = await pipeline.handle(job_body("manual_stixfile_amber_shared.json"), redelivered=True)
     assert result.outcome is Outcome.ENRICHED
     assert platform.names() == ["received", "tracking", "expectations", "processed"]
     assert ("expectations", WORK, len(publisher.published)) in platform.calls
     # Partly recorded (a different answer the first time): only the difference is added.
-    pipeline, platform, publisher = make(FakeLookup(ANSWER))
+    pipeline, platform, publisher = make_pipeline(FakeLookup(ANSWER))
     platform.recorded = 2
     await pipeline.handle(job_body("manual_stixfile_amber_shared.json"), redelivered=True)
     assert ("expectations", WORK, len(publisher.published) - 2) in platform.calls
@@ -324,14 +218,14 @@ async def test_redelivered_job_adds_the_expectations_the_first_attempt_did_not()
 async def test_same_job_twice_gives_the_same_ids() -> None:
     ids = []
     for _ in range(2):
-        pipeline, _, publisher = make(FakeLookup(ANSWER))
+        pipeline, _, publisher = make_pipeline(FakeLookup(ANSWER))
         await pipeline.handle(job_body("manual_stixfile_amber_shared.json"))
         ids.append(sorted(decode(b)["bundle"]["objects"][0]["id"] for b in publisher.published))
     assert ids[0] == ids[1]
 
 
 async def test_playbook_answers_with_the_whole_bundle_and_publishes_nothing() -> None:
-    pipeline, platform, publisher = make(FakeLookup(HOST_ANSWER))
+    pipeline, platform, publisher = make_pipeline(FakeLookup(HOST_ANSWER))
     result = await pipeline.handle(job_body("playbook_url.json"))
     assert result.outcome is Outcome.ENRICHED and publisher.published == []
     (call,) = platform.calls
@@ -344,7 +238,7 @@ async def test_playbook_answers_with_the_whole_bundle_and_publishes_nothing() ->
     "lookup", [FakeLookup(()), FakeLookup(error=LisRetriesExhausted("down", attempts=3))]
 )
 async def test_playbook_gets_its_bundle_back_when_nothing_is_added(lookup: FakeLookup) -> None:
-    pipeline, platform, publisher = make(lookup)
+    pipeline, platform, publisher = make_pipeline(lookup)
     body = orjson.loads(job_body("playbook_url.json"))
     result = await pipeline.handle(job_body("playbook_url.json"))
     assert result.outcome in (Outcome.NOT_FOUND, Outcome.FAILED)
@@ -356,7 +250,7 @@ async def test_playbook_gets_its_bundle_back_when_nothing_is_added(lookup: FakeL
 
 
 async def test_malformed_body_marks_its_work_in_error() -> None:
-    pipeline, platform, _ = make(FakeLookup(()))
+    pipeline, platform, _ = make_pipeline(FakeLookup(()))
     result = await pipeline.handle(job_body("malformed_missing_event.json"))
     assert result.outcome is Outcome.INVALID
     assert platform.calls == [("processed", WORK, result.message, True)]
@@ -368,7 +262,7 @@ async def test_malformed_body_marks_its_work_in_error() -> None:
 
 async def test_deferred_resolution_reads_the_entity() -> None:
     lookup = FakeLookup(HOST_ANSWER)
-    pipeline, platform, _ = make(lookup)
+    pipeline, platform, _ = make_pipeline(lookup)
     platform.entity = {  # the platform's GraphQL stixCyberObservable record
         "id": "8a1f6b0e-2c3d-4e5f-9a0b-1c2d3e4f5a6b",
         "standard_id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",
@@ -386,7 +280,7 @@ async def test_deferred_resolution_reads_the_entity() -> None:
 
 
 async def test_unreadable_deferred_entity_fails_the_work() -> None:
-    pipeline, platform, _ = make(FakeLookup(HOST_ANSWER))
+    pipeline, platform, _ = make_pipeline(FakeLookup(HOST_ANSWER))
     result = await pipeline.handle(job_body("auto_create_domain_deferred_resolution.json"))
     assert result.outcome is Outcome.FAILED and platform.calls[-1][3] is True
 
@@ -407,7 +301,7 @@ def with_entity(name: str, **changes: Any) -> bytes:
 
 async def test_custom_red_marking_is_resolved_and_never_looked_up() -> None:
     lookup = FakeLookup(HOST_ANSWER)
-    pipeline, platform, publisher = make(lookup)
+    pipeline, platform, publisher = make_pipeline(lookup)
     platform.markings[CUSTOM_RED] = {"definition_type": "TLP", "definition": "TLP:RED"}
     body = with_entity("auto_create_domain_green.json", object_marking_refs=[CUSTOM_RED])
     result = await pipeline.handle(body)
@@ -425,10 +319,10 @@ async def test_pap_gate_in_the_pipeline() -> None:
     pap_red = "marking-definition--4e4e3b84-de45-53df-9d9b-b21207699fd8"
     body = with_entity("auto_create_domain_green.json", object_marking_refs=[pap_red])
     lookup = FakeLookup(())
-    pipeline, _, _ = make(lookup)  # no PAP gate by default: looked up
+    pipeline, _, _ = make_pipeline(lookup)  # no PAP gate by default: looked up
     assert (await pipeline.handle(body)).outcome is Outcome.NOT_FOUND and lookup.seen
     lookup = FakeLookup(())
-    pipeline, platform, _ = make(lookup, max_pap="PAP:AMBER")
+    pipeline, platform, _ = make_pipeline(lookup, max_pap="PAP:AMBER")
     assert (await pipeline.handle(body)).outcome is Outcome.SKIPPED and lookup.seen == []
     assert "PAP:RED is above the max PAP PAP:AMBER" in platform.calls[-1][2]
 
@@ -437,7 +331,7 @@ async def test_playbook_above_the_max_gets_its_bundle_back_unsent() -> None:
     body = orjson.loads(job_body("playbook_url.json"))
     body["event"]["bundle"]["objects"][0]["object_marking_refs"] = [CUSTOM_RED]
     lookup = FakeLookup(HOST_ANSWER)
-    pipeline, platform, _ = make(lookup)  # the platform does not know CUSTOM_RED: refused
+    pipeline, platform, _ = make_pipeline(lookup)  # the platform does not know CUSTOM_RED: refused
     result = await pipeline.handle(orjson.dumps(body))
     assert result.outcome is Outcome.SKIPPED and lookup.seen == []
     assert "cannot be resolved" in result.message
@@ -448,12 +342,10 @@ async def test_playbook_above_the_max_gets_its_bundle_back_unsent() -> None:
 
 
 async def test_work_message_says_what_was_left_out_of_the_answer() -> None:
-    from tests.helpers import hostile_answer
-
     answer = [
         hostile_answer("domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b", "bad.example.com")
     ]
-    pipeline, platform, publisher = make(FakeLookup(answer))
+    pipeline, platform, publisher = make_pipeline(FakeLookup(answer))
     result = await pipeline.handle(job_body("auto_create_domain_green.json"))
     assert result.outcome is Outcome.ENRICHED and publisher.published
     message = platform.calls[-1][2]
@@ -466,18 +358,15 @@ async def test_work_message_says_what_was_left_out_of_the_answer() -> None:
 # Nothing escapes unreported
 
 
-class Boom(FakeLookup):
+def boom() -> FakeLookup:
     """A lookup failing the way nobody foresaw (say, the cache's serialiser on a deep answer)."""
-
-    async def lookup(self, obs: Observable, *, urgent: bool = False) -> LookupResult:
-        self.seen.append(obs)
-        raise TypeError("Recursion limit reached")
+    return FakeLookup(error=TypeError("Recursion limit reached"))
 
 
 async def test_unexpected_error_ends_the_work_in_error_with_a_generic_message(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    pipeline, platform, publisher = make(Boom())
+    pipeline, platform, publisher = make_pipeline(boom())
     result = await pipeline.handle(job_body("auto_create_domain_green.json"))
     assert result.outcome is Outcome.FAILED and publisher.published == []
     assert platform.calls[-1] == ("processed", WORK, "internal error, see the connector log", True)
@@ -489,7 +378,7 @@ async def test_unexpected_error_ends_the_work_in_error_with_a_generic_message(
 
 
 async def test_unexpected_error_in_a_playbook_still_answers_it() -> None:
-    pipeline, platform, _ = make(Boom())
+    pipeline, platform, _ = make_pipeline(boom())
     body = orjson.loads(job_body("playbook_url.json"))
     result = await pipeline.handle(job_body("playbook_url.json"))
     assert (
@@ -504,7 +393,7 @@ async def test_unexpected_error_in_a_playbook_still_answers_it() -> None:
 
 
 async def test_unexpected_error_from_a_work_report_is_contained() -> None:
-    pipeline, platform, _ = make(FakeLookup(()))
+    pipeline, platform, _ = make_pipeline(FakeLookup(()))
     platform.fail = {"received": [ValueError("Newline or carriage return detected in headers")]}
     result = await pipeline.handle(job_body("auto_create_domain_green.json"))
     assert result.outcome is Outcome.FAILED
@@ -514,7 +403,7 @@ async def test_unexpected_error_from_a_work_report_is_contained() -> None:
 async def test_crlf_draft_id_fails_the_work_without_the_header() -> None:
     body = orjson.loads(job_body("auto_create_domain_green.json"))
     body["internal"]["draft_id"] = "e1f2a3b4\r\nX-Injected: 1"
-    pipeline, platform, _ = make(FakeLookup(()))
+    pipeline, platform, _ = make_pipeline(FakeLookup(()))
     result = await pipeline.handle(orjson.dumps(body))
     assert result.outcome is Outcome.INVALID
     assert platform.calls == [("processed", WORK, result.message, True)]
@@ -524,7 +413,7 @@ async def test_crlf_draft_id_fails_the_work_without_the_header() -> None:
 async def test_rejected_playbook_body_is_answered_with_its_bundle() -> None:
     body = orjson.loads(job_body("playbook_url.json"))
     body["event"]["entity_id"] = "url--00000000-0000-4000-8000-000000000000"  # not in the bundle
-    pipeline, platform, _ = make(FakeLookup(()))
+    pipeline, platform, _ = make_pipeline(FakeLookup(()))
     result = await pipeline.handle(orjson.dumps(body))
     assert result.outcome is Outcome.INVALID
     (call,) = platform.calls
@@ -540,7 +429,7 @@ async def test_entity_type_cannot_forge_log_lines(caplog: pytest.LogCaptureFixtu
         with_entity("auto_create_domain_green.json", extensions={ext: {"type": "X\r\nFAKE LINE"}})
     )
     body["event"]["entity_type"] = None
-    pipeline, _, _ = make(FakeLookup(()))
+    pipeline, _, _ = make_pipeline(FakeLookup(()))
     result = await pipeline.handle(orjson.dumps(body))
     assert result.outcome is Outcome.SKIPPED
     lines = [r.getMessage() for r in caplog.records if r.name == "lis_async.pipeline"]
@@ -560,7 +449,7 @@ async def test_a_large_body_is_parsed_off_the_event_loop(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(pipeline_module, "parse_job", parse_and_record)
     lookup = FakeLookup(HOST_ANSWER)
-    pipeline, _, _ = make(lookup)
+    pipeline, _, _ = make_pipeline(lookup)
     small = job_body("auto_create_domain_green.json")
     large = with_entity("auto_create_domain_green.json", x_padding="a" * PARSE_INLINE_BYTES)
     assert len(small) <= PARSE_INLINE_BYTES < len(large)

@@ -12,17 +12,15 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from lis_async.enrichment.delivery import Delivery
-from lis_async.enrichment.job import Observable, parse_job
-from lis_async.enrichment.pipeline import INTERNAL_ERROR, Outcome, Pipeline, Policy, Result
-from lis_async.enrichment.ports import LookupResult
+from lis_async.enrichment.job import PlaybookJob, parse_job
+from lis_async.enrichment.pipeline import INTERNAL_ERROR, Outcome, Result
 from lis_async.errors import (
     FatalError,
     JobError,
@@ -30,12 +28,10 @@ from lis_async.errors import (
     LisError,
     LisFatalError,
     LisRetriesExhausted,
-    PlatformError,
     WorkNotAlive,
 )
-from lis_async.lastinfosec.cache import CachedAnswer
-from lis_async.lastinfosec.wire import parse_answer, query_for
 from lis_async.retry import Backoff
+from tests.fakes import FakePlatform, ParsingLookup, make_pipeline
 from tests.helpers import FIXTURES, hostile_answer
 
 FIXTURE_BODIES = [p.read_bytes() for p in sorted((FIXTURES / "jobs").iterdir())]
@@ -263,100 +259,13 @@ bodies = st.one_of(
 )
 
 # ------------------------------------------------------------------------------------------
-# fakes
+# what LastInfoSec does (tests/fakes.py: ParsingLookup)
 
 
 @dataclass
 class Answer:
     raw: bytes | None = None
     error: Exception | None = None
-
-
-class ParsingLookup:
-    """The real client's query building, answer parsing (lastinfosec.wire, with an objects cap)
-    and answer cache entry (CachedAnswer: where a deep answer used to raise TypeError), without
-    HTTP."""
-
-    def __init__(self, answer: Answer) -> None:
-        self.answer = answer
-        self.called = False
-
-    async def lookup(self, obs: Observable, *, urgent: bool = False) -> LookupResult:
-        endpoint, value = query_for(obs, "search_hash_host")
-        self.called = True
-        if self.answer.error is not None:
-            raise self.answer.error
-        assert self.answer.raw is not None
-        result = parse_answer(self.answer.raw, endpoint, value, lambda text: text, MAX_OBJECTS)
-        return CachedAnswer.of(result).result()
-
-
-@dataclass
-class Platform:
-    """Records the calls that went through; each report first fails ``flaky`` times (an outage)."""
-
-    entity: Any = None
-    dead: bool = False
-    flaky: int = 0
-    recorded: int = 0  # expectations a redelivered job's work already has
-    markings: dict[str, Any] = field(default_factory=dict)
-    calls: list[str] = field(default_factory=list)
-    failed: dict[str, int] = field(default_factory=dict)
-
-    def _outage(self, name: str, draft_id: str | None = None) -> None:
-        if draft_id is not None and not draft_id.isprintable():  # what aiohttp does
-            raise ValueError("Newline or carriage return detected in headers")
-        if self.failed.get(name, 0) < self.flaky:
-            self.failed[name] = self.failed.get(name, 0) + 1
-            raise PlatformError("OpenCTI answered HTTP 503: outage")
-
-    async def work_received(self, work_id: str, draft_id: str | None) -> None:
-        self._outage("received", draft_id)
-        if self.dead:
-            raise WorkNotAlive()
-        self.calls.append("received")
-
-    async def add_expectations(self, work_id: str, n: int, draft_id: str | None) -> None:
-        self._outage("expectations", draft_id)
-        self.calls.append("expectations")
-
-    async def work_processed(
-        self, work_id: str, message: str, in_error: bool, draft_id: str | None
-    ) -> None:
-        assert isinstance(message, str) and message
-        self._outage("processed", draft_id)
-        self.calls.append("processed")
-
-    async def ping_work(self, work_id: str, draft_id: str | None) -> None:
-        self.calls.append("ping")
-
-    async def work_expectations(self, work_id: str, draft_id: str | None) -> int:
-        self._outage("tracking")
-        self.calls.append("tracking")
-        return self.recorded
-
-    async def playbook_step(self, ctx: Any, execution_start: str, bundle_json: str) -> None:
-        assert isinstance(orjson.loads(bundle_json).get("objects"), list)
-        self._outage("playbook")
-        self.calls.append("playbook")
-
-    async def read_observable(self, entity_id: str, draft_id: str | None) -> dict[str, Any] | None:
-        self._outage("read", draft_id)
-        self.calls.append("read")
-        return self.entity
-
-    async def read_marking(self, marking_id: str) -> dict[str, Any] | None:
-        self._outage("marking")
-        self.calls.append("marking")
-        return self.markings.get(marking_id.lower())
-
-
-class Publisher:
-    def __init__(self) -> None:
-        self.published = 0
-
-    async def publish(self, delivery: Delivery) -> None:
-        self.published += len(delivery.bodies)
 
 
 # ------------------------------------------------------------------------------------------
@@ -371,7 +280,7 @@ def _expected_work(body: bytes) -> tuple[str | None, bool]:
         if exc.playbook is not None:
             return None, True
         return exc.work_id, False
-    return (None, True) if job.playbook is not None else (job.work_id, False)
+    return (None, True) if isinstance(job, PlaybookJob) else (job.work_id, False)
 
 
 @settings(
@@ -479,46 +388,40 @@ def test_handle_returns_a_result_or_raises_fatal_only(
     redelivered: bool,
     markings: dict[str, Any],
 ) -> None:
-    platform = Platform(entity=entity, dead=dead, flaky=flaky, markings=markings)
-    publisher = Publisher()
-    lookup = ParsingLookup(answer)
-    pipeline = Pipeline(
-        lookup=lookup,
-        platform=platform,
-        publisher=publisher,
-        policy=Policy(
-            scope=frozenset({"StixFile", "Domain-Name", "Hostname", "Url"}),
-            max_tlp="TLP:AMBER",
-            confidence=50,
-        ),
-        backoff=Backoff(base_s=0.0, max_s=0.0),
+    lookup = ParsingLookup(answer.raw, answer.error, max_objects=MAX_OBJECTS)
+    platform = FakePlatform(entity=entity, flaky=flaky, markings=markings)
+    if dead:
+        platform.fail["received"] = [WorkNotAlive()]
+    pipeline, _, publisher = make_pipeline(
+        lookup, platform, connector_user_id=None, backoff=Backoff(base_s=0.0, max_s=0.0)
     )
     work_id, playbook = _expected_work(body)
     try:
         result = asyncio.run(pipeline.handle(body, redelivered))
     except FatalError:
         assert isinstance(answer.error, LisFatalError)
-        assert "processed" not in platform.calls and "playbook" not in platform.calls
+        assert "processed" not in platform.names() and "playbook" not in platform.names()
         return
+    calls = platform.names()
     assert isinstance(result, Result) and isinstance(result.outcome, Outcome) and result.message
     assert pipeline.in_flight == {}
-    if lookup.called and answer.error is not None and not isinstance(answer.error, LisError):
+    if lookup.seen and answer.error is not None and not isinstance(answer.error, LisError):
         assert result.outcome in (Outcome.FAILED, Outcome.INVALID, Outcome.SKIPPED, Outcome.DROPPED)
         if result.outcome is Outcome.FAILED:
             assert result.message == INTERNAL_ERROR
     if playbook:
-        assert platform.calls.count("playbook") == 1 and "processed" not in platform.calls
-        assert publisher.published == 0
+        assert calls.count("playbook") == 1 and "processed" not in calls
+        assert publisher.published == []
     elif work_id is None:
-        assert result.outcome is Outcome.INVALID and platform.calls == []
+        assert result.outcome is Outcome.INVALID and calls == []
     elif result.outcome is Outcome.DROPPED:
-        assert dead and "processed" not in platform.calls
+        assert dead and "processed" not in calls
     else:
-        assert platform.calls.count("processed") == 1 and platform.calls[-1] == "processed"
+        assert calls.count("processed") == 1 and calls[-1] == "processed"
         if result.outcome is Outcome.ENRICHED:
-            assert publisher.published == result.bundles > 0
+            assert len(publisher.published) == result.bundles > 0
             # A redelivery asks the work first: here it recorded nothing, so they are added.
-            assert "expectations" in platform.calls
-            assert ("tracking" in platform.calls) is redelivered
+            assert "expectations" in calls
+            assert ("tracking" in calls) is redelivered
         else:
-            assert publisher.published == 0
+            assert publisher.published == []

@@ -29,6 +29,8 @@ from lis_async.enrichment.job import (
     STIX_EXT_OCTI,
     STIX_EXT_OCTI_SCO,
     Job,
+    PlaybookJob,
+    WorkJob,
     parse_job,
     parse_observable,
 )
@@ -638,13 +640,14 @@ def test_inputs_not_mutated(case: str) -> None:
     answer_before = copy.deepcopy(answer)
     assert job.observable is not None
     entity_before = copy.deepcopy(dict(job.observable.stix))
-    playbook_before = copy.deepcopy(dict(job.playbook.bundle)) if job.playbook else None
+    playbook = job.playbook if isinstance(job, PlaybookJob) else None
+    playbook_before = copy.deepcopy(dict(playbook.bundle)) if playbook else None
 
     bundle = build_bundle(job, answer, confidence=75)
     assert answer == answer_before
     assert dict(job.observable.stix) == entity_before
-    if job.playbook:
-        assert dict(job.playbook.bundle) == playbook_before
+    if playbook:
+        assert dict(playbook.bundle) == playbook_before
 
     # The output shares nothing with the inputs: mutating it (as pycti's splitter does) is safe.
     for obj in bundle["objects"]:
@@ -659,8 +662,8 @@ def test_inputs_not_mutated(case: str) -> None:
                         inner["mutated"] = True
     assert answer == answer_before
     assert dict(job.observable.stix) == entity_before
-    if job.playbook:
-        assert dict(job.playbook.bundle) == playbook_before
+    if playbook:
+        assert dict(playbook.bundle) == playbook_before
     assert build_bundle(job, answer, confidence=75) == build_case(case)[2]
 
 
@@ -676,7 +679,7 @@ def test_empty_answer_gives_only_the_observable() -> None:
 
 def test_empty_answer_playbook_gives_incoming_objects_plus_reference() -> None:
     job = load_job("playbook_url")
-    assert job.playbook is not None
+    assert isinstance(job, PlaybookJob)
     bundle = build_bundle(job, [], confidence=75)
     assert bundle["id"] == job.playbook.bundle["id"]
     assert [o["id"] for o in bundle["objects"]] == [o["id"] for o in job.playbook.bundle["objects"]]
@@ -802,7 +805,7 @@ def test_large_answer() -> None:
 
 def test_playbook_passthrough() -> None:
     job = load_job("playbook_url")
-    assert job.playbook is not None
+    assert isinstance(job, PlaybookJob)
     before = copy.deepcopy(dict(job.playbook.bundle))
     out = playbook_passthrough(job)
     assert dict(job.playbook.bundle) == before
@@ -828,13 +831,10 @@ def test_playbook_passthrough_propagates_to_every_object() -> None:
             "definition": {"tlp": "amber"},
         }
     )
-    out = playbook_passthrough(parse_job(json.dumps(body).encode()))
+    job = parse_job(json.dumps(body).encode())
+    assert isinstance(job, PlaybookJob)
+    out = playbook_passthrough(job)
     assert out["objects"][1]["x_opencti_granted_refs"] == [ORG]
-
-
-def test_playbook_passthrough_rejects_non_playbook_jobs() -> None:
-    with pytest.raises(ValueError):
-        playbook_passthrough(load_job("auto_create_domain_green"))
 
 
 def test_hand_built_job_after_deferred_resolution() -> None:
@@ -844,7 +844,8 @@ def test_hand_built_job_after_deferred_resolution() -> None:
     entity = json.loads(
         json.loads((JOBS / "auto_create_domain_green.json").read_text())["event"]["stix_entity"]
     )
-    resolved = Job(
+    assert isinstance(job, WorkJob)
+    resolved = WorkJob(
         work_id=job.work_id,
         applicant_id=job.applicant_id,
         draft_id=job.draft_id,
