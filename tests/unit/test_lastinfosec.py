@@ -1036,16 +1036,17 @@ async def test_paced_limiter_spreads_grants_evenly() -> None:
         await asyncio.gather(*(one() for _ in range(n)))
         return sorted(times)
 
-    interval = 0.01
-    times = await grants(PacedLimiter(1 / interval), 30)
+    # Stamps are taken just after each grant: a busy machine may delay one by a few ms.
+    interval, noise = 0.05, 0.005
+    times = await grants(PacedLimiter(1 / interval), 12)
     for k, t in enumerate(times):
-        assert t - times[0] >= k * interval - CATCH_UP * interval - 1e-6, k
-    assert times[-1] - times[0] < 30 * interval * 3  # paced, not serialised behind sleeps
+        assert t - times[0] >= k * interval - CATCH_UP * interval - noise, k
+    assert times[-1] - times[0] < 12 * interval * 3  # paced, not serialised behind sleeps
 
-    times = await grants(PacedLimiter(1 / interval, burst=5), 15)
+    times = await grants(PacedLimiter(1 / interval, burst=5), 10)
     assert times[4] - times[0] < interval  # the burst allowance: five at once
-    for k in range(5, 15):
-        assert times[k] - times[0] >= (k - 4) * interval - CATCH_UP * interval - 1e-6, k
+    for k in range(5, 10):
+        assert times[k] - times[0] >= (k - 4) * interval - CATCH_UP * interval - noise, k
 
 
 async def test_urgent_acquisitions_overtake_the_waiting_ones() -> None:
