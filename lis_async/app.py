@@ -18,6 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lis_async.broker.connection import BrokerWatch, queue_depth
@@ -30,7 +31,14 @@ from lis_async.intake.backpressure import Backpressure
 from lis_async.intake.hold import Hold
 from lis_async.intake.threshold import QueueThreshold
 from lis_async.lastinfosec import LastInfoSecClient
-from lis_async.ops.gauges import PyctiGauges, WorkerGauges, readiness_checks, readiness_details
+from lis_async.lastinfosec.budget import BlockBudget, FileLedger, block_size, default_state_file
+from lis_async.ops.gauges import (
+    BudgetGauges,
+    PyctiGauges,
+    WorkerGauges,
+    readiness_checks,
+    readiness_details,
+)
 from lis_async.ops.health import HealthServer
 from lis_async.ops.metrics import ClusterCollector, LisStatsCollector, Metrics
 from lis_async.platform.client import BYTES_PER_MB, Platform, Registration
@@ -333,15 +341,16 @@ class App:
     def _lastinfosec_client(self) -> LastInfoSecClient:
         """The client, with cluster mode's shared limiter and cache when Redis is set."""
         s = self.settings
+        lis = s.lastinfosec
         if s.redis.url is None:
-            return LastInfoSecClient(s.lastinfosec, proxy=s.lastinfosec_proxy)
+            return LastInfoSecClient(lis, proxy=s.lastinfosec_proxy, budget=self._local_budget())
         # Imported here: a worker without Redis never loads the Redis client.
         from lis_async.cluster.cache import SharedAnswerCache
         from lis_async.cluster.limiter import ClusterLimiter
         from lis_async.cluster.link import RedisLink
 
         self.redis = link = RedisLink(s)
-        lis, r = s.lastinfosec, s.redis
+        r = s.redis
         limiter = ClusterLimiter(
             link,
             lis.rate_per_s,
@@ -353,9 +362,26 @@ class App:
         self._spawn(link.maintain, "redis")
         self.metrics.add_collector(ClusterCollector(link, limiter, shared, self.metrics.name))
         log.info("cluster mode: quota and cache shared through Redis %s", link.where)
+        budget = None
+        if lis.daily_budget is not None:
+            from lis_async.cluster.budget import cluster_budget
+
+            budget = cluster_budget(
+                link, lis.daily_budget, lis.daily_budget_urgent_share, lis.rate_per_s
+            )
         return LastInfoSecClient(
-            lis, proxy=s.lastinfosec_proxy, limiter=limiter, shared_cache=shared
+            lis, proxy=s.lastinfosec_proxy, limiter=limiter, shared_cache=shared, budget=budget
         )
+
+    def _local_budget(self) -> BlockBudget | None:
+        """The daily budget of a worker without Redis: its count in a state file."""
+        lis = self.settings.lastinfosec
+        if lis.daily_budget is None:
+            return None
+        path = lis.daily_budget_file
+        ledger = FileLedger(Path(path) if path else default_state_file(self.settings.connector.id))
+        block = block_size(lis.daily_budget, lis.rate_per_s)
+        return BlockBudget(ledger, lis.daily_budget, lis.daily_budget_urgent_share, block)
 
     # -- intake holds (lis_async/intake/hold.py) ----------------------------------------------
     async def _push_depth(self) -> int | None:
@@ -425,6 +451,8 @@ class App:
             )
         )
         m.add_collector(PyctiGauges(self, m.name))
+        if lis.budget is not None:
+            m.add_collector(BudgetGauges(lis.budget, m.name))
         if s.health_port:
             self.health_server = HealthServer(
                 self.checks, None, host=s.health_host, port=s.health_port, details=self.details

@@ -14,6 +14,7 @@ already redacted when it is built (:mod:`lis_async.redact`).
     │   ├── LisFatalError        the API key is refused: the worker stops
     │   ├── LisRetriesExhausted  429/5xx/timeouts beyond the retry budget
     │   ├── LisBadAnswer         not JSON, too large, wrongly shaped
+    │   ├── LisBudgetSpent       the daily budget has no request left for this job
     │   └── NothingToLookUp      the observable gives nothing to send
     ├── PlatformError            a GraphQL call to OpenCTI failed
     │   ├── PlatformUnavailable  no answer, or not a GraphQL one (HTTP 5xx...): it is down
@@ -34,6 +35,7 @@ __all__ = [
     "JobError",
     "LisAsyncError",
     "LisBadAnswer",
+    "LisBudgetSpent",
     "LisError",
     "LisFatalError",
     "LisRetriesExhausted",
@@ -102,6 +104,18 @@ class LisRetriesExhausted(LisError):
 
 class LisBadAnswer(LisError):
     """Non-JSON, truncated, oversized or wrongly shaped answer."""
+
+
+class LisBudgetSpent(LisError):
+    """The day's LastInfoSec budget (``LASTINFOSEC_DAILY_BUDGET``) has no request left for this
+    job (or, in cluster mode, none is held and Redis cannot be reached): nothing was sent. Not
+    an error of the job: the pipeline completes it at once with the message
+    (docs/lastinfosec.md, Daily budget)."""
+
+    def __init__(
+        self, message: str = "LastInfoSec daily budget spent; re-enrich after 00:00 UTC"
+    ) -> None:
+        super().__init__(message, retriable=False)
 
 
 class NothingToLookUp(LisError):

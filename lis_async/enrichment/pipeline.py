@@ -52,6 +52,7 @@ from lis_async.enrichment.ports import (
 from lis_async.errors import (
     FatalError,
     JobError,
+    LisBudgetSpent,
     LisError,
     LisFatalError,
     NothingToLookUp,
@@ -465,6 +466,8 @@ class Pipeline:
             return Result(Outcome.SKIPPED, str(exc))
         except LisFatalError as exc:
             raise FatalError(str(exc)) from None
+        except LisBudgetSpent as exc:  # nothing sent: completed at once, not in error
+            return Result(Outcome.SKIPPED, str(exc))
         except LisError as exc:  # retries exhausted, bad answer: the work ends in error
             return Result(Outcome.FAILED, f"LastInfoSec lookup failed: {exc}")
         if not found.found:

@@ -2,7 +2,8 @@
 
 A lookup goes through, in this order: the in-process answer cache -> coalescing of identical
 in-flight lookups -> (cluster mode) the shared cache and cross-replica coalescing -> the
-client-wide 429 pause -> the rate limiter (local, or the cluster's) -> the concurrency semaphore
+client-wide 429 pause -> the daily budget (when set; every attempt spends one request) -> the
+rate limiter (local, or the cluster's) -> the concurrency semaphore
 -> HTTP (with bounded retries and back-off, :class:`lis_async.retry.Backoff`).
 
 The API key travels in the query string (``api_key=...``), so every URL is a secret. Nothing this
@@ -30,11 +31,13 @@ from lis_async.enrichment.job import Observable
 from lis_async.enrichment.ports import LookupResult
 from lis_async.errors import (
     LisBadAnswer,
+    LisBudgetSpent,
     LisError,
     LisFatalError,
     LisRetriesExhausted,
     NothingToLookUp,
 )
+from lis_async.lastinfosec.budget import DailyBudget
 from lis_async.lastinfosec.cache import AnswerCache, CachedAnswer, CacheKey, SharedCache
 from lis_async.lastinfosec.limiter import PacedLimiter, RateLimiter
 from lis_async.lastinfosec.outage import PROBE_INTERVAL_S, OutageGate
@@ -176,12 +179,14 @@ class LastInfoSecClient:
         limiter: RateLimiter | None = None,
         shared_cache: SharedCache | None = None,
         outage_probe_s: float = PROBE_INTERVAL_S,
+        budget: DailyBudget | None = None,
     ) -> None:
         """``proxy``: explicit proxy URL (``PROXY_HTTP(S)``); with ``trust_env``, else the
         environment's ``HTTP(S)_PROXY`` / ``NO_PROXY``. ``clock``: the cache's expiry clock.
         ``limiter`` / ``shared_cache``: cluster mode's (default: a local paced limiter, no
         shared cache). ``outage_probe_s``: seconds between probes while LastInfoSec is down
-        (tests make it short)."""
+        (tests make it short). ``budget``: the daily budget (None: none), local or the
+        cluster's."""
         self._settings = s = settings
         self.stats = LisStats()
         key = s.api_key_cti.get_secret_value()
@@ -202,6 +207,7 @@ class LastInfoSecClient:
         self._sem = asyncio.Semaphore(s.concurrency)
         self._limiter: RateLimiter = limiter or PacedLimiter(s.rate_per_s, s.rate_burst or 1)
         self._shared = shared_cache
+        self.budget = budget
         self._outage = OutageGate(outage_probe_s)
         cache_on = s.cache_size > 0 and (s.cache_ttl_s > 0 or s.cache_negative_ttl_s > 0)
         cache_on = cache_on and s.cache_max_bytes > 0
@@ -395,6 +401,10 @@ class LastInfoSecClient:
                     raise self._exhausted(req, attempt, failure) from None
                 await self._before_retry(req, failure, attempt)
                 continue
+            except LisBudgetSpent:  # nothing was sent
+                if probe:
+                    await gate.release()
+                raise
             except LisError:
                 await gate.answered(probe)  # an answer, even a bad one: LastInfoSec is up
                 raise
@@ -456,12 +466,15 @@ class LastInfoSecClient:
             await asyncio.sleep(delay)
 
     async def _attempt(self, req: _Request) -> LookupResult:
-        """One attempt: the 429 pause, the rate limiter, a connection slot, then one HTTP
-        exchange turned into a result. Raises :class:`_Transient` (a retry may help) or a final
-        :class:`LisError`."""
+        """One attempt: the 429 pause, the daily budget, the rate limiter, a connection slot,
+        then one HTTP exchange turned into a result. Raises :class:`_Transient` (a retry may
+        help) or a final :class:`LisError`."""
         throttle = self._throttle
         await throttle.wait()
-        await self._limiter.acquire(urgent=req.key in self._urgent)
+        urgent = req.key in self._urgent
+        if self.budget is not None:
+            await self.budget.spend(urgent)  # LastInfoSec counts every arrival, retries too
+        await self._limiter.acquire(urgent=urgent)
         async with self._sem:
             await throttle.wait()  # a 429 may have arrived while this one was queued
             if logger.isEnabledFor(_DEBUG):

@@ -17,7 +17,14 @@ from prometheus_client.registry import Collector
 
 from lis_async.ops.metrics import LisCounters, RedisLinkView, client_errors
 
-__all__ = ["PyctiGauges", "Worker", "WorkerGauges", "readiness_checks", "readiness_details"]
+__all__ = [
+    "BudgetGauges",
+    "PyctiGauges",
+    "Worker",
+    "WorkerGauges",
+    "readiness_checks",
+    "readiness_details",
+]
 
 
 class Connected(Protocol):
@@ -230,6 +237,48 @@ class WorkerGauges(Collector):
             value = read(self._worker)
             if value is not None:
                 g.add_metric([], float(value))
+            yield g
+
+
+class Budget(Protocol):
+    """The daily LastInfoSec budget (:class:`lis_async.lastinfosec.budget.BlockBudget`)."""
+
+    @property
+    def limits(self) -> tuple[int, int]:
+        """(auto, urgent) requests per UTC day."""
+        ...
+
+    def remaining(self) -> tuple[int, int]:
+        """(auto, urgent) requests left today."""
+        ...
+
+
+class BudgetGauges(Collector):
+    """``lis_daily_budget_remaining`` and ``lis_daily_budget_limit``, by ``share``: ``auto``
+    (what auto jobs may use) and ``urgent`` (manual and playbook jobs: the whole budget).
+    Registered only when LASTINFOSEC_DAILY_BUDGET is set."""
+
+    def __init__(self, budget: Budget, name: Callable[[str], str]) -> None:
+        self._budget = budget
+        self._name = name
+
+    def collect(self) -> Iterable[Any]:
+        for metric, doc, values in (
+            (
+                "lis_daily_budget_remaining",
+                "LastInfoSec requests left today (UTC) as this worker last saw the budget",
+                self._budget.remaining(),
+            ),
+            (
+                "lis_daily_budget_limit",
+                "LastInfoSec requests per UTC day (LASTINFOSEC_DAILY_BUDGET; auto: without "
+                "the share kept for manual and playbook jobs)",
+                self._budget.limits,
+            ),
+        ):
+            g = GaugeMetricFamily(self._name(metric), doc, labels=["share"])
+            for share, value in zip(("auto", "urgent"), values, strict=True):
+                g.add_metric([share], float(value))
             yield g
 
 

@@ -421,6 +421,27 @@ class LastInfoSecSettings(_Section):
         ge=1,
         group="limits",
     )
+    daily_budget: int | None = _own(
+        None,
+        "LastInfoSec requests per UTC day, retries included, across replicas and restarts; "
+        "unset: no daily budget",
+        ge=1,
+        group="limits",
+    )
+    daily_budget_urgent_share: float = _own(
+        0.1,
+        "share of daily_budget only manual and playbook jobs may use (0..1)",
+        ge=0,
+        le=1,
+        group="limits",
+    )
+    daily_budget_file: OptStr = _own(
+        None,
+        "where a worker without redis.url keeps the day's count across restarts; default: "
+        "$XDG_STATE_HOME/lis-async/daily-budget-<connector.id>.json "
+        "(XDG_STATE_HOME: ~/.local/state)",
+        group="limits",
+    )
     max_tlp: str = _own(
         "TLP:AMBER",
         "observables marked above this TLP (or with a marking that cannot be resolved) are "
