@@ -43,6 +43,7 @@ ALERTS = {
     "LisAsyncNoHeartbeat",
     "LisAsyncBackpressure",
     "LisAsyncDown",
+    "LisAsyncDailyBudgetLow",
 }
 BASE_ENV = OFFLINE_ENV | {"CONNECTOR_HEALTH_PORT": "0"}  # no server: only the registry
 
@@ -94,7 +95,9 @@ async def _exported() -> frozenset[str]:
     for real on stand-in parts), and the cluster collector ``App`` adds in cluster mode."""
     app = App(load_settings(env=BASE_ENV))
     consumer = SimpleNamespace(in_flight=0, connected=False)
-    app.consumer, app.lis = consumer, SimpleNamespace(stats=LisStats(), outage_down=False)  # type: ignore[assignment]
+    budget = SimpleNamespace(limits=(9, 10), remaining=lambda: (9, 10))  # a daily budget set
+    lis = SimpleNamespace(stats=LisStats(), outage_down=False, budget=budget)
+    app.consumer, app.lis = consumer, lis  # type: ignore[assignment]
     try:
         await app._start_servers()
         stats = SimpleNamespace(errors=0, transitions=0, replicas_seen=1)
@@ -151,6 +154,7 @@ def test_the_worker_registry_is_collected() -> None:
         "runs_total",  # pycti's connector metrics (Metrics)
         "state",  # ops.gauges.PyctiGauges
         "lis_redis_shared",  # ClusterCollector
+        "lis_daily_budget_remaining",  # ops.gauges.BudgetGauges, with a daily budget
     ):
         assert name in names, sorted(names)
     assert "lis_jobs" not in names  # a counter is only exported with _total
