@@ -18,7 +18,6 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lis_async.broker.connection import BrokerWatch, queue_depth
@@ -31,7 +30,7 @@ from lis_async.intake.backpressure import Backpressure
 from lis_async.intake.hold import Hold
 from lis_async.intake.threshold import QueueThreshold
 from lis_async.lastinfosec import LastInfoSecClient
-from lis_async.lastinfosec.budget import BlockBudget, FileLedger, block_size, default_state_file
+from lis_async.lastinfosec.budget import file_budget
 from lis_async.ops.gauges import (
     BudgetGauges,
     PyctiGauges,
@@ -343,7 +342,8 @@ class App:
         s = self.settings
         lis = s.lastinfosec
         if s.redis.url is None:
-            return LastInfoSecClient(lis, proxy=s.lastinfosec_proxy, budget=self._local_budget())
+            budget = file_budget(lis, s.connector.id)
+            return LastInfoSecClient(lis, proxy=s.lastinfosec_proxy, budget=budget)
         # Imported here: a worker without Redis never loads the Redis client.
         from lis_async.cluster.cache import SharedAnswerCache
         from lis_async.cluster.limiter import ClusterLimiter
@@ -372,16 +372,6 @@ class App:
         return LastInfoSecClient(
             lis, proxy=s.lastinfosec_proxy, limiter=limiter, shared_cache=shared, budget=budget
         )
-
-    def _local_budget(self) -> BlockBudget | None:
-        """The daily budget of a worker without Redis: its count in a state file."""
-        lis = self.settings.lastinfosec
-        if lis.daily_budget is None:
-            return None
-        path = lis.daily_budget_file
-        ledger = FileLedger(Path(path) if path else default_state_file(self.settings.connector.id))
-        block = block_size(lis.daily_budget, lis.rate_per_s)
-        return BlockBudget(ledger, lis.daily_budget, lis.daily_budget_urgent_share, block)
 
     # -- intake holds (lis_async/intake/hold.py) ----------------------------------------------
     async def _push_depth(self) -> int | None:

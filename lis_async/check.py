@@ -5,13 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from lis_async.enrichment.job import Observable
 from lis_async.errors import LisError, PlatformError
 from lis_async.lastinfosec import LastInfoSecClient
+from lis_async.lastinfosec.budget import DailyBudget, file_budget
 from lis_async.platform.client import Platform, Registration
 from lis_async.redact import mask_url, redact
 from lis_async.settings.model import Settings
+
+if TYPE_CHECKING:
+    from lis_async.cluster.link import RedisLink
 
 # A value LastInfoSec is asked about: the EICAR test file's SHA-256 (harmless, well known).
 PROBE_HASH = "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f"
@@ -84,17 +89,37 @@ async def _check_lastinfosec(settings: Settings, report: Report) -> None:
         stix=MappingProxyType({}),
     )
     once = settings.lastinfosec.model_copy(update={"retry_budget_s": 0, "cache_size": 0})
-    client = LastInfoSecClient(once, proxy=settings.lastinfosec_proxy)
+    link, budget = _daily_budget(settings)
+    client = LastInfoSecClient(once, proxy=settings.lastinfosec_proxy, budget=budget)
     base = mask_url(settings.lastinfosec.base_url)
     try:
         await client.start()
-        result = await client.lookup(probe)
+        # urgent: an operator asks; the probe is counted in the daily budget like any request
+        result = await client.lookup(probe, urgent=True)
         found = "known" if result.found else "not found (the key works)"
         report(True, "lastinfosec", f"{base}: probe hash {found}")
     except LisError as exc:
         report(False, "lastinfosec", f"{base}: {exc}")
     finally:
         await client.close()
+        if link is not None:
+            await link.close()
+
+
+def _daily_budget(settings: Settings) -> tuple[RedisLink | None, DailyBudget | None]:
+    """The daily budget the probe counts in (blocks of one: the check wastes nothing), and the
+    Redis link it uses in cluster mode."""
+    lis = settings.lastinfosec
+    if lis.daily_budget is None:
+        return None, None
+    if settings.redis.url is None:
+        return None, file_budget(lis, settings.connector.id, block=1)
+    from lis_async.cluster.budget import cluster_budget
+    from lis_async.cluster.link import RedisLink
+
+    link = RedisLink(settings)
+    share = lis.daily_budget_urgent_share
+    return link, cluster_budget(link, lis.daily_budget, share, lis.rate_per_s, block=1)
 
 
 async def _check_redis(settings: Settings, report: Report) -> None:

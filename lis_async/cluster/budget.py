@@ -98,9 +98,11 @@ def cluster_budget(
     urgent_share: float,
     rate_per_s: float,
     *,
+    block: int | None = None,
     day: Callable[[], date] = utc_day,
 ) -> BlockBudget:
     """The daily budget every replica on ``link`` shares (``rate_per_s``: the cluster's rate;
-    a block is one second of it, see :func:`~lis_async.lastinfosec.budget.block_size`)."""
-    block = block_size(budget, rate_per_s)
-    return BlockBudget(RedisLedger(link), budget, urgent_share, block, day=day)
+    a block is one second of it unless ``block`` is given, see
+    :func:`~lis_async.lastinfosec.budget.block_size`)."""
+    size = block or block_size(budget, rate_per_s)
+    return BlockBudget(RedisLedger(link), budget, urgent_share, size, day=day)

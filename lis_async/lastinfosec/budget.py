@@ -30,6 +30,7 @@ from typing import Final, Protocol
 import orjson
 
 from lis_async.errors import LisBudgetSpent
+from lis_async.settings.model import LastInfoSecSettings
 
 log: Final = logging.getLogger("lis_async.lastinfosec")
 
@@ -185,6 +186,20 @@ class BlockBudget:
         auto = min(left, max(0, self.caps.auto - tally.auto)) + auto_held
         urgent = left + auto_held + urgent_held
         return auto, urgent
+
+
+def file_budget(
+    settings: LastInfoSecSettings, connector_id: str, *, block: int | None = None
+) -> BlockBudget | None:
+    """The daily budget of a worker without Redis (None: no ``daily_budget``), its count in
+    ``daily_budget_file`` or :func:`default_state_file`; ``block``: the block size (default
+    :func:`block_size`)."""
+    if settings.daily_budget is None:
+        return None
+    path = settings.daily_budget_file
+    ledger = FileLedger(Path(path) if path else default_state_file(connector_id))
+    size = block or block_size(settings.daily_budget, settings.rate_per_s)
+    return BlockBudget(ledger, settings.daily_budget, settings.daily_budget_urgent_share, size)
 
 
 def default_state_file(connector_id: str) -> Path:

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from lis_async.app import App
+from lis_async.check import _check_lastinfosec
 from lis_async.enrichment.pipeline import Outcome
 from lis_async.errors import LisBudgetSpent
 from lis_async.lastinfosec import LastInfoSecClient
@@ -223,6 +224,29 @@ async def test_the_worker_keeps_its_count_in_the_configured_file(tmp_path: Path)
     # one block reserved: one second of the rate (4), below a hundredth of the budget (10)
     day = orjson.loads(state.read_bytes())
     assert (day["used"], day["auto"]) == (4, 4)
+
+
+async def test_lis_async_check_counts_its_probe(tmp_path: Path) -> None:
+    """The check's one request is counted (a block of one: it wastes nothing), and a spent
+    budget is said rather than overspent."""
+    state = tmp_path / "budget.json"
+    async with LastInfoSecSim(LisSimConfig(known_share=1.0)) as lis:
+        assert lis.base_url is not None
+        env = OFFLINE_ENV | {
+            "CONFIG_LIS_APIKEY_CTI": "test-lis-key",
+            "LASTINFOSEC_BASE_URL": lis.base_url,
+            "LASTINFOSEC_ALLOW_HTTP": "true",
+            "LASTINFOSEC_DAILY_BUDGET": "1",
+            "LASTINFOSEC_DAILY_BUDGET_FILE": str(state),
+        }
+        lines: list[tuple[bool, str]] = []
+        for _ in range(2):
+            await _check_lastinfosec(
+                load_settings(env=env), lambda ok, _what, text: lines.append((ok, text))
+            )
+        assert lis.stats.total == 1
+    assert lines[0][0] and not lines[1][0] and SPENT in lines[1][1]
+    assert orjson.loads(state.read_bytes())["used"] == 1
 
 
 async def test_the_gauges_show_what_is_left(tmp_path: Path) -> None:
