@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import math
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -213,7 +214,9 @@ def default_state_file(connector_id: str) -> Path:
 class FileLedger:
     """:class:`Ledger` of a worker without Redis: the day's tally in a small JSON file
     (``{"day": "YYYY-MM-DD", "used": n, "auto": n}``), rewritten atomically (a temporary file,
-    then a rename) at each reservation, before the block is spent.
+    then a rename) at each reservation, before the block is spent. Each reservation reads the
+    file again under an exclusive lock (``<file>.lock``), so processes sharing the file on one
+    host (a worker and ``lis-async check``) count together.
 
     A file that exists but is not one of ours (not JSON, not counts) counts as today's budget
     spent: it may have held today's tally. A file that cannot be written is said once (WARNING)
@@ -221,24 +224,47 @@ class FileLedger:
 
     def __init__(self, path: Path, *, day: Callable[[], date] = utc_day) -> None:
         self.path = path
+        self._lock_path = path.with_name(path.name + ".lock")
         self._day = ""
         self._tally = Tally()
         self.writable = True
-        self._load(day().isoformat())
-        self._save_or_warn(self._day or day().isoformat(), self._tally)
+        self._warned_garbage = False
+        today = day().isoformat()
+        with self._locked():
+            self._merge(self._read(today))
+            self._save_or_warn(self._day or today, self._tally)
 
-    def _load(self, today: str) -> None:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock on ``<file>.lock`` while the file is read and written (none when
+        it cannot be opened: the file cannot be written either)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _read(self, today: str) -> tuple[str, Tally] | None:
+        """The file's day and tally; None when there is no file to read."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
-            return
+            return None
         except OSError as exc:
-            log.warning(
-                "daily budget file %s cannot be read (%s): today's count starts at 0",
-                self.path,
-                type(exc).__name__,
-            )
-            return
+            if self.writable:
+                log.warning(
+                    "daily budget file %s cannot be read (%s): counting from what this worker "
+                    "knows",
+                    self.path,
+                    type(exc).__name__,
+                )
+            return None
         try:
             data = orjson.loads(raw)
             day, used, auto = data["day"], data["used"], data["auto"]
@@ -246,14 +272,26 @@ class FileLedger:
         except (orjson.JSONDecodeError, TypeError, KeyError):
             valid = False
         if not valid:
-            log.warning(
-                "daily budget file %s is not a budget tally: today's budget counts as spent "
-                "(delete the file to start the day afresh)",
-                self.path,
-            )
-            self._day, self._tally = today, Tally(2**62, 2**62)
+            if not self._warned_garbage:
+                self._warned_garbage = True
+                log.warning(
+                    "daily budget file %s is not a budget tally: today's budget counts as "
+                    "spent (delete the file to start the day afresh)",
+                    self.path,
+                )
+            return today, Tally(2**62, 2**62)
+        return day, Tally(used, auto)
+
+    def _merge(self, read: tuple[str, Tally] | None) -> None:
+        """Take the file's tally in: the later day, or the larger counts of the same day."""
+        if read is None:
             return
-        self._day, self._tally = day, Tally(used, auto)
+        day, tally = read
+        if day > self._day:
+            self._day, self._tally = day, tally
+        elif day == self._day:
+            mine = self._tally
+            self._tally = Tally(max(mine.used, tally.used), max(mine.auto, tally.auto))
 
     def _write(self, day: str, tally: Tally) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,15 +323,18 @@ class FileLedger:
                 type(exc).__name__,
             )
 
+    def _reserve(self, day: str, n: int, urgent: bool, caps: Caps) -> tuple[int, Tally]:
+        with self._locked():
+            if self.writable:
+                self._merge(self._read(day))
+            tally = self._tally if day == self._day else Tally()
+            granted = grant(tally, n, urgent, caps)
+            if granted > 0:
+                tally = Tally(tally.used + granted, tally.auto + (0 if urgent else granted))
+                self._day, self._tally = day, tally
+                self._save_or_warn(day, tally)  # persisted before it is spent
+            return granted, tally
+
     async def reserve(self, day: str, n: int, urgent: bool, caps: Caps) -> tuple[int, Tally] | None:
-        tally = self._tally if day == self._day else Tally()
-        granted = grant(tally, n, urgent, caps)
-        if granted > 0:
-            tally = Tally(tally.used + granted, tally.auto + (0 if urgent else granted))
-            self._day, self._tally = day, tally
-            if self.writable:  # persisted before it is spent: a crash wastes the block
-                try:
-                    await asyncio.to_thread(self._write, day, tally)
-                except OSError:
-                    self._save_or_warn(day, tally)
-        return granted, tally
+        # In a thread: a lock, a read, a write and an fsync, once per block.
+        return await asyncio.to_thread(self._reserve, day, n, urgent, caps)

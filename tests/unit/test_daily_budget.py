@@ -107,6 +107,28 @@ async def test_the_budget_holds_across_a_restart_and_a_crash_wastes_at_most_a_bl
             assert await spend_all(c, "third", urgent=True) == 0
 
 
+async def test_two_workers_sharing_the_file_count_together(tmp_path: Path) -> None:
+    state = tmp_path / "budget.json"
+    async with LastInfoSecSim(LisSimConfig(known_share=1.0)) as lis:
+        async with (
+            client(lis, budget_at(state, 10, block=2)) as a,
+            client(lis, budget_at(state, 10, block=2)) as b,
+        ):
+            sent = {"a": 0, "b": 0}
+            for i in range(20):  # one lookup each in turn: each reserves blocks of 2
+                name, c = ("a", a) if i % 2 else ("b", b)
+                try:
+                    await c.lookup_value("search_host", f"w{i}.example.com")
+                    sent[name] += 1
+                except LisBudgetSpent:
+                    pass
+            assert sent == {"a": 4, "b": 4}  # the auto part (8), no block reserved twice
+            assert lis.stats.total == 8
+            assert await spend_all(a, "manual", urgent=True) == 2
+            assert await spend_all(b, "manual-b", urgent=True) == 0
+        assert lis.stats.total == 10
+
+
 async def test_the_next_utc_day_starts_afresh(tmp_path: Path) -> None:
     today = Today()
     budget = budget_at(tmp_path / "budget.json", 5, share=0.0, block=2, day=today)
