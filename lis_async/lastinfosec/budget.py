@@ -136,7 +136,7 @@ class BlockBudget:
         self._urgent = 0
         self._tally_day = ""
         self._tally = Tally()
-        self.spent = 0  # requests let through (metrics, tests)
+        self.spent = 0  # requests let through
 
     @property
     def limits(self) -> tuple[int, int]:
