@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import dockerfile
 import pytest
 import yaml
 from pydantic import BaseModel
@@ -88,37 +89,28 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
-    logical: list[str] = []
-    current = ""
-    for line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
-        stripped = line.strip()
-        if not current and (not stripped or stripped.startswith("#")):
-            continue
-        if stripped.startswith("#"):  # comment inside a continued instruction
-            continue
-        if stripped.endswith("\\"):
-            current += stripped[:-1] + " "
-            continue
-        logical.append(current + stripped)
-        current = ""
-    assert not current, "Dockerfile ends with a line continuation"
-    out = []
-    for text in logical:
-        instr, _, args = text.partition(" ")
-        out.append((instr.upper(), args.strip()))
-    return out
+def dockerfile_instructions() -> list[dockerfile.Command]:
+    """The Dockerfile as BuildKit's own parser reads it (the ``dockerfile`` package)."""
+    return list(dockerfile.parse_file(str(DOCKERFILE)))
 
 
-def final_stage() -> list[tuple[str, str]]:
+def final_stage() -> list[dockerfile.Command]:
+    """The instructions of the last stage: the image ``docker build .`` makes."""
     instrs = dockerfile_instructions()
-    last_from = max(i for i, (instr, _) in enumerate(instrs) if instr == "FROM")
+    last_from = max(i for i, c in enumerate(instrs) if c.cmd == "FROM")
     return instrs[last_from:]
 
 
-def instruction(instrs: list[tuple[str, str]], name: str) -> list[str]:
-    return [args for instr, args in instrs if instr == name]
+def instruction(instrs: list[dockerfile.Command], name: str) -> list[dockerfile.Command]:
+    return [c for c in instrs if c.cmd == name]
+
+
+def env_of(instrs: list[dockerfile.Command]) -> dict[str, str]:
+    """The environment the ENV instructions set (``ENV K=V K2=V2`` parses to K, V, K2, V2)."""
+    env: dict[str, str] = {}
+    for c in instruction(instrs, "ENV"):
+        env |= dict(zip(c.value[::2], c.value[1::2], strict=True))
+    return env
 
 
 # ----------------------------------------------------------------------------- docker-compose.yml
@@ -162,7 +154,7 @@ def test_compose_demo_profile() -> None:
     assert demo["profiles"] == ["demo"]
     assert demo["image"] == "lis-async:demo"
     assert demo["build"] == {"context": ".", "target": "demo"}
-    stages = [a.split()[-1] for a in instruction(dockerfile_instructions(), "FROM")]
+    stages = [c.value[-1] for c in instruction(dockerfile_instructions(), "FROM")]
     assert "demo" in stages and stages[-1] != "demo"  # the default build is the product
     assert demo["command"][0] == "demo"
     assert "--amqp-url" in demo["command"]
@@ -293,63 +285,57 @@ def test_sample_required_values_are_changeme() -> None:
 
 
 # ----------------------------------------------------------------------------- Dockerfile
-def test_dockerfile_base_images() -> None:
-    froms = instruction(dockerfile_instructions(), "FROM")
-    assert froms
-    for args in froms:  # pinned by digest once `bash .ci/pin-base` could resolve one
-        assert re.fullmatch(r"python:3\.12-slim(@sha256:[0-9a-f]{64})?", args.split()[0]), args
+#: The Python of the image, for which the pinned sets are checked to be closed (below).
+IMAGE_PYTHON = "3.12"
 
 
-def test_dockerfile_product_image_carries_no_tools() -> None:
-    """The default image installs no extra and removes the simulators and the benchmark."""
-    runs = " ".join(instruction(final_stage(), "RUN"))
-    assert "lis-async[" not in runs.replace("'", "")
-    assert '"$site/sim"' in runs and '"$site/bench"' in runs
-
-
-def test_dockerfile_product_image_drops_the_installer() -> None:
-    """Nothing in the running container can fetch and install code: pip goes last."""
-    runs = instruction(final_stage(), "RUN")
-    assert runs[-1].rstrip().endswith("pip uninstall -y pip setuptools wheel"), runs[-1]
+def test_dockerfile_stages_run_the_python_the_pins_are_for() -> None:
+    for c in instruction(dockerfile_instructions(), "FROM"):
+        image = c.value[0]  # pinned by digest once `bash .ci/pin-base` could resolve one
+        assert re.fullmatch(rf"python:{IMAGE_PYTHON}-slim(@sha256:[0-9a-f]{{64}})?", image), image
 
 
 def test_dependency_floors_carry_the_security_fixes() -> None:
-    import tomllib
-
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    floors = {d.split(">=")[0].strip(): d for d in deps["dependencies"]}
-    assert floors["aiohttp"].startswith("aiohttp>=3.14.3")
-    assert floors["orjson"].startswith("orjson>=3.11.6")
+    """pip can install no aiohttp or orjson release older than the security fixes (issue #15)."""
+    vulnerable = {"aiohttp": "3.14.2", "orjson": "3.11.5"}
+    fixed = {"aiohttp": "3.14.3", "orjson": "3.11.6"}
+    reqs = {r.name: r for r in runtime_requirements()}
+    for name, version in vulnerable.items():
+        assert not reqs[name].specifier.contains(version), reqs[name]
+        assert reqs[name].specifier.contains(fixed[name]), reqs[name]
 
 
 def test_dockerfile_runtime_contract() -> None:
+    """What the container runs, as whom, where, with what environment, on which ports."""
     final = final_stage()
     users = instruction(final, "USER")
     assert users, "the final stage must switch to a non-root user"
-    assert users[-1].split(":")[0] not in ("root", "0")
-    assert instruction(final, "WORKDIR")[-1] == WORKDIR
-    assert any("CONNECTOR_TYPE=INTERNAL_ENRICHMENT" in e for e in instruction(final, "ENV"))
-    assert any("PYTHONUNBUFFERED=1" in e for e in instruction(final, "ENV"))
-    assert json.loads(instruction(final, "ENTRYPOINT")[-1]) == ["lis-async"]
-    assert json.loads(instruction(final, "CMD")[-1]) == ["run"]
-    assert set(" ".join(instruction(final, "EXPOSE")).split()) == {"9095", "9096"}
-    health = instruction(final, "HEALTHCHECK")
-    assert len(health) == 1
+    assert users[-1].value[0].split(":")[0] not in ("root", "0")
+    assert instruction(final, "WORKDIR")[-1].value == (WORKDIR,)
+    env = env_of(final)
+    assert env["CONNECTOR_TYPE"] == "INTERNAL_ENRICHMENT"
+    assert env["PYTHONUNBUFFERED"] == "1"
+    (entrypoint, cmd) = instruction(final, "ENTRYPOINT")[-1], instruction(final, "CMD")[-1]
+    assert entrypoint.json and cmd.json  # exec form: the worker is PID 1 and gets SIGTERM
+    assert [*entrypoint.value, *cmd.value] == ["lis-async", "run"]
+    exposed = {p for c in instruction(final, "EXPOSE") for p in c.value}
+    assert exposed == {"9095", "9096"}
+    assert len(instruction(final, "HEALTHCHECK")) == 1  # run for real below
     # `lis-async health`: /healthz on CONNECTOR_HEALTH_PORT, by default the settings' default.
     assert _healthcheck_argv()[-1:] == ["health"]
-    assert "curl" not in health[0] and "wget" not in health[0]
     from lis_async.cli import health_url
     from lis_async.settings.model import ConnectorSettings
 
     default_port = ConnectorSettings.model_fields["health_port"].default
-    assert str(default_port) in " ".join(instruction(final, "EXPOSE")).split()
+    assert str(default_port) in exposed
     assert health_url(None, default_port) == f"http://127.0.0.1:{default_port}/healthz"
 
 
 def test_dockerfile_proves_the_image_starts() -> None:
     """The product image runs its command line and imports what `run` and `check` import at
     build time, libmagic installed first when the chosen pycti brought python-magic."""
-    (install,) = [r for r in instruction(final_stage(), "RUN") if "pip install" in r]
+    runs = [" ".join(c.value) for c in instruction(final_stage(), "RUN")]
+    (install,) = [r for r in runs if "pip install" in r]
     assert "libmagic1" in install and "find_spec('magic')" in install
     assert "lis-async --help" in install and "lis-async health --help" in install
     assert "import lis_async.app, lis_async.check" in install
@@ -358,42 +344,29 @@ def test_dockerfile_proves_the_image_starts() -> None:
 
 
 def test_dockerfile_copy_sources_exist() -> None:
-    copies = [args for instr, args in dockerfile_instructions() if instr in ("COPY", "ADD")]
+    copies = [c for c in dockerfile_instructions() if c.cmd in ("COPY", "ADD")]
     assert copies
     ignored = {
         line.strip()
         for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.startswith("#")
     }
-    for args in copies:
-        if any(p.startswith("--from") for p in args.split()):
+    for c in copies:
+        if any(f.startswith("--from") for f in c.flags):
             continue  # copies from another stage, not from the repository
-        parts = [p for p in args.split() if not p.startswith("--")]
-        *sources, _dest = parts
+        *sources, _dest = c.value
         for src in sources:
             assert (ROOT / src).exists(), f"COPY source {src!r} does not exist"
             assert src not in ignored, f"COPY source {src!r} is excluded by .dockerignore"
 
 
-def test_dockerignore_keeps_the_build_inputs() -> None:
-    patterns = [
-        line.strip()
-        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    for needed in ("README.md", "pyproject.toml", "lis_async"):
-        assert needed not in patterns
-    for unwanted in (".git", "tests", ".pytest_cache"):
-        assert unwanted in patterns
-
-
 def _healthcheck_argv() -> list[str]:
+    """The image's HEALTHCHECK command, run here with this interpreter as ``python``."""
     (health,) = instruction(final_stage(), "HEALTHCHECK")
-    match = re.search(r"\bCMD\s+(\[.*\])\s*$", health)
-    assert match, "HEALTHCHECK must use the exec form"
-    argv = json.loads(match.group(1))
-    assert argv[0] == "lis-async"  # the console script: this checkout's lis_async.cli here
-    return [sys.executable, "-m", "lis_async.cli", *argv[1:]]
+    assert health.json, "HEALTHCHECK must use the exec form (no shell in the check)"
+    kind, *argv = health.value
+    assert kind == "CMD" and argv[0] == "lis-async", health.value  # the console script:
+    return [sys.executable, "-m", "lis_async.cli", *argv[1:]]  # this checkout's lis_async.cli
 
 
 async def _run_healthcheck(port: int | None, host: str | None = None) -> int:
@@ -469,7 +442,7 @@ def test_every_runtime_requirement_is_pinned(path: Path) -> None:
 
 
 def test_pinned_sets_are_closed_over_the_installed_metadata() -> None:
-    """Every requirement (for CPython 3.12 on Linux, the image) of a package installed here at
+    """Every requirement (for the image's CPython on Linux) of a package installed here at
     its pinned version is pinned too: nothing is left to resolve at build time."""
     from importlib import metadata
 
@@ -477,8 +450,8 @@ def test_pinned_sets_are_closed_over_the_installed_metadata() -> None:
     from packaging.utils import canonicalize_name
 
     env = {
-        "python_version": "3.12",
-        "python_full_version": "3.12.0",
+        "python_version": IMAGE_PYTHON,
+        "python_full_version": f"{IMAGE_PYTHON}.0",
         "sys_platform": "linux",
         "platform_system": "Linux",
         "extra": "",
@@ -508,25 +481,6 @@ def test_pinned_sets_pin_the_pycti_they_are_named_for() -> None:
     assert f"pycti-{floor}.txt" in names, "the floor's pinned set (bash .ci/pin <floor>)"
     for path in PIN_SETS[1:]:
         assert pins(path)["pycti"] == path.stem.removeprefix("pycti-")
-
-
-def test_dockerfile_installs_only_from_the_pinned_set() -> None:
-    instrs = dockerfile_instructions()
-    args = instruction(instrs, "ARG")
-    assert "PYCTI_VERSION=" in args
-    copies = " ".join(instruction(instrs, "COPY"))
-    assert "constraints.txt" in copies and "constraints ./constraints" in copies
-    runs = [r for r in instruction(instrs, "RUN") if re.search(r"\bpip (wheel|install)\b", r)]
-    assert len(runs) == 3  # the builder's wheelhouse, the demo and the runtime installs
-    for run in runs:
-        for command in re.findall(r"pip (?:wheel|install)[^&]*", run):
-            assert re.search(r"(^| )-c ", command), f"unconstrained: {command}"
-    (build,) = [r for r in runs if "pip wheel" in r]
-    assert 'PIP_CONSTRAINT="$pins"' in build  # the isolated build of lis-async's wheel too
-    assert "constraints/pycti-$PYCTI_VERSION.txt" in build
-    for run in runs:
-        if "pip install" in run:
-            assert "--no-index" in run and "-c /wheels/constraints.txt" in run
 
 
 async def test_healthcheck_command_follows_the_health_host() -> None:
