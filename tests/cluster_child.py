@@ -15,6 +15,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -56,5 +57,9 @@ async def lookup(url: str, prefix: str, base: str, value: str) -> dict[str, Any]
 
 if __name__ == "__main__":
     command, *args, out = sys.argv[1:]
-    result = asyncio.run({"limiter": limiter, "lookup": lookup}[command](*args))
+    commands: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
+        "limiter": limiter,
+        "lookup": lookup,
+    }
+    result = asyncio.run(commands[command](*args))
     Path(out).write_text(json.dumps(result))

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -336,8 +338,6 @@ def cluster_settings(url: str, prefix: str | None = None, **env: str) -> Setting
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -366,8 +366,6 @@ class PrivateRedis:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
-                import socket
-
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                     return
             time.sleep(0.05)
@@ -396,6 +394,101 @@ class PrivateRedis:
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGCONT)
+        self.stop()
+
+
+#: The Debian package's rabbitmq-server wrapper switches to the rabbitmq user; the script
+#: behind it does not.
+RABBITMQ_SERVER_SCRIPTS: Final = (
+    "/usr/lib/rabbitmq/bin/rabbitmq-server",
+    shutil.which("rabbitmq-server"),
+)
+
+
+class PrivateRabbitMQ:
+    """A RabbitMQ node of the test's own (its node name, data directory, configuration and
+    ports, loopback only) in ``base``, for what must not touch the machine's broker: a TLS-only
+    listener, a short ``consumer_timeout``. ``conf`` is its rabbitmq.conf (with ``{port}``, its
+    AMQP port, to fill in), ``advanced`` its advanced.config (Erlang terms), if any. Starting
+    takes a few seconds: share one per module (a module fixture and an ``xdist_group``)."""
+
+    def __init__(self, base: Path, conf: str, advanced: str | None = None) -> None:
+        self.base = base
+        self.port = free_port()
+        self.conf = conf.format(port=self.port)
+        self.advanced = advanced
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def _env(self) -> dict[str, str]:
+        base = self.base
+        (base / "enabled_plugins").write_text("[].\n")  # no management plugin, no 15672
+        (base / "rabbitmq-env.conf").write_text("")  # not the machine's (its NODENAME)
+        (base / "rabbitmq.conf").write_text(self.conf)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
+        if self.advanced is not None:
+            (base / "advanced.config").write_text(self.advanced)
+            env["RABBITMQ_ADVANCED_CONFIG_FILE"] = str(base / "advanced.config")
+        return (
+            env
+            | {
+                "HOME": str(base),  # its own Erlang cookie
+                "RABBITMQ_NODENAME": f"lis-test-{uuid.uuid4().hex[:8]}@localhost",
+                "RABBITMQ_DIST_PORT": str(free_port()),
+                "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+                "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+                "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(base / "log"),
+                "RABBITMQ_PID_FILE": str(base / "node.pid"),
+                "ERL_EPMD_ADDRESS": "127.0.0.1",
+                "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            }
+        )
+
+    def start(self, timeout_s: float = 90) -> None:
+        """Start the node and wait for its AMQP port; ``pytest.skip`` without rabbitmq-server."""
+        import pytest
+
+        script = next((s for s in RABBITMQ_SERVER_SCRIPTS if s and os.access(s, os.X_OK)), None)
+        if script is None:
+            pytest.skip("rabbitmq-server is not installed: no private RabbitMQ node can start")
+        log = (self.base / "node.out").open("wb")
+        self.proc = subprocess.Popen([script], env=self._env(), stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.5),
+            ):
+                return
+            time.sleep(0.3)
+        self.stop()
+        pytest.fail("the private RabbitMQ node did not start:\n" + self.output())
+
+    def output(self) -> str:
+        return (self.base / "node.out").read_text(errors="replace")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.terminate()  # the script stops the node gracefully on SIGTERM
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+    def __enter__(self) -> PrivateRabbitMQ:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 

@@ -4,6 +4,7 @@ and one cache through Redis; Redis dies mid-run and comes back."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import aiohttp
@@ -69,7 +70,7 @@ async def test_two_workers_outlive_a_redis_outage_within_the_quota() -> None:
                 assert await world.wait_registration(timeout=30)
                 await world.start_worker_emulation()
                 for port in ports:
-                    assert await poll(lambda p=port: _ready(p), 30)
+                    assert await poll(functools.partial(_ready, port), 30)
                 jobs = await world.producer.publish_many(400, kind="manual")
                 works = work_ids(jobs)
                 await asyncio.sleep(4)  # shared mode
@@ -79,7 +80,8 @@ async def test_two_workers_outlive_a_redis_outage_within_the_quota() -> None:
                 restarted_at = time.time()
                 redis.start()
                 for port in ports:  # shared mode resumes (within the link's probe interval)
-                    assert await poll(lambda p=port: _shared(p), 30), worker_log(procs[0])[-3000:]
+                    back = functools.partial(_shared, port)
+                    assert await poll(back, 30), worker_log(procs[0])[-3000:]
                 resumed_at = time.time()
                 assert await world.platform.wait_works(works, timeout=120)
                 for wid in works:

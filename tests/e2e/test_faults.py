@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from tests.helpers import (
     FAST_ENV,
     LIGHT_WORKER,
     QUIET_PRODUCER,
+    WorkerProcess,
     app_only,
     jobs_queued,
     log_records,
@@ -139,6 +141,14 @@ def completed(world: SimWorld, works: Iterable[str]) -> int:
     return sum(world.platform.works[w].status == "complete" for w in works)
 
 
+def _completed_at_least(world: SimWorld, works: Iterable[str], n: int) -> bool:
+    return completed(world, works) >= n
+
+
+def _reconnected(proc: WorkerProcess, times: int) -> bool:
+    return worker_log(proc).count("broker connection back after") >= times
+
+
 def duplicated_works(world: SimWorld, works: Iterable[str]) -> dict[str, int]:
     """work id -> push messages that repeat an object already pushed for that work (a job that
     ran twice: every object of a job goes out in its own message, with a deterministic id)."""
@@ -230,6 +240,7 @@ async def _unacked_zero(*queues: str) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("broker_connections")  # lists every connection, closes some
 async def test_broker_side_connection_close_mid_run_loses_nothing() -> None:
     needs_rabbitmqctl()
     # LastInfoSec answers in 0.5 s: with 32 lookups at a time the worker cannot do more than
@@ -359,7 +370,10 @@ async def test_429_storm_slows_the_whole_client_and_fails_no_job(
         # round of `concurrency` requests goes out per pause, far below the unthrottled rate.
         first = int(t0) + (1 if retry_after_s is not None else 2)  # back-off grows from ~0.1 s
         storm = [stats.per_window.get(s, 0) for s in range(first, int(t1))]
-        assert storm and max(storm) <= 3 * concurrency and max(storm) < baseline, (storm, baseline)
+        # At most about one round per pause: a client retrying each request on its own back-off
+        # (from 0.1 s, 16 at a time, 20 ms answers) would send well over a hundred a second.
+        # Not compared with the warm-up's rate: that one falls with the machine's load.
+        assert storm and max(storm) <= 3 * concurrency, (storm, baseline)
 
 
 @pytest.mark.slow
@@ -394,9 +408,10 @@ async def test_5xx_timeouts_and_refused_connections_are_retried() -> None:
         port = world.lis.port
         assert port is not None
         await world.lis.close()
-        refused_before = app.lis.stats.connection_errors
+        stats = app.lis.stats
+        refused_before = stats.connection_errors
         more = await world.producer.publish_many(40, kind="manual")
-        assert await poll(lambda: app.lis.stats.connection_errors >= refused_before + 5, 30)
+        assert await poll(lambda: stats.connection_errors >= refused_before + 5, 30)
         await world.lis.start("127.0.0.1", port)
         more_works = work_ids(more)
         assert await world.platform.wait_works(more_works, timeout=60)
@@ -461,11 +476,12 @@ def _failed_calls(world: SimWorld, operation: str, since: float) -> int:
 
 @pytest.mark.slow
 async def test_opencti_outage_jobs_wait_unacked_and_complete_when_it_returns() -> None:
-    """A 15 s platform outage: jobs wait unacked on one health gate (one probe a second, not
-    one retry loop per job), intake pauses, readiness says why, and when the platform is back
-    every job completes within 3 s; the heartbeat waits it out too."""
+    """An 8 s platform outage (longer if the checks below take longer): jobs wait unacked on one
+    health gate (one probe a second, not one retry loop per job), intake pauses, readiness says
+    why, and when the platform is back every job completes within 3 s; the heartbeat waits it
+    out too."""
     prefetch = 16
-    outage_s = 15.0
+    outage_s = 8.0
     lis = LisSimConfig(latency_s=0.01, known_share=1.0, bundle_size=5)
     # The app's own heartbeat loop, at the shortest interval the setting allows (1 s; 40 s by
     # default). Readiness counts the last successful ping as fresh for three intervals.
@@ -554,19 +570,21 @@ async def test_dead_work_is_acked_and_dropped_not_retried(caplog: pytest.LogCapt
         during = world.producer.make_job(
             world.producer.next_index(), kind="manual", entity_type="Domain-Name"
         )
-        assert during.work_id
+        during_id = during.work_id
+        assert during_id
         for job in (before, during):
             await world.producer.publish(job)
         assert await world.platform.wait_until(
-            lambda: world.platform.works[during.work_id].received_time is not None, 10
+            lambda: world.platform.works[during_id].received_time is not None, 10
         )
-        world.platform.kill_work(during.work_id)
+        world.platform.kill_work(during_id)
 
         dead = [before.work_id, during.work_id]
         assert await poll(
             lambda: all(f"work {w} is no longer alive" in caplog.text for w in dead), 15
         ), caplog.text
-        assert app.consumer is not None and await poll(lambda: app.consumer.in_flight == 0, 30)
+        consumer = app.consumer
+        assert consumer is not None and await poll(lambda: consumer.in_flight == 0, 30)
         assert await ready_count(world) == 0  # acked, not requeued
         # Would a retry loop show up? A quiet period that must stay quiet, not a wait for a
         # result: a loaded machine can only make it see less, never fail it.
@@ -757,6 +775,7 @@ async def _push_full(queue: str, max_length: int) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("broker_connections")  # lists every connection, closes some
 async def test_broker_connection_closed_twice_logs_two_quiet_pairs() -> None:
     """On-call engineers read tracebacks as incidents: an expected reconnection logs one
     WARNING when the connections go and one INFO when they are back, nothing else."""
@@ -772,14 +791,16 @@ async def test_broker_connection_closed_twice_logs_two_quiet_pairs() -> None:
             jobs = await world.producer.publish_many(400, kind="manual")
             works = work_ids(jobs)
             for cut in (1, 2):
-                assert await poll(lambda c=cut: completed(world, works) >= 40 * c, 60)
+                assert await poll(
+                    functools.partial(_completed_at_least, world, works, 40 * cut), 60
+                )
                 names = ["lis-async consumer", "lis-async publisher"]
                 connections = await find_worker_connections(proc.pid, names)
                 assert len(connections) == 2, connections
                 await close_connections(connections)
-                assert await poll(
-                    lambda c=cut: worker_log(proc).count("broker connection back after") >= c, 60
-                ), worker_log(proc)[-3000:]
+                assert await poll(functools.partial(_reconnected, proc, cut), 60), worker_log(proc)[
+                    -3000:
+                ]
             assert await world.platform.wait_works(works, timeout=120)
         finally:
             await stop_async(proc)
@@ -796,7 +817,7 @@ async def test_broker_connection_closed_twice_logs_two_quiet_pairs() -> None:
 
 
 @pytest.mark.slow
-async def test_a_20_s_lastinfosec_outage_is_waited_out_by_one_probe_a_second() -> None:
+async def test_a_10_s_lastinfosec_outage_is_waited_out_by_one_probe_a_second() -> None:
     lis = LisSimConfig(latency_s=0.05, known_share=1.0, bundle_size=5)
     async with world_with_worker(
         lis=lis, producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER
@@ -807,7 +828,7 @@ async def test_a_20_s_lastinfosec_outage_is_waited_out_by_one_probe_a_second() -
         assert await world.platform.wait_until(lambda: completed(world, works) >= 20, 60)
         world.lis.config.error_rate = 1.0  # every request answered 500
         down_at = time.time()
-        await asyncio.sleep(20)
+        await asyncio.sleep(10)  # the outage itself: a fault that lasts, not a wait
         world.lis.config.error_rate = 0.0
         up_at = time.time()
         assert await world.platform.wait_works(works, timeout=120)
@@ -906,6 +927,7 @@ async def test_a_full_push_queue_holds_intake_until_opencti_catches_up(
     assert [r.levelno for r in lines][:2] == [logging.WARNING, logging.INFO]
 
 
+@pytest.mark.slow
 async def test_a_queue_above_the_queue_threshold_holds_intake_until_it_drains(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -68,13 +68,14 @@ async def test_every_hostile_body_is_settled_once_without_crash_or_path_change(
 
         # Each body settled exactly once: no crash, no requeue loop.
         assert await poll(lambda: jobs_handled(app) >= len(hostile), 60), jobs_handled(app)
-        assert app.consumer is not None and await poll(lambda: app.consumer.in_flight == 0, 10)
+        consumer = app.consumer
+        assert consumer is not None and await poll(lambda: consumer.in_flight == 0, 10)
         # A bounded look for a redelivery loop: a quiet period that must stay quiet, not a wait
         # for a result (a loaded machine can only make it see less, never fail it).
         await asyncio.sleep(1.0)
         assert jobs_handled(app) == len(hostile)
         assert await ready_count(world) == 0
-        assert not run.task.done() and app.consumer.accepting and app.fatal is None
+        assert not run.task.done() and consumer.accepting and app.fatal is None
 
         # One clear log line per body, naming its outcome.
         lines = [

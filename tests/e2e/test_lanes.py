@@ -20,12 +20,14 @@ from lis_async.app import App
 from lis_async.broker.lanes import MOVE_PREFETCH
 from lis_async.settings.model import load_settings
 from lis_async.sim.lastinfosec import LisSimConfig
+from lis_async.sim.opencti import PlatformSimConfig
 from lis_async.sim.producer import ProducedJob
 from lis_async.sim.world import SimWorld
 from tests.helpers import (
     FAST_ENV,
     LIGHT_WORKER,
     QUIET_PRODUCER,
+    PrivateRabbitMQ,
     app_only,
     free_port,
     jobs_queued,
@@ -38,7 +40,7 @@ from tests.helpers import (
     worker_log,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 #: LastInfoSec answers at once and small: the rate limit is what makes the backlog.
 FAST_LIS = LisSimConfig(latency_s=0.005, known_share=0.5, bundle_size=5)
@@ -180,7 +182,7 @@ async def test_sigkill_while_moving_loses_nothing() -> None:
             assert await w.wait_registration(timeout=30)
             await w.start_worker_emulation()
             assert await poll(lambda: _lane_exists(w), 30)
-            publishing = asyncio.create_task(w.producer.publish_many(3000, kind="auto_create"))
+            publishing = asyncio.create_task(w.producer.publish_many(1500, kind="auto_create"))
             assert await poll(lambda: _lane_at_least(w, 300), 60)
             # the mover still has jobs to move: a stream still coming, or still queued
             assert not publishing.done() or await ready_count(w, "listen") > 0
@@ -243,7 +245,10 @@ async def test_two_workers_on_one_connector_share_the_lane() -> None:
             assert f"{lane}\t2" in text.splitlines()
             assert await w.platform.wait_works(work_ids(manual), timeout=60)
             last_manual = max(completion_times(w, work_ids(manual)))
-            assert completed_by(w, work_ids(auto), last_manual) < 200
+            # In arrival order all 600 would come first. The auto jobs completed meanwhile are
+            # those the two workers (20 lookups/s each) finish while the mover reaches the
+            # manual ones: a few seconds' worth, more on a busy machine.
+            assert completed_by(w, work_ids(auto), last_manual) < 400
             assert await w.platform.wait_works(work_ids(auto), timeout=120)
         finally:
             for app in apps:
@@ -263,26 +268,28 @@ async def test_two_workers_on_one_connector_share_the_lane() -> None:
 # RabbitMQ's consumer_timeout
 
 
-@contextlib.contextmanager
-def broker_consumer_timeout(ms: int) -> Iterator[None]:
-    """Lower the broker's consumer_timeout, and check it every second instead of every minute,
-    for the channels opened meanwhile; restored after."""
-    rabbitmqctl("eval", f"application:set_env(rabbit, consumer_timeout, {ms}).")
-    rabbitmqctl("eval", "application:set_env(rabbit, channel_tick_interval, 1000).")
-    try:
-        yield
-    finally:
-        rabbitmqctl("eval", "application:set_env(rabbit, consumer_timeout, 1800000).")
-        rabbitmqctl("eval", "application:set_env(rabbit, channel_tick_interval, 60000).")
+@pytest.fixture(scope="module")
+def short_timeout_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRabbitMQ]:
+    """A private RabbitMQ node whose consumer_timeout is 6 s, checked every second (the
+    machine's broker keeps its 30 minutes: lowering it there would close the channels of every
+    other test running meanwhile)."""
+    node = PrivateRabbitMQ(
+        tmp_path_factory.mktemp("rabbit-timeout"),
+        "listeners.tcp.default = 127.0.0.1:{port}\nconsumer_timeout = 6000\n",
+        advanced="[{rabbit, [{channel_tick_interval, 1000}]}].\n",
+    )
+    with node:
+        yield node
 
 
 CLOSED = "the broker closed the consuming channel"
 REQUEUED = "before RabbitMQ's consumer_timeout"
 
 
+@pytest.mark.xdist_group("short_timeout_broker")  # one private node for both cases
 @pytest.mark.parametrize("watchdog", [True, False], ids=["watchdog", "no-watchdog"])
 async def test_jobs_waiting_past_the_consumer_timeout(
-    watchdog: bool, caplog: pytest.LogCaptureFixture
+    watchdog: bool, short_timeout_broker: PrivateRabbitMQ, caplog: pytest.LogCaptureFixture
 ) -> None:
     """LastInfoSec is down for 14 s while the broker's consumer_timeout is 6 s. With
     CONNECTOR_CONSUMER_TIMEOUT_S=6 the worker requeues its waiting jobs before the broker
@@ -294,17 +301,18 @@ async def test_jobs_waiting_past_the_consumer_timeout(
         "LASTINFOSEC_RETRY_BUDGET_S": "120",
         "CONNECTOR_JOBS_IN_FLIGHT": "8",
     }
-    with broker_consumer_timeout(6000):
-        async with world() as w:
-            w.lis.config.error_rate = 1.0  # down before the first job
-            async with app_only(w, env):
-                await w.start_worker_emulation()
-                jobs = await w.producer.publish_many(20, kind="auto_create")
-                await asyncio.sleep(14)
-                w.lis.config.error_rate = 0.0
-                assert await w.platform.wait_works(work_ids(jobs), timeout=60)
-            assert not [x for x in work_ids(jobs) if w.platform.works[x].in_error]
-            assert await ready_count(w) == 0
+    node = short_timeout_broker
+    platform = PlatformSimConfig(amqp_url=node.url, rabbit_port=node.port, queue_details="off")
+    async with world(amqp_url=node.url, platform_config=platform) as w:
+        w.lis.config.error_rate = 1.0  # down before the first job
+        async with app_only(w, env):
+            await w.start_worker_emulation()
+            jobs = await w.producer.publish_many(20, kind="auto_create")
+            await asyncio.sleep(14)
+            w.lis.config.error_rate = 0.0
+            assert await w.platform.wait_works(work_ids(jobs), timeout=60)
+        assert not [x for x in work_ids(jobs) if w.platform.works[x].in_error]
+        assert await ready_count(w) == 0
     if watchdog:
         assert REQUEUED in caplog.text
         assert CLOSED not in caplog.text

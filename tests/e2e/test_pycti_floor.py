@@ -65,6 +65,7 @@ def floor_python() -> str:
     return str(python)
 
 
+@pytest.mark.slow
 async def test_lis_async_runs_on_the_pycti_floor() -> None:
     python = floor_python()
     config = PlatformSimConfig(**PLATFORM_6_8_9)  # type: ignore[arg-type]
@@ -82,7 +83,7 @@ async def test_lis_async_runs_on_the_pycti_floor() -> None:
                 r.user_agent for r in world.platform.requests if r.operation == "workToProcessed"
             }
             assert len(works) > 10 and agents == {f"pycti/{pycti_floor()}"}
-            assert set(record.input) <= PLATFORM_6_8_9["register_input_fields"]
+            assert set(record.input) <= INPUT_FIELDS_6_8_9
         finally:
             code = await stop_async(proc)
         assert code == 0, worker_log(proc)[-3000:]

@@ -223,11 +223,11 @@ async def test_deep_answers_and_crlf_ids_end_in_a_failed_work_and_an_answered_pl
             assert call["valid"], call["problems"]
             sent, received = orjson.loads(call["bundle"]), orjson.loads(call["previous_bundle"])
             assert [o["id"] for o in sent["objects"]] == [o["id"] for o in received["objects"]]
-        app = run.app
+        app, consumer = run.app, run.app.consumer
         assert (
             app.fatal is None
-            and app.consumer is not None
-            and await poll(lambda: app.consumer.in_flight == 0, 10)
+            and consumer is not None
+            and await poll(lambda: consumer.in_flight == 0, 10)
         )
 
 

@@ -18,6 +18,7 @@ def _orgs(obj: dict) -> list[str]:
     return list(ext.get("granted_refs") or obj.get("x_opencti_granted_refs") or [])
 
 
+@pytest.mark.slow
 async def test_mixed_jobs_end_to_end() -> None:
     async with world_with_worker(lis=LisSimConfig(latency_s=0.02, bundle_size=12)) as run:
         world = run.world
@@ -66,6 +67,7 @@ async def test_mixed_jobs_end_to_end() -> None:
         user = world.platform.config.connector_user_id
         assert world.worker.messages and not world.worker.rejections
         for rec in world.worker.messages:
+            assert rec.work_id is not None and rec.bundle is not None
             job = jobs_by_work[rec.work_id]
             assert rec.applicant_id == user
             assert rec.draft_id == job.draft_id
@@ -85,10 +87,8 @@ async def test_mixed_jobs_end_to_end() -> None:
         for job in produced:
             if normalise_tlp(job.tlp) in ("TLP:AMBER+STRICT", "TLP:RED") and job.value:
                 assert job.value not in asked, job
-        red = [j for j in produced if normalise_tlp(j.tlp) == "TLP:RED" and j.work_id]
-        assert red and all(
-            "above the max TLP" in world.platform.works[j.work_id].messages[-1] for j in red
-        )
+        red = [j.work_id for j in produced if normalise_tlp(j.tlp) == "TLP:RED" and j.work_id]
+        assert red and all("above the max TLP" in world.platform.works[w].messages[-1] for w in red)
 
         # Playbooks: one answer each, the whole bundle, nothing published for them.
         calls = collections.Counter(

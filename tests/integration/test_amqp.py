@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aio_pika
 import pytest
@@ -33,7 +34,7 @@ async def broker() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
 
 
 async def _exchange_and_queue(
-    channel: aio_pika.abc.AbstractChannel, **queue_args: object
+    channel: aio_pika.abc.AbstractChannel, **queue_args: Any
 ) -> tuple[str, str, str]:
     name = f"test-{uuid.uuid4()}"
     ex = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, auto_delete=True)

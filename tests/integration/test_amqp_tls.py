@@ -11,12 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import os
-import shutil
-import socket
 import ssl
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -28,18 +23,12 @@ from aiormq.exceptions import AMQPConnectionError
 
 from lis_async.broker.connection import AmqpParams, connect
 from lis_async.settings.model import Settings, load_settings
+from tests.helpers import PrivateRabbitMQ
 
-pytestmark = pytest.mark.rabbitmq
+# The module's tests share one private node: they run on one xdist worker.
+pytestmark = pytest.mark.xdist_group("amqp_tls")
 
 PASSPHRASE = "client-key-s3cr3t"
-# The Debian package's wrapper switches to the rabbitmq user; the script behind it does not.
-_SERVER_SCRIPTS = ("/usr/lib/rabbitmq/bin/rabbitmq-server", shutil.which("rabbitmq-server"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ----------------------------------------------------------------------------- certificates
@@ -104,68 +93,21 @@ class TlsNode:
     pki: dict[str, Path]
 
 
-def _node_env(base: Path, name: str, dist_port: int) -> dict[str, str]:
-    (base / "enabled_plugins").write_text("[].\n")  # no management plugin, no 15672
-    (base / "rabbitmq-env.conf").write_text("")  # not the machine's (its NODENAME)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
-    return env | {
-        "HOME": str(base),  # its own Erlang cookie
-        "RABBITMQ_NODENAME": name,
-        "RABBITMQ_DIST_PORT": str(dist_port),
-        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
-        "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(base / "log"),
-        "RABBITMQ_PID_FILE": str(base / "node.pid"),
-        "ERL_EPMD_ADDRESS": "127.0.0.1",
-        "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-    }
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return True
-        time.sleep(0.3)
-    return False
-
-
 @pytest.fixture(scope="module")
 def tls_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsNode]:
-    script = next((s for s in _SERVER_SCRIPTS if s and os.access(s, os.X_OK)), None)
-    if script is None:
-        pytest.skip("rabbitmq-server is not installed: no private TLS node can be started")
     base = tmp_path_factory.mktemp("rabbit-tls")
     pki = _write_pki(base)
-    port = _free_port()
-    (base / "rabbitmq.conf").write_text(
+    conf = (
         "listeners.tcp = none\n"
-        f"listeners.ssl.1 = 127.0.0.1:{port}\n"
+        "listeners.ssl.1 = 127.0.0.1:{port}\n"
         f"ssl_options.cacertfile = {pki['ca']}\n"
         f"ssl_options.certfile = {pki['server_cert']}\n"
         f"ssl_options.keyfile = {pki['server_key']}\n"
         "ssl_options.verify = verify_peer\n"
         "ssl_options.fail_if_no_peer_cert = true\n"
     )
-    name = f"lis-tls-{uuid.uuid4().hex[:8]}@localhost"
-    log = (base / "node.out").open("wb")
-    proc = subprocess.Popen(
-        [script], env=_node_env(base, name, _free_port()), stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        if not _wait_for_port(port, proc, 90):
-            pytest.fail("the private TLS node did not start:\n" + (base / "node.out").read_text())
-        yield TlsNode(port, pki)
-    finally:
-        proc.terminate()  # the script stops the node gracefully on SIGTERM
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+    with PrivateRabbitMQ(base, conf) as node:
+        yield TlsNode(node.port, pki)
 
 
 async def _ready(channel: aio_pika.abc.AbstractChannel, name: str) -> bool:

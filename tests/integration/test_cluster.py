@@ -48,6 +48,7 @@ def children(command: str, args: list[list[str]], tmp: Path) -> list[dict[str, A
 # the cluster-wide rate limit
 
 
+@pytest.mark.redis
 def test_three_processes_share_one_rate(tmp_path: Path) -> None:
     """Rate 30 over three replicas, paced: never more than 31 (rate + 1) in any one-second window
     (sliding, over every grant of every process) and no burst (at most 9 in any quarter second,
@@ -71,6 +72,7 @@ def test_three_processes_share_one_rate(tmp_path: Path) -> None:
     assert min(shares) >= 0.2, shares  # a fair share is 1/3; none starves
 
 
+@pytest.mark.redis
 async def test_a_429_pause_holds_every_replica() -> None:
     s = settings(REDIS_URL)
     one, two = RedisLink(s), RedisLink(s)
@@ -86,6 +88,7 @@ async def test_a_429_pause_holds_every_replica() -> None:
         await two.close()
 
 
+@pytest.mark.redis
 async def test_urgent_acquires_go_before_other_replicas_waiting_ones() -> None:
     """Four replicas keep ordinary requests waiting at rate 10; a fifth replica's five urgent
     requests, asked one after the other, take the cluster's next five grants (without the
@@ -123,6 +126,7 @@ async def test_urgent_acquires_go_before_other_replicas_waiting_ones() -> None:
             await link.close()
 
 
+@pytest.mark.redis
 async def test_a_grant_that_arrives_late_is_moved_to_when_it_is_used() -> None:
     """A grant that took a busy event loop 200 ms to reach the replica is re-stamped in the
     shared window at about the time its request leaves, so the other replicas count it from
@@ -155,6 +159,7 @@ async def test_a_grant_that_arrives_late_is_moved_to_when_it_is_used() -> None:
 # the shared cache and cross-replica coalescing
 
 
+@pytest.mark.redis
 async def test_coalescing_across_two_processes_gives_one_request(tmp_path: Path) -> None:
     async with LastInfoSecSim(LisSimConfig(latency_s=1.0, known_share=1.0)) as lis:
         assert lis.base_url is not None
@@ -167,6 +172,7 @@ async def test_coalescing_across_two_processes_gives_one_request(tmp_path: Path)
         assert sorted(r["stats"]["waits_answered"] for r in results) == [0, 1]
 
 
+@pytest.mark.redis
 async def test_the_shared_cache_survives_a_restart() -> None:
     config = LisSimConfig(known_share=1.0, unknown_values={"nothing.example.org"})
     async with LastInfoSecSim(config) as lis:
@@ -293,6 +299,7 @@ async def test_a_hung_redis_costs_one_bounded_timeout() -> None:
             await link.close()
 
 
+@pytest.mark.redis
 def test_fallback_share_defaults_to_one_over_the_replicas_seen() -> None:
     async def scenario() -> tuple[float, float]:
         s = settings(REDIS_URL)

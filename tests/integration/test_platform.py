@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -181,7 +182,7 @@ async def test_deferred_entity_read(sim: PlatformSim) -> None:
     platform = Platform(settings_for(sim))
     await platform.start()
     try:
-        entity = {
+        entity: dict[str, Any] = {
             "id": "domain-name--3e9b2c71-4f0a-5d6e-8c1b-9a7f6e5d4c3b",
             "spec_version": "2.1",
             "type": "domain-name",

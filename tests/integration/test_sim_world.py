@@ -44,15 +44,6 @@ STIX_TYPE = {"StixFile": "file", "Domain-Name": "domain-name", "Hostname": "host
 # ---------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-async def _broker() -> None:
-    try:
-        conn = await asyncio.wait_for(aio_pika.connect(AMQP_URL), 30)
-    except Exception as exc:  # pragma: no cover - environment problem
-        pytest.skip(f"RabbitMQ not reachable on 127.0.0.1:5672: {exc!r}")
-    await conn.close()
-
-
 def _register_sync(world: SimWorld) -> dict[str, Any]:
     api = OpenCTIApiClient(world.opencti_url, world.opencti_token, log_level="error")
     connector = OpenCTIConnector(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -373,18 +372,8 @@ def test_replica_table_and_record(tmp_path: Path) -> None:
     )
 
 
-def _rabbit_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.mark.rabbitmq
 def test_tiny_bench_run(tmp_path: Path) -> None:
-    if not _rabbit_up():
-        pytest.skip("RabbitMQ not reachable on 127.0.0.1:5672")
     record_path = tmp_path / "bench.json"
     argv = [
         sys.executable, "-m", "lis_async.cli", "bench",
@@ -419,18 +408,9 @@ def test_tiny_bench_run(tmp_path: Path) -> None:
     assert set(record["targets"]) >= {"throughput_ratio", "worker_cpu_ms_per_job"}
 
 
-def _redis_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.mark.rabbitmq
+@pytest.mark.redis
 def test_tiny_replicas_run(tmp_path: Path) -> None:
-    if not _rabbit_up() or not _redis_up():
-        pytest.skip("RabbitMQ (127.0.0.1:5672) or Redis (127.0.0.1:6379) not reachable")
     record_path = tmp_path / "bench.json"
     argv = [
         sys.executable, "-m", "lis_async.cli", "bench",

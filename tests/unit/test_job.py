@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -10,7 +11,6 @@ from hypothesis import strategies as st
 from lis_async.enrichment.job import (
     MAX_BODY_BYTES,
     Job,
-    JobError,
     PlaybookContext,
     PlaybookJob,
     WorkJob,
@@ -21,6 +21,7 @@ from lis_async.enrichment.job import (
 )
 from lis_async.enrichment.markings import MarkingDef
 from lis_async.enrichment.nesting import MAX_VALUES
+from lis_async.errors import JobError
 from tests.helpers import FIXTURES, job_body
 
 WORK = "work_6f0e1b2c-3d4e-4f50-8a6b-7c8d9e0f1a2b_2026-11-20T10:00:02.415Z"
@@ -221,7 +222,7 @@ def test_markings_are_read_wherever_they_stand() -> None:
 # Identifiers and nesting: refused at parse time, the work (or playbook) still reachable
 
 
-def _body(**internal: object) -> dict[str, object]:
+def _body(**internal: object) -> dict[str, Any]:
     body = json.loads(job_body("auto_create_domain_green.json"))
     body["internal"].update(internal)
     return body

@@ -928,14 +928,12 @@ async def test_key_never_leaks(caplog: pytest.LogCaptureFixture) -> None:
 
 
 async def test_rate_limit_and_concurrency_against_a_real_server() -> None:
-    times: list[float] = []
     state = {"now": 0, "max": 0, "calls": 0}
 
     async def handler(request: web.Request) -> web.Response:
         state["calls"] += 1
         if state["calls"] <= 2:
             return web.Response(status=429, headers={"Retry-After": "0.1"})
-        times.append(time.monotonic())
         state["now"] += 1
         state["max"] = max(state["max"], state["now"])
         try:
@@ -957,6 +955,7 @@ async def test_rate_limit_and_concurrency_against_a_real_server() -> None:
         ) as client,
     ):
         client.stats.latency_observer = latencies.append
+        grants = _record_grants(client)
         t0 = time.monotonic()
         results = await asyncio.gather(*(client.lookup(domain(f"h{i}.example")) for i in range(30)))
         elapsed = time.monotonic() - t0
@@ -968,10 +967,32 @@ async def test_rate_limit_and_concurrency_against_a_real_server() -> None:
     assert client.stats.requests == 32
     assert client.stats.responses_by_status == {429: 2, 200: 30}
     assert len(latencies) == 32
-    # smoothing: no 0.25 s window after the burst holds much more than 0.25 * 40 requests
-    for i, t in enumerate(times):
-        in_window = sum(1 for u in times[i:] if u - t < 0.25)
-        assert in_window <= 5 + 0.25 * 40 + 1
+    # Smoothing: no 0.25 s window holds much more than the burst and 0.25 * 40 requests. Read
+    # where the rate limiter lets requests go: when they reach the server also depends on how
+    # busy the machine is (a stalled event loop delivers requests granted apart together).
+    assert len(grants) == 32
+    for i, t in enumerate(grants):
+        in_window = sum(1 for u in grants[i:] if u - t < 0.25)
+        assert in_window <= 5 + 0.25 * 40 + 1, grants
+
+
+def _record_grants(client: LastInfoSecClient) -> list[float]:
+    """The times the client's own rate limiter grants requests (event-loop clock), recorded by
+    wrapping it."""
+    grants: list[float] = []
+    inner = client._limiter
+    loop = asyncio.get_running_loop()
+
+    class Recording:
+        async def acquire(self, urgent: bool = False) -> None:
+            await inner.acquire(urgent)
+            grants.append(loop.time())
+
+        async def pause(self, delay_s: float) -> None:
+            await inner.pause(delay_s)
+
+    client._limiter = Recording()
+    return grants
 
 
 async def test_content_length_over_cap_against_a_real_server() -> None:
@@ -1063,11 +1084,15 @@ async def test_urgent_acquisitions_overtake_the_waiting_ones() -> None:
 
     normal = [asyncio.create_task(one(f"n{i}")) for i in range(8)]
     await asyncio.sleep(0.01)  # n0 granted, n1 watches the window, n2..n7 queue
+    granted = len(order)  # 1, or more if this machine was too busy to wake us in time
+    assert 1 <= granted < 7
     urgent = [asyncio.create_task(one("u0", True)), asyncio.create_task(one("u1", True))]
     await asyncio.gather(*normal, *urgent)
-    assert order[:2] == ["n0", "n1"]
-    assert order[2:4] == ["u0", "u1"]
-    assert order[4:] == [f"n{i}" for i in range(2, 8)]
+    # The one already watching the window when they came goes first; then both urgent ones,
+    # ahead of every normal one still waiting; the normal ones in their arrival order.
+    first = granted + 1
+    assert order[first : first + 2] == ["u0", "u1"], order
+    assert [n for n in order if n.startswith("n")] == [f"n{i}" for i in range(8)]
 
 
 async def test_a_cancelled_waiter_passes_its_turn_on() -> None:
