@@ -32,6 +32,8 @@ from tests.helpers import (
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 RATE = 20
+#: How much later than its grant a request's log line may be stamped, seconds.
+LOG_LAG_S = 0.1
 
 
 async def readiness(port: int) -> dict[str, object]:
@@ -82,7 +84,7 @@ async def test_two_workers_outlive_a_redis_outage_within_the_quota() -> None:
                 for port in ports:  # shared mode resumes (within the link's probe interval)
                     back = functools.partial(_shared, port)
                     assert await poll(back, 30), worker_log(procs[0])[-3000:]
-                resumed_at = time.time()
+                resumed_at = time.time()  # both seen shared again (2 s or so, more if busy)
                 assert await world.platform.wait_works(works, timeout=120)
                 for wid in works:
                     w = world.platform.works[wid]
@@ -99,12 +101,15 @@ async def test_two_workers_outlive_a_redis_outage_within_the_quota() -> None:
     after = [t for t in times if t >= resumed_at + 1]  # the last fallback window has passed
     assert len(shared) > 2 * RATE and len(fallback) > RATE  # both phases did real work
     # The cluster's rate in shared mode, and the fallback shares (1 / the 2 replicas seen)
-    # keep the sum within it.
-    # Paced grants: at most rate + 1 in any second, where LastInfoSec counts them.
-    assert busiest_window(shared) <= RATE + 1, "shared"
-    assert busiest_window(fallback) <= RATE + 1, "fallback"
+    # keep the sum within it. Paced grants: at most rate + 1 in any second, where LastInfoSec
+    # counts them. The log line of a request comes a little after its grant (up to LOG_LAG_S on
+    # a busy machine): a window of 1 - LOG_LAG_S seconds of log lines holds only grants of one
+    # second.
+    width = 1.0 - LOG_LAG_S
+    assert busiest_window(shared, width) <= RATE + 1, "shared"
+    assert busiest_window(fallback, width) <= RATE + 1, "fallback"
     if after:
-        assert busiest_window(after) <= RATE + 1, "after"
+        assert busiest_window(after, width) <= RATE + 1, "after"
     for log in logs:  # one line per transition, not one per job
         cluster = "\n".join(line for line in log.splitlines() if "lis_async.cluster" in line)
         assert log.count("falling back to the local rate limit") == 1, cluster

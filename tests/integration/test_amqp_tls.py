@@ -211,7 +211,9 @@ async def test_the_worker_connects_and_consumes_over_amqps(tls_node: TlsNode) ->
     from lis_async.sim.opencti import PlatformSim, PlatformSimConfig
     from tests.helpers import FAST_ENV, poll
 
-    config = PlatformSimConfig(token="octi-token-1", delete_queues_on_close=True)
+    # The platform double declares no queue on the machine's broker: they are declared on the
+    # TLS node below.
+    config = PlatformSimConfig(token="octi-token-1", amqp_url=None)
     async with PlatformSim(config) as sim:
         connector_id = str(uuid.uuid4())
         names = sim.registration(connector_id)

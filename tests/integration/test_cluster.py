@@ -293,7 +293,11 @@ async def test_a_hung_redis_costs_one_bounded_timeout() -> None:
             for _ in range(20):
                 await limiter.acquire()
             assert time.monotonic() - started < 1.5
-            assert not link.shared and link.stats.errors == 1
+            # One timeout, one switch to fallback mode, nothing sent after it. (A grant that
+            # reached this busy loop late is restamped in the background; that command may be
+            # the one to meet the frozen Redis as well.)
+            assert not link.shared and link.stats.transitions == 1
+            assert 1 <= link.stats.errors <= 1 + limiter.restamped, (link.stats, limiter.restamped)
         finally:
             redis.thaw()
             await link.close()
