@@ -5,7 +5,9 @@
     python -m tests.cluster_child lookup URL PREFIX LIS_BASE VALUE OUT
         look VALUE up through a LastInfoSecClient in cluster mode; write the outcome
 
-Run from the repository's root (the tests set cwd); it prints nothing but errors.
+Run from the repository's root (the tests set cwd); it prints nothing but errors. Once
+imported, it writes OUT.ready and waits for the file OUT's folder/go before it starts, so that
+replicas started together really run together, however long each took to start.
 """
 
 from __future__ import annotations
@@ -55,8 +57,19 @@ async def lookup(url: str, prefix: str, base: str, value: str) -> dict[str, Any]
     return {"found": result.found, "stats": dataclasses.asdict(shared.stats)}
 
 
+def wait_for_the_others(out: Path, timeout_s: float = 60) -> None:
+    Path(f"{out}.ready").touch()
+    go = out.parent / "go"
+    deadline = time.monotonic() + timeout_s
+    while not go.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no {go} within {timeout_s} s")
+        time.sleep(0.01)
+
+
 if __name__ == "__main__":
     command, *args, out = sys.argv[1:]
+    wait_for_the_others(Path(out))
     commands: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
         "limiter": limiter,
         "lookup": lookup,

@@ -1,5 +1,6 @@
-"""The code stays `ruff` (lint and format) and `mypy --strict` clean: part of the one test
-command. The same checks run on their own with ``bash .ci/lint``."""
+"""The code stays `ruff` (lint and format) and `mypy` clean (strict for lis_async, a relaxed
+profile for tests/: pyproject's [tool.mypy]): part of the one test command. The same checks run
+on their own with ``bash .ci/lint``."""
 
 from __future__ import annotations
 

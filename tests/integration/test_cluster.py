@@ -31,7 +31,9 @@ settings = cluster_settings
 
 
 def children(command: str, args: list[list[str]], tmp: Path) -> list[dict[str, Any]]:
-    """Run one ``tests.cluster_child`` process per argument list, at once; their results."""
+    """Run one ``tests.cluster_child`` process per argument list, together: each waits, once
+    started, until all are (a busy machine can start one a second or more after another); their
+    results."""
     outs = [tmp / f"{command}-{i}.json" for i in range(len(args))]
     procs = [
         subprocess.Popen(
@@ -39,6 +41,11 @@ def children(command: str, args: list[list[str]], tmp: Path) -> list[dict[str, A
         )
         for a, out in zip(args, outs, strict=True)
     ]
+    deadline = time.monotonic() + 60
+    while not all(Path(f"{out}.ready").exists() for out in outs):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    (tmp / "go").touch()
     for proc in procs:
         assert proc.wait(120) == 0
     return [json.loads(out.read_text()) for out in outs]
