@@ -6,6 +6,7 @@ bounded. Then no password of any URL form shows in the worker's log or in ``lis-
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import subprocess
@@ -26,6 +27,7 @@ from tests.helpers import (
     LIGHT_WORKER,
     QUIET_PRODUCER,
     PrivateRedis,
+    WorkerProcess,
     free_port,
     poll,
     start_worker_process,
@@ -176,6 +178,10 @@ def leaks(text: str, secrets: list[str]) -> list[str]:
     return sorted(p for p in parts if p in text)
 
 
+def _logged(proc: WorkerProcess, text: str) -> bool:
+    return text in worker_log(proc)
+
+
 async def test_no_url_password_shows_in_the_worker_log() -> None:
     async with SimWorld(producer_options=QUIET_PRODUCER, worker_options=LIGHT_WORKER) as world:
         with PrivateRedis(password=REDIS_PASSWORD) as redis:
@@ -192,9 +198,9 @@ async def test_no_url_password_shows_in_the_worker_log() -> None:
                 )
                 try:
                     assert await world.wait_registration(timeout=30)
-                    assert await poll(lambda p=proc: "consuming" in worker_log(p), 30)
+                    assert await poll(functools.partial(_logged, proc, "consuming"), 30)
                     redis.freeze()  # every command times out: the fallback warning names Redis
-                    assert await poll(lambda p=proc: "falling back" in worker_log(p), 30)
+                    assert await poll(functools.partial(_logged, proc, "falling back"), 30)
                 finally:
                     redis.thaw()
                     stop_process(proc)

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers import CACHE_KEY, QUIET_PRODUCER, poll, work_ids, world_with_worker
 from tests.promql import metric_names
 
-pytestmark = [pytest.mark.rabbitmq]
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis]
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docs" / "grafana" / "lis-async.json"

@@ -142,7 +142,7 @@ async def assert_asked_again(
     assert lis.stats.total == asked + 1
     assert rejected(caplog, replica.answer_key()), caplog.text
     stored = await raw.get(replica.answer_key())
-    assert stored is not None and stored.startswith(b"L1")
+    assert isinstance(stored, bytes) and stored.startswith(b"L1")
     assert 0 < await raw.pttl(replica.answer_key()) <= 3_600_000
     assert replica.link.shared  # nothing of it was taken for a Redis failure
 
@@ -229,6 +229,7 @@ async def test_an_entry_moved_from_another_value_is_refused(
     lis.config.unknown_values.add("nothing.example.org")
     assert not (await replica.lookup("nothing.example.org")).found
     other = await raw.get(replica.answer_key("nothing.example.org"))
+    assert other is not None
     await raw.set(replica.answer_key(), other, px=60_000)
     await assert_asked_again(replica, lis, caplog, raw)
 
@@ -346,7 +347,8 @@ async def test_a_planted_schedule_and_urgent_marks_from_the_future_are_dropped(
     limiter = limiter_of(replica)
     await asyncio.wait_for(limiter.acquire(), 5)  # not urgent: a live mark would hold it
     assert limiter.granted_shared == 1
-    assert int(await raw.get(schedule)) < far
+    stamp = await raw.get(schedule)
+    assert stamp is not None and int(stamp) < far
 
 
 @pytest.mark.parametrize("planted", ["nan", "abc", "-1e400"])

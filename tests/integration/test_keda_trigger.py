@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ async def keda_count(session: aiohttp.ClientSession, meta: dict[str, Any]) -> tu
     }
     vhost = meta.get("vhostName", "/")
     async with session.get(
-        f"{API}/api/queues/{aiohttp.helpers.quote(vhost, safe='')}", params=params, auth=AUTH
+        f"{API}/api/queues/{urllib.parse.quote(vhost, safe='')}", params=params, auth=AUTH
     ) as resp:
         resp.raise_for_status()
         body = await resp.json()
