@@ -27,9 +27,13 @@ from lis_async.cluster.link import RedisLink
 from lis_async.lastinfosec import LastInfoSecClient
 from tests.helpers import cluster_settings
 
+#: The Redis command timeout of the children: 0.25 s by default, which a busy machine (the
+#: suite's other tests beside them) can exceed; these tests are about sharing, not timeouts.
+TIMEOUT_ENV = {"REDIS_TIMEOUT_S": "5"}
+
 
 async def limiter(url: str, prefix: str, rate: str, seconds: str, tasks: str) -> dict[str, Any]:
-    link = RedisLink(cluster_settings(url, prefix))
+    link = RedisLink(cluster_settings(url, prefix, **TIMEOUT_ENV))
     lim = ClusterLimiter(link, float(rate))
     grants: list[float] = []
     stop_at = time.time() + float(seconds)
@@ -46,7 +50,7 @@ async def limiter(url: str, prefix: str, rate: str, seconds: str, tasks: str) ->
 
 async def lookup(url: str, prefix: str, base: str, value: str) -> dict[str, Any]:
     settings = cluster_settings(
-        url, prefix, LASTINFOSEC_BASE_URL=base, LASTINFOSEC_RATE_PER_S="100"
+        url, prefix, LASTINFOSEC_BASE_URL=base, LASTINFOSEC_RATE_PER_S="100", **TIMEOUT_ENV
     )
     link = RedisLink(settings)
     shared = SharedAnswerCache.of(link, settings)

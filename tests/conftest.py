@@ -16,9 +16,12 @@ One command runs everything: ``python3 -m pytest`` (options in pyproject.toml's
   never with long sleeps, and assert no durations: performance belongs in ``lis-async bench``.
 * **Parallel.** The suite runs on several pytest-xdist workers (``-n`` in addopts,
   ``--dist loadgroup``), so tests run beside others from other files. Each test uses its own
-  names (a fresh connector id: its own queues; a fresh Redis key prefix in database 0), its own
-  loopback ports (port 0 or ``tests.helpers.free_port``) and ``tmp_path``. A test that cannot
-  (broker-wide state, a shared file or fixed port, a costly module fixture) takes an
+  names (a fresh connector id: its own queues; a fresh Redis key prefix in database 0, or a
+  database number no other test uses: tests/e2e/test_dashboard.py has 11), its own loopback
+  ports (port 0 or ``tests.helpers.free_port``) and ``tmp_path``; it never flushes Redis nor
+  changes the broker's settings. Reading the broker's lists filtered by the test's own queue
+  names (``tests.helpers.queue_depth``) is safe beside others. A test that cannot keep to this
+  (broker-wide effects, a shared file or fixed port, a costly module fixture) takes an
   ``xdist_group`` mark: the tests of one group run one after the other on one worker. Groups:
 
   - ``broker_connections``: tests that close connections from the broker side with
@@ -28,8 +31,8 @@ One command runs everything: ``python3 -m pytest`` (options in pyproject.toml's
     node with a 6 s consumer_timeout (never lowered on the machine's broker: that would close
     the channels of every other test running meanwhile).
 
-  Run a group's tests, or anything timing-sensitive, alone with ``-n 0`` (``-p no:xdist`` also
-  works) to rule the parallel load out.
+  Run a file, or anything timing-sensitive, in one process with ``-n 0`` to rule the parallel
+  load out.
 * **Warnings.** A ``DeprecationWarning`` raised from ``lis_async`` code fails the test; other
   libraries' deprecations are ignored.
 """
