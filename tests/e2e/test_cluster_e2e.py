@@ -60,6 +60,9 @@ async def test_two_workers_outlive_a_redis_outage_within_the_quota() -> None:
                         "LASTINFOSEC_RATE_PER_S": str(RATE),
                         "REDIS_URL": redis.url,
                         "REDIS_CACHE_KEY": CACHE_KEY,
+                        # The outage is Redis stopped (refused at once): no command may time
+                        # out on a busy machine (0.25 s by default) and add a fallback of its own.
+                        "REDIS_TIMEOUT_S": "2",
                         "CONNECTOR_HEALTH_PORT": str(port),
                         # Each request is logged as it is sent: the times the limiters hold to
                         # (the double's own stamps lag under this test process's load).
