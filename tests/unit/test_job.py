@@ -33,6 +33,7 @@ RED = "marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed"
 
 def test_manual_stixfile_amber_shared() -> None:
     job = parse_job(job_body("manual_stixfile_amber_shared.json"))
+    assert isinstance(job, WorkJob)
     assert (job.work_id, job.applicant_id, job.draft_id) == (WORK, None, None)
     assert (job.mode, job.trigger) == ("manual", "update")
     assert job.entity_type == "StixFile" and job.entity_id.startswith("file--")
@@ -384,6 +385,7 @@ def test_a_body_within_the_value_limit_parses() -> None:
     entity = json.loads(_body()["event"]["stix_entity"])
     entity["x_padding"] = [0] * (MAX_VALUES - 1000)
     job = parse_job(_with_entity(json.dumps(entity)))
+    assert isinstance(job, WorkJob)
     assert job.observable is not None and job.work_id == WORK
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from lis_async.enrichment import job as job_module
 from lis_async.enrichment import pipeline as pipeline_module
 from lis_async.enrichment.job import Job
 from lis_async.enrichment.pipeline import PARSE_INLINE_BYTES, Outcome
@@ -441,7 +442,7 @@ async def test_a_large_body_is_parsed_off_the_event_loop(monkeypatch: pytest.Mon
     """Issue #20, finding 9: a body over PARSE_INLINE_BYTES is parsed in a thread, so the loop
     serves the other jobs meanwhile; the usual small body stays on the loop (no thread hop)."""
     threads: list[threading.Thread] = []
-    real_parse = pipeline_module.parse_job
+    real_parse = job_module.parse_job  # the function the pipeline imported
 
     def parse_and_record(body: bytes) -> Job:
         threads.append(threading.current_thread())
