@@ -17,7 +17,8 @@ One command runs everything: ``python3 -m pytest`` (options in pyproject.toml's
 * **Parallel.** The suite runs on several pytest-xdist workers (``-n`` in addopts,
   ``--dist loadgroup``), so tests run beside others from other files. Each test uses its own
   names (a fresh connector id: its own queues; a fresh Redis key prefix in database 0, or a
-  database number no other test uses: tests/e2e/test_dashboard.py has 11), its own loopback
+  database number no other test uses: 11 for tests/e2e/test_dashboard.py, 14 for
+  tests/integration/test_daily_budget_cluster.py), its own loopback
   ports (port 0 or ``tests.helpers.free_port``) and ``tmp_path``; it never flushes Redis nor
   changes the broker's settings. Reading the broker's lists filtered by the test's own queue
   names (``tests.helpers.queue_depth``) is safe beside others. A test that cannot keep to this

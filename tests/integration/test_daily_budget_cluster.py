@@ -21,6 +21,8 @@ from lis_async.settings.model import Settings
 from lis_async.sim.lastinfosec import LastInfoSecSim, LisSimConfig
 from tests.helpers import cluster_settings, free_port
 
+pytestmark = pytest.mark.redis  # the machine's Redis, database 14
+
 REDIS_DB14 = "redis://127.0.0.1:6379/14"
 SPENT = "LastInfoSec daily budget spent; re-enrich after 00:00 UTC"
 
