@@ -336,8 +336,8 @@ def test_replica_table_and_record(tmp_path: Path) -> None:
     record = build_record(cfg, phases, [])
     t = record["targets"]
     assert t["replicas_requests_per_distinct"]["met"] is True  # 663 <= 660 + 1 %
-    assert t["replicas_rate_max_per_window"]["met"] is True  # 30 <= 30
-    assert t["replicas_rate_sustained_per_s"]["met"] is True  # 29.4 >= 28.5
+    assert t["replicas_rate_max_per_window"]["met"] is True  # 30 <= 30 + 1
+    assert t["replicas_rate_sustained_per_s"]["met"] is True  # 29.4 >= 29.1 (97 %)
     assert t["replicas_redis_worker_cpu_ms_per_job"]["value"] == pytest.approx(0.4)
     assert t["replicas_redis_worker_cpu_ms_per_job"]["met"] is True
     assert set(t) == {
