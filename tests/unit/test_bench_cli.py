@@ -363,7 +363,7 @@ def test_replica_table_and_record(tmp_path: Path) -> None:
     # duplicated requests, a busiest window over the rate, too slow: MISSED; no baseline, no
     # CPU target
     shared = _replica_phase(True, 700, 9.5)
-    shared.lis_busiest_1s, shared.lis_backlog_per_s = 31, 27.0
+    shared.lis_busiest_1s, shared.lis_backlog_per_s = 32, 27.0
     record = build_record(cfg, {"replicas": shared}, [])
     t = record["targets"]
     assert [t[k]["met"] for k in sorted(t)] == [False, False, False]
