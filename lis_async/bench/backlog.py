@@ -32,7 +32,13 @@ from typing import Final
 
 from lis_async.bench.config import PRIORITY_LANES_SETTING
 from lis_async.bench.feed import build_world, preregister
-from lis_async.bench.measure import Child, Stopwatch, censored_percentile, slope_per_s
+from lis_async.bench.measure import (
+    Child,
+    Stopwatch,
+    busiest_window,
+    censored_percentile,
+    slope_per_s,
+)
 from lis_async.bench.phase import STALL_TIMEOUT_S, PhaseRunner, lastinfosec_figures
 from lis_async.bench.processes import connector_child
 from lis_async.bench.progress import bar
@@ -155,6 +161,9 @@ class BacklogRunner:
         result.worker_cpu_s = watch.stop().get("worker", math.nan)
         backlog_figures(result, world.platform.works, published, end)
         lastinfosec_figures(result, world.lis.stats)
+        flood_end = published.first_at + result.auto_publish_s + 1.0
+        later = [q.time for q in world.lis.stats.requests if q.time >= flood_end]
+        result.lis_max_sliding_after_flood = busiest_window(later)
 
     # -- publishing ------------------------------------------------------------------------
     async def _publish(self, label: str, world: SimWorld, result: BacklogPhaseResult) -> Published:

@@ -40,6 +40,7 @@ def _rows() -> list[tuple[str, BacklogGetter, Callable[[BacklogPhaseResult], flo
         ("LastInfoSec requests", lambda p: fmt(float(p.lis_requests), 0), None),
         ("LastInfoSec req/s (sustained)", lambda p: fmt(p.lis_sustained_per_s), None),
         ("LastInfoSec max in 1 s (sliding)", lambda p: str(p.lis_max_sliding_1s), None),
+        ("... after the flood", lambda p: str(p.lis_max_sliding_after_flood), None),
         ("auto jobs published in (s)", lambda p: fmt(p.auto_publish_s), None),
         ("phase (s)", _phase_s, None),
         ("worker CPU / job (ms)", lambda p: fmt(p.worker_cpu_ms_per_job, 2), None),
