@@ -280,7 +280,11 @@ class ClusterCollector(Collector):
         for name, gauge, doc in (
             ("lis_cluster_replicas", link.stats.replicas_seen, "Replicas seen on this quota"),
             ("lis_redis_fallback_share", self._limiter.fallback_share, "Rate share if Redis fails"),
-            ("lis_cluster_quota_used", self._limiter.last_window, "Requests in the last window"),
+            (
+                "lis_cluster_quota_used",
+                self._limiter.last_window,
+                "Grants this second, all replicas",
+            ),
         ):
             g = GaugeMetricFamily(self._name(name), doc)
             g.add_metric([], float(gauge))
