@@ -80,6 +80,8 @@ def lane_name(connector_id: str) -> str:
 #: While the lane's name is held by a foreign queue, it is checked again this often (and when
 #: the mover meets one); the listen queue is consumed directly meanwhile.
 LANE_RECHECK_S: Final = 60.0
+#: The longest one check of the lane's name may take before the watch gives up on it.
+CHECK_TIMEOUT_S: Final = 10.0
 #: A refused declare names one argument that differs; this many probes name them all.
 _MAX_PROBES: Final = 12
 _INEQUIVALENT: Final = re.compile(
@@ -458,7 +460,11 @@ class Lanes:
                 log.warning("checking the priority lane %s failed: %s", self.name, reason(exc))
 
     async def _recheck_once(self, consumer: _Consumer, conn: AbstractRobustConnection) -> None:
-        self._checked(await check_lane(conn, self.name, EXPIRE_S))
+        # Bounded: a channel open or a declare that hangs (a broker busy or reconnecting) must
+        # not stall the watch; the next round asks again. The switch below is not cut short.
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            checked = await check_lane(conn, self.name, EXPIRE_S)
+        self._checked(checked)
         if self.foreign and self.mover is not None:
             mover, self.mover = self.mover, None
             await mover.stop()
