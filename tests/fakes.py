@@ -7,7 +7,8 @@ Test files import from here or from tests/helpers (never from another test file)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from datetime import date
+from typing import Any, Final
 
 import orjson
 
@@ -189,3 +190,19 @@ def make_pipeline(
         backoff=backoff or Backoff(base_s=0.001, max_s=0.01),
     )
     return pipeline, platform, publisher
+
+
+# -- the daily budget -------------------------------------------------------------------------
+
+#: The work message of an auto job past the daily budget (what an analyst reads).
+SPENT: Final = "LastInfoSec daily budget spent; re-enrich after 00:00 UTC"
+
+
+class Today:
+    """The UTC day, moved by the test (the budget's day function)."""
+
+    def __init__(self) -> None:
+        self.day = date(2026, 12, 7)
+
+    def __call__(self) -> date:
+        return self.day

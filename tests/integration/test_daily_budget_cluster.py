@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import date, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -19,20 +19,12 @@ from lis_async.lastinfosec import LastInfoSecClient
 from lis_async.lastinfosec.budget import UNREACHABLE, BlockBudget
 from lis_async.settings.model import Settings
 from lis_async.sim.lastinfosec import LastInfoSecSim, LisSimConfig
+from tests.fakes import SPENT, Today
 from tests.helpers import cluster_settings, free_port
 
 pytestmark = pytest.mark.redis  # the machine's Redis, database 14
 
 REDIS_DB14 = "redis://127.0.0.1:6379/14"
-SPENT = "LastInfoSec daily budget spent; re-enrich after 00:00 UTC"
-
-
-class Today:
-    def __init__(self) -> None:
-        self.day = date(2026, 12, 7)
-
-    def __call__(self) -> date:
-        return self.day
 
 
 def settings(lis: LastInfoSecSim, url: str = REDIS_DB14, **env: str) -> Settings:

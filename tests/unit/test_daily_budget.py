@@ -5,7 +5,7 @@ controls. The Redis ledger is tested in tests/integration/test_daily_budget_clus
 from __future__ import annotations
 
 import logging
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +22,8 @@ from lis_async.ops.gauges import BudgetGauges
 from lis_async.ops.metrics import Metrics
 from lis_async.settings.model import LastInfoSecSettings, load_settings
 from lis_async.sim.lastinfosec import LastInfoSecSim, LisSimConfig
-from tests.fakes import FakePlatform, make_pipeline
+from tests.fakes import SPENT, FakePlatform, Today, make_pipeline
 from tests.helpers import OFFLINE_ENV, job_body
-
-SPENT = "LastInfoSec daily budget spent; re-enrich after 00:00 UTC"
-
-
-class Today:
-    """The UTC day, moved by the test."""
-
-    def __init__(self) -> None:
-        self.day = date(2026, 12, 7)
-
-    def __call__(self) -> date:
-        return self.day
 
 
 def lis_settings(base_url: str, **kw: Any) -> LastInfoSecSettings:
