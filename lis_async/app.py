@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import math
 import os
@@ -114,8 +115,11 @@ class App:
     ``pipeline``, ``consumer``) for the health checks, the demo and the tests.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, freeze_heap: bool = False) -> None:
         self.settings = settings
+        #: Move what start-up made into the collector's permanent generation, once, just
+        #: before consuming (``lis-async run``; tests start many workers in one process).
+        self._freeze_heap = freeze_heap
         self.platform = Platform(settings)
         c = settings.connector
         self.metrics = Metrics(c.metrics_namespace or "", c.metrics_subsystem or "")
@@ -283,6 +287,13 @@ class App:
             self._spawn(backpressure.run, "backpressure")
         self._spawn(qt.run, "queue-threshold")
         await self._start_servers()
+        if self._freeze_heap:
+            # The modules, settings and clients made so far live as long as the worker. Frozen,
+            # the cyclic collector no longer walks them at every full collection, which the
+            # allocations of each job trigger: that walk cost the lane mover about a fifth of
+            # its CPU per job (BENCHMARKS.md, "The mover").
+            gc.collect()
+            gc.freeze()
         await self.consumer.start()
         if s.connector.consumer_timeout_s:
             self._spawn(

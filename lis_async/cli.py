@@ -67,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
 
     async def main() -> int:
-        return await App(settings).run()
+        return await App(settings, freeze_heap=True).run()
 
     code = _run_loop(main())
     # Everything is closed and every settled job acked. A pycti call still stuck in its thread

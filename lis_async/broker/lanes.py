@@ -32,20 +32,23 @@ import contextlib
 import functools
 import logging
 import re
-import uuid
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import aio_pika
+import aiormq.abc
 import aiormq.exceptions
 import orjson
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from pamqp import commands as spec
 
 from lis_async.broker.connection import AmqpParams, connect, reason, settle
 from lis_async.enrichment.job import HEAD_BYTES, MAX_BODY_BYTES, read_internal
@@ -60,14 +63,15 @@ REDELIVERED_HEADER: Final = "x-lis-redelivered"
 #: it still holds go with it, so it is long: a week covers any planned stop (it was the setting
 #: CONNECTOR_LANES_EXPIRE_S, see lis_async/settings/removed.py).
 EXPIRE_S: Final = 604_800.0
-#: Listen deliveries being moved at once. Publishes are pipelined (their confirms are awaited
-#: together) and a move starts per loop turn (see Mover._move), so a small prefetch keeps the
-#: mover at its best while the broker's bursts of deliveries stay small: aiormq reads a burst
-#: in one step, and a large step delays everything else on the event loop. It also bounds the
-#: duplicates a crash can leave.
-MOVE_PREFETCH: Final = 16
+#: Listen deliveries being moved at once (their publishes are pipelined, their acks grouped).
+#: 128 moves the most per second (BENCHMARKS.md, "The mover"); a burst of that many deliveries
+#: costs the event loop about 10 ms, well under a request interval at the rates LastInfoSec
+#: sells. It also bounds the duplicates a crash can leave.
+MOVE_PREFETCH: Final = 128
 #: A lane publish not confirmed within this long (a broker alarm blocks publishers) gives its
-#: listen delivery back to the queue rather than hold it toward the consumer timeout.
+#: listen delivery back to the queue rather than hold it toward the consumer timeout. One
+#: watch enforces it for every move (:meth:`Mover._expire`): a timer per publish costs the
+#: mover about a tenth of its rate.
 PUBLISH_TIMEOUT_S: Final = 60.0
 
 
@@ -230,8 +234,70 @@ async def declare_lane(
     return await channel.declare_queue(name, durable=True, arguments=check.arguments)
 
 
+class _Acks:
+    """The listen deliveries of one mover channel, acked many at a time.
+
+    A delivery is *taken* when it arrives and *moved* once the broker confirmed its copy in the
+    lane. An AMQP ack with ``multiple`` settles every unsettled delivery up to its tag, so it
+    may only name a tag below every delivery still being moved: :meth:`flush` (once per loop
+    turn) acks up to the highest moved tag under the lowest taken one. A delivery whose move
+    failed is nacked on its own at once (settled, so the next multiple ack passes over it).
+    Delivery tags count per channel: a channel reopened after a reconnection gets a new
+    ``_Acks`` (the old one's deliveries went back to the queue with the old channel)."""
+
+    __slots__ = ("_scheduled", "channel", "moved", "taken")
+
+    def __init__(self, channel: aiormq.Channel) -> None:
+        self.channel = channel
+        self.taken: set[int] = set()
+        self.moved: list[int] = []
+        self._scheduled = False
+
+    def done(self, tag: int) -> None:
+        """The delivery ``tag`` is in the lane: ack it with the next flush."""
+        self.taken.discard(tag)
+        self.moved.append(tag)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        low = min(self.taken, default=None)
+        ready = self.moved if low is None else [t for t in self.moved if t < low]
+        if not ready:
+            return
+        top = max(ready)
+        self.moved = [t for t in self.moved if t > top]
+        _spawn(settle(self.channel.basic_ack(top, multiple=True, wait=False)))
+
+    async def nack(self, tag: int) -> None:
+        """The delivery ``tag`` could not be moved: back into the listen queue, alone."""
+        self.taken.discard(tag)
+        await settle(self.channel.basic_nack(tag, requeue=True, wait=False))
+
+
+_BACKGROUND: Final[set[asyncio.Task[None]]] = set()
+
+
+def _spawn(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` as a task that is kept until it ends (the loop holds tasks weakly)."""
+    task = asyncio.ensure_future(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
 class Mover:
-    """Moves every job from the listen queue into the lane (see the module docstring)."""
+    """Moves every job from the listen queue into the lane (see the module docstring).
+
+    The hot path works on the AMQP channel beneath aio-pika's robust channel (aiormq's): a
+    delivery arrives as aiormq's message, its copy is published with aiormq's publish (the
+    confirm is awaited by the delivery's own task, so moves are pipelined) and the listen
+    deliveries are acked many at a time (:class:`_Acks`). aio-pika's message objects, built
+    and checked per message on both sides, cost more than the move itself: this path moves
+    about twice as many jobs per second (BENCHMARKS.md, "The mover"). aio-pika still owns the
+    channel: it reopens it after a reconnection, and the mover then consumes again on the new
+    one (:meth:`_reopened`)."""
 
     def __init__(
         self,
@@ -250,11 +316,14 @@ class Mover:
         self._on_foreign = on_foreign  # the lane's name is held by a foreign queue now
         self._publish_timeout = publish_timeout_s
         self._conn: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._queue: AbstractQueue | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._acks: _Acks | None = None
         self._tag: str | None = None
-        self._moving = 0
-        self._turn = asyncio.Lock()  # one move starts per loop turn (see _move)
+        self._stopped = False
+        #: The moves under way, oldest first, and when each started (see _expire).
+        self._moves: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._watch: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self.moved = 0  # jobs moved (confirmed in the lane) by this mover
@@ -269,62 +338,110 @@ class Mover:
         """Declare the lane and start moving, on a channel of its own on ``conn``. Raises
         :class:`ForeignLane` (and moves nothing) when the lane's name holds a foreign queue."""
         channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        assert isinstance(channel, aio_pika.RobustChannel)  # a robust connection's channel
         self._conn, self._channel = conn, channel
         await channel.set_qos(prefetch_count=MOVE_PREFETCH)
         try:
             await declare_lane(conn, channel, self._lane, self._expire_s)
+            # Passive: the platform owns the listen queue (see lis_async.broker.consumer).
+            await channel.declare_queue(self._listen, passive=True)
+            await self._consume()
         except BaseException:
             await channel.close()
             raise
-        # Passive: the platform owns the listen queue (see lis_async.broker.consumer).
-        self._queue = await channel.declare_queue(self._listen, passive=True)
-        self._tag = await self._queue.consume(self._move, no_ack=False)
+        channel.reopen_callbacks.add(self._reopened)
+        self._watch = asyncio.create_task(self._expire(), name="lis-async lane mover watch")
 
-    async def _move(self, message: AbstractIncomingMessage) -> None:
-        # aiormq runs each delivery's callback as a task of its own, so moves overlap (their
-        # confirms are awaited together). But they start one per turn of the event loop: a
-        # prefetch's worth of deliveries arrives at once, and starting them all in one turn
-        # would delay every other task by as much (a LastInfoSec request the rate limiter just
-        # granted would leave tens of milliseconds late, and could then fall in the next second
-        # at the API with the window's grants).
-        self._moving += 1
+    async def _consume(self) -> None:
+        channel = self._channel
+        if channel is None or self._stopped:
+            return
+        raw = await channel.get_underlay_channel()
+        assert isinstance(raw, aiormq.Channel)  # its publish takes wait=
+        self._acks = _Acks(raw)
+        ok = await raw.basic_consume(self._listen, self._move, no_ack=False)
+        self._tag = ok.consumer_tag
+
+    async def _reopened(self, _channel: object) -> None:
+        """aio-pika reopened the channel (a reconnection): consume again on the new one."""
+        self._tag = None
+        try:
+            await self._consume()
+        except Exception as exc:  # the next reopen tries again
+            log.warning("the lane mover could not consume again: %s", reason(exc))
+
+    async def _move(self, message: aiormq.abc.DeliveredMessage) -> None:
+        # aiormq runs each delivery's callback as a task of its own: moves overlap, and
+        # their confirms are awaited together.
+        delivery = message.delivery
+        assert isinstance(delivery, spec.Basic.Deliver)
+        tag, acks = delivery.delivery_tag, self._acks
+        if tag is None or acks is None or acks.channel is not message.channel:
+            return  # a delivery of a closed channel: the broker requeued it
+        acks.taken.add(tag)
+        task = asyncio.current_task()
+        assert task is not None
+        self._moves[task] = time.monotonic()
         self._idle.clear()
         try:
-            async with self._turn:
-                await asyncio.sleep(0)
-            await self._move_one(message)
+            await self._move_one(message, tag, acks, bool(delivery.redelivered))
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise
+            self._expired.discard(task)
+            log.warning(
+                "moving a job into the lane was not confirmed within %g s; it is requeued",
+                self._publish_timeout,
+            )
+            await acks.nack(tag)
         finally:
-            self._moving -= 1
-            if not self._moving:
+            del self._moves[task]
+            if not self._moves:
                 self._idle.set()
 
-    async def _move_one(self, message: AbstractIncomingMessage) -> None:
-        channel = self._channel
-        if channel is None or self._tag is None:
-            await settle(message.nack(requeue=True))
+    async def _expire(self) -> None:
+        """Forever: cancel the moves whose publish waited :data:`PUBLISH_TIMEOUT_S` (their
+        deliveries go back to the listen queue)."""
+        while True:
+            await asyncio.sleep(self._publish_timeout / 10)
+            limit = time.monotonic() - self._publish_timeout
+            for task, started in list(self._moves.items()):
+                if started > limit:
+                    break  # oldest first: the rest are younger
+                self._expired.add(task)
+                task.cancel()
+
+    async def _move_one(
+        self, message: aiormq.abc.DeliveredMessage, tag: int, acks: _Acks, again: bool
+    ) -> None:
+        body = message.body
+        if self._stopped:  # stopping: the delivery goes back to the listen queue
+            await acks.nack(tag)
             return
-        level = priority(message.body)
-        out = aio_pika.Message(
-            message.body,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        level = priority(body)
+        properties = spec.Basic.Properties(
+            delivery_mode=2,  # persistent
             priority=level,
-            # mandatory publishes need an id: the broker's return names the message by it
-            message_id=uuid.uuid4().hex,
-            headers={REDELIVERED_HEADER: True} if message.redelivered else None,
-        )
+            headers={REDELIVERED_HEADER: True} if again else None,
+        )  # a mandatory publish needs a message id (the broker's return names it): aiormq's
         try:
-            await channel.default_exchange.publish(
-                out, self._lane, mandatory=True, timeout=self._publish_timeout
+            await acks.channel.basic_publish(
+                body,
+                routing_key=self._lane,
+                properties=properties,
+                mandatory=True,
+                timeout=None,  # see PUBLISH_TIMEOUT_S
+                wait=False,  # the confirm says it all
             )
         except Exception as exc:  # not confirmed: the job stays in the listen queue
             log.warning("moving a job into the lane failed (%s); it is requeued", reason(exc))
-            await settle(message.nack(requeue=True))
-            if isinstance(exc, aio_pika.exceptions.PublishError):  # the lane is gone
+            await acks.nack(tag)
+            if isinstance(exc, aiormq.exceptions.PublishError):  # the lane is gone
                 await self._redeclare()
             return
-        await settle(message.ack())
+        acks.done(tag)
         self.moved += 1
-        self.moved_bytes += len(message.body)
+        self.moved_bytes += len(body)
         self._on_moved(level)
 
     async def _redeclare(self) -> None:
@@ -342,21 +459,35 @@ class Mover:
 
     async def _cancel(self) -> None:
         """No more listen deliveries (a move that starts after this requeues its delivery)."""
-        queue, tag, self._tag = self._queue, self._tag, None
-        if queue is not None and tag is not None:
+        self._stopped = True
+        acks, tag, self._tag = self._acks, self._tag, None
+        if acks is not None and tag is not None:
             try:
-                await queue.cancel(tag)
+                await acks.channel.basic_cancel(tag)
             except Exception as exc:
                 log.info("cancelling the mover failed: %s", reason(exc))
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stop taking listen deliveries and let the moves under way finish (their deliveries
-        are requeued by the broker if they do not)."""
+        are requeued by the broker if they do not), then close the mover's channel (which
+        settles what was moved: the broker requeues any delivery left unacked)."""
         await self._cancel()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
             pass
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+        if self._acks is not None:
+            self._acks.flush()
+            await asyncio.sleep(0)  # let the last ack go out before the channel closes
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            try:
+                await channel.close()
+            except Exception as exc:
+                log.info("closing the mover's channel failed: %s", reason(exc))
 
 
 class _Consumer(Protocol):

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import aiormq.abc
 import orjson
 import pytest
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
 
 from lis_async.app import lookahead
-from lis_async.broker.lanes import NORMAL, URGENT, lane_arguments, lane_name, priority
+from lis_async.broker.lanes import (
+    NORMAL,
+    URGENT,
+    Mover,
+    _Acks,
+    lane_arguments,
+    lane_name,
+    priority,
+)
 from lis_async.enrichment.job import MAX_BODY_BYTES
 from tests.helpers import job_body
 
@@ -84,3 +97,85 @@ def test_a_small_body_that_does_not_open_with_internal_is_read_whole() -> None:
     assert priority(body) == URGENT
     padded = orjson.dumps({"event": {"x": "a" * 100_000}, "internal": {"mode": "manual"}})
     assert priority(padded) == NORMAL  # large and out of the platform's order: not parsed
+
+
+# ------------------------------------------------------------------------------------------
+# the mover's grouped acks and its publish deadline (the real broker: tests/integration)
+
+
+class _Channel:
+    """An AMQP channel as the mover uses it: publishes wait on a future per job."""
+
+    def __init__(self) -> None:
+        self.confirms: dict[bytes, asyncio.Future[None]] = {}
+        self.acks: list[int] = []
+        self.nacks: list[int] = []
+
+    async def basic_publish(self, body: bytes, **_: object) -> None:
+        self.confirms[body] = asyncio.get_running_loop().create_future()
+        await self.confirms[body]
+
+    async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
+        assert multiple
+        self.acks.append(tag)
+
+    async def basic_nack(self, tag: int, requeue: bool = True, wait: bool = True) -> None:
+        assert requeue
+        self.nacks.append(tag)
+
+
+def _delivery(channel: _Channel, tag: int) -> aiormq.abc.DeliveredMessage:
+    deliver = spec.Basic.Deliver(consumer_tag="c", delivery_tag=tag, routing_key="listen")
+    header = ContentHeader(properties=spec.Basic.Properties(), body_size=1)
+    return aiormq.abc.DeliveredMessage(deliver, header, b"%d" % tag, channel)  # type: ignore[arg-type]
+
+
+def _mover(channel: _Channel, timeout_s: float = 60.0) -> Mover:
+    mover = Mover("listen", "lane", 60.0, publish_timeout_s=timeout_s)
+    mover._acks = _Acks(channel)  # type: ignore[arg-type]
+    return mover
+
+
+async def _turns(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_an_ack_never_covers_a_job_still_being_moved() -> None:
+    channel = _Channel()
+    mover = _mover(channel)
+    moves = [asyncio.create_task(mover._move(_delivery(channel, t))) for t in range(1, 6)]
+    await _turns()
+    for t in (1, 2, 4, 5):  # the copy of job 3 is not confirmed yet
+        channel.confirms[b"%d" % t].set_result(None)
+    await _turns()
+    assert channel.acks == [2]  # one ack for 1 and 2; 4 and 5 wait for 3
+    channel.confirms[b"3"].set_result(None)
+    await asyncio.gather(*moves)
+    await _turns()
+    assert channel.acks == [2, 5] and channel.nacks == [] and mover.moved == 5
+
+
+async def test_a_job_whose_copy_failed_goes_back_alone() -> None:
+    channel = _Channel()
+    mover = _mover(channel)
+    moves = [asyncio.create_task(mover._move(_delivery(channel, t))) for t in range(1, 4)]
+    await _turns()
+    channel.confirms[b"2"].set_exception(ConnectionError("channel closed"))
+    channel.confirms[b"1"].set_result(None)
+    channel.confirms[b"3"].set_result(None)
+    await asyncio.gather(*moves)
+    await _turns()
+    assert channel.nacks == [2] and channel.acks[-1] == 3 and mover.moved == 2
+
+
+async def test_a_copy_never_confirmed_goes_back_after_the_publish_deadline() -> None:
+    channel = _Channel()
+    mover = _mover(channel, timeout_s=0.2)
+    watch = asyncio.create_task(mover._expire())
+    try:
+        async with asyncio.timeout(5):
+            await mover._move(_delivery(channel, 1))  # the broker never confirms
+    finally:
+        watch.cancel()
+    assert channel.nacks == [1] and channel.acks == [] and mover.moved == 0
