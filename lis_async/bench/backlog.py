@@ -8,11 +8,13 @@ through these steps:
 1. build the world with :data:`BACKLOG_MIX` (no job above TLP:AMBER, no file without a hash:
    every job costs a LastInfoSec request), pre-register the connector id, start the OpenCTI
    worker emulation, start the worker and wait until it consumes its queue;
-2. publish the ``--backlog`` auto-mode jobs (``internal.mode == "auto"``, auto-create and
+2. make the ``--backlog`` auto-mode jobs (``internal.mode == "auto"``, auto-create and
    auto-update kinds, each a file of its own random content, so no two share a lookup value
-   and the answer cache never saves a request), as fast as the producer confirms them; then
-   the ``--manual`` manual-mode jobs (``internal.mode == "manual"``) behind them, each one's
-   publish confirm timed;
+   and the answer cache never saves a request), then publish them at once, as fast as the
+   broker confirms them (a burst: the listen queue floods); then the ``--manual`` manual-mode
+   jobs (``internal.mode == "manual"``) behind them, each one's publish confirm timed. All the
+   while :class:`ListenWatch` samples the listen queue, for how fast the worker takes jobs off
+   it while it is flooded (with lanes: the mover);
 3. wait until every job's work completed, or ``--backlog-seconds`` after the last manual job
    was confirmed (the time cap), whichever comes first;
 4. derive the figures from the platform double's works (:func:`backlog_figures`): each manual
@@ -37,6 +39,7 @@ from lis_async.bench.measure import (
     Stopwatch,
     busiest_window,
     censored_percentile,
+    slope,
     slope_per_s,
 )
 from lis_async.bench.phase import STALL_TIMEOUT_S, PhaseRunner, lastinfosec_figures
@@ -59,10 +62,14 @@ BACKLOG_MIX: Final[Mapping[str, float]] = {
 AUTO_KINDS: Final = ("auto_create", "auto_update")
 AUTO_ENTITY_TYPE: Final = "StixFile"
 MANUAL_KIND: Final = "manual"
-#: Auto jobs are published in batches of this size while the worker runs (the OpenCTI double
-#: and the worker emulation share this event loop).
+#: Auto jobs are made in batches of this size, the kinds alternating per batch.
 PUBLISH_BATCH: Final = 100
 POLL_S: Final = 0.25
+#: The listen queue is sampled this often while a phase runs (:class:`ListenWatch`).
+LISTEN_POLL_S: Final = 0.1
+#: A listen queue with at least this many jobs ready is flooded: the jobs taken off it per
+#: second then measure the worker's intake (with lanes, the mover), not the producer's pace.
+FLOODED: Final = 1_000
 
 
 @dataclass(frozen=True)
@@ -154,11 +161,20 @@ class BacklogRunner:
         """From the worker consuming to the phase's end: publish, wait, then the figures."""
         await self.runner.wait_ready(world, [child], backlog=False)
         assert child.ps is not None
+        autos = self._make_autos(world)
         watch = Stopwatch({"worker": child.ps})
+        listen = ListenWatch(world)
+        sampling = asyncio.create_task(listen.run())
         watch.start()
-        published = await self._publish(spec.name, world, result)
-        end, result.stopped_at_cap = await self._wait(spec.name, world, child, published)
+        try:
+            published = await self._publish(spec.name, world, autos, result)
+            end, result.stopped_at_cap = await self._wait(spec.name, world, child, published)
+        finally:
+            sampling.cancel()
+        if sampling.done() and not sampling.cancelled() and sampling.exception() is not None:
+            raise BenchError(f"sampling the listen queue failed: {sampling.exception()!r}")
         result.worker_cpu_s = watch.stop().get("worker", math.nan)
+        result.listen_peak, result.listen_taken_per_s = listen.figures()
         backlog_figures(result, world.platform.works, published, end)
         lastinfosec_figures(result, world.lis.stats)
         flood_end = published.first_at + result.auto_publish_s + 1.0
@@ -166,19 +182,37 @@ class BacklogRunner:
         result.lis_max_sliding_after_flood = busiest_window(later)
 
     # -- publishing ------------------------------------------------------------------------
-    async def _publish(self, label: str, world: SimWorld, result: BacklogPhaseResult) -> Published:
-        """The auto jobs in batches, as fast as they are confirmed; then the manual jobs."""
-        producer, total = world.producer, self.auto_jobs
-        out = Published(first_at=time.time())
+    def _make_autos(self, world: SimWorld) -> list[ProducedJob]:
+        """The auto jobs, made before the burst (their works registered with the double)."""
+        producer, total, jobs = world.producer, self.auto_jobs, []
         for batch_no, start in enumerate(range(0, total, PUBLISH_BATCH)):
             kind = AUTO_KINDS[batch_no % len(AUTO_KINDS)]
-            n = min(PUBLISH_BATCH, total - start)
-            batch = await producer.publish_many(n, kind=kind, entity_type=AUTO_ENTITY_TYPE)
-            out.auto_ids.extend(j.work_id for j in batch if j.work_id)
-            out.auto_values.update(j.value for j in batch if j.value)
-            line = f"{label:<16} publishing {len(out.auto_ids)}/{total} auto jobs"
-            self.runner.progress.update(line)
-            await asyncio.sleep(0)
+            for _ in range(min(PUBLISH_BATCH, total - start)):
+                i = producer.next_index()
+                jobs.append(producer.make_job(i, kind=kind, entity_type=AUTO_ENTITY_TYPE))
+        return jobs
+
+    async def _publish(
+        self, label: str, world: SimWorld, autos: list[ProducedJob], result: BacklogPhaseResult
+    ) -> Published:
+        """The auto jobs at once, as fast as they are confirmed; then the manual jobs."""
+        producer, total = world.producer, len(autos)
+        out = Published(first_at=time.time())
+        out.auto_ids = [j.work_id for j in autos if j.work_id]
+        out.auto_values = {j.value for j in autos if j.value}
+        before = producer.published
+
+        async def progress() -> None:
+            while True:
+                line = f"{label:<16} publishing {producer.published - before}/{total} auto jobs"
+                self.runner.progress.update(line)
+                await asyncio.sleep(POLL_S)
+
+        ticker = asyncio.create_task(progress())
+        try:
+            await producer.publish_all(autos)
+        finally:
+            ticker.cancel()
         autos_done = time.time()
         result.auto_publish_s = autos_done - out.first_at
         await publish_manual(world, self.manual_jobs, out)
@@ -225,6 +259,40 @@ class BacklogRunner:
             f"{label:<16} {bar(auto_done, self.auto_jobs)} auto {auto_done}/{self.auto_jobs}"
             f"  manual {manual_done}/{self.manual_jobs}  cap in {max(0.0, left_s):.0f} s"
         )
+
+
+class ListenWatch:
+    """Samples the listen queue every :data:`LISTEN_POLL_S`: its jobs ready, and the jobs
+    published so far (the producer's confirms). Published minus ready is what the worker has
+    taken off the queue (give or take its unacknowledged prefetch, which stays full while the
+    queue is flooded)."""
+
+    def __init__(self, world: SimWorld) -> None:
+        self._world = world
+        #: (monotonic time, jobs published, jobs ready in the listen queue)
+        self.samples: list[tuple[float, int, int]] = []
+
+    async def run(self) -> None:
+        """Sample until cancelled: a passive declare on a fresh channel of the world's own
+        connection each time (repeated on one channel, it read 0 all along here)."""
+        world, name = self._world, self._world.names()["listen"]
+        while True:
+            async with world.admin_channel() as channel:
+                queue = await channel.declare_queue(name, passive=True)
+                ready = int(queue.declaration_result.message_count or 0)
+            self.samples.append((time.monotonic(), world.producer.published, ready))
+            await asyncio.sleep(LISTEN_POLL_S)
+
+    def figures(self) -> tuple[int, float]:
+        """The listen queue's peak depth, and the jobs taken off it per second while it held
+        at least :data:`FLOODED` (least-squares slope; NaN: it never flooded for long)."""
+        peak = max((ready for _, _, ready in self.samples), default=0)
+        flooded = [
+            (t, published - ready) for t, published, ready in self.samples if ready >= FLOODED
+        ]
+        if len(flooded) < 3:
+            return peak, math.nan
+        return peak, slope([t for t, _ in flooded], [taken for _, taken in flooded])
 
 
 async def publish_manual(world: SimWorld, count: int, out: Published) -> None:

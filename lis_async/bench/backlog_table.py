@@ -42,6 +42,12 @@ def _rows() -> list[tuple[str, BacklogGetter, Callable[[BacklogPhaseResult], flo
         ("LastInfoSec max in 1 s (sliding)", lambda p: str(p.lis_max_sliding_1s), None),
         ("... after the flood", lambda p: str(p.lis_max_sliding_after_flood), None),
         ("auto jobs published in (s)", lambda p: fmt(p.auto_publish_s), None),
+        ("listen queue: peak depth", lambda p: f"{p.listen_peak:,}", None),
+        (
+            "listen queue: jobs taken/s while flooded",
+            lambda p: fmt(p.listen_taken_per_s, 0),
+            lambda p: p.listen_taken_per_s,
+        ),
         ("phase (s)", _phase_s, None),
         ("worker CPU / job (ms)", lambda p: fmt(p.worker_cpu_ms_per_job, 2), None),
     ]
@@ -88,4 +94,7 @@ def backlog_notes(cfg: BenchConfig, phases: dict[str, BacklogPhaseResult]) -> li
         "last one within the phase: least-squares slope of their running count (robust to the "
         "limiter's bursts); mean: (completions - 1) / that span.",
         f"auto observables distinct (each costs a LastInfoSec request): {distinct}.",
+        "listen queue: sampled every 0.1 s while the phase runs; jobs taken/s: the slope of "
+        "(jobs published - jobs ready) while 1,000 or more were ready. With lanes that is the "
+        "mover's pace (moves/s), with FIFO the worker's intake.",
     ]

@@ -77,6 +77,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="duration of the paced latency phase (0 skips it)",
     )
     add("--skip-classic", action="store_true", help="do not run the classic connector")
+    add(
+        "--fifo",
+        action="store_true",
+        help="also run the lis_async phase with CONNECTOR_PRIORITY_LANES=false, for the CPU "
+        "per job the priority lanes cost",
+    )
     add("--rss-jobs", type=int, default=0, help="also run lis_async on N queued jobs for RSS")
     add("--sweep", action="store_true", help="throughput at 1, 4, 16, 64, 128 jobs in flight")
     add("--plot", default="bench-sweep.png", help="PNG of the sweep (default bench-sweep.png)")

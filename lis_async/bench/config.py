@@ -18,7 +18,7 @@ DEFAULT_REPLICA_JOBS = 1500
 DEFAULT_REPEAT_SHARE = 0.5
 #: Options that measure one worker's own phases, hence meaningless in a ``--replicas`` or a
 #: ``--backlog`` run.
-_SINGLE_WORKER_OPTIONS = ("sweep", "rss_jobs", "profile")
+_SINGLE_WORKER_OPTIONS = ("sweep", "rss_jobs", "profile", "fifo")
 #: In a ``--backlog`` run: ``--manual``, ``--backlog-seconds`` and ``--rate`` when not given.
 DEFAULT_MANUAL = 10
 DEFAULT_BACKLOG_SECONDS = 120.0
@@ -51,6 +51,8 @@ class BenchConfig:
     rate: float | None = None
     latency_seconds: float = 10.0
     skip_classic: bool = False
+    #: also run the lis_async phase with CONNECTOR_PRIORITY_LANES=false (the lanes' cost)
+    fifo: bool = False
     rss_jobs: int = 0
     sweep: bool = False
     plot: str = "bench-sweep.png"

@@ -76,15 +76,19 @@ def slope_per_s(times: Sequence[float]) -> float:
     against time. Unlike a count over a fixed span it does not depend on where the span cuts a
     rate limiter's bursts. NaN with fewer than two distinct times."""
     ordered = sorted(times)
-    n = len(ordered)
+    return slope(ordered, range(1, len(ordered) + 1))
+
+
+def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """The least-squares slope of ``ys`` against ``xs``; NaN with fewer than two distinct xs."""
+    n = len(xs)
     if n < 2:
         return math.nan
-    mean_t = sum(ordered) / n
-    mean_k = (n + 1) / 2
-    var = sum((t - mean_t) ** 2 for t in ordered)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    var = sum((x - mean_x) ** 2 for x in xs)
     if var == 0:
         return math.nan
-    return sum((t - mean_t) * (k - mean_k) for k, t in enumerate(ordered, 1)) / var
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -6,6 +6,7 @@ subprocess pointed at it. Phases, each with a fresh connector id (fresh queues):
 
 1. ``classic``: ``python -m lis_async.bench.classic`` on ``--classic-jobs`` queued jobs.
 2. ``lis_async``: ``python -m lis_async.cli run`` on ``--jobs`` queued jobs.
+   ``lis_async-fifo`` (``--fifo``): the same with ``CONNECTOR_PRIORITY_LANES=false``.
 3. ``latency``: lis_async fed at half the throughput of phase 2 for ``--latency-seconds``.
 4. ``rss`` (``--rss-jobs N``): lis_async on N queued jobs, for the memory figure.
 5. ``sweep`` (``--sweep``): lis_async at 1, 4, 16, 64 and 128 jobs in flight, plotted.
@@ -50,14 +51,14 @@ from pathlib import Path
 from typing import Any
 
 from lis_async.bench.backlog import BACKLOG_SPECS, BacklogRunner
-from lis_async.bench.config import BenchConfig
+from lis_async.bench.config import PRIORITY_LANES_SETTING, BenchConfig
 from lis_async.bench.feed import Paced, Queued
 from lis_async.bench.phase import PhaseRunner, PhaseSpec
 from lis_async.bench.plot import plot_sweep
 from lis_async.bench.profile import Profile, summarise
 from lis_async.bench.record import build_record, write_json
 from lis_async.bench.replicas import ReplicaRunner, ReplicaSpec, redis_problem
-from lis_async.bench.results import BenchError, PhaseResult, fmt
+from lis_async.bench.results import FIFO_PHASE, BenchError, PhaseResult, fmt
 from lis_async.bench.table import format_table
 from lis_async.sim.world import rabbit_reachable
 
@@ -90,6 +91,20 @@ async def throughput_phase(runner: PhaseRunner, cfg: BenchConfig, results: Resul
         "lis_async", "lis_async", Queued(cfg.jobs), in_flight=cfg.in_flight, profile=cfg.profile
     )
     results.phases["lis_async"] = await runner.run(spec)
+
+
+async def fifo_phase(runner: PhaseRunner, cfg: BenchConfig, results: Results) -> None:
+    """``--fifo``: the ``lis_async`` phase again without priority lanes (what they cost)."""
+    if not cfg.fifo or not cfg.single_worker_run:
+        return
+    spec = PhaseSpec(
+        FIFO_PHASE,
+        "lis_async",
+        Queued(cfg.jobs),
+        in_flight=cfg.in_flight,
+        overrides={PRIORITY_LANES_SETTING: "false"},
+    )
+    results.phases[FIFO_PHASE] = await runner.run(spec)
 
 
 async def latency_phase(runner: PhaseRunner, cfg: BenchConfig, results: Results) -> None:
@@ -148,6 +163,7 @@ async def backlog_phases(runner: PhaseRunner, cfg: BenchConfig, results: Results
 PHASES: tuple[Step, ...] = (
     classic_phase,
     throughput_phase,
+    fifo_phase,
     latency_phase,
     rss_phase,
     sweep_phases,

@@ -19,8 +19,8 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aio_pika
@@ -55,6 +55,8 @@ class PhaseSpec:
     feed: Feed
     in_flight: int = 1
     profile: str | None = None
+    #: what the phase sets in the worker's environment (on top of the bench's settings)
+    overrides: Mapping[str, str] = field(default_factory=dict)
 
 
 class PhaseRunner:
@@ -88,7 +90,9 @@ class PhaseRunner:
             result.offered_jobs_per_s = spec.feed.offered_jobs_per_s
             self.progress.update(f"{spec.name:<16} starting {spec.connector}")
             log_path = self.workdir / f"{spec.name}.log"
-            child = connector_child(self.cfg, world, spec.connector, spec.in_flight, log_path)
+            child = connector_child(
+                self.cfg, world, spec.connector, spec.in_flight, log_path, spec.overrides
+            )
             try:
                 await child.start()
                 result.worker_pid = child.pid

@@ -14,6 +14,7 @@ from typing import Any
 from lis_async.bench.config import BenchConfig
 from lis_async.bench.measure import machine
 from lis_async.bench.results import (
+    FIFO_PHASE,
     BacklogPhaseResult,
     PhaseResult,
     ReplicaPhaseResult,
@@ -32,6 +33,8 @@ BACKLOG_TARGET_RATE = 20.0
 #: of FIFO's.
 BACKLOG_MANUAL_P99_S = 5.0
 BACKLOG_AUTO_DEVIATION = 0.05
+#: What the priority lanes may cost per job in worker CPU against FIFO (``--fifo``), in ms.
+LANES_CPU_MS_PER_JOB = 0.2
 
 
 def build_record(
@@ -96,6 +99,11 @@ def targets(
         _target(out, "throughput_ratio", ratios["throughput"], 25.0, True, note)
     if lis:
         _target(out, "worker_cpu_ms_per_job", lis.worker_cpu_ms_per_job, 6.0, False, "aim 3 ms")
+    fifo = phases.get(FIFO_PHASE)
+    if lis and fifo:
+        cost = lis.worker_cpu_ms_per_job - fifo.worker_cpu_ms_per_job
+        note = "worker CPU / job, lis_async (priority lanes) - lis_async-fifo"
+        _target(out, "lanes_cpu_ms_per_job", cost, LANES_CPU_MS_PER_JOB, False, note)
     if cfg.rate is not None and lis:
         _target(out, "rate_sustained_per_s", lis.lis_sustained_per_s, 0.97 * cfg.rate, True, "")
         _target(out, "rate_max_per_window", float(lis.lis_max_per_window), cfg.rate, False, "")

@@ -195,6 +195,15 @@ class BacklogPhaseResult(PhaseResult):
     #: the same window: (completions - 1) / (last - first completion)
     auto_mean_per_s: float = math.nan
     auto_window_s: float = math.nan
+    #: the listen queue: its peak depth (jobs ready), and the jobs the worker took off it per
+    #: second while it held at least 1,000 (with lanes: the mover's pace; FIFO: the intake);
+    #: NaN when it never held that many for long (see lis_async.bench.backlog.ListenWatch)
+    listen_peak: int = 0
+    listen_taken_per_s: float = math.nan
+
+
+#: The ``lis_async`` phase without priority lanes (``--fifo``).
+FIFO_PHASE = "lis_async-fifo"
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 from lis_async.bench.backlog_table import BACKLOG_PHASES, backlog_notes, backlog_rows
 from lis_async.bench.config import BenchConfig
 from lis_async.bench.results import (
+    FIFO_PHASE,
     BacklogPhaseResult,
     PhaseResult,
     ReplicaPhaseResult,
@@ -93,19 +94,24 @@ def _rows(paced: PhaseResult | None) -> list[tuple[str, Getter, int, bool]]:
 def _table(phases: dict[str, PhaseResult]) -> list[str]:
     """The table's lines: a column per connector, and lis/classic when both ran."""
     classic, lis = phases.get("classic"), phases.get("lis_async")
+    fifo = phases.get(FIFO_PHASE)
     both = classic is not None and lis is not None
-    cols = [p for p in (classic, lis) if p is not None]
-    head = ["", *(p.connector for p in cols)]
+    cols = [p for p in (classic, lis, fifo) if p is not None]
+    head = ["", *(p.name for p in cols)]
     if both:
         head.append("lis/classic")
     rows: list[list[str]] = []
     for label, get, digits, with_ratio in _rows(phases.get("latency")):
         values = [get(p) for p in cols]
         line = [label, *(fmt(v, digits) for v in values)]
-        if both:
-            r = ratio(values[-1], values[0]) if with_ratio else None
+        if classic is not None and lis is not None:
+            r = ratio(get(lis), get(classic)) if with_ratio else None
             line.append("" if r is None else f"{r:.2f}x")
         rows.append(line)
+    if lis is not None and fifo is not None:
+        cost = lis.worker_cpu_ms_per_job - fifo.worker_cpu_ms_per_job
+        label = "priority lanes: worker CPU / job, lanes - FIFO (ms)"
+        rows.append([label, *([""] * (len(cols) - 1)), fmt(cost, 2), *([""] if both else [])])
     return _align([head, *rows])
 
 

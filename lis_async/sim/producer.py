@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -507,6 +507,12 @@ class JobProducer:
         start = self._next_i
         self._next_i += n
         jobs = [self.make_job(start + k, **kw) for k in range(n)]
+        await self.publish_all(jobs)
+        return jobs
+
+    async def publish_all(self, jobs: Sequence[ProducedJob]) -> None:
+        """Publish ``jobs`` (made already) concurrently with confirms, as fast as the broker
+        confirms them (``max_concurrent_publishes`` at a time)."""
         sem = asyncio.Semaphore(self.max_concurrent_publishes)
 
         async def one(job: ProducedJob) -> None:
@@ -514,7 +520,6 @@ class JobProducer:
                 await self.publish(job)
 
         await asyncio.gather(*(one(job) for job in jobs))
-        return jobs
 
     def next_index(self) -> int:
         """Reserve the next job index (the one ``publish_many`` would use)."""
