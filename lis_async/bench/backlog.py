@@ -32,7 +32,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+import aiohttp
+
+from lis_async.bench.backlog_table import MOVER_PHASE
 from lis_async.bench.config import PRIORITY_LANES_SETTING
+from lis_async.bench.double import LisDouble
 from lis_async.bench.feed import build_world, preregister
 from lis_async.bench.measure import (
     Child,
@@ -45,7 +49,7 @@ from lis_async.bench.measure import (
 from lis_async.bench.phase import STALL_TIMEOUT_S, PhaseRunner, lastinfosec_figures
 from lis_async.bench.processes import connector_child
 from lis_async.bench.progress import bar
-from lis_async.bench.results import BacklogPhaseResult, BenchError, Bound
+from lis_async.bench.results import BacklogPhaseResult, BenchError, Bound, MoverPhaseResult
 from lis_async.sim.opencti import Work
 from lis_async.sim.producer import ProducedJob
 from lis_async.sim.world import SimWorld
@@ -85,8 +89,12 @@ class BacklogSpec:
         return {} if self.lanes else {PRIORITY_LANES_SETTING: "false"}
 
 
-#: The phases of a backlog run, in order.
+#: The phases of a backlog run, in order (before them, :meth:`BacklogRunner.run_mover`).
 BACKLOG_SPECS: Final = (BacklogSpec("backlog-lanes", True), BacklogSpec("backlog-fifo", False))
+#: The mover phase's rate: the worker hardly processes while it moves (its CPU is the move's).
+MOVER_RATE_PER_S: Final = 1.0
+#: The mover phase gives up when the listen queue does not start draining within this long.
+MOVER_START_TIMEOUT_S: Final = 60.0
 
 
 @dataclass
@@ -137,26 +145,106 @@ class BacklogRunner:
         )
         world = build_world(cfg, producer=BACKLOG_MIX)
         result.connector_id = world.connector_id
+        workdir = self.runner.workdir
         async with world:
             await preregister(world)
             await world.start_worker_emulation()
-            log_path = self.runner.workdir / f"{spec.name}.log"
-            child = connector_child(
-                cfg, world, "lis_async", cfg.in_flight, log_path, spec.overrides
-            )
+            double = LisDouble.of(cfg, world, workdir / f"{spec.name}-lastinfosec.log")
+            overrides = {**spec.overrides, "LASTINFOSEC_BASE_URL": double.base_url}
+            log_path = workdir / f"{spec.name}.log"
+            child = connector_child(cfg, world, "lis_async", cfg.in_flight, log_path, overrides)
             self.runner.progress.update(f"{spec.name:<16} starting lis_async")
             try:
+                await double.start()
                 await child.start()
                 result.worker_pid = child.pid
-                await self._measure(spec, world, child, result)
+                await self._measure(spec, world, child, double, result)
             finally:
                 result.exit_code = await child.stop()
+                await double.child.stop()
                 if child.peak_rss:
                     result.peak_rss_mb = child.peak_rss / 2**20
         return result
 
+    async def run_mover(self) -> MoverPhaseResult:
+        """The ``backlog-mover`` phase: the auto jobs published before the worker starts, then
+        how fast it moves them into its lane (from the first taken off the listen queue until
+        none is ready), with its CPU and RabbitMQ's per job moved."""
+        cfg = self.cfg
+        result = MoverPhaseResult(MOVER_PHASE, "lis_async", 0, cfg.in_flight, "backlog")
+        world = build_world(cfg, producer=BACKLOG_MIX)
+        result.connector_id = world.connector_id
+        workdir = self.runner.workdir
+        async with world:
+            await preregister(world)
+            await world.start_worker_emulation()
+            autos = self._make_autos(world)
+            self.runner.progress.update(f"{MOVER_PHASE:<16} publishing {len(autos)} auto jobs")
+            await world.producer.publish_all(autos)
+            result.jobs = len(autos)
+            double = LisDouble.of(cfg, world, workdir / f"{MOVER_PHASE}-lastinfosec.log")
+            overrides = {
+                "LASTINFOSEC_BASE_URL": double.base_url,
+                "LASTINFOSEC_RATE_PER_S": f"{MOVER_RATE_PER_S:g}",
+            }
+            log_path = workdir / f"{MOVER_PHASE}.log"
+            child = connector_child(cfg, world, "lis_async", cfg.in_flight, log_path, overrides)
+            self.runner.progress.update(f"{MOVER_PHASE:<16} starting lis_async")
+            try:
+                await double.start()
+                await child.start()
+                result.worker_pid = child.pid
+                await self._measure_moves(world, child, result)
+            finally:
+                result.exit_code = await child.stop()
+                await double.child.stop()
+        self.runner.progress.done(
+            f"{MOVER_PHASE:<16} {result.jobs:,} jobs moved at {result.moves_per_s:,.0f}/s"
+        )
+        return result
+
+    async def _measure_moves(self, world: SimWorld, child: Child, r: MoverPhaseResult) -> None:
+        """From the first job taken off the listen queue until none is ready."""
+        name, total = world.names()["listen"], r.jobs
+        listen = ListenWatch(world)
+        deadline = time.monotonic() + MOVER_START_TIMEOUT_S
+        while await listen.ready(name) >= total:
+            if not child.running or time.monotonic() > deadline:
+                raise BenchError(
+                    f"{MOVER_PHASE}: the worker took no job off the listen queue; its log:\n"
+                    f"{child.log_tail()}"
+                )
+            await asyncio.sleep(0.01)
+        assert child.ps is not None
+        watch = Stopwatch({"worker": child.ps, "rabbitmq": self.runner.rabbitmq})
+        watch.start()
+        started = time.monotonic()
+        while True:
+            ready = await listen.sample(name)
+            self.runner.progress.update(f"{MOVER_PHASE:<16} {bar(total - ready, total)} moving")
+            if ready == 0:
+                break
+            if not child.running:
+                raise BenchError(f"{MOVER_PHASE}: the worker exited; its log:\n{child.log_tail()}")
+            await asyncio.sleep(LISTEN_POLL_S)
+        cpu = watch.stop()
+        r.span_s = time.monotonic() - started
+        r.completed = total  # moved (none is left ready in the listen queue)
+        r.moves_mean_per_s = total / r.span_s if r.span_s > 0 else math.nan
+        _, r.moves_per_s = listen.figures()
+        r.worker_cpu_s = cpu.get("worker", math.nan)
+        r.rabbitmq_cpu_s = cpu.get("rabbitmq")
+        r.worker_cpu_ms_per_move = r.worker_cpu_s / total * 1000
+        if r.rabbitmq_cpu_s is not None:
+            r.rabbitmq_cpu_ms_per_move = r.rabbitmq_cpu_s / total * 1000
+
     async def _measure(
-        self, spec: BacklogSpec, world: SimWorld, child: Child, result: BacklogPhaseResult
+        self,
+        spec: BacklogSpec,
+        world: SimWorld,
+        child: Child,
+        double: LisDouble,
+        result: BacklogPhaseResult,
     ) -> None:
         """From the worker consuming to the phase's end: publish, wait, then the figures."""
         await self.runner.wait_ready(world, [child], backlog=False)
@@ -176,9 +264,11 @@ class BacklogRunner:
         result.worker_cpu_s = watch.stop().get("worker", math.nan)
         result.listen_peak, result.listen_taken_per_s = listen.figures()
         backlog_figures(result, world.platform.works, published, end)
-        lastinfosec_figures(result, world.lis.stats)
+        async with aiohttp.ClientSession() as session:
+            stats = await double.stats(session)
+        lastinfosec_figures(result, stats)
         flood_end = published.first_at + result.auto_publish_s + 1.0
-        later = [q.time for q in world.lis.stats.requests if q.time >= flood_end]
+        later = [q.time for q in stats.requests if q.time >= flood_end]
         result.lis_max_sliding_after_flood = busiest_window(later)
 
     # -- publishing ------------------------------------------------------------------------
@@ -273,15 +363,24 @@ class ListenWatch:
         self.samples: list[tuple[float, int, int]] = []
 
     async def run(self) -> None:
-        """Sample until cancelled: a passive declare on a fresh channel of the world's own
-        connection each time (repeated on one channel, it read 0 all along here)."""
-        world, name = self._world, self._world.names()["listen"]
+        """Sample until cancelled."""
+        name = self._world.names()["listen"]
         while True:
-            async with world.admin_channel() as channel:
-                queue = await channel.declare_queue(name, passive=True)
-                ready = int(queue.declaration_result.message_count or 0)
-            self.samples.append((time.monotonic(), world.producer.published, ready))
+            await self.sample(name)
             await asyncio.sleep(LISTEN_POLL_S)
+
+    async def sample(self, name: str) -> int:
+        """One sample (the jobs ready, returned)."""
+        ready = await self.ready(name)
+        self.samples.append((time.monotonic(), self._world.producer.published, ready))
+        return ready
+
+    async def ready(self, name: str) -> int:
+        """The jobs ready in the queue ``name``: a passive declare on a fresh channel of the
+        world's own connection (repeated on one channel, it read 0 all along here)."""
+        async with self._world.admin_channel() as channel:
+            queue = await channel.declare_queue(name, passive=True)
+            return int(queue.declaration_result.message_count or 0)
 
     def figures(self) -> tuple[int, float]:
         """The listen queue's peak depth, and the jobs taken off it per second while it held

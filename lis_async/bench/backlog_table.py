@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lis_async.bench.config import BenchConfig
-from lis_async.bench.results import BacklogPhaseResult, fmt, ratio
+from lis_async.bench.results import BacklogPhaseResult, MoverPhaseResult, fmt, ratio
 
 BacklogGetter = Callable[[BacklogPhaseResult], str]
+#: The phase that measures the mover alone (notes under the table, not a column).
+MOVER_PHASE = "backlog-mover"
 #: The backlog phases, in the order of their columns, and their titles.
 BACKLOG_PHASES = {"backlog-lanes": "lanes", "backlog-fifo": "FIFO"}
 
@@ -97,4 +99,19 @@ def backlog_notes(cfg: BenchConfig, phases: dict[str, BacklogPhaseResult]) -> li
         "listen queue: sampled every 0.1 s while the phase runs; jobs taken/s: the slope of "
         "(jobs published - jobs ready) while 1,000 or more were ready. With lanes that is the "
         "mover's pace (moves/s), with FIFO the worker's intake.",
+    ]
+
+
+def mover_notes(p: MoverPhaseResult | None) -> list[str]:
+    """The ``backlog-mover`` phase, as notes under the table."""
+    if p is None:
+        return []
+    rabbit = ""
+    if p.rabbitmq_cpu_s is not None:
+        rabbit = f", RabbitMQ {fmt(p.rabbitmq_cpu_ms_per_move, 3)} ms"
+    return [
+        f"mover: {p.jobs:,} auto jobs in the listen queue before one worker started (at 1 "
+        f"req/s); it moved them into its lane at {fmt(p.moves_per_s, 0)} jobs/s while 1,000 "
+        f"or more were ready ({fmt(p.moves_mean_per_s, 0)}/s over all {fmt(p.span_s, 2)} s), "
+        f"CPU per job moved: worker {fmt(p.worker_cpu_ms_per_move, 3)} ms{rabbit}.",
     ]

@@ -20,10 +20,12 @@ subprocess pointed at it. Phases, each with a fresh connector id (fresh queues):
 
 ``--backlog N`` makes a backlog run instead, where only these run (``lis_async.bench.backlog``):
 
-8. ``backlog-lanes``: one lis_async worker with its defaults (priority lanes); N auto jobs
+8. ``backlog-mover``: N auto jobs published, then one lis_async worker started (at 1 req/s):
+   how fast it moves them into its lane, and the CPU per job moved.
+9. ``backlog-lanes``: one lis_async worker with its defaults (priority lanes); N auto jobs
    published once it consumes, then ``--manual`` manual jobs behind them; until every work
    completed or ``--backlog-seconds`` after the manual jobs were published.
-9. ``backlog-fifo``: the same with ``CONNECTOR_PRIORITY_LANES=false``.
+10. ``backlog-fifo``: the same with ``CONNECTOR_PRIORITY_LANES=false``.
 
 Queued phases publish every job first (the connector id is registered beforehand, as a connector
 that ran before would be, so the platform double has declared its queues), then start the
@@ -51,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from lis_async.bench.backlog import BACKLOG_SPECS, BacklogRunner
+from lis_async.bench.backlog_table import MOVER_PHASE
 from lis_async.bench.config import PRIORITY_LANES_SETTING, BenchConfig
 from lis_async.bench.feed import Paced, Queued
 from lis_async.bench.phase import PhaseRunner, PhaseSpec
@@ -155,6 +158,7 @@ async def backlog_phases(runner: PhaseRunner, cfg: BenchConfig, results: Results
     if cfg.backlog is None:
         return
     backlog = BacklogRunner(runner)
+    results.phases[MOVER_PHASE] = await backlog.run_mover()
     for spec in BACKLOG_SPECS:
         results.phases[spec.name] = await backlog.run(spec)
 

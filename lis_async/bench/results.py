@@ -202,6 +202,21 @@ class BacklogPhaseResult(PhaseResult):
     listen_taken_per_s: float = math.nan
 
 
+@dataclass
+class MoverPhaseResult(PhaseResult):
+    """The ``backlog-mover`` phase: ``jobs`` auto jobs in the listen queue before the worker
+    starts (at LastInfoSec 1 req/s, so that it hardly processes meanwhile); from the first job
+    taken off the queue to the last, the worker does little but move them into its lane."""
+
+    #: the jobs taken off the listen queue per second while 1,000 or more were ready
+    #: (least-squares slope), and over the whole move (jobs / span)
+    moves_per_s: float = math.nan
+    moves_mean_per_s: float = math.nan
+    #: CPU per job moved, milliseconds: the worker's (the lanes' cost per job) and RabbitMQ's
+    worker_cpu_ms_per_move: float = math.nan
+    rabbitmq_cpu_ms_per_move: float = math.nan
+
+
 #: The ``lis_async`` phase without priority lanes (``--fifo``).
 FIFO_PHASE = "lis_async-fifo"
 

@@ -7,11 +7,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lis_async.bench.backlog_table import BACKLOG_PHASES, backlog_notes, backlog_rows
+from lis_async.bench.backlog_table import (
+    BACKLOG_PHASES,
+    MOVER_PHASE,
+    backlog_notes,
+    backlog_rows,
+    mover_notes,
+)
 from lis_async.bench.config import BenchConfig
 from lis_async.bench.results import (
     FIFO_PHASE,
     BacklogPhaseResult,
+    MoverPhaseResult,
     PhaseResult,
     ReplicaPhaseResult,
     fmt,
@@ -47,6 +54,8 @@ def format_table(cfg: BenchConfig, phases: dict[str, PhaseResult], record: dict[
         lines += [*(["", ""] if lines else []), *_align(backlog_rows(backlog))]
     notes = [*_world_notes(cfg, phases), *_replica_notes(cfg, replicas)]
     notes += backlog_notes(cfg, backlog)
+    mover = phases.get(MOVER_PHASE)
+    notes += mover_notes(mover if isinstance(mover, MoverPhaseResult) else None)
     notes += _target_notes(record.get("targets", {}))
     return "\n".join([*lines, "", *notes])
 

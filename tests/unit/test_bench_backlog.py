@@ -23,6 +23,7 @@ from lis_async.bench.backlog import (
     AUTO_KINDS,
     BACKLOG_MIX,
     BACKLOG_SPECS,
+    ListenWatch,
     Published,
     backlog_figures,
 )
@@ -31,7 +32,7 @@ from lis_async.bench.config import BenchConfig
 from lis_async.bench.measure import censored_percentile, percentile
 from lis_async.bench.processes import connector_env
 from lis_async.bench.record import build_record, write_json
-from lis_async.bench.results import BacklogPhaseResult, Bound, PhaseResult
+from lis_async.bench.results import BacklogPhaseResult, Bound, MoverPhaseResult, PhaseResult
 from lis_async.bench.table import format_table
 from lis_async.cli import main
 from lis_async.sim.opencti import PlatformSim, Work
@@ -68,6 +69,7 @@ def test_backlog_defaults() -> None:
         ["--backlog", "10", "--replicas", "2"],
         ["--backlog", "10", "--sweep"],
         ["--backlog", "10", "--rss-jobs", "100"],
+        ["--backlog", "10", "--fifo"],
         ["--backlog", "10", "--worker-env", "CONNECTOR_PRIORITY_LANES=true"],
     ],
 )
@@ -245,7 +247,12 @@ def test_tiny_backlog_run(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "lanes/FIFO" in done.stdout and "manual latency p99 (s)" in done.stdout
     record = json.loads(record_path.read_text())
-    assert set(record["phases"]) == {"backlog-lanes", "backlog-fifo"}
+    assert set(record["phases"]) == {"backlog-mover", "backlog-lanes", "backlog-fifo"}
+    mover = record["phases"].pop("backlog-mover")
+    assert mover["jobs"] == mover["completed"] == 30 and mover["exit_code"] == 0
+    assert mover["worker_cpu_ms_per_move"] >= 0 and mover["moves_mean_per_s"] > 0  # 30: a blink
+    assert mover["moves_per_s"] is None  # 30 jobs: never 1,000 ready
+    assert "mover: 30 auto jobs in the listen queue" in done.stdout
     for phase in record["phases"].values():
         assert (phase["auto_completed"], phase["manual_completed"]) == (30, 3)
         assert phase["auto_distinct_values"] == 30 and not phase["stopped_at_cap"]
@@ -254,7 +261,48 @@ def test_tiny_backlog_run(tmp_path: Path) -> None:
     assert record["phases"]["backlog-fifo"]["worker_overrides"] == {
         "CONNECTOR_PRIORITY_LANES": "false"
     }
-    assert set(record["targets"]) == {"backlog_manual_p99_s", "backlog_auto_throughput_deviation"}
+    assert set(record["targets"]) == {
+        "backlog_mover_moves_per_s",
+        "backlog_manual_p99_s",
+        "backlog_auto_throughput_deviation",
+    }
+    assert record["targets"]["backlog_mover_moves_per_s"]["met"] is None
+
+
+def test_the_listen_queue_figures_count_only_while_it_is_flooded() -> None:
+    watch = ListenWatch.__new__(ListenWatch)
+    # published, ready: the producer outruns the worker, then stops; the worker takes 2,000/s
+    # while the queue holds 1,000 or more, then empties it
+    watch.samples = [
+        (0.0, 0, 0),
+        (1.0, 3_000, 1_000),
+        (2.0, 6_000, 2_000),
+        (3.0, 7_000, 1_000),
+        (4.0, 7_000, 0),
+    ]
+    peak, rate = watch.figures()
+    assert peak == 2_000 and rate == pytest.approx(2_000.0)
+    watch.samples = watch.samples[:2] + watch.samples[4:]  # flooded once: no slope
+    assert math.isnan(watch.figures()[1])
+
+
+def test_mover_notes_and_target() -> None:
+    cfg = _cfg("--backlog", "20000")
+    mover = MoverPhaseResult("backlog-mover", "lis_async", 20_000, 64, "backlog")
+    mover.completed, mover.span_s, mover.moves_per_s = 20_000, 4.0, 5_200.0
+    mover.moves_mean_per_s, mover.worker_cpu_ms_per_move = 5_000.0, 0.151
+    mover.rabbitmq_cpu_s, mover.rabbitmq_cpu_ms_per_move = 3.0, 0.15
+    phases: dict[str, PhaseResult] = {
+        "backlog-mover": mover,
+        "backlog-lanes": _phase(True, Bound(3.2), 19.9),
+    }
+    record = build_record(cfg, phases, [])
+    assert record["targets"]["backlog_mover_moves_per_s"]["met"] is True
+    table = format_table(cfg, phases, record)
+    assert "moved them into its lane at 5,200 jobs/s" in table
+    assert "worker 0.151 ms, RabbitMQ 0.150 ms" in table
+    mover.moves_per_s = 4_999.0
+    assert build_record(cfg, phases, [])["targets"]["backlog_mover_moves_per_s"]["met"] is False
 
 
 def test_manual_stages_split_the_wait() -> None:

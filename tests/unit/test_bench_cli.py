@@ -33,7 +33,7 @@ from lis_async.bench.replicas import (
     replica_figures,
     stats_of,
 )
-from lis_async.bench.results import PhaseResult, ReplicaFigures, ReplicaPhaseResult
+from lis_async.bench.results import FIFO_PHASE, PhaseResult, ReplicaFigures, ReplicaPhaseResult
 from lis_async.bench.table import format_table
 from lis_async.cli import build_parser, main
 from lis_async.lastinfosec.client import LisStats
@@ -44,7 +44,7 @@ from lis_async.sim.world import SimWorld
 BENCH_OPTIONS = (
     "--help", "--jobs", "--classic-jobs", "--latency", "--jitter", "--bundle-size",
     "--platform-latency", "--in-flight", "--lis-concurrency", "--rate", "--latency-seconds",
-    "--skip-classic", "--rss-jobs", "--sweep", "--plot", "--json", "--profile", "--worker-env",
+    "--skip-classic", "--fifo", "--rss-jobs", "--sweep", "--plot", "--json", "--profile", "--worker-env",
     "--amqp-url", "--seed", "--replicas", "--repeat-share", "--replicas-baseline", "--redis-url",
     "--backlog", "--manual", "--backlog-seconds",
 )  # fmt: skip
@@ -370,6 +370,23 @@ def test_replica_table_and_record(tmp_path: Path) -> None:
     assert "MISSED replicas_requests_per_distinct = 1.06" in format_table(
         cfg, {"replicas": shared}, record
     )
+
+
+def test_fifo_phase_shows_what_the_lanes_cost() -> None:
+    cfg = BenchConfig(skip_classic=True, fifo=True)
+    lanes = PhaseResult("lis_async", "lis_async", 4000, 64, "queued", completed=4000)
+    fifo = PhaseResult(FIFO_PHASE, "lis_async", 4000, 64, "queued", completed=4000)
+    lanes.worker_cpu_ms_per_job, fifo.worker_cpu_ms_per_job = 3.45, 3.30
+    phases: dict[str, PhaseResult] = {"lis_async": lanes, FIFO_PHASE: fifo}
+    record = build_record(cfg, phases, [])
+    target = record["targets"]["lanes_cpu_ms_per_job"]
+    assert target["value"] == pytest.approx(0.15) and target["met"] is True
+    table = format_table(cfg, phases, record)
+    head, cost = table.splitlines()[0], next(x for x in table.splitlines() if "lanes - FIFO" in x)
+    assert head.split() == ["lis_async", "lis_async-fifo"] and cost.endswith("0.15")
+    fifo.worker_cpu_ms_per_job = 3.0
+    assert build_record(cfg, phases, [])["targets"]["lanes_cpu_ms_per_job"]["met"] is False
+    assert BenchConfig.from_args(bench_parser().parse_args(["--fifo"])).fifo
 
 
 @pytest.mark.rabbitmq
