@@ -4,4 +4,5 @@
 - ``consumer``: intake: prefetch, one owned task per delivery, the only place that acks jobs.
 - ``publisher``: the push queue: confirmed publishes.
 - ``lanes``: the priority lane and the mover that fills it from the listen queue.
+- ``batches``: the mover's publishes, written a loop turn's worth at a time.
 """

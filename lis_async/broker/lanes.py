@@ -50,6 +50,7 @@ from aio_pika.abc import (
 )
 from pamqp import commands as spec
 
+from lis_async.broker.batches import BatchPublisher
 from lis_async.broker.connection import AmqpParams, connect, reason, settle
 from lis_async.enrichment.job import HEAD_BYTES, MAX_BODY_BYTES, read_internal
 
@@ -245,10 +246,11 @@ class _Acks:
     Delivery tags count per channel: a channel reopened after a reconnection gets a new
     ``_Acks`` (the old one's deliveries went back to the queue with the old channel)."""
 
-    __slots__ = ("_scheduled", "channel", "moved", "taken")
+    __slots__ = ("_scheduled", "channel", "moved", "publisher", "taken")
 
-    def __init__(self, channel: aiormq.Channel) -> None:
+    def __init__(self, channel: aiormq.Channel, lane: str) -> None:
         self.channel = channel
+        self.publisher = BatchPublisher(channel, lane)  # the copies, on the same channel
         self.taken: set[int] = set()
         self.moved: list[int] = []
         self._scheduled = False
@@ -357,8 +359,8 @@ class Mover:
         if channel is None or self._stopped:
             return
         raw = await channel.get_underlay_channel()
-        assert isinstance(raw, aiormq.Channel)  # its publish takes wait=
-        self._acks = _Acks(raw)
+        assert isinstance(raw, aiormq.Channel)  # see lis_async.broker.batches
+        self._acks = _Acks(raw, self._lane)
         ok = await raw.basic_consume(self._listen, self._move, no_ack=False)
         self._tag = ok.consumer_tag
 
@@ -423,16 +425,9 @@ class Mover:
             delivery_mode=2,  # persistent
             priority=level,
             headers={REDELIVERED_HEADER: True} if again else None,
-        )  # a mandatory publish needs a message id (the broker's return names it): aiormq's
+        )
         try:
-            await acks.channel.basic_publish(
-                body,
-                routing_key=self._lane,
-                properties=properties,
-                mandatory=True,
-                timeout=None,  # see PUBLISH_TIMEOUT_S
-                wait=False,  # the confirm says it all
-            )
+            await acks.publisher.publish(body, properties)
         except Exception as exc:  # not confirmed: the job stays in the listen queue
             log.warning("moving a job into the lane failed (%s); it is requeued", reason(exc))
             await acks.nack(tag)

@@ -104,16 +104,16 @@ def test_a_small_body_that_does_not_open_with_internal_is_read_whole() -> None:
 
 
 class _Channel:
-    """An AMQP channel as the mover uses it: publishes wait on a future per job."""
+    """An AMQP channel as the mover uses it, and its publisher: a future per copy."""
 
     def __init__(self) -> None:
         self.confirms: dict[bytes, asyncio.Future[None]] = {}
         self.acks: list[int] = []
         self.nacks: list[int] = []
 
-    async def basic_publish(self, body: bytes, **_: object) -> None:
+    def publish(self, body: bytes, _properties: object) -> asyncio.Future[None]:
         self.confirms[body] = asyncio.get_running_loop().create_future()
-        await self.confirms[body]
+        return self.confirms[body]
 
     async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
         assert multiple
@@ -132,7 +132,8 @@ def _delivery(channel: _Channel, tag: int) -> aiormq.abc.DeliveredMessage:
 
 def _mover(channel: _Channel, timeout_s: float = 60.0) -> Mover:
     mover = Mover("listen", "lane", 60.0, publish_timeout_s=timeout_s)
-    mover._acks = _Acks(channel)  # type: ignore[arg-type]
+    mover._acks = acks = _Acks(channel, "lane")  # type: ignore[arg-type]
+    acks.publisher = channel  # type: ignore[assignment]
     return mover
 
 
