@@ -161,8 +161,8 @@ class BacklogPhaseResult(PhaseResult):
     #: True: the worker's default (priority lanes); False: CONNECTOR_PRIORITY_LANES=false
     lanes: bool = True
     #: the busiest sliding second at the double from one second after the last auto job was
-    #: published: during the flood the double (in the bench process, which publishes) stamps
-    #: requests late and in bunches, which inflates ``lis_max_sliding_1s``
+    #: published (with the double in the bench process, the flood's publishing made it stamp
+    #: requests late and in bunches; in a process of its own since, the two should agree)
     lis_max_sliding_after_flood: int = 0
     #: what the phase set in the worker's environment on top of the bench's settings
     worker_overrides: dict[str, str] = field(default_factory=dict)

@@ -51,7 +51,7 @@ from aio_pika.abc import (
 from pamqp import commands as spec
 
 from lis_async.broker.batches import BatchPublisher
-from lis_async.broker.connection import AmqpParams, connect, reason, settle
+from lis_async.broker.connection import AmqpParams, connect, queue_depth, reason, settle
 from lis_async.enrichment.job import HEAD_BYTES, MAX_BODY_BYTES, read_internal
 
 log: Final = logging.getLogger("lis_async.lanes")
@@ -69,6 +69,8 @@ EXPIRE_S: Final = 604_800.0
 #: costs the event loop about 10 ms, well under a request interval at the rates LastInfoSec
 #: sells. It also bounds the duplicates a crash can leave.
 MOVE_PREFETCH: Final = 128
+#: How often the mover looks for its listen queue again after the broker cancelled its consumer.
+RECONSUME_S: Final = 5.0
 #: A lane publish not confirmed within this long (a broker alarm blocks publishers) gives its
 #: listen delivery back to the queue rather than hold it toward the consumer timeout. One
 #: watch enforces it for every move (:meth:`Mover._expire`): a timer per publish costs the
@@ -326,6 +328,7 @@ class Mover:
         self._moves: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
         self._watch: asyncio.Task[None] | None = None
+        self._resume: asyncio.Task[None] | None = None  # see _cancelled
         self._idle = asyncio.Event()
         self._idle.set()
         self.moved = 0  # jobs moved (confirmed in the lane) by this mover
@@ -361,8 +364,36 @@ class Mover:
         raw = await channel.get_underlay_channel()
         assert isinstance(raw, aiormq.Channel)  # see lis_async.broker.batches
         self._acks = _Acks(raw, self._lane)
+        raw.on_consumer_cancel_callbacks.add(self._cancelled)
         ok = await raw.basic_consume(self._listen, self._move, no_ack=False)
         self._tag = ok.consumer_tag
+
+    def _cancelled(self, frame: spec.Basic.Cancel) -> None:
+        """The broker cancelled the mover's consumer (the listen queue was deleted): consume
+        again once the queue is back (aio-pika does this for its own consumers)."""
+        if frame.consumer_tag != self._tag or self._stopped:
+            return
+        self._tag = None
+        log.warning(
+            "the broker cancelled the lane mover's consumer of %s (was the queue deleted?): "
+            "trying again every %g s",
+            self._listen,
+            RECONSUME_S,
+        )
+        self._resume = asyncio.create_task(self._consume_again(), name="lis-async mover resume")
+
+    async def _consume_again(self) -> None:
+        while not self._stopped and self._tag is None:
+            await asyncio.sleep(RECONSUME_S)
+            # A consume on a missing queue would close the channel: look first, elsewhere.
+            if self._conn is None or await queue_depth(self._conn, self._listen) is None:
+                continue
+            try:
+                await self._consume()
+            except Exception as exc:
+                log.warning("the lane mover could not consume again: %s", reason(exc))
+        if self._tag is not None:
+            log.warning("the lane mover consumes %s again", self._listen)
 
     async def _reopened(self, _channel: object) -> None:
         """aio-pika reopened the channel (a reconnection): consume again on the new one."""
@@ -471,9 +502,10 @@ class Mover:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
             pass
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.cancel()
+        for task in (self._watch, self._resume):
+            if task is not None:
+                task.cancel()
+        self._watch = self._resume = None
         if self._acks is not None:
             self._acks.flush()
             await asyncio.sleep(0)  # let the last ack go out before the channel closes

@@ -4,6 +4,7 @@ its marker; a lane deleted under the mover loses nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,7 @@ import aio_pika
 import orjson
 import pytest
 
+from lis_async.broker import lanes
 from lis_async.broker.lanes import EXPIRE_S, REDELIVERED_HEADER, URGENT, Mover, lane_name
 from tests.helpers import job_body, poll
 
@@ -131,3 +133,24 @@ async def test_a_lane_deleted_under_the_mover_loses_nothing(
     assert await _depth(conn, listen) == 0
     got = await _drain(conn, lane, await _depth(conn, lane))
     assert sorted(m.body for m in got) == sorted(bodies)  # each job once: none lost, no copy
+
+
+async def test_the_mover_consumes_again_when_its_listen_queue_comes_back(
+    conn: aio_pika.abc.AbstractRobustConnection,
+    queues: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The platform deleted the listen queue (the broker cancels the mover's consumer) and
+    declared it again: the mover finds it and moves what arrives."""
+    monkeypatch.setattr(lanes, "RECONSUME_S", 0.2)
+    listen, lane = queues
+    mover = Mover(listen, lane, EXPIRE_S)
+    await mover.start(conn)
+    async with conn.channel() as channel:
+        await channel.queue_delete(listen)
+        await asyncio.sleep(0.5)  # the mover looks, finds nothing, waits
+        await channel.declare_queue(listen, durable=True)
+    await _publish(conn, listen, AUTO, MANUAL)
+    await _until(mover, 2)
+    await mover.stop()
+    assert await _depth(conn, listen) == 0 and await _depth(conn, lane) == 2
