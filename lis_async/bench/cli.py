@@ -19,11 +19,15 @@ from lis_async.bench.config import (
     DEFAULT_AMQP_URL,
     DEFAULT_BACKLOG_RATE,
     DEFAULT_BACKLOG_SECONDS,
+    DEFAULT_FAULT_SECONDS,
     DEFAULT_JOBS,
     DEFAULT_MANUAL,
     DEFAULT_REDIS_URL,
     DEFAULT_REPEAT_SHARE,
     DEFAULT_REPLICA_JOBS,
+    FAULT_AFTER_S,
+    FAULT_KINDS,
+    FAULT_TAIL_S,
     BenchConfig,
 )
 
@@ -48,7 +52,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help=f"queued jobs for lis_async (default {DEFAULT_JOBS}; "
-        f"{DEFAULT_REPLICA_JOBS} with --replicas)",
+        f"{DEFAULT_REPLICA_JOBS} with --replicas; with --redis-fault, enough for about "
+        f"{FAULT_TAIL_S:g} s of work after the fault at --rate)",
     )
     add("--classic-jobs", type=int, default=60, help="queued jobs for the classic connector (60)")
     add("--latency", type=float, default=0.15, help="LastInfoSec latency, seconds (0.15)")
@@ -139,6 +144,24 @@ def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --replicas: also run the N workers without Redis, each at rate / N",
     )
     add("--redis-url", default=DEFAULT_REDIS_URL, help=f"default {DEFAULT_REDIS_URL}")
+    seconds = ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_FAULT_SECONDS.items())
+    add(
+        "--redis-fault",
+        choices=FAULT_KINDS,
+        default=None,
+        help="with --replicas and --rate: the replicas share a redis-server of the bench's own, "
+        f"which {FAULT_AFTER_S:g} s after the first job is taken is killed and, "
+        "--redis-fault-seconds later, started again empty (kill), or stopped (SIGSTOP) and "
+        "continued (freeze); reports the busiest second at LastInfoSec before, during and "
+        "after the fault, and the works lost or in error",
+    )
+    add(
+        "--redis-fault-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"with --redis-fault: how long Redis stays down or frozen (default {seconds})",
+    )
 
 
 def add_backlog_arguments(parser: argparse.ArgumentParser) -> None:

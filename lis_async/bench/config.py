@@ -7,6 +7,7 @@ benchmark (simulator, psutil) is imported.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -23,6 +24,24 @@ _SINGLE_WORKER_OPTIONS = ("sweep", "rss_jobs", "profile", "fifo")
 DEFAULT_MANUAL = 10
 DEFAULT_BACKLOG_SECONDS = 120.0
 DEFAULT_BACKLOG_RATE = 20.0
+#: ``--redis-fault`` kinds, and ``--redis-fault-seconds`` when not given.
+FAULT_KINDS = ("kill", "freeze")
+DEFAULT_FAULT_SECONDS = {"kill": 20.0, "freeze": 10.0}
+#: A fault starts this long after the first job was taken (the replicas at work, their start-up
+#: burst long over), and the default ``--jobs`` of a fault run lasts about this long after it
+#: ends; a ``--jobs`` that would not last :data:`MIN_FAULT_TAIL_S` after it is refused.
+FAULT_AFTER_S = 15.0
+FAULT_TAIL_S = 15.0
+MIN_FAULT_TAIL_S = 5.0
+#: A fault run ends, its works not completed counted as lost, when none completed for this long
+#: once the fault is over and every job published (a stall fails any other phase).
+FAULT_STALL_S = 60.0
+#: Share of the bench's jobs that ask LastInfoSec when no earlier job had their observable: the
+#: rest are TLP:AMBER+STRICT or RED, or files without a hash (679 distinct values for 1,500 jobs
+#: at --repeat-share 0.5 in the cluster runs of BENCHMARKS.md: 0.905; 0.88 errs long).
+LOOKUP_SHARE = 0.88
+#: Above this --repeat-share too few jobs reach LastInfoSec for a fault run to measure its rate.
+MAX_FAULT_REPEAT_SHARE = 0.9
 #: The setting a ``--backlog`` run sets per phase (lanes: left at its default; FIFO: false).
 PRIORITY_LANES_SETTING = "CONNECTOR_PRIORITY_LANES"
 
@@ -74,6 +93,10 @@ class BenchConfig:
     manual: int | None = None
     #: a backlog phase stops this long after its manual jobs were published
     backlog_seconds: float | None = None
+    #: with --replicas: a private redis-server, killed (restarted empty) or frozen mid-phase
+    redis_fault: str | None = None
+    #: how long it stays down or frozen
+    redis_fault_seconds: float | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
@@ -84,10 +107,18 @@ class BenchConfig:
         values = {k: v for k, v in vars(args).items() if k in names}
         values["worker_env"] = tuple(values.get("worker_env") or ())
         cluster = values.get("replicas") is not None
-        if values.get("jobs") is None:
-            values["jobs"] = DEFAULT_REPLICA_JOBS if cluster else DEFAULT_JOBS
         if values.get("repeat_share") is None:
             values["repeat_share"] = DEFAULT_REPEAT_SHARE if cluster else 0.0
+        fault = values.get("redis_fault")
+        if fault in DEFAULT_FAULT_SECONDS and values.get("redis_fault_seconds") is None:
+            values["redis_fault_seconds"] = DEFAULT_FAULT_SECONDS[fault]
+        if values.get("jobs") is None:
+            values["jobs"] = DEFAULT_REPLICA_JOBS if cluster else DEFAULT_JOBS
+            rate, seconds = values.get("rate"), values.get("redis_fault_seconds")
+            if cluster and fault and rate and seconds and seconds > 0 and rate > 0:
+                share = values["repeat_share"]
+                if 0.0 <= share <= MAX_FAULT_REPEAT_SHARE:
+                    values["jobs"] = fault_jobs(rate, seconds, share, FAULT_TAIL_S)
         if values.get("backlog") is not None:
             defaults = {
                 "manual": DEFAULT_MANUAL,
@@ -101,6 +132,11 @@ class BenchConfig:
     def single_worker_run(self) -> bool:
         """True unless ``--replicas`` or ``--backlog`` makes a run of its own phases only."""
         return self.replicas is None and self.backlog is None
+
+    @property
+    def fault_run(self) -> bool:
+        """True when ``--redis-fault`` makes the replica phase a fault run."""
+        return self.replicas is not None and self.redis_fault is not None
 
     def extra_env(self) -> dict[str, str]:
         """The ``--worker-env NAME=VALUE`` settings, as a mapping."""
@@ -131,6 +167,7 @@ class BenchConfig:
             if "=" not in item or not item.split("=", 1)[0]
         )
         out.extend(self._replica_problems())
+        out.extend(self._fault_problems())
         out.extend(self._backlog_problems())
         return out
 
@@ -150,6 +187,43 @@ class BenchConfig:
         if given:
             names = ", ".join("--" + n.replace("_", "-") for n in given)
             out.append(f"{names}: measure one worker, not with --replicas")
+        return out
+
+    def _fault_problems(self) -> list[str]:
+        if self.redis_fault is None:
+            if self.redis_fault_seconds is not None:
+                return ["--redis-fault-seconds needs --redis-fault {kill,freeze}"]
+            return []
+        if self.replicas is None:
+            return ["--redis-fault needs --replicas N (it breaks the Redis the replicas share)"]
+        out: list[str] = []
+        if self.redis_fault not in FAULT_KINDS:
+            out.append(f"--redis-fault must be one of {', '.join(FAULT_KINDS)}")
+        seconds = self.redis_fault_seconds
+        if seconds is not None and seconds <= 0:
+            out.append("--redis-fault-seconds must be positive")
+        if self.rate is None:
+            out.append("--redis-fault needs --rate (it measures the rate limit across failover)")
+        if self.replicas_baseline:
+            out.append("--redis-fault and --replicas-baseline: the baseline has no Redis to fail")
+        if self.redis_url != DEFAULT_REDIS_URL:
+            out.append("--redis-fault starts a redis-server of its own: --redis-url is not used")
+        if self.repeat_share > MAX_FAULT_REPEAT_SHARE:
+            out.append(
+                f"--redis-fault needs --repeat-share at most {MAX_FAULT_REPEAT_SHARE:g} (jobs "
+                "that reach LastInfoSec throughout the phase)"
+            )
+        if out or self.rate is None or seconds is None:
+            return out
+        least = fault_jobs(self.rate, seconds, self.repeat_share, MIN_FAULT_TAIL_S)
+        if self.jobs < least:
+            enough = fault_jobs(self.rate, seconds, self.repeat_share, FAULT_TAIL_S)
+            out.append(
+                f"--jobs {self.jobs} is too few for a {seconds:g} s fault at --rate "
+                f"{self.rate:g}: the fault starts {FAULT_AFTER_S:g} s into the phase, and the "
+                f"jobs must last at least {MIN_FAULT_TAIL_S:g} s after it; use --jobs {least} "
+                f"or more (the default, {enough}, lasts about {FAULT_TAIL_S:g} s after it)"
+            )
         return out
 
     def _backlog_problems(self) -> list[str]:
@@ -176,3 +250,16 @@ class BenchConfig:
                 "(lanes: its default; FIFO: false)"
             )
         return out
+
+
+def fault_jobs(rate: float, fault_s: float, repeat_share: float, tail_s: float) -> int:
+    """The jobs a fault run needs to keep LastInfoSec busy at ``rate`` for
+    :data:`FAULT_AFTER_S` before the fault, ``fault_s`` during it and ``tail_s`` after it.
+
+    Shared, a job reaches LastInfoSec when its observable is new (1 - ``repeat_share``) and
+    looked up (:data:`LOOKUP_SHARE`). In fallback mode, and after a restart that lost the
+    cache, some repeats ask again, and each transition idles a replica: the phase lasts
+    longer than this, never shorter."""
+    requests = rate * (FAULT_AFTER_S + fault_s + tail_s)
+    per_job = LOOKUP_SHARE * (1.0 - repeat_share)
+    return math.ceil(requests / per_job)

@@ -18,6 +18,9 @@ subprocess pointed at it. Phases, each with a fresh connector id (fresh queues):
 7. ``replicas-baseline`` (``--replicas-baseline``): the same without Redis, each worker at
    ``--rate`` / N.
 
+   With ``--redis-fault kill|freeze`` the ``replicas`` phase shares a redis-server of its own,
+   which is killed or frozen mid-phase (``lis_async.bench.fault``); the logs are kept.
+
 ``--backlog N`` makes a backlog run instead, where only these run (``lis_async.bench.backlog``):
 
 8. ``backlog-mover``: N auto jobs published, then one lis_async worker started (at 1 req/s):
@@ -141,12 +144,12 @@ async def replica_phases(runner: PhaseRunner, cfg: BenchConfig, results: Results
     """N workers through Redis, then (``--replicas-baseline``) the same N without it."""
     if cfg.replicas is None:
         return
-    problem = await redis_problem(cfg.redis_url)
+    problem = None if cfg.fault_run else await redis_problem(cfg.redis_url)
     if problem:
         hint = "start it (`redis-server --daemonize yes`) or pass --redis-url"
         raise BenchError(f"{problem}: {hint}")
     replicas = ReplicaRunner(runner)
-    specs = [ReplicaSpec("replicas", cfg.replicas, shared=True)]
+    specs = [ReplicaSpec("replicas", cfg.replicas, shared=True, fault=cfg.redis_fault)]
     if cfg.replicas_baseline:
         specs.append(ReplicaSpec("replicas-baseline", cfg.replicas, shared=False))
     for spec in specs:
@@ -231,7 +234,8 @@ async def run(cfg: BenchConfig) -> int:
     """The whole benchmark: print the report (and write the record); the exit code.
 
     SIGTERM cancels the run (the connectors are stopped on the way out). The connectors' logs
-    are kept, and their directory named, when a phase fails.
+    are kept, and their directory named, when a phase fails, and after a fault run (the
+    workers' and the private redis-server's logs are its evidence).
     """
     if not await rabbit_reachable(cfg.amqp_url):
         print(
@@ -255,9 +259,11 @@ async def run(cfg: BenchConfig) -> int:
     finally:
         with contextlib.suppress(Exception):
             loop.remove_signal_handler(signal.SIGTERM)
-        if ok:
+        if ok and not cfg.fault_run:
             shutil.rmtree(workdir, ignore_errors=True)
     print(report)
+    if cfg.fault_run:
+        print(f"logs: {workdir}")
     if cfg.json_path:
         await asyncio.to_thread(write_json, cfg.json_path, record)
         print(f"record: {cfg.json_path}")

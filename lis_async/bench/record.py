@@ -133,6 +133,9 @@ def _replica_targets(
     shared, base = phases.get("replicas"), phases.get("replicas-baseline")
     if not isinstance(shared, ReplicaPhaseResult):
         return
+    if shared.fault is not None:
+        _fault_targets(cfg, shared, out)
+        return
     switches = sum(r.redis_transitions for r in shared.per_replica)
     fallback = f"; {switches} switches to/from fallback mode" if switches else ""
     note = f"{shared.lis_requests} requests, {shared.lis_distinct_values} distinct values"
@@ -150,6 +153,33 @@ def _replica_targets(
         note = f"{fmt(with_redis, 2)} ms/job with Redis, {fmt(without, 2)} without"
         added = with_redis - without
         _target(out, "replicas_redis_worker_cpu_ms_per_job", added, 0.5, False, note)
+
+
+def _fault_targets(
+    cfg: BenchConfig, shared: ReplicaPhaseResult, out: dict[str, dict[str, Any]]
+) -> None:
+    """A fault run's targets (issue #21): LastInfoSec never sees more than rate + 1 requests
+    in any sliding second across the fault, and no work is lost or ends in error. The other
+    replica targets do not apply: without Redis the replicas share no cache, and each
+    transition idles them."""
+    fault = shared.fault
+    assert fault is not None
+    switches = [r.redis_transitions for r in shared.per_replica]
+    spans = " / ".join(str(s.busiest_1s) for s in fault.spans) or "-"
+    note = (
+        f"sliding one-second window over the whole phase: rate + 1; before / during / after "
+        f"the {fault.kind}: {spans}; switches to/from fallback per worker: "
+        + " / ".join(map(str, switches))
+    )
+    if cfg.rate is not None:
+        # not applied (the phase hit its time limit first): nothing measured
+        busiest = float(shared.lis_busiest_1s) if fault.applied else None
+        note = note if fault.applied else "the fault was not applied"
+        _target(out, "fault_rate_max_sliding_1s", busiest, cfg.rate + 1, False, note)
+    note = f"of {shared.jobs} works, not completed when the phase ended ({fault.ended})"
+    _target(out, "fault_works_lost", float(shared.lost), 0, False, note)
+    note = f"of {shared.jobs} works"
+    _target(out, "fault_works_in_error", float(shared.in_error), 0, False, note)
 
 
 def backlog_pair(

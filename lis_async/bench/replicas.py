@@ -18,6 +18,11 @@
 4. once every work completed: stop the stopwatch, read the double's statistics, scrape each
    worker's metrics, stop the workers and the double, delete the phase's Redis keys; derive
    the figures (:func:`cluster_lis_figures`, :func:`replica_figures`).
+
+With ``--redis-fault`` (``lis_async.bench.fault``) the workers share a ``redis-server`` of the
+phase's own instead, which is killed or frozen mid-phase; a stall then ends the phase (the works
+not completed counted as lost) instead of failing it, and the private server is stopped last,
+whatever happens.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import RedisError
 
 from lis_async.bench.config import BenchConfig
+from lis_async.bench.fault import FaultInjector, PrivateRedis, fault_figures, feed_through_fault
 from lis_async.bench.feed import Burst, Jobs, build_world, preregister
 from lis_async.bench.measure import (
     Child,
@@ -55,7 +61,12 @@ from lis_async.bench.processes import (
     free_port,
     own_env,
 )
-from lis_async.bench.results import BenchError, ReplicaFigures, ReplicaPhaseResult
+from lis_async.bench.results import (
+    BenchError,
+    FaultFigures,
+    ReplicaFigures,
+    ReplicaPhaseResult,
+)
 from lis_async.redact import mask_url
 from lis_async.sim.lastinfosec import LisSimStats, RecordedRequest
 from lis_async.sim.world import SimWorld
@@ -75,11 +86,14 @@ Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 @dataclass(frozen=True)
 class ReplicaSpec:
-    """What one replica phase runs: how many workers, and whether they share Redis."""
+    """What one replica phase runs: how many workers, whether they share Redis, and the fault
+    to apply to a Redis of the phase's own (``kill``, ``freeze``; None: the machine's Redis,
+    no fault)."""
 
     name: str
     replicas: int
     shared: bool
+    fault: str | None = None
 
     def rate_per_replica(self, cfg: BenchConfig) -> float:
         """Each worker's ``LASTINFOSEC_RATE_PER_S``: the cluster's rate when shared."""
@@ -106,7 +120,7 @@ class ReplicaRunner:
     def __init__(self, runner: PhaseRunner) -> None:
         self.runner = runner
         self.cfg = runner.cfg
-        self.redis = redis_process(self.cfg.redis_url)
+        self.redis = None if self.cfg.fault_run else redis_process(self.cfg.redis_url)
         # One REDIS_CACHE_KEY shared by the replicas of every phase (cluster mode requires one).
         self.cache_key = secrets.token_hex(32)
 
@@ -128,6 +142,28 @@ class ReplicaRunner:
         feed = Burst(cfg.jobs)
         world = build_world(cfg, cfg.repeat_share)
         result.connector_id = world.connector_id
+        private: PrivateRedis | None = None
+        if spec.fault is not None and spec.shared:
+            private = PrivateRedis(self.runner.workdir, spec.name)
+            seconds = cfg.redis_fault_seconds or 0.0
+            result.fault = FaultFigures(spec.fault, seconds, redis_url=private.url)
+        try:
+            await self._run(spec, feed, world, result, private)
+        finally:
+            if private is not None:
+                await private.stop()
+        return result
+
+    async def _run(
+        self,
+        spec: ReplicaSpec,
+        feed: Burst,
+        world: SimWorld,
+        result: ReplicaPhaseResult,
+        private: PrivateRedis | None,
+    ) -> None:
+        if private is not None:
+            await private.start()
         async with world:
             await preregister(world)
             await world.start_worker_emulation()
@@ -135,8 +171,10 @@ class ReplicaRunner:
             await feed.before_start(world, jobs, self.runner.progress, spec.name)
             result.jobs = jobs.total
             double = self._double(world, spec.name)
+            redis_url = private.url if private is not None else self.cfg.redis_url
             replicas = [
-                self._replica(world, result, i, double) for i in range(1, spec.replicas + 1)
+                self._replica(world, result, i, double, redis_url)
+                for i in range(1, spec.replicas + 1)
             ]
             result.per_replica = [
                 ReplicaFigures(i, metrics_port=r.port) for i, r in enumerate(replicas, 1)
@@ -147,11 +185,11 @@ class ReplicaRunner:
                 for r, fig in zip(replicas, result.per_replica, strict=True):
                     await r.child.start()
                     fig.pid = r.child.pid
-                await self._measure(spec, feed, world, (double, replicas), jobs, result)
+                procs = (double, replicas)
+                await self._measure(spec, feed, world, procs, jobs, result, private)
             finally:
-                await self._stop(replicas, result)
+                await self._stop(replicas, result, drop=private is None)
                 await double.child.stop()
-        return result
 
     def _double(self, world: SimWorld, label: str) -> _Replica:
         """The phase's LastInfoSec double, in a process of its own, shaped like the world's."""
@@ -163,7 +201,12 @@ class ReplicaRunner:
         return _Replica(Child("lastinfosec double", argv, own_env(), log_path), port)
 
     def _replica(
-        self, world: SimWorld, result: ReplicaPhaseResult, index: int, double: _Replica
+        self,
+        world: SimWorld,
+        result: ReplicaPhaseResult,
+        index: int,
+        double: _Replica,
+        redis_url: str,
     ) -> _Replica:
         cfg, port = self.cfg, free_port()
         overrides = {
@@ -174,7 +217,7 @@ class ReplicaRunner:
         }
         if result.shared:
             overrides |= {
-                "REDIS_URL": cfg.redis_url,
+                "REDIS_URL": redis_url,
                 "REDIS_KEY_PREFIX": result.redis_key_prefix,
                 "REDIS_CACHE_KEY": self.cache_key,
             }
@@ -183,7 +226,11 @@ class ReplicaRunner:
         child = Child(f"replica {index}", connector_argv("lis_async"), env, log_path)
         return _Replica(child, port)
 
-    async def _stop(self, replicas: Sequence[_Replica], result: ReplicaPhaseResult) -> None:
+    async def _stop(
+        self, replicas: Sequence[_Replica], result: ReplicaPhaseResult, drop: bool
+    ) -> None:
+        """Stop the workers; their exit codes, log warnings and RSS into ``result``; ``drop``:
+        delete the phase's keys from the shared Redis (not a private one, stopped after)."""
         codes = await asyncio.gather(*(r.child.stop() for r in replicas))
         for r, fig, code in zip(replicas, result.per_replica, codes, strict=True):
             fig.exit_code = code
@@ -194,7 +241,7 @@ class ReplicaRunner:
                 fig.peak_rss_mb = r.child.peak_rss / 2**20
         peaks = [f.peak_rss_mb for f in result.per_replica if not math.isnan(f.peak_rss_mb)]
         result.peak_rss_mb = max(peaks, default=math.nan)
-        if result.shared:
+        if result.shared and drop:
             await drop_keys(self.cfg.redis_url, result.redis_key_prefix)
 
     # -- measuring -------------------------------------------------------------------------
@@ -206,9 +253,10 @@ class ReplicaRunner:
         procs: tuple[_Replica, Sequence[_Replica]],
         jobs: Jobs,
         result: ReplicaPhaseResult,
+        private: PrivateRedis | None,
     ) -> None:
-        """From every worker consuming to every job done: CPU, the double's statistics and the
-        workers' metrics, then the figures."""
+        """From every worker consuming to every job done (or, with a fault, to a stall): CPU,
+        the double's statistics and the workers' metrics, then the figures."""
         double, replicas = procs
         children = [r.child for r in replicas]
         await self.runner.wait_ready(world, children, backlog=False)
@@ -220,9 +268,19 @@ class ReplicaRunner:
             watched |= {"bench": self.runner.me, "rabbitmq": self.runner.rabbitmq}
             watched |= {"lastinfosec": double.child.ps}
             watched["redis"] = self.redis if spec.shared else None
+            if private is not None and private.child is not None:
+                # the first server only: a killed one takes its CPU figure with it
+                watched["redis"] = private.child.ps
             watch = Stopwatch(watched)
             watch.start()
-            await self.runner.feed_and_wait(spec.name, feed, world, children, jobs)
+            if private is not None and result.fault is not None:
+                injector = FaultInjector(private, result.fault)
+                progress = self.runner.progress
+                result.fault.ended = await feed_through_fault(
+                    self.cfg, progress, spec.name, feed, world, children, jobs, injector
+                )
+            else:
+                await self.runner.feed_and_wait(spec.name, feed, world, children, jobs)
             cpu = watch.stop()
             stats = await double_stats(session, double.url)
             scrapes = await asyncio.gather(*(scrape(session, r.port) for r in replicas))
@@ -234,8 +292,11 @@ class ReplicaRunner:
         ours = sum(v for k, v in cpu.items() if k != "machine")
         result.other_cpu_s = max(0.0, cpu.get("machine", math.nan) - ours)
         job_figures(result, world, jobs)
+        result.lost = jobs.total - result.completed
         lastinfosec_figures(result, stats)
         cluster_lis_figures(result, stats, world, jobs)
+        if result.fault is not None:
+            fault_figures(result.fault, [q.time for q in stats.requests])
         for i, (fig, samples) in enumerate(zip(result.per_replica, scrapes, strict=True), 1):
             replica_figures(fig, samples, cpu.get(f"replica-{i}", math.nan), result.span_s)
 

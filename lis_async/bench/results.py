@@ -106,6 +106,52 @@ class ReplicaFigures:
 
 
 @dataclass
+class SpanFigures:
+    """The requests that reached the LastInfoSec double in one span of a fault run."""
+
+    #: ``before`` (first request -> fault start), ``during`` (fault start -> Redis back:
+    #: a new server accepting connections, or SIGCONT sent) or ``after`` (-> last request)
+    name: str
+    #: where the span begins and ends, seconds after the first request
+    from_s: float = math.nan
+    to_s: float = math.nan
+    requests: int = 0
+    #: most requests in a sliding one-second window that begins in this span (at one of its
+    #: requests; the window may reach into the next span): the three spans' figures share out
+    #: the phase's windows, and the largest of them is the phase's busiest second
+    busiest_1s: int = 0
+    #: when that window began, seconds after the first request
+    busiest_1s_at_s: float = math.nan
+    #: requests/s over the span (least-squares slope of the running count; NaN under 2)
+    per_s: float = math.nan
+
+
+@dataclass
+class FaultFigures:
+    """The Redis fault of a fault run (``--redis-fault``) and the figures around it."""
+
+    #: ``kill`` (SIGKILL, then a new empty server on the same port) or ``freeze`` (SIGSTOP,
+    #: then SIGCONT)
+    kind: str
+    #: how long it was asked to last
+    seconds: float
+    #: the private redis-server's URL (loopback, a free port)
+    redis_url: str = ""
+    applied: bool = False
+    #: epoch seconds: signal sent; Redis back (kill: the new server accepts connections;
+    #: freeze: SIGCONT sent)
+    start_time: float = math.nan
+    end_time: float = math.nan
+    #: the same, in seconds after the first request at the double, and how long it lasted
+    start_s: float = math.nan
+    duration_s: float = math.nan
+    spans: list[SpanFigures] = field(default_factory=list)
+    #: why the phase ended: ``done`` (every work completed), ``stalled`` (no work completed
+    #: for a while), ``time limit``
+    ended: str = ""
+
+
+@dataclass
 class ReplicaPhaseResult(PhaseResult):
     """A phase of N workers on one connector id. The inherited figures are the cluster's:
     ``worker_cpu_s`` sums the workers', ``peak_rss_mb`` is the largest worker's."""
@@ -136,6 +182,11 @@ class ReplicaPhaseResult(PhaseResult):
     redis_cpu_s: float | None = None
     #: CPU of the LastInfoSec double (its own process in these phases)
     lis_double_cpu_s: float | None = None
+    #: works not completed when the phase ended (a fault run ends after a stall instead of
+    #: failing; other phases fail unless every work completed)
+    lost: int = 0
+    #: the Redis fault (``--redis-fault``; None: none)
+    fault: FaultFigures | None = None
 
 
 @dataclass(frozen=True)

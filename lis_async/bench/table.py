@@ -14,13 +14,15 @@ from lis_async.bench.backlog_table import (
     backlog_rows,
     mover_notes,
 )
-from lis_async.bench.config import BenchConfig
+from lis_async.bench.config import FAULT_AFTER_S, FAULT_STALL_S, BenchConfig
 from lis_async.bench.results import (
     FIFO_PHASE,
     BacklogPhaseResult,
+    FaultFigures,
     MoverPhaseResult,
     PhaseResult,
     ReplicaPhaseResult,
+    SpanFigures,
     fmt,
     pct,
     ratio,
@@ -185,10 +187,36 @@ def _replica_rows() -> list[tuple[str, ReplicaGetter]]:
     ]
 
 
+def _fault_rows() -> list[tuple[str, ReplicaGetter]]:
+    """(label, figure as text) of the rows a fault run adds (``-``: a phase without one)."""
+
+    def fault(get: Callable[[FaultFigures], str]) -> ReplicaGetter:
+        return lambda p: get(p.fault) if p.fault is not None and p.fault.applied else "-"
+
+    def spans(get: Callable[[SpanFigures], str]) -> ReplicaGetter:
+        return fault(lambda f: " / ".join(get(s) for s in f.spans) or "-")
+
+    return [
+        ("Redis fault", fault(lambda f: f"{f.kind} {f.seconds:g} s")),
+        ("... from second (after the first request)", fault(lambda f: fmt(f.start_s, 2))),
+        ("... lasted (s)", fault(lambda f: fmt(f.duration_s, 2))),
+        ("LastInfoSec max in 1 s, before / during / after", spans(lambda s: str(s.busiest_1s))),
+        ("... from second", spans(lambda s: fmt(s.busiest_1s_at_s, 2))),
+        ("LastInfoSec requests, before / during / after", spans(lambda s: str(s.requests))),
+        ("LastInfoSec req/s, before / during / after", spans(lambda s: fmt(s.per_s))),
+        ("works not completed (lost)", lambda p: str(p.lost) if p.fault else "-"),
+        ("phase ended", lambda p: p.fault.ended if p.fault else "-"),
+    ]
+
+
 def _replica_table(phases: dict[str, ReplicaPhaseResult]) -> list[str]:
-    """The replica phases' table: a column per phase (with Redis, and the baseline)."""
+    """The replica phases' table: a column per phase (with Redis, and the baseline), and the
+    rows of a fault run if one ran."""
     rows = [["", *phases]]
-    rows += [[label, *(get(p) for p in phases.values())] for label, get in _replica_rows()]
+    every = _replica_rows()
+    if any(p.fault is not None for p in phases.values()):
+        every += _fault_rows()
+    rows += [[label, *(get(p) for p in phases.values())] for label, get in every]
     return _align(rows)
 
 
@@ -221,18 +249,48 @@ def _replica_notes(cfg: BenchConfig, phases: dict[str, ReplicaPhaseResult]) -> l
     if not phases:
         return []
     rate = f"{cfg.rate:g}/s" if cfg.rate else "no limit"
+    shared = phases.get(REPLICA_PHASES["replicas"])
+    fault = shared.fault if shared is not None else None
+    redis = mask_url(cfg.redis_url) if fault is None else f"its own, {fault.redis_url}"
     return [
         f"replicas: {cfg.replicas} workers on one connector id, {cfg.jobs:,} jobs published at "
         f"once when every worker consumed, {cfg.repeat_share:.0%} of them with the observable "
-        f"of an earlier job; shared: one Redis ({mask_url(cfg.redis_url)}, a key prefix per "
+        f"of an earlier job; shared: one Redis ({redis}, a key prefix per "
         f"phase), cluster rate {rate}; baseline: no Redis, each worker at rate / "
         f"{cfg.replicas}.",
+        *_fault_notes(shared),
         "req/s during the backlog: least-squares slope of the LastInfoSec double's request "
         "count, from the first request until the last job was taken from the queue; max in "
         "1 s: sliding window over the double's request times; distinct values: as the double "
         "recorded them.",
         "worker CPU: every worker, from all of them consuming to every work completed; jobs "
         "per worker from each worker's lis_jobs_total, scraped before it was stopped.",
+    ]
+
+
+def _fault_notes(p: ReplicaPhaseResult | None) -> list[str]:
+    """What a fault run did, and how its spans are counted."""
+    if p is None or p.fault is None:
+        return []
+    f = p.fault
+    if f.kind == "kill":
+        how = (
+            f"redis-server killed (SIGKILL) {FAULT_AFTER_S:g} s after the first job was taken, "
+            f"a new one started empty on the same port {f.seconds:g} s later"
+        )
+    else:
+        how = (
+            f"redis-server stopped (SIGSTOP) {FAULT_AFTER_S:g} s after the first job was "
+            f"taken, continued (SIGCONT) {f.seconds:g} s later"
+        )
+    switches = " / ".join(str(r.redis_transitions) for r in p.per_replica)
+    return [
+        f"fault: {how}; during = from the signal until Redis was back (the new server "
+        "answering, or SIGCONT sent). Spans: every sliding second at LastInfoSec is counted in "
+        "the span where it begins (at a request), so the largest of the three is the phase's "
+        "busiest; req/s: least-squares slope over the span. The phase ends when every work "
+        f"completed, or {FAULT_STALL_S:g} s without a completion after the fault (the rest "
+        f"lost). Switches to/from fallback per worker: {switches}.",
     ]
 
 

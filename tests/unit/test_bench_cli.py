@@ -46,7 +46,7 @@ BENCH_OPTIONS = (
     "--platform-latency", "--in-flight", "--lis-concurrency", "--rate", "--latency-seconds",
     "--skip-classic", "--fifo", "--rss-jobs", "--sweep", "--plot", "--json", "--profile", "--worker-env",
     "--amqp-url", "--seed", "--replicas", "--repeat-share", "--replicas-baseline", "--redis-url",
-    "--backlog", "--manual", "--backlog-seconds",
+    "--backlog", "--manual", "--backlog-seconds", "--redis-fault", "--redis-fault-seconds",
 )  # fmt: skip
 
 
