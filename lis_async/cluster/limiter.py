@@ -18,9 +18,11 @@ Failover keeps the quota (see failover in docs/cluster.md): while Redis is
 unreachable the replica paces itself at ``redis.fallback_rate_share`` of the rate (by default
 1 / the replicas seen), starting one window (one second) after its last shared grant, when
 every grant the cluster made before the failure has left the one-second window; when Redis
-answers again it grants nothing for ``max(window, the link's probe interval)``, by which time
-every other replica has seen Redis back and stopped its own fallback grants. Each transition
-costs the replica up to that much idle time.
+answers again it grants nothing for the link's probe interval plus one window. Another replica
+may see Redis back up to one probe interval later (its last probe failed just before the
+return) and grants on its fallback share until then; the window covers that probe's round
+trip, a busy loop's lag and the fallback grant already waited for, and lets those last
+fallback grants leave the window. Each transition costs the replica up to that much idle time.
 """
 
 from __future__ import annotations
@@ -186,7 +188,7 @@ class ClusterLimiter:
         self.restamped = 0
         self._pause_script = link.client.register_script(PAUSE_LUA)
         # Failover (module docstring): which side granted last, and when (loop clock).
-        self._return_hold_s = max(WINDOW_S, link.probe_interval_s)
+        self._return_hold_s = link.probe_interval_s + WINDOW_S
         self._was_shared = True
         self._last_shared_grant = -float("inf")
         self._shared_hold_until = 0.0

@@ -284,6 +284,57 @@ async def test_failover_both_ways_keeps_the_quota() -> None:
         assert any(on for _, on in mine[first_fallback:])  # and shared again at the end
 
 
+async def test_a_replica_back_a_probe_interval_late_keeps_the_quota() -> None:
+    """Two replicas at 30/s; Redis is killed and comes back. One replica sees it back at once,
+    the other one probe interval later (its last probe failed just before the return), plus a
+    busy loop's lag: until then it still grants on its fallback share. The first one's shared
+    grants must not begin before those fallback grants are over and out of the window (a hold
+    of one probe interval let them overlap: 32 in a second in ``lis-async bench --redis-fault
+    freeze``). Probes by hand, so that the late one is late by construction."""
+    probe_s = 1.0
+    redis = PrivateRedis()
+    redis.start()
+    s = settings(redis.url, REDIS_TIMEOUT_S="0.2")
+    links = [RedisLink(s, probe_interval_s=probe_s) for _ in range(2)]
+    # no maintain(): nothing registers, so the share is given
+    limiters = [ClusterLimiter(link, 30, fallback_share=0.5) for link in links]
+    loop = asyncio.get_running_loop()
+    grants: list[tuple[float, bool, int]] = []
+    stop = asyncio.Event()
+
+    async def replica(i: int) -> None:
+        while not stop.is_set():
+            await limiters[i].acquire()
+            grants.append((loop.time(), links[i].shared, i))
+
+    workers = [asyncio.create_task(replica(i)) for i in range(2)]
+    try:
+        await asyncio.sleep(1.5)
+        redis.stop()  # killed: the data goes with it
+        assert await poll(lambda: not any(link.shared for link in links), 10)
+        await asyncio.sleep(2.0)
+        redis.start()
+        back = loop.time()
+        assert await links[0]._probe()
+        await asyncio.sleep(probe_s + 0.1)  # the other one's next probe, a little late
+        assert await links[1]._probe()
+        late = loop.time()
+        await asyncio.sleep(3.0)
+    finally:
+        stop.set()
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        for link in links:
+            await link.close()
+        redis.stop()
+    times = [t for t, _, _ in grants]
+    busiest, at = busiest_window_at(times)
+    assert busiest <= 31, (busiest, at - back, late - back)
+    # the first one granted again through Redis, after its hold
+    assert any(on and i == 0 and t > late for t, on, i in grants)
+
+
 async def test_a_hung_redis_costs_one_bounded_timeout() -> None:
     with PrivateRedis() as redis:
         s = settings(redis.url, REDIS_TIMEOUT_S="0.2")
