@@ -28,11 +28,10 @@ DEFAULT_BACKLOG_RATE = 20.0
 FAULT_KINDS = ("kill", "freeze")
 DEFAULT_FAULT_SECONDS = {"kill": 20.0, "freeze": 10.0}
 #: A fault starts this long after the first job was taken (the replicas at work, their start-up
-#: burst long over), and the default ``--jobs`` of a fault run lasts about this long after it
-#: ends; a ``--jobs`` that would not last :data:`MIN_FAULT_TAIL_S` after it is refused.
+#: burst long over), and the default ``--jobs`` of a fault run lasts at least about this long
+#: after it ends (:func:`fault_jobs`); a ``--jobs`` that might not outlast it is refused.
 FAULT_AFTER_S = 15.0
 FAULT_TAIL_S = 15.0
-MIN_FAULT_TAIL_S = 5.0
 #: A fault run ends, its works not completed counted as lost, when none completed for this long
 #: once the fault is over and every job published (a stall fails any other phase).
 FAULT_STALL_S = 60.0
@@ -215,14 +214,14 @@ class BenchConfig:
             )
         if out or self.rate is None or seconds is None:
             return out
-        least = fault_jobs(self.rate, seconds, self.repeat_share, MIN_FAULT_TAIL_S)
+        least = fault_jobs(self.rate, seconds, self.repeat_share, 0.0)
         if self.jobs < least:
             enough = fault_jobs(self.rate, seconds, self.repeat_share, FAULT_TAIL_S)
             out.append(
                 f"--jobs {self.jobs} is too few for a {seconds:g} s fault at --rate "
                 f"{self.rate:g}: the fault starts {FAULT_AFTER_S:g} s into the phase, and the "
-                f"jobs must last at least {MIN_FAULT_TAIL_S:g} s after it; use --jobs {least} "
-                f"or more (the default, {enough}, lasts about {FAULT_TAIL_S:g} s after it)"
+                f"jobs might be done before it ends; use --jobs {least} or more (the default, "
+                f"{enough}, lasts at least about {FAULT_TAIL_S:g} s after it)"
             )
         return out
 

@@ -19,7 +19,6 @@ from lis_async.bench.config import (
     FAULT_AFTER_S,
     FAULT_TAIL_S,
     LOOKUP_SHARE,
-    MIN_FAULT_TAIL_S,
     BenchConfig,
     fault_jobs,
 )
@@ -69,7 +68,7 @@ def test_fault_jobs() -> None:
     assert fault_jobs(30.0, 20.0, 0.5, 15.0) == math.ceil(1500 / (LOOKUP_SHARE * 0.5))
     assert fault_jobs(30.0, 20.0, 0.0, 15.0) == math.ceil(1500 / LOOKUP_SHARE)
     assert fault_jobs(60.0, 20.0, 0.5, 15.0) == pytest.approx(2 * fault_jobs(30, 20, 0.5, 15), 1)
-    assert fault_jobs(30.0, 10.0, 0.5, MIN_FAULT_TAIL_S) < fault_jobs(30.0, 10.0, 0.5, 15.0)
+    assert fault_jobs(30.0, 10.0, 0.5, 0.0) < fault_jobs(30.0, 10.0, 0.5, 15.0)
     assert FAULT_AFTER_S > 0
 
 
@@ -96,11 +95,12 @@ def test_fault_rejects(extra: list[str], message: str, capsys: pytest.CaptureFix
 
 
 def test_too_few_jobs_says_how_many() -> None:
-    least = fault_jobs(30.0, 10.0, 0.5, MIN_FAULT_TAIL_S)
+    least = fault_jobs(30.0, 10.0, 0.5, 0.0)  # might not outlast the fault
     assert _cfg(*FAULT_RUN, "freeze", "--jobs", str(least)).problems() == []
     (problem,) = _cfg(*FAULT_RUN, "freeze", "--jobs", str(least - 1)).problems()
     assert f"use --jobs {least} or more" in problem
     assert f"the default, {fault_jobs(30.0, 10.0, 0.5, FAULT_TAIL_S)}," in problem
+    assert least == math.ceil(30 * (FAULT_AFTER_S + 10) / (LOOKUP_SHARE * 0.5))
 
 
 def test_unknown_fault_kind(capsys: pytest.CaptureFixture[str]) -> None:
