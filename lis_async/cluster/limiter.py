@@ -16,13 +16,15 @@ schedule (plus jitter, so the replicas do not wake in lock step).
 
 Failover keeps the quota (see failover in docs/cluster.md): while Redis is
 unreachable the replica paces itself at ``redis.fallback_rate_share`` of the rate (by default
-1 / the replicas seen), starting one window (one second) after its last shared grant, when
-every grant the cluster made before the failure has left the one-second window; when Redis
-answers again it grants nothing for the link's probe interval plus one window. Another replica
-may see Redis back up to one probe interval later (its last probe failed just before the
-return) and grants on its fallback share until then; the window covers that probe's round
-trip, a busy loop's lag and the fallback grant already waited for, and lets those last
-fallback grants leave the window. Each transition costs the replica up to that much idle time.
+1 / the replicas seen), starting one window (one second) after it saw Redis fail, when every
+grant the cluster made before the failure has left the one-second window (its own last shared
+grant will not do: the other replicas' may be later, and a replica idle or starved on the
+shared schedule may have had none for seconds). When Redis answers again it grants nothing for
+the link's probe interval plus one window. Another replica may see Redis back up to one probe
+interval later (its last probe failed just before the return) and grants on its fallback share
+until then; the window covers that probe's round trip, a busy loop's lag and the fallback
+grant already waited for, and lets those last fallback grants leave the window. Each
+transition costs the replica up to that much idle time.
 """
 
 from __future__ import annotations
@@ -191,6 +193,7 @@ class ClusterLimiter:
         self._return_hold_s = link.probe_interval_s + WINDOW_S
         self._was_shared = True
         self._last_shared_grant = -float("inf")
+        self._failed_at = -float("inf")  # when this limiter saw Redis fail, last
         self._shared_hold_until = 0.0
         self.granted_shared = 0  # grants from the Redis schedule (metrics)
         self.last_window = 0  # cluster-wide grants in the second of this replica's last grant
@@ -209,8 +212,10 @@ class ClusterLimiter:
             # to at most rate + 1. Never below half the plain share.
             rate = max(share * (self._rate + 1) - 1, share * self._rate / 2)
             limiter = PacedLimiter(rate, burst)
-            # No grant on the fallback share until every shared grant has left the window.
-            limiter.hold_until(self._last_shared_grant + WINDOW_S)
+            # No grant on the fallback share until every shared grant of the cluster has left
+            # the window: they were all made before Redis failed, hence before this limiter
+            # saw it fail.
+            limiter.hold_until(max(self._last_shared_grant, self._failed_at) + WINDOW_S)
             self._fallback = (share, limiter)
         return self._fallback[1]
 
@@ -220,7 +225,8 @@ class ClusterLimiter:
         if shared:
             self._shared_hold_until = now + self._return_hold_s
         else:
-            self._fallback = None  # a fresh one, held a window after the last shared grant
+            self._failed_at = now
+            self._fallback = None  # a fresh one, held a window after the failure
 
     async def acquire(self, urgent: bool = False) -> None:
         await self._gate.acquire(urgent)

@@ -335,6 +335,49 @@ async def test_a_replica_back_a_probe_interval_late_keeps_the_quota() -> None:
     assert any(on and i == 0 and t > late for t, on, i in grants)
 
 
+async def test_a_replica_without_recent_shared_grants_waits_a_window_too() -> None:
+    """Two replicas at 30/s; one takes every shared grant, the other none (idle, or starved by
+    the others' urgent lookups) until Redis is killed, when it starts asking. Its first
+    fallback grant must wait a window like the other one's: the window still holds the other
+    replica's shared grants. (One window after its own last shared grant, long past, let it
+    grant at once: 32 in a second in ``lis-async bench --redis-fault kill``.)"""
+    redis = PrivateRedis()
+    redis.start()
+    s = settings(redis.url, REDIS_TIMEOUT_S="0.2")
+    links = [RedisLink(s) for _ in range(2)]
+    # no maintain(): nothing registers, so the share is given
+    limiters = [ClusterLimiter(link, 30, fallback_share=0.5) for link in links]
+    loop = asyncio.get_running_loop()
+    grants: list[tuple[float, bool, int]] = []
+    stop = asyncio.Event()
+
+    async def replica(i: int) -> None:
+        while not stop.is_set():
+            await limiters[i].acquire()
+            grants.append((loop.time(), links[i].shared, i))
+
+    workers = [asyncio.create_task(replica(0))]
+    try:
+        await asyncio.sleep(1.5)
+        redis.stop()  # killed
+        killed = loop.time()
+        workers.append(asyncio.create_task(replica(1)))
+        await asyncio.sleep(2.5)
+    finally:
+        stop.set()
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        for link in links:
+            await link.close()
+        redis.stop()
+    times = [t for t, _, _ in grants]
+    busiest, at = busiest_window_at(times)
+    assert busiest <= 31, (busiest, at - killed)
+    late = [t for t, _, i in grants if i == 1]
+    assert late and late[0] - killed >= 1.0 - 0.01  # a window after the failure
+
+
 async def test_a_hung_redis_costs_one_bounded_timeout() -> None:
     with PrivateRedis() as redis:
         s = settings(redis.url, REDIS_TIMEOUT_S="0.2")
