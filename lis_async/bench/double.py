@@ -13,19 +13,20 @@ import asyncio
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 
 from lis_async.bench.config import BenchConfig
 from lis_async.bench.measure import Child
 from lis_async.bench.processes import free_port, own_env
-from lis_async.bench.replicas import double_stats
 from lis_async.bench.results import BenchError
-from lis_async.sim.lastinfosec import LisSimStats
+from lis_async.sim.lastinfosec import LisSimStats, RecordedRequest
 from lis_async.sim.world import SimWorld
 
 READY_TIMEOUT_S: Final = 30.0
+#: Reading the statistics of a long run (tens of thousands of requests) takes a while.
+STATS_TIMEOUT_S: Final = 20.0
 
 
 @dataclass
@@ -74,3 +75,26 @@ class LisDouble:
     async def stats(self, session: aiohttp.ClientSession) -> LisSimStats:
         """What the double counted (``GET /_sim/stats``)."""
         return await double_stats(session, self.url)
+
+
+async def double_stats(session: aiohttp.ClientSession, url: str) -> LisSimStats:
+    """The statistics of a LastInfoSec double in another process (``GET /_sim/stats``)."""
+    timeout = aiohttp.ClientTimeout(total=STATS_TIMEOUT_S)
+    async with session.get(url + "/_sim/stats", timeout=timeout) as resp:
+        resp.raise_for_status()
+        body = await resp.json()
+    return stats_of(body)
+
+
+def stats_of(body: dict[str, Any]) -> LisSimStats:
+    """:class:`LisSimStats` from its ``to_dict()`` (what ``/_sim/stats`` answers)."""
+    stats = LisSimStats()
+    stats.total = int(body["total"])
+    stats.by_status = {int(k): int(v) for k, v in body["by_status"].items()}
+    stats.by_endpoint = {str(k): int(v) for k, v in body["by_endpoint"].items()}
+    stats.max_concurrent = int(body["max_concurrent"])
+    stats.per_window = {int(k): int(v) for k, v in body["per_window"].items()}
+    stats.per_window_accepted = {int(k): int(v) for k, v in body["per_window_accepted"].items()}
+    fields = ("method", "path", "endpoint", "value", "time", "status")
+    stats.requests.extend(RecordedRequest(**{k: q[k] for k in fields}) for q in body["requests"])
+    return stats

@@ -30,11 +30,9 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -44,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import RedisError
 
 from lis_async.bench.config import BenchConfig
+from lis_async.bench.double import LisDouble, double_stats
 from lis_async.bench.fault import FaultInjector, PrivateRedis, fault_figures, feed_through_fault
 from lis_async.bench.feed import Burst, Jobs, build_world, preregister
 from lis_async.bench.measure import (
@@ -59,7 +58,6 @@ from lis_async.bench.processes import (
     connector_argv,
     connector_env,
     free_port,
-    own_env,
 )
 from lis_async.bench.results import (
     BenchError,
@@ -68,7 +66,7 @@ from lis_async.bench.results import (
     ReplicaPhaseResult,
 )
 from lis_async.redact import mask_url
-from lis_async.sim.lastinfosec import LisSimStats, RecordedRequest
+from lis_async.sim.lastinfosec import LisSimStats
 from lis_async.sim.world import SimWorld
 
 #: How long a worker consuming its queue may take to answer on its metrics port, and the
@@ -191,26 +189,21 @@ class ReplicaRunner:
                 await self._stop(replicas, result, drop=private is None)
                 await double.child.stop()
 
-    def _double(self, world: SimWorld, label: str) -> _Replica:
+    def _double(self, world: SimWorld, label: str) -> LisDouble:
         """The phase's LastInfoSec double, in a process of its own, shaped like the world's."""
-        cfg, port = self.cfg, free_port()
-        argv = [sys.executable, "-m", "lis_async.sim.lastinfosec", "--port", str(port)]
-        argv += ["--latency", str(cfg.latency), "--jitter", str(cfg.jitter)]
-        argv += ["--bundle-size", str(cfg.bundle_size), "--api-key", world.lis_api_key]
-        log_path = self.runner.workdir / f"{label}-lastinfosec.log"
-        return _Replica(Child("lastinfosec double", argv, own_env(), log_path), port)
+        return LisDouble.of(self.cfg, world, self.runner.workdir / f"{label}-lastinfosec.log")
 
     def _replica(
         self,
         world: SimWorld,
         result: ReplicaPhaseResult,
         index: int,
-        double: _Replica,
+        double: LisDouble,
         redis_url: str,
     ) -> _Replica:
         cfg, port = self.cfg, free_port()
         overrides = {
-            "LASTINFOSEC_BASE_URL": double.url + "/v2",
+            "LASTINFOSEC_BASE_URL": double.base_url,
             "CONNECTOR_EXPOSE_METRICS": "true",
             "CONNECTOR_METRICS_PORT": str(port),
             "LASTINFOSEC_RATE_PER_S": f"{result.rate_per_replica:g}",
@@ -250,7 +243,7 @@ class ReplicaRunner:
         spec: ReplicaSpec,
         feed: Burst,
         world: SimWorld,
-        procs: tuple[_Replica, Sequence[_Replica]],
+        procs: tuple[LisDouble, Sequence[_Replica]],
         jobs: Jobs,
         result: ReplicaPhaseResult,
         private: PrivateRedis | None,
@@ -301,7 +294,7 @@ class ReplicaRunner:
             replica_figures(fig, samples, cpu.get(f"replica-{i}", math.nan), result.span_s)
 
 
-async def _wait_http(session: aiohttp.ClientSession, procs: Sequence[_Replica]) -> None:
+async def _wait_http(session: aiohttp.ClientSession, procs: Sequence[_Replica | LisDouble]) -> None:
     """Until every worker answers on its metrics port and the double on its own (BenchError
     after a while)."""
     loop = asyncio.get_running_loop()
@@ -416,29 +409,6 @@ async def scrape(session: aiohttp.ClientSession, port: int) -> Samples:
     async with session.get(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
         resp.raise_for_status()
         return parse_metrics(await resp.text())
-
-
-async def double_stats(session: aiohttp.ClientSession, url: str) -> LisSimStats:
-    """The statistics of a LastInfoSec double in another process (``GET /_sim/stats``)."""
-    timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S * 4)
-    async with session.get(url + "/_sim/stats", timeout=timeout) as resp:
-        resp.raise_for_status()
-        body = await resp.json()
-    return stats_of(body)
-
-
-def stats_of(body: dict[str, Any]) -> LisSimStats:
-    """:class:`LisSimStats` from its ``to_dict()`` (what ``/_sim/stats`` answers)."""
-    stats = LisSimStats()
-    stats.total = int(body["total"])
-    stats.by_status = {int(k): int(v) for k, v in body["by_status"].items()}
-    stats.by_endpoint = {str(k): int(v) for k, v in body["by_endpoint"].items()}
-    stats.max_concurrent = int(body["max_concurrent"])
-    stats.per_window = {int(k): int(v) for k, v in body["per_window"].items()}
-    stats.per_window_accepted = {int(k): int(v) for k, v in body["per_window_accepted"].items()}
-    fields = ("method", "path", "endpoint", "value", "time", "status")
-    stats.requests.extend(RecordedRequest(**{k: q[k] for k in fields}) for q in body["requests"])
-    return stats
 
 
 # -- Redis -----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import redis
 
 from lis_async.bench.cli import build_parser as bench_parser
 from lis_async.bench.config import BenchConfig
+from lis_async.bench.double import stats_of
 from lis_async.bench.feed import Jobs
 from lis_async.bench.measure import Child, busiest_window, slope_per_s
 from lis_async.bench.processes import connector_env
@@ -31,7 +32,6 @@ from lis_async.bench.replicas import (
     log_warnings,
     parse_metrics,
     replica_figures,
-    stats_of,
 )
 from lis_async.bench.results import FIFO_PHASE, PhaseResult, ReplicaFigures, ReplicaPhaseResult
 from lis_async.bench.table import format_table
