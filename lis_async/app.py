@@ -290,8 +290,7 @@ class App:
         if self._freeze_heap:
             # The modules, settings and clients made so far live as long as the worker. Frozen,
             # the cyclic collector no longer walks them at every full collection, which the
-            # allocations of each job trigger: that walk cost the lane mover about a fifth of
-            # its CPU per job (BENCHMARKS.md, "The mover").
+            # allocations of each job trigger (BENCHMARKS.md, "The mover (issue #21)").
             gc.collect()
             gc.freeze()
         await self.consumer.start()

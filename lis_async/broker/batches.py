@@ -8,7 +8,7 @@ once per loop turn for every copy asked for in it: it numbers them (the channel'
 sequence, which the broker's confirms name), registers each one's confirm future and message
 id with the channel exactly as ``basic_publish`` does (so aiormq's own handling of acks, nacks,
 returns and a closed channel settles them), and hands the writer one buffer for the whole
-batch. This moved about a fifth more jobs per second per core (BENCHMARKS.md, "The mover").
+batch (BENCHMARKS.md, "The mover (issue #21)").
 
 It relies on these attributes of ``aiormq.Channel`` (aiormq is pinned in constraints.txt;
 tests/integration/test_mover.py runs this path against RabbitMQ): ``delivery_tag``,

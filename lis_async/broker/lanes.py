@@ -64,17 +64,17 @@ REDELIVERED_HEADER: Final = "x-lis-redelivered"
 #: it still holds go with it, so it is long: a week covers any planned stop (it was the setting
 #: CONNECTOR_LANES_EXPIRE_S, see lis_async/settings/removed.py).
 EXPIRE_S: Final = 604_800.0
-#: Listen deliveries being moved at once (their publishes are pipelined, their acks grouped).
-#: 128 moves the most per second (BENCHMARKS.md, "The mover"); a burst of that many deliveries
-#: costs the event loop about 10 ms, well under a request interval at the rates LastInfoSec
-#: sells. It also bounds the duplicates a crash can leave.
+#: Listen deliveries being moved at once (their publishes are pipelined, their acks grouped):
+#: enough to keep the mover busy, few enough that a burst of them delays the event loop far
+#: less than a request interval at the rates LastInfoSec sells (BENCHMARKS.md, "Figures quoted
+#: from the code"). It also bounds the duplicates a crash can leave.
 MOVE_PREFETCH: Final = 128
 #: How often the mover looks for its listen queue again after the broker cancelled its consumer.
 RECONSUME_S: Final = 5.0
 #: A lane publish not confirmed within this long (a broker alarm blocks publishers) gives its
 #: listen delivery back to the queue rather than hold it toward the consumer timeout. One
-#: watch enforces it for every move (:meth:`Mover._expire`): a timer per publish costs the
-#: mover about a tenth of its rate.
+#: watch enforces it for every move (:meth:`Mover._expire`): a timer per publish is a
+#: measurable share of the mover's CPU.
 PUBLISH_TIMEOUT_S: Final = 60.0
 
 
@@ -298,8 +298,8 @@ class Mover:
     delivery arrives as aiormq's message, its copy is published with aiormq's publish (the
     confirm is awaited by the delivery's own task, so moves are pipelined) and the listen
     deliveries are acked many at a time (:class:`_Acks`). aio-pika's message objects, built
-    and checked per message on both sides, cost more than the move itself: this path moves
-    about twice as many jobs per second (BENCHMARKS.md, "The mover"). aio-pika still owns the
+    and checked per message on both sides, cost more than the move itself (BENCHMARKS.md,
+    "The mover (issue #21)"; docs/lanes.md, "Trade-offs"). aio-pika still owns the
     channel: it reopens it after a reconnection, and the mover then consumes again on the new
     one (:meth:`_reopened`)."""
 
