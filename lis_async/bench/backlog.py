@@ -25,10 +25,11 @@ through these steps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -49,7 +50,13 @@ from lis_async.bench.measure import (
 from lis_async.bench.phase import STALL_TIMEOUT_S, PhaseRunner, lastinfosec_figures
 from lis_async.bench.processes import connector_child
 from lis_async.bench.progress import bar
-from lis_async.bench.results import BacklogPhaseResult, BenchError, Bound, MoverPhaseResult
+from lis_async.bench.results import (
+    BacklogPhaseResult,
+    BenchError,
+    Bound,
+    MoverPhaseResult,
+    PhaseResult,
+)
 from lis_async.sim.opencti import Work
 from lis_async.sim.producer import ProducedJob
 from lis_async.sim.world import SimWorld
@@ -145,26 +152,37 @@ class BacklogRunner:
         )
         world = build_world(cfg, producer=BACKLOG_MIX)
         result.connector_id = world.connector_id
-        workdir = self.runner.workdir
         async with world:
             await preregister(world)
             await world.start_worker_emulation()
-            double = LisDouble.of(cfg, world, workdir / f"{spec.name}-lastinfosec.log")
-            overrides = {**spec.overrides, "LASTINFOSEC_BASE_URL": double.base_url}
-            log_path = workdir / f"{spec.name}.log"
-            child = connector_child(cfg, world, "lis_async", cfg.in_flight, log_path, overrides)
-            self.runner.progress.update(f"{spec.name:<16} starting lis_async")
-            try:
-                await double.start()
-                await child.start()
-                result.worker_pid = child.pid
+            async with self._worker(spec.name, world, spec.overrides, result) as (child, double):
                 await self._measure(spec, world, child, double, result)
-            finally:
-                result.exit_code = await child.stop()
-                await double.child.stop()
-                if child.peak_rss:
-                    result.peak_rss_mb = child.peak_rss / 2**20
         return result
+
+    @contextlib.asynccontextmanager
+    async def _worker(
+        self, name: str, world: SimWorld, overrides: Mapping[str, str], result: PhaseResult
+    ) -> AsyncIterator[tuple[Child, LisDouble]]:
+        """A lis_async worker (``overrides`` in its environment) and the LastInfoSec double it
+        is pointed at, both started; both stopped on the way out, the worker's exit code and
+        peak RSS in ``result``."""
+        cfg, workdir = self.cfg, self.runner.workdir
+        double = LisDouble.of(cfg, world, workdir / f"{name}-lastinfosec.log")
+        env = {**overrides, "LASTINFOSEC_BASE_URL": double.base_url}
+        child = connector_child(
+            cfg, world, "lis_async", cfg.in_flight, workdir / f"{name}.log", env
+        )
+        self.runner.progress.update(f"{name:<16} starting lis_async")
+        try:
+            await double.start()
+            await child.start()
+            result.worker_pid = child.pid
+            yield child, double
+        finally:
+            result.exit_code = await child.stop()
+            await double.child.stop()
+            if child.peak_rss:
+                result.peak_rss_mb = child.peak_rss / 2**20
 
     async def run_mover(self) -> MoverPhaseResult:
         """The ``backlog-mover`` phase: the auto jobs published before the worker starts, then
@@ -174,7 +192,6 @@ class BacklogRunner:
         result = MoverPhaseResult(MOVER_PHASE, "lis_async", 0, cfg.in_flight, "backlog")
         world = build_world(cfg, producer=BACKLOG_MIX)
         result.connector_id = world.connector_id
-        workdir = self.runner.workdir
         async with world:
             await preregister(world)
             await world.start_worker_emulation()
@@ -182,22 +199,9 @@ class BacklogRunner:
             self.runner.progress.update(f"{MOVER_PHASE:<16} publishing {len(autos)} auto jobs")
             await world.producer.publish_all(autos)
             result.jobs = len(autos)
-            double = LisDouble.of(cfg, world, workdir / f"{MOVER_PHASE}-lastinfosec.log")
-            overrides = {
-                "LASTINFOSEC_BASE_URL": double.base_url,
-                "LASTINFOSEC_RATE_PER_S": f"{MOVER_RATE_PER_S:g}",
-            }
-            log_path = workdir / f"{MOVER_PHASE}.log"
-            child = connector_child(cfg, world, "lis_async", cfg.in_flight, log_path, overrides)
-            self.runner.progress.update(f"{MOVER_PHASE:<16} starting lis_async")
-            try:
-                await double.start()
-                await child.start()
-                result.worker_pid = child.pid
+            overrides = {"LASTINFOSEC_RATE_PER_S": f"{MOVER_RATE_PER_S:g}"}
+            async with self._worker(MOVER_PHASE, world, overrides, result) as (child, _):
                 await self._measure_moves(world, child, result)
-            finally:
-                result.exit_code = await child.stop()
-                await double.child.stop()
         self.runner.progress.done(
             f"{MOVER_PHASE:<16} {result.jobs:,} jobs moved at {result.moves_per_s:,.0f}/s"
         )

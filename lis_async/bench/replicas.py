@@ -179,7 +179,7 @@ class ReplicaRunner:
             ]
             self.runner.progress.update(f"{spec.name:<16} starting {spec.replicas} workers")
             try:
-                await double.child.start()
+                await double.start()
                 for r, fig in zip(replicas, result.per_replica, strict=True):
                     await r.child.start()
                     fig.pid = r.child.pid
@@ -254,7 +254,7 @@ class ReplicaRunner:
         children = [r.child for r in replicas]
         await self.runner.wait_ready(world, children, backlog=False)
         async with aiohttp.ClientSession() as session:
-            await _wait_http(session, [double, *replicas])
+            await _wait_http(session, replicas)
             watched: dict[str, psutil.Process | None] = {
                 f"replica-{i}": r.child.ps for i, r in enumerate(replicas, 1)
             }
@@ -294,14 +294,14 @@ class ReplicaRunner:
             replica_figures(fig, samples, cpu.get(f"replica-{i}", math.nan), result.span_s)
 
 
-async def _wait_http(session: aiohttp.ClientSession, procs: Sequence[_Replica | LisDouble]) -> None:
-    """Until every worker answers on its metrics port and the double on its own (BenchError
-    after a while)."""
+async def _wait_http(session: aiohttp.ClientSession, procs: Sequence[_Replica]) -> None:
+    """Until every worker answers on its metrics port (BenchError after a while; the double
+    waits for itself: :meth:`LisDouble.start`)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + METRICS_READY_TIMEOUT_S
     timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
     for p in procs:
-        path = "/_sim/stats" if p.child.name == "lastinfosec double" else "/metrics"
+        path = "/metrics"
         while True:
             try:
                 async with session.get(p.url + path, timeout=timeout) as resp:

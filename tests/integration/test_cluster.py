@@ -231,6 +231,38 @@ async def test_redis_down_at_start_falls_back_and_recovers(
     assert len(warnings) == 1 and len(infos) == 1  # one line per transition, not per acquire
 
 
+class _Replicas:
+    """Replicas taking grants as fast as their limiters give them; each grant recorded as
+    (loop time, whether it came from Redis, replica)."""
+
+    def __init__(self, links: list[RedisLink], limiters: list[ClusterLimiter]) -> None:
+        self.links, self.limiters = links, limiters
+        self.grants: list[tuple[float, bool, int]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, *which: int) -> None:
+        """Start replicas ``which`` (all of them when none is named)."""
+        for i in which or range(len(self.limiters)):
+            self._tasks.append(asyncio.create_task(self._take(i)))
+
+    async def _take(self, i: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.limiters[i].acquire()
+            self.grants.append((loop.time(), self.links[i].shared, i))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for link in self.links:
+            await link.close()
+
+    def busiest(self) -> tuple[int, float]:
+        """The most grants in a sliding second, and when that second begins."""
+        return busiest_window_at([t for t, _, _ in self.grants])
+
+
 async def test_failover_both_ways_keeps_the_quota() -> None:
     """Three replicas at 30/s; Redis is killed (its data lost) and comes back. Across both
     transitions no one-second window holds more than 31 grants: a replica starts its fallback
@@ -240,18 +272,10 @@ async def test_failover_both_ways_keeps_the_quota() -> None:
     redis.start()
     s = settings(redis.url, REDIS_FALLBACK_RATE_SHARE=str(1 / 3), REDIS_TIMEOUT_S="0.2")
     links = [RedisLink(s, probe_interval_s=0.3) for _ in range(3)]
-    limiters = [ClusterLimiter(link, 30) for link in links]
+    replicas = _Replicas(links, [ClusterLimiter(link, 30) for link in links])
     maintains = [asyncio.create_task(link.maintain()) for link in links]
     loop = asyncio.get_running_loop()
-    grants: list[tuple[float, bool, int]] = []
-    stop = asyncio.Event()
-
-    async def replica(i: int) -> None:
-        while not stop.is_set():
-            await limiters[i].acquire()
-            grants.append((loop.time(), links[i].shared, i))
-
-    workers = [asyncio.create_task(replica(i)) for i in range(3)]
+    replicas.start()
     try:
         await asyncio.sleep(1.5)
         killed = loop.time()
@@ -263,20 +287,14 @@ async def test_failover_both_ways_keeps_the_quota() -> None:
         assert await poll(lambda: all(link.shared for link in links), 10)
         await asyncio.sleep(2.0)
     finally:
-        stop.set()
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
         for task in maintains:
             task.cancel()
-        for link in links:
-            await link.close()
+        await replicas.stop()
         redis.stop()
-    times = [t for t, _, _ in grants]
-    busiest, at = busiest_window_at(times)
+    busiest, at = replicas.busiest()
     assert busiest <= 31, (busiest, at - killed, at - back)
     for i in range(3):
-        mine = [(t, on) for t, on, r in grants if r == i]
+        mine = [(t, on) for t, on, r in replicas.grants if r == i]
         first_fallback = next(k for k, (_, on) in enumerate(mine) if not on)
         assert first_fallback > 0  # it granted on the shared side first
         # Its first fallback grant: one window after its last shared grant, not at once.
@@ -297,17 +315,9 @@ async def test_a_replica_back_a_probe_interval_late_keeps_the_quota() -> None:
     s = settings(redis.url, REDIS_TIMEOUT_S="0.2")
     links = [RedisLink(s, probe_interval_s=probe_s) for _ in range(2)]
     # no maintain(): nothing registers, so the share is given
-    limiters = [ClusterLimiter(link, 30, fallback_share=0.5) for link in links]
+    replicas = _Replicas(links, [ClusterLimiter(link, 30, fallback_share=0.5) for link in links])
     loop = asyncio.get_running_loop()
-    grants: list[tuple[float, bool, int]] = []
-    stop = asyncio.Event()
-
-    async def replica(i: int) -> None:
-        while not stop.is_set():
-            await limiters[i].acquire()
-            grants.append((loop.time(), links[i].shared, i))
-
-    workers = [asyncio.create_task(replica(i)) for i in range(2)]
+    replicas.start()
     try:
         await asyncio.sleep(1.5)
         redis.stop()  # killed: the data goes with it
@@ -321,18 +331,12 @@ async def test_a_replica_back_a_probe_interval_late_keeps_the_quota() -> None:
         late = loop.time()
         await asyncio.sleep(3.0)
     finally:
-        stop.set()
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-        for link in links:
-            await link.close()
+        await replicas.stop()
         redis.stop()
-    times = [t for t, _, _ in grants]
-    busiest, at = busiest_window_at(times)
+    busiest, at = replicas.busiest()
     assert busiest <= 31, (busiest, at - back, late - back)
     # the first one granted again through Redis, after its hold
-    assert any(on and i == 0 and t > late for t, on, i in grants)
+    assert any(on and i == 0 and t > late for t, on, i in replicas.grants)
 
 
 async def test_a_replica_without_recent_shared_grants_waits_a_window_too() -> None:
@@ -346,35 +350,21 @@ async def test_a_replica_without_recent_shared_grants_waits_a_window_too() -> No
     s = settings(redis.url, REDIS_TIMEOUT_S="0.2")
     links = [RedisLink(s) for _ in range(2)]
     # no maintain(): nothing registers, so the share is given
-    limiters = [ClusterLimiter(link, 30, fallback_share=0.5) for link in links]
+    replicas = _Replicas(links, [ClusterLimiter(link, 30, fallback_share=0.5) for link in links])
     loop = asyncio.get_running_loop()
-    grants: list[tuple[float, bool, int]] = []
-    stop = asyncio.Event()
-
-    async def replica(i: int) -> None:
-        while not stop.is_set():
-            await limiters[i].acquire()
-            grants.append((loop.time(), links[i].shared, i))
-
-    workers = [asyncio.create_task(replica(0))]
+    replicas.start(0)
     try:
         await asyncio.sleep(1.5)
         redis.stop()  # killed
         killed = loop.time()
-        workers.append(asyncio.create_task(replica(1)))
+        replicas.start(1)
         await asyncio.sleep(2.5)
     finally:
-        stop.set()
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-        for link in links:
-            await link.close()
+        await replicas.stop()
         redis.stop()
-    times = [t for t, _, _ in grants]
-    busiest, at = busiest_window_at(times)
+    busiest, at = replicas.busiest()
     assert busiest <= 31, (busiest, at - killed)
-    late = [t for t, _, i in grants if i == 1]
+    late = [t for t, _, i in replicas.grants if i == 1]
     assert late and late[0] - killed >= 1.0 - 0.01  # a window after the failure
 
 

@@ -11,17 +11,10 @@ import aio_pika
 import pytest
 
 from lis_async.broker.lanes import EXPIRE_S, check_lane, lane_arguments, lane_name
+from tests.integration.conftest import AMQP_URL
 
 pytestmark = pytest.mark.rabbitmq
-URL = "amqp://guest:guest@127.0.0.1:5672/"
 OURS = lane_arguments(EXPIRE_S)
-
-
-@pytest.fixture
-async def conn() -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
-    connection = await aio_pika.connect_robust(URL)
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture
@@ -94,7 +87,7 @@ async def test_a_transient_or_exclusive_queue_is_foreign(
     assert (await check_lane(conn, name, EXPIRE_S)).foreign == ("durable differs",)
     async with conn.channel() as channel:
         await channel.queue_delete(name)
-    other = await aio_pika.connect_robust(URL)
+    other = await aio_pika.connect_robust(AMQP_URL)
     try:
         channel = await other.channel()
         await channel.declare_queue(name, exclusive=True)

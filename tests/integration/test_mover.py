@@ -17,17 +17,9 @@ from lis_async.broker.lanes import EXPIRE_S, REDELIVERED_HEADER, URGENT, Mover, 
 from tests.helpers import job_body, poll
 
 pytestmark = pytest.mark.rabbitmq
-URL = "amqp://guest:guest@127.0.0.1:5672/"
 AUTO = job_body("auto_create_domain_green.json")
 MANUAL = job_body("manual_stixfile_amber_shared.json")
 PLAYBOOK = job_body("playbook_url.json")
-
-
-@pytest.fixture
-async def conn() -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
-    connection = await aio_pika.connect_robust(URL)
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture
