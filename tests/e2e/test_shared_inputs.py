@@ -296,7 +296,11 @@ async def test_a_foreign_queue_under_the_lane_name_is_refused(
 
                 async with world.admin_channel() as channel:  # the operator deletes it
                     await channel.queue_delete(lane)
-                assert await poll(lambda: run.app.mover is not None, 30)
+                moving = await poll(lambda: run.app.mover is not None, 30)
+                held, intake = run.app.lanes, run.app.consumer
+                assert held is not None and intake is not None
+                # what the watch sees, should this ever fail again (it did twice in full runs)
+                assert moving, (held.foreign, intake.connected, intake.accepting, intake.paused)
                 assert "lane_refused" not in run.app.details()
                 manual = await world.producer.publish_many(3, kind="manual")
                 assert await world.platform.wait_works(work_ids(manual), 30)
