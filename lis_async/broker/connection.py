@@ -53,6 +53,13 @@ async def connect(
     )
 
 
+def throwaway_channel(conn: AbstractRobustConnection) -> aio_pika.Channel:
+    """A plain channel on ``conn`` for one look (a passive declare, a probe), to use as
+    ``async with``. Not a robust one: a declare the broker refuses closes the channel, and
+    aio-pika would reopen a robust channel in the background while the caller closes it."""
+    return aio_pika.Channel(conn, publisher_confirms=False)
+
+
 async def queue_depth(conn: AbstractRobustConnection | None, queue_name: str) -> int | None:
     """Messages ready in ``queue_name``, or None when it cannot be read. A passive declare on a
     throw-away channel: it never changes the queue (the platform owns it, docs/protocol.md
@@ -60,7 +67,7 @@ async def queue_depth(conn: AbstractRobustConnection | None, queue_name: str) ->
     if conn is None or not conn.connected.is_set():
         return None
     try:
-        async with conn.channel(publisher_confirms=False) as channel:
+        async with throwaway_channel(conn) as channel:
             queue = await channel.declare_queue(queue_name, passive=True)
             count = queue.declaration_result.message_count
     except Exception as exc:

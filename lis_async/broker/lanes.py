@@ -51,7 +51,14 @@ from aio_pika.abc import (
 from pamqp import commands as spec
 
 from lis_async.broker.batches import BatchPublisher
-from lis_async.broker.connection import AmqpParams, connect, queue_depth, reason, settle
+from lis_async.broker.connection import (
+    AmqpParams,
+    connect,
+    queue_depth,
+    reason,
+    settle,
+    throwaway_channel,
+)
 from lis_async.enrichment.job import HEAD_BYTES, MAX_BODY_BYTES, read_internal
 
 log: Final = logging.getLogger("lis_async.lanes")
@@ -149,7 +156,7 @@ async def check_lane(conn: AbstractRobustConnection, name: str, expire_s: float)
     found: list[str] = []
     for _ in range(_MAX_PROBES):
         try:
-            async with conn.channel(publisher_confirms=False) as channel:
+            async with throwaway_channel(conn) as channel:
                 await channel.declare_queue(name, durable=True, arguments=probe)
         except aio_pika.exceptions.ChannelPreconditionFailed as exc:
             match = _INEQUIVALENT.search(str(exc))
