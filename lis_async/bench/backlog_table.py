@@ -99,6 +99,9 @@ def backlog_notes(cfg: BenchConfig, phases: dict[str, BacklogPhaseResult]) -> li
         "listen queue: sampled every 0.1 s while the phase runs; jobs taken/s: the slope of "
         "(jobs published - jobs ready) while 1,000 or more were ready. With lanes that is the "
         "mover's pace (moves/s), with FIFO the worker's intake.",
+        "worker CPU / job: the phase's worker CPU over the jobs completed; with lanes it "
+        "includes moving every published job into the lane (what moving costs per job: the "
+        "mover note below; what the lanes cost per job processed: `lis-async bench --fifo`).",
     ]
 
 
