@@ -150,14 +150,25 @@ async def check_lane(conn: AbstractRobustConnection, name: str, expire_s: float)
     channel). Each refusal names one argument and the existing queue's value of it, which the
     next declare takes, until one matches: an ``x-expires`` of its own (an older replica's
     ``CONNECTOR_LANES_EXPIRE_S``) is still a lane; any other difference, or a difference in
-    ``durable`` or ``exclusive``, makes the queue foreign. No queue: it is declared, ours."""
+    ``durable`` or ``exclusive``, makes the queue foreign. No queue: it is declared, ours.
+
+    A probe with another queue's arguments must not create one: should the name be freed
+    between two probes (an operator deleting the foreign queue), that probe would leave a queue
+    of mixed arguments holding the name for good, and the lane refused forever. So each such
+    probe first checks, passively, that the queue is still there, and the check starts over
+    with ours if not. (The two run back to back on one channel; a delete between them is not
+    ruled out, only made unlikely.)"""
     ours = lane_arguments(expire_s)
     probe = dict(ours)
     found: list[str] = []
     for _ in range(_MAX_PROBES):
         try:
             async with throwaway_channel(conn) as channel:
+                if probe != ours:
+                    await channel.declare_queue(name, passive=True)
                 await channel.declare_queue(name, durable=True, arguments=probe)
+        except aiormq.exceptions.ChannelNotFoundEntity:  # gone since the last probe
+            probe, found = dict(ours), []
         except aio_pika.exceptions.ChannelPreconditionFailed as exc:
             match = _INEQUIVALENT.search(str(exc))
             if match is None or not match["key"].startswith("x-"):  # durable, unreadable...

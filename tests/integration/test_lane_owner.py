@@ -10,6 +10,7 @@ from typing import Any
 import aio_pika
 import pytest
 
+from lis_async.broker.connection import throwaway_channel
 from lis_async.broker.lanes import EXPIRE_S, check_lane, lane_arguments, lane_name
 from tests.integration.conftest import AMQP_URL
 
@@ -95,3 +96,44 @@ async def test_a_transient_or_exclusive_queue_is_foreign(
         assert check.foreign == ("exclusive to another connection",)
     finally:
         await other.close()
+
+
+class _DeletedFirst:
+    """A throw-away channel that deletes ``name`` (on another channel) before it opens: the
+    operator's delete landing between two probes."""
+
+    def __init__(self, conn: aio_pika.abc.AbstractRobustConnection, name: str) -> None:
+        self._conn, self._name = conn, name
+        self._inner = aio_pika.Channel(conn, publisher_confirms=False)
+
+    async def __aenter__(self) -> aio_pika.abc.AbstractChannel:
+        async with self._conn.channel() as channel:
+            await channel.queue_delete(self._name)
+        return await self._inner.__aenter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._inner.__aexit__(*exc)  # type: ignore[arg-type]
+
+
+async def test_a_foreign_queue_deleted_between_two_probes_gives_way_to_the_lane(
+    conn: aio_pika.abc.AbstractRobustConnection, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator deletes the foreign queue while the check probes it: the next probe, with
+    the foreign queue's arguments, must not create a queue of mixed arguments under the name
+    (the lane would then be refused for good); the lane is declared, ours."""
+    foreign: dict[str, Any] = {"x-message-ttl": 0, "x-dead-letter-exchange": ""}
+    await _declare(conn, name, **foreign)
+    calls = 0
+    real = throwaway_channel
+
+    def second_after_a_delete(c: aio_pika.abc.AbstractRobustConnection) -> Any:
+        nonlocal calls
+        calls += 1
+        return _DeletedFirst(c, name) if calls == 2 else real(c)
+
+    monkeypatch.setattr("lis_async.broker.lanes.throwaway_channel", second_after_a_delete)
+    check = await check_lane(conn, name, EXPIRE_S)
+    assert calls >= 3  # refused, then gone, then declared
+    assert check.foreign == () and check.arguments == OURS
+    monkeypatch.setattr("lis_async.broker.lanes.throwaway_channel", real)
+    assert await check_lane(conn, name, EXPIRE_S) == check  # the queue under the name is ours
