@@ -276,6 +276,8 @@ def fmt(value: float | None, digits: int = 1) -> str:
     """A figure for the report: thousands separated, ``-`` when missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if abs(value) < 0.5 * 10**-digits:
+        value = 0.0  # not "-0.00" for a tiny negative (two processes' clocks)
     return f"{value:,.{digits}f}"
 
 
