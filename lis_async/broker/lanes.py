@@ -313,9 +313,10 @@ class Mover:
     """Moves every job from the listen queue into the lane (see the module docstring).
 
     The hot path works on the AMQP channel beneath aio-pika's robust channel (aiormq's): a
-    delivery arrives as aiormq's message, its copy is published with aiormq's publish (the
-    confirm is awaited by the delivery's own task, so moves are pipelined) and the listen
-    deliveries are acked many at a time (:class:`_Acks`). aio-pika's message objects, built
+    delivery arrives as aiormq's message, its copy goes out with the loop turn's others
+    (:class:`~lis_async.broker.batches.BatchPublisher`; the confirm is awaited by the
+    delivery's own task, so moves are pipelined) and the listen deliveries are acked many at a
+    time (:class:`_Acks`). aio-pika's message objects, built
     and checked per message on both sides, cost more than the move itself (BENCHMARKS.md,
     "The mover (issue #21)"; docs/lanes.md, "Trade-offs"). aio-pika still owns the
     channel: it reopens it after a reconnection, and the mover then consumes again on the new
@@ -447,6 +448,7 @@ class Mover:
             await acks.nack(tag)
         finally:
             del self._moves[task]
+            self._expired.discard(task)  # cancelled by the watch as it ended
             if not self._moves:
                 self._idle.set()
 
