@@ -239,6 +239,7 @@ class _Replicas:
         self.links, self.limiters = links, limiters
         self.grants: list[tuple[float, bool, int]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     def start(self, *which: int) -> None:
         """Start replicas ``which`` (all of them when none is named)."""
@@ -247,11 +248,14 @@ class _Replicas:
 
     async def _take(self, i: int) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        # Not `while True`: should a cancellation be swallowed on its way through the limiter
+        # and redis-py, the loop would never end (a full-suite run hung here once).
+        while not self._stopping:
             await self.limiters[i].acquire()
             self.grants.append((loop.time(), self.links[i].shared, i))
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
