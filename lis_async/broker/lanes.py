@@ -302,11 +302,15 @@ class _Acks:
 _BACKGROUND: Final[set[asyncio.Future[Any]]] = set()
 
 
+def _keep(future: asyncio.Future[Any]) -> None:
+    """Keep ``future`` (a task) until it ends: the loop holds tasks weakly."""
+    _BACKGROUND.add(future)
+    future.add_done_callback(_BACKGROUND.discard)
+
+
 def _spawn(coro: Coroutine[Any, Any, None]) -> None:
-    """Run ``coro`` as a task that is kept until it ends (the loop holds tasks weakly)."""
-    task = asyncio.ensure_future(coro)
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
+    """Run ``coro`` as a task of its own, kept until it ends."""
+    _keep(asyncio.ensure_future(coro))
 
 
 class Mover:
@@ -648,8 +652,7 @@ class Lanes:
         done, _ = await asyncio.wait({check}, timeout=CHECK_TIMEOUT_S)
         if not done:
             check.cancel()
-            _BACKGROUND.add(check)
-            check.add_done_callback(_BACKGROUND.discard)
+            _keep(check)
             raise TimeoutError(f"no answer within {CHECK_TIMEOUT_S:g} s")
         self._checked(check.result())
         if self.foreign and self.mover is not None:
