@@ -286,13 +286,15 @@ class App:
         if backpressure is not None:
             self._spawn(backpressure.run, "backpressure")
         self._spawn(qt.run, "queue-threshold")
-        await self._start_servers()
         if self._freeze_heap:
             # The modules, settings and clients made so far live as long as the worker. Frozen,
             # the cyclic collector no longer walks them at every full collection, which the
-            # allocations of each job trigger (BENCHMARKS.md, "The mover (issue #21)").
+            # allocations of each job trigger (BENCHMARKS.md, "The mover (issue #21)"). Done
+            # before the health server opens: the full collection blocks the loop, and a burst
+            # of connections meanwhile overflowed its listen backlog (a test saw them hang).
             gc.collect()
             gc.freeze()
+        await self._start_servers()
         await self.consumer.start()
         if s.connector.consumer_timeout_s:
             self._spawn(
